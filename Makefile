@@ -1,0 +1,36 @@
+# Two-command quickstart:  `make demo` (set up + run the main job)  and  `make test`.
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+# CPU machines take the local CPU wheel; on a GPU machine with its own torch: make TORCH_SPEC= ...
+TORCH_SPEC ?= torch==2.13.0
+SHARED     ?= ../shared
+
+.PHONY: setup demo test test-all k8s-apiserver proto
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(PY) -m pip install -q $(TORCH_SPEC))
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Build (once, cached in ~/.cache/expertplane-k8s) the real kube-apiserver the operator tests use.
+k8s-apiserver:
+	@if [ -x $(SHARED)/k8s/test-apiserver ]; then $(SHARED)/k8s/test-apiserver build >/dev/null; \
+	else echo "no $(SHARED)/k8s/test-apiserver: Kubernetes tests will skip"; fi
+
+demo: setup
+	$(VENV)/bin/expertplane demo
+
+proto: setup
+	$(PY) -m expertplane.proto.generate
+
+test: setup k8s-apiserver
+	$(PY) -m expertplane.proto.generate --check
+	$(PY) -m pytest
+
+# Slow and GPU tests too (opt-in).
+test-all: setup k8s-apiserver
+	$(PY) -m pytest -m ""

@@ -1,0 +1,1 @@
+"""expertplane.agent"""

@@ -1,0 +1,1 @@
+"""The ``expertplane`` command line."""

@@ -1,0 +1,10 @@
+"""``expertplane plan``: (being built; see the issue that owns it)."""
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("plan", help="(under construction)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    raise OSError("expertplane plan is not built yet")

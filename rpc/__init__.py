@@ -1,0 +1,1 @@
+"""Shared gRPC plumbing: tensor packing, TLS/token security, channels with retries."""

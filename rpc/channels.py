@@ -1,0 +1,82 @@
+"""Client channels and servers with the project's defaults: message limits, keepalive, retries."""
+
+from __future__ import annotations
+
+import json
+from concurrent import futures
+
+import grpc
+
+from expertplane.rpc.security import (
+    SecurityConfig,
+    channel_credentials,
+    server_credentials,
+    server_interceptors,
+)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# Idempotent unary calls are retried by gRPC itself on UNAVAILABLE with exponential backoff.
+_RETRY_SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "expertplane.v1.PlanService"},
+                 {"service": "expertplane.v1.AgentService"},
+                 {"service": "expertplane.v1.WorkerService", "method": "PullCounters"},
+                 {"service": "expertplane.v1.WorkerService", "method": "Status"}],
+        "retryPolicy": {
+            "maxAttempts": 5,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }]
+})
+
+_COMMON_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def make_channel(target: str, security: SecurityConfig | None = None) -> grpc.Channel:
+    """A channel to ``target`` (host:port or unix:/path) with retries and keepalive."""
+    security = security or SecurityConfig()
+    options = _COMMON_OPTIONS + [
+        ("grpc.service_config", _RETRY_SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
+    ]
+    if security.server_name:
+        options.append(("grpc.ssl_target_name_override", security.server_name))
+    creds = channel_credentials(security)
+    if creds is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def make_server(security: SecurityConfig | None = None, *, max_workers: int = 16,
+                max_concurrent_rpcs: int = 256) -> grpc.Server:
+    """A thread-pool server; beyond ``max_concurrent_rpcs`` calls get RESOURCE_EXHAUSTED."""
+    security = security or SecurityConfig()
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=server_interceptors(security),
+        options=_COMMON_OPTIONS + [("grpc.keepalive_permit_without_calls", 1),
+                                   ("grpc.http2.min_ping_interval_without_data_ms", 5_000)],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
+
+
+def bind(server: grpc.Server, address: str, security: SecurityConfig | None = None) -> int:
+    """Bind ``address`` with TLS when configured; returns the bound port (0 for unix sockets)."""
+    creds = server_credentials(security or SecurityConfig())
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0 and not address.startswith("unix:"):
+        raise OSError(f"could not bind {address}")
+    return port

@@ -1,0 +1,133 @@
+"""TLS/mTLS credentials and bearer-token authentication shared by every gRPC endpoint."""
+
+from __future__ import annotations
+
+import hmac
+import pathlib
+from dataclasses import dataclass
+
+import grpc
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Where to find certificates and the token; all optional (plaintext, no auth).
+
+    ``tls_cert``/``tls_key``: this endpoint's certificate chain and key (PEM files).
+    ``tls_ca``: CA bundle; on a server it turns on mTLS (clients must present a cert signed by it),
+    on a client it verifies the server. ``token``: bearer token sent (client) or required (server).
+    ``server_name``: override for the TLS target name (clients).
+    """
+
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    token: str | None = None
+    server_name: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert or self.tls_ca)
+
+
+def _read(path: str | None) -> bytes | None:
+    return pathlib.Path(path).read_bytes() if path else None
+
+
+def add_security_arguments(parser, prefix: str = "") -> None:
+    """Add --tls-cert/--tls-key/--tls-ca/--token(-file) options to an argparse parser."""
+    p = f"--{prefix}" if prefix else "--"
+    parser.add_argument(f"{p}tls-cert", help="PEM certificate chain of this endpoint")
+    parser.add_argument(f"{p}tls-key", help="PEM private key of this endpoint")
+    parser.add_argument(f"{p}tls-ca", help="PEM CA bundle (server: require client certs = mTLS; client: verify server)")
+    parser.add_argument(f"{p}token-file", help="file holding the bearer token (or set EXPERTPLANE_TOKEN)")
+
+
+def security_from_args(args, prefix: str = "") -> SecurityConfig:
+    """Build a SecurityConfig from options added by ``add_security_arguments``."""
+    import os
+
+    p = prefix.replace("-", "_")
+    token_file = getattr(args, f"{p}token_file")
+    token = pathlib.Path(token_file).read_text().strip() if token_file else os.environ.get("EXPERTPLANE_TOKEN")
+    return SecurityConfig(
+        tls_cert=getattr(args, f"{p}tls_cert"),
+        tls_key=getattr(args, f"{p}tls_key"),
+        tls_ca=getattr(args, f"{p}tls_ca"),
+        token=token or None,
+    )
+
+
+def server_credentials(cfg: SecurityConfig) -> grpc.ServerCredentials | None:
+    """TLS server credentials (mTLS when ``tls_ca`` is set), or None for plaintext."""
+    if not cfg.tls_cert:
+        return None
+    if not cfg.tls_key:
+        raise ValueError("tls_key: required with tls_cert")
+    ca = _read(cfg.tls_ca)
+    return grpc.ssl_server_credentials(
+        [(_read(cfg.tls_key), _read(cfg.tls_cert))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def channel_credentials(cfg: SecurityConfig) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials (with a client cert when cert/key are set), or None for plaintext."""
+    if not cfg.tls:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(cfg.tls_ca),
+        private_key=_read(cfg.tls_key),
+        certificate_chain=_read(cfg.tls_cert),
+    )
+
+
+def call_metadata(cfg: SecurityConfig) -> tuple[tuple[str, str], ...]:
+    """Metadata to attach to every call (the bearer token, if any)."""
+    return (("authorization", f"Bearer {cfg.token}"),) if cfg.token else ()
+
+
+# Health checks stay reachable without a token so that probes work.
+_OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` with UNAUTHENTICATED.
+
+    A wrong token is also UNAUTHENTICATED; comparison is constant-time. The token is never logged.
+    """
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(_OPEN_METHODS):
+            return continuation(handler_call_details)
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        return _deny(handler, "missing or invalid bearer token" if given else "missing bearer token")
+
+
+def _deny(handler, message: str):
+    """Replace a handler by one that aborts with UNAUTHENTICATED, keeping its streaming shape."""
+
+    def abort(_request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler is None:
+        return None
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def server_interceptors(cfg: SecurityConfig) -> list[grpc.ServerInterceptor]:
+    return [TokenAuthInterceptor(cfg.token)] if cfg.token else []
