@@ -1,0 +1,1 @@
+"""``expertplane demo``: controller, agents and workers on one machine, balancing live."""
