@@ -1,10 +1,88 @@
-"""``expertplane plan``: (being built; see the issue that owns it)."""
+"""``expertplane plan``: compute an expert placement from a load file and write it out.
+
+Reads loads [layers, experts] (.npy/.pt/.json/.csv, or SGLang's expert-distribution dump),
+runs ``expertplane.planner.rebalance_experts`` and writes phy2log/log2phy/logcnt with the
+predicted per-layer balance and the migration from ``--previous`` (JSON or YAML), or an SGLang
+``--init-expert-location`` file (``--format sglang``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+ALGORITHMS = ("deepseek", "balanced", "topology")
 
 
 def register(sub) -> None:
-    parser = sub.add_parser("plan", help="(under construction)")
+    parser = sub.add_parser(
+        "plan", help="compute an expert placement (EPLB) from expert loads",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loads", required=True, metavar="FILE",
+                        help="expert loads [layers, experts]: .npy, .pt, .json, .csv, or an SGLang "
+                             "expert-distribution dump (logical_count; window dims are summed)")
+    parser.add_argument("--replicas", type=int, metavar="R",
+                        help="physical expert slots per layer (multiple of --gpus)")
+    parser.add_argument("--groups", type=int, required=True, metavar="G", help="expert groups")
+    parser.add_argument("--nodes", type=int, required=True, metavar="N", help="server nodes")
+    parser.add_argument("--gpus", type=int, required=True, metavar="P",
+                        help="GPUs in total (multiple of --nodes)")
+    parser.add_argument("--algorithm", choices=ALGORITHMS, default="deepseek",
+                        help="placement algorithm (default deepseek: identical to DeepSeek EPLB)")
+    parser.add_argument("--remote-cost", type=float, metavar="C",
+                        help="topology algorithm: cost per remote node per token")
+    parser.add_argument("--previous", metavar="PLAN",
+                        help="plan in force (our JSON/YAML, SGLang JSON, or a .npy/.pt phy2log): "
+                             "re-plan moving few slots and report the migration")
+    parser.add_argument("--expert-bytes", type=int, default=0, metavar="B",
+                        help="bytes of one expert's weights, for the migration size")
+    parser.add_argument("-o", "--output", metavar="FILE",
+                        help="output file (.json or .yaml; default: JSON on stdout)")
+    parser.add_argument("--format", choices=("json", "yaml", "sglang"),
+                        help="output format (default from the -o suffix; sglang writes "
+                             "physical_to_logical_map for --init-expert-location)")
     parser.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    raise OSError("expertplane plan is not built yet")
+    from pathlib import Path
+
+    from expertplane.planner import balance, migration, rebalance_experts
+    from expertplane.planner.deepseek import is_hierarchical
+    from expertplane.planner.errors import PlanInputError
+    from expertplane.planner.io import (PlanSetup, dump_document, format_for, load_loads,
+                                        load_phy2log, plan_document, sglang_document)
+
+    weight = load_loads(args.loads)
+    if args.replicas is None:
+        raise PlanInputError("--replicas", "is required")
+    previous = load_phy2log(args.previous) if args.previous else None
+    options = {}
+    if args.remote_cost is not None:
+        if args.algorithm != "topology":
+            raise PlanInputError("--remote-cost", "applies only to --algorithm topology")
+        options["remote_cost"] = args.remote_cost
+    phy2log, log2phy, logcnt = rebalance_experts(
+        weight, args.replicas, args.groups, args.nodes, args.gpus, algorithm=args.algorithm,
+        previous=previous, **options)
+    bal = balance(weight, phy2log.numpy(), logcnt.numpy(), args.gpus)
+    moved = migration(previous, phy2log.numpy(), args.expert_bytes) if previous is not None else None
+    fmt = format_for(args.output, args.format)
+    if fmt == "sglang":
+        doc = sglang_document(phy2log.numpy())
+    else:
+        policy = "hierarchical" if is_hierarchical(args.groups, args.nodes) else "global"
+        setup = PlanSetup(args.replicas, args.groups, args.nodes, args.gpus, args.algorithm, policy)
+        doc = plan_document(setup, phy2log.numpy(), log2phy.numpy(), logcnt.numpy(), bal, moved)
+    text = dump_document(doc, "yaml" if fmt == "yaml" else "json")
+    if args.output:
+        Path(args.output).write_text(text)
+        summary = (f"plan: {args.algorithm}, {phy2log.shape[0]} layers x {phy2log.shape[1]} "
+                   f"slots -> {args.output}; balance (max/mean GPU load) mean {bal.mean():.4f} "
+                   f"worst {bal.max():.4f}")
+        if moved is not None:
+            summary += f"; moved {moved.slots_moved} slots ({moved.bytes_moved} bytes)"
+        print(summary, file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0

@@ -39,9 +39,17 @@ def _check_options(algorithm: str, options: dict) -> None:
                                          f"(options: {list(allowed) or 'none'})")
 
 
+def _import(module: str, name: str, field: str):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise PlanInputError(field, f"needs {module}.{name}, which is not available: {exc}") \
+            from None
+
+
 def _entry_point(algorithm: str):
     module, name, _ = _ENTRY_POINTS[algorithm]
-    return getattr(importlib.import_module(module), name)
+    return _import(module, name, "algorithm")
 
 
 def plan_placement(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
@@ -60,7 +68,8 @@ def plan_placement(weight: np.ndarray, num_replicas: int, num_groups: int, num_n
         if prev.shape != (weight.shape[0], num_replicas):
             raise PlanInputError("previous", f"must have shape [{weight.shape[0]}, {num_replicas}]"
                                              f" (layers, replicas), got {list(prev.shape)}")
-        from expertplane.planner.movement import rebalance_with_previous
+        rebalance_with_previous = _import("expertplane.planner.movement",
+                                          "rebalance_with_previous", "previous")
         phy2log = rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpus,
                                           prev, algorithm, **options)
         return np.asarray(phy2log, dtype=np.int64), None

@@ -1,0 +1,151 @@
+"""File loaders and writers for loads and plans (the planner's only I/O, used by the CLI).
+
+Loads ``[L, E]`` come from .npy, .pt (tensor or dict), .json (nested list or dict) or .csv
+(one row per layer). SGLang's expert-distribution dump (a dict with ``logical_count``, shape
+``[..., L, E]``) is accepted and its leading window dimensions are summed.
+Plans are written as JSON or YAML documents (``plan_document``) or in SGLang's
+``--init-expert-location`` format (``{"physical_to_logical_map": [[...], ...]}``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from expertplane.planner.errors import PlanInputError
+from expertplane.planner.plan import Migration
+from expertplane.planner.validation import as_array
+
+LOAD_KEYS = ("logical_count", "weight", "loads")
+PLAN_KEYS = ("phy2log", "physical_to_logical_map")
+FORMATS = ("json", "yaml", "sglang")
+
+
+def _read_container(path: Path, field: str):
+    """Raw content of a .npy/.pt/.json/.csv/.yaml file."""
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}: no such file: {path}")
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix == ".pt":
+        import torch
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+            raise PlanInputError(field, f"cannot read {path} as a torch file: {exc}") from None
+    if suffix == ".json":
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PlanInputError(field, f"{path} is not valid JSON: {exc}") from None
+    if suffix in (".yaml", ".yml"):
+        import yaml
+        try:
+            return yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise PlanInputError(field, f"{path} is not valid YAML: {exc}") from None
+    if suffix == ".csv":
+        try:
+            return np.loadtxt(path, delimiter=",", ndmin=2)
+        except ValueError as exc:
+            raise PlanInputError(field, f"{path} is not a numeric CSV: {exc}") from None
+    raise PlanInputError(field, f"unsupported file type {suffix!r} for {path} "
+                                "(use .npy, .pt, .json, .csv, .yaml)")
+
+
+def _pick(content, keys: tuple[str, ...], field: str, path: Path):
+    if isinstance(content, dict):
+        for key in keys:
+            if key in content:
+                return content[key]
+        raise PlanInputError(field, f"{path} holds a mapping without any of the keys {list(keys)}")
+    return content
+
+
+def load_loads(path) -> np.ndarray:
+    """Read a load matrix: float64 ``[L, E]``; leading dims of an SGLang dump are summed."""
+    path = Path(path)
+    a = as_array(_pick(_read_container(path, "loads"), LOAD_KEYS, "loads", path), "loads")
+    if a.dtype == object:
+        raise PlanInputError("loads", f"{path} holds ragged rows")
+    if a.ndim < 2:
+        raise PlanInputError("loads", f"{path} must hold a [layers, experts] array, got shape "
+                                      f"{list(a.shape)}")
+    if a.ndim > 2:  # SGLang: [window..., layers, experts]
+        a = a.reshape(-1, *a.shape[-2:]).sum(axis=0)
+    if not np.issubdtype(a.dtype, np.number):
+        raise PlanInputError("loads", f"{path} must hold numbers, got dtype {a.dtype}")
+    return a.astype(np.float64)
+
+
+def load_phy2log(path, field: str = "previous") -> np.ndarray:
+    """Read a placement ``[L, R]`` from a plan document, an SGLang file or a bare array."""
+    path = Path(path)
+    a = as_array(_pick(_read_container(path, field), PLAN_KEYS, field, path), field)
+    if a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
+        raise PlanInputError(field, f"{path} must hold an integer [layers, replicas] array, got "
+                                    f"shape {list(a.shape)} dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class PlanSetup:
+    """How a plan was asked for: the problem shape and algorithm."""
+
+    num_replicas: int
+    num_groups: int
+    num_nodes: int
+    num_gpus: int
+    algorithm: str
+    policy: str  # "hierarchical" or "global"
+
+
+def plan_document(setup: PlanSetup, phy2log, log2phy, logcnt, balance,
+                  migration: Migration | None) -> dict:
+    """The JSON/YAML-serialisable plan: maps, per-layer predicted balance, migration summary."""
+    bal = np.asarray(balance, dtype=np.float64)
+    doc = {
+        "algorithm": setup.algorithm,
+        "policy": setup.policy,
+        "num_layers": int(np.asarray(phy2log).shape[0]),
+        "num_logical_experts": int(np.asarray(logcnt).shape[1]),
+        "num_replicas": setup.num_replicas,
+        "num_groups": setup.num_groups,
+        "num_nodes": setup.num_nodes,
+        "num_gpus": setup.num_gpus,
+        "balance": {"per_layer": [round(float(b), 6) for b in bal],
+                    "mean": round(float(bal.mean()), 6), "max": round(float(bal.max()), 6)},
+        "migration": None if migration is None else {
+            "slots_moved": migration.slots_moved, "bytes_moved": migration.bytes_moved,
+            "per_layer": [int(x) for x in migration.per_layer]},
+        "phy2log": np.asarray(phy2log).tolist(),
+        "log2phy": np.asarray(log2phy).tolist(),
+        "logcnt": np.asarray(logcnt).tolist(),
+    }
+    return doc
+
+
+def sglang_document(phy2log) -> dict:
+    """SGLang ``--init-expert-location`` content: ``physical_to_logical_map`` [layers][slots]."""
+    return {"physical_to_logical_map": np.asarray(phy2log, dtype=np.int64).tolist()}
+
+
+def format_for(path, fmt: str | None) -> str:
+    """Output format: ``fmt`` if given, else from the file suffix (.yaml/.yml -> yaml, else json)."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise PlanInputError("format", f"must be one of {list(FORMATS)}, got {fmt!r}")
+        return fmt
+    return "yaml" if path is not None and Path(path).suffix.lower() in (".yaml", ".yml") else "json"
+
+
+def dump_document(doc: dict, fmt: str) -> str:
+    """Serialise a document: YAML for ``yaml``, compact-row JSON otherwise."""
+    if fmt == "yaml":
+        import yaml
+        return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=1 << 16)
+    return json.dumps(doc) + "\n"
