@@ -1,10 +1,74 @@
-"""``expertplane agent``: (being built; see the issue that owns it)."""
+"""``expertplane agent``: the node agent (workers register here; load goes to the controller)."""
+
+from __future__ import annotations
+
+import argparse
 
 
 def register(sub) -> None:
-    parser = sub.add_parser("agent", help="(under construction)")
+    from expertplane.rpc.security import add_security_arguments
+
+    parser = sub.add_parser(
+        "agent", help="run the node agent: pull worker counters, stream load, relay rollouts",
+        description="Run the node agent of one GPU node. Workers register on --socket/--listen; "
+        "the agent pulls their per-slot counters every --interval, streams LoadReports to the "
+        "controller and relays rollout commands. SIGTERM/SIGINT flush and stop.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--controller", required=True, help="controller gRPC address HOST:PORT")
+    parser.add_argument("--node", required=True, help="this node's name")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH", help="serve AgentService on this Unix socket")
+    where.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:50061",
+                       help="serve AgentService on this TCP address (when no --socket)")
+    parser.add_argument("--interval", default="1s", help="counter pull interval (e.g. 500ms, 1s)")
+    parser.add_argument("--buffer", type=int, default=1024,
+                        help="LoadReports held while the controller is unreachable")
+    parser.add_argument("--lost-after", type=int, default=3,
+                        help="missed pulls after which a worker is reported lost")
+    parser.add_argument("--pull-timeout", default="500ms", help="deadline of one counter pull")
+    parser.add_argument("--prepare-timeout", default="60s",
+                        help="deadline of a worker's Prepare (it stages new weights)")
+    parser.add_argument("--commit-timeout", default="30s", help="deadline of a worker's Commit")
+    parser.add_argument("--flush-timeout", default="5s",
+                        help="the longest shutdown waits for buffered reports to be acknowledged")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics here (e.g. 0.0.0.0:9101)")
+    add_security_arguments(parser)
     parser.set_defaults(func=_run)
 
 
+def config_from_args(args):
+    """An ``AgentConfig`` from parsed options (raises ValueError naming a bad option)."""
+    from expertplane.agent.config import AgentConfig, Deadlines, parse_duration
+    from expertplane.rpc.security import security_from_args
+
+    deadlines = Deadlines(pull=parse_duration(args.pull_timeout, "--pull-timeout"),
+                          prepare=parse_duration(args.prepare_timeout, "--prepare-timeout"),
+                          commit=parse_duration(args.commit_timeout, "--commit-timeout"))
+    return AgentConfig(
+        controller=args.controller, node=args.node,
+        listen=f"unix:{args.socket}" if args.socket else args.listen,
+        interval=parse_duration(args.interval, "--interval"),
+        buffer=args.buffer, lost_after=args.lost_after,
+        flush_timeout=parse_duration(args.flush_timeout, "--flush-timeout"),
+        metrics=args.metrics, deadlines=deadlines, security=security_from_args(args))
+
+
 def _run(args) -> int:
-    raise OSError("expertplane agent is not built yet")
+    import signal
+    import threading
+
+    from expertplane.agent.agent import Agent
+
+    agent = Agent(config_from_args(args))
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    address = agent.start()
+    print(f"agent {args.node} serving workers at {address}"
+          + (f", metrics on :{agent.metrics_port}" if agent.metrics_port else ""), flush=True)
+    done.wait()
+    flushed = agent.stop()
+    print(f"agent {args.node} stopped ({'all reports acknowledged' if flushed else 'unacknowledged reports dropped'})",
+          flush=True)
+    return 0

@@ -1,0 +1,150 @@
+"""The node agent: workers register, counters become LoadReports, rollouts are relayed.
+
+In-process use (the demo starts one per simulated node)::
+
+    agent = Agent(AgentConfig(controller="127.0.0.1:50051", node="node-0"))
+    address = agent.start()          # workers register at this AgentService address
+    ...
+    agent.stop()                     # final pull, flush (bounded), close
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from expertplane.agent.buffer import ReportBuffer
+from expertplane.agent.collector import Collector
+from expertplane.agent.config import AgentConfig
+from expertplane.agent.gpu import GpuSampler
+from expertplane.agent.metrics import AgentMetrics
+from expertplane.agent.registry import WorkerRegistry
+from expertplane.agent.reports import new_agent_epoch
+from expertplane.agent.rollout import RolloutRelay
+from expertplane.agent.service import AgentServicer
+from expertplane.agent.uplink import LoadUplink
+from expertplane.proto import expertplane_pb2_grpc as pb_grpc
+from expertplane.rpc.channels import bind, make_channel, make_server
+from expertplane.rpc.security import call_metadata
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    """One node agent. ``start()`` returns the AgentService address; ``stop()`` shuts down.
+
+    ``epoch`` is this start's ``agent_epoch`` (sequences restart with it). ``metrics`` holds its
+    Prometheus metrics; ``registry`` the registered workers; ``buffer`` the unacknowledged reports.
+    """
+
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.epoch = new_agent_epoch()
+        self.metrics = AgentMetrics(config.node)
+        self.buffer = ReportBuffer(config.buffer)
+        self._relay: RolloutRelay | None = None
+        self.registry = WorkerRegistry(config.node, on_joined=self._joined, on_lost=self._lost)
+        self._gpu: GpuSampler | None = None
+        self._channel = None
+        self._server = None
+        self._collector: Collector | None = None
+        self._uplink: LoadUplink | None = None
+        self.address: str | None = None
+        self.metrics_port: int | None = None
+        self._lock = threading.Lock()
+        self._started = False
+
+    # --------------------------------------------------------------- lifecycle
+    def start(self) -> str:
+        """Serve AgentService, connect to the controller, start pulling; returns the address."""
+        with self._lock:
+            if self._started:
+                raise RuntimeError("agent already started")
+            self._started = True
+        cfg = self.config
+        if cfg.metrics:
+            self.metrics_port = self.metrics.serve(cfg.metrics)
+        self._gpu = GpuSampler()
+        self._channel = make_channel(cfg.controller, cfg.security)
+        metadata = call_metadata(cfg.security)
+        self._relay = RolloutRelay(cfg, self._channel, self.registry, self.metrics, metadata)
+        self._uplink = LoadUplink(cfg, self._channel, self.buffer, self.metrics, metadata)
+        self._collector = Collector(cfg, self.registry, self.buffer, self._gpu, self.metrics, self.epoch)
+        self._server = make_server(max_workers=8)
+        pb_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.registry, cfg.interval,
+                          on_registered=lambda: self.metrics.workers.set(len(self.registry))),
+            self._server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
+        if cfg.listen.startswith("unix:"):
+            path = cfg.listen[len("unix:"):]
+            if os.path.exists(path):   # a previous agent's socket: the address is ours to reuse
+                os.unlink(path)
+            bind(self._server, cfg.listen)
+            self.address = cfg.listen
+        else:
+            port = bind(self._server, cfg.listen)
+            self.address = f"{cfg.listen.rpartition(':')[0]}:{port}"
+        self._server.start()
+        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._relay.start()
+        self._uplink.start()
+        self._collector.start()
+        log.info("agent %s (epoch %d) serving workers at %s, reporting to %s every %.3gs",
+                 cfg.node, self.epoch, self.address, cfg.controller, cfg.interval)
+        return self.address
+
+    def stop(self, flush_timeout: float | None = None) -> bool:
+        """Graceful shutdown: stop registrations and pulls, pull every worker once more, wait up to
+        ``flush_timeout`` (default ``config.flush_timeout``) seconds for the controller to ACK
+        what is buffered, then close. Returns True when everything held was acknowledged."""
+        with self._lock:
+            if not self._started:
+                return True
+            self._started = False
+        timeout = self.config.flush_timeout if flush_timeout is None else flush_timeout
+        stopped = self._server.stop(grace=1.0)
+        self._collector.stop(final_pull=True)
+        flushed = self.buffer.wait_empty(timeout)
+        if not flushed:
+            log.warning("agent %s stopping with %d unacknowledged reports", self.config.node,
+                        len(self.buffer))
+        self._uplink.stop()
+        self._relay.stop()
+        stopped.wait(2.0)
+        self.registry.close()
+        self._channel.close()
+        self._gpu.close()
+        self.metrics.close()
+        return flushed
+
+    def __enter__(self) -> "Agent":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --------------------------------------------------------------- introspection
+    @property
+    def load_stream_connected(self) -> bool:
+        """True while the load stream to the controller is open and has been acknowledged."""
+        return self._uplink is not None and self._uplink.connected.is_set()
+
+    def collect_now(self) -> None:
+        """Pull every idle worker now (besides the interval loop), without waiting."""
+        if self._collector is not None:
+            self._collector.collect()
+
+    # --------------------------------------------------------------- registry callbacks
+    def _joined(self, info) -> None:
+        if self._relay is not None:
+            self._relay.worker_joined(info)
+
+    def _lost(self, info, reason: str) -> None:
+        if self._relay is not None:
+            self._relay.worker_lost(info, reason)

@@ -1,0 +1,129 @@
+"""Pull per-slot counters from every registered worker at a fixed interval, into the send buffer."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+import grpc
+
+from expertplane.agent.buffer import ReportBuffer
+from expertplane.agent.config import AgentConfig
+from expertplane.agent.gpu import GpuSampler
+from expertplane.agent.metrics import AgentMetrics
+from expertplane.agent.registry import WorkerHandle, WorkerRegistry
+from expertplane.agent.reports import SnapshotError, build_report
+from expertplane.proto import expertplane_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class Collector:
+    """Every ``config.interval`` seconds, calls PullCounters on each worker in parallel.
+
+    A pull has the short deadline ``config.deadlines.pull``; a worker whose previous pull is still
+    running is skipped that round, so a slow worker never delays the others and is never called
+    twice at once. ``config.lost_after`` consecutive failed pulls, or an UNAVAILABLE answer, drop
+    the worker from the registry (reported WORKER_LOST). Each good snapshot becomes a LoadReport
+    with the next sequence of its rank (strictly increasing per rank, within ``agent_epoch``).
+    """
+
+    def __init__(self, config: AgentConfig, registry: WorkerRegistry, buffer: ReportBuffer,
+                 gpu: GpuSampler, metrics: AgentMetrics, agent_epoch: int):
+        self._config = config
+        self._registry = registry
+        self._buffer = buffer
+        self._gpu = gpu
+        self._metrics = metrics
+        self.agent_epoch = agent_epoch
+        self._sequences: dict[int, int] = {}
+        self._seq_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="agent-pull")
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="agent-collector", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        next_tick = time.monotonic() + self._config.interval
+        while not self._stopping.wait(max(0.0, next_tick - time.monotonic())):
+            self.collect()
+            next_tick += self._config.interval
+            if next_tick < time.monotonic():   # fell behind (e.g. suspended): skip missed ticks
+                next_tick = time.monotonic() + self._config.interval
+
+    def collect(self) -> list[Future]:
+        """Start one pull per idle registered worker; returns their futures (not waited on)."""
+        futures = []
+        for handle in self._registry.handles():
+            with handle.lock:
+                if handle.pulling:
+                    log.debug("rank %d still answering its previous pull: skipped", handle.info.rank)
+                    continue
+                handle.pulling = True
+            futures.append(self._pool.submit(self._pull, handle))
+        return futures
+
+    def _pull(self, handle: WorkerHandle) -> None:
+        started = time.time()
+        t0 = time.monotonic()
+        try:
+            snapshot = handle.stub.PullCounters(pb.PullCountersRequest(),
+                                                timeout=self._config.deadlines.pull)
+        except grpc.RpcError as exc:
+            self._metrics.pull_failures.inc()
+            self._missed(handle, exc)
+            return
+        finally:
+            self._metrics.pull_latency.observe(time.monotonic() - t0)
+            with handle.lock:
+                handle.pulling = False
+        handle.missed_pulls = 0
+        previous, handle.last_pull = handle.last_pull, started
+        info = self._registry.update(handle, plan_version=snapshot.plan_version or None)
+        if not snapshot.HasField("window_end"):
+            snapshot.window_end.FromNanoseconds(time.time_ns())
+        if not snapshot.HasField("window_start"):
+            snapshot.window_start.FromNanoseconds(int((previous or started) * 1e9))
+        with self._seq_lock:
+            sequence = self._sequences.get(info.rank, 0) + 1
+            try:
+                report = build_report(snapshot, info, sequence=sequence, agent_epoch=self.agent_epoch,
+                                      gpu=self._gpu.sample(info.rank))
+            except SnapshotError as exc:
+                log.warning("rank %d sent a malformed counter snapshot, not reported: %s",
+                            info.rank, exc)
+                return
+            self._sequences[info.rank] = sequence
+            dropped = self._buffer.put(report)
+        if dropped:
+            self._metrics.reports_dropped.inc(dropped)
+        self._metrics.buffer_depth.set(len(self._buffer))
+
+    def _missed(self, handle: WorkerHandle, exc: grpc.RpcError) -> None:
+        code = exc.code() if hasattr(exc, "code") else None
+        handle.missed_pulls += 1
+        if code == grpc.StatusCode.UNAVAILABLE:
+            reason = f"PullCounters: UNAVAILABLE: {exc.details()}"
+        elif handle.missed_pulls >= self._config.lost_after:
+            reason = f"{handle.missed_pulls} pulls missed in a row (last: {code.name if code else exc})"
+        else:
+            log.info("rank %d missed a pull (%s)", handle.info.rank, code.name if code else exc)
+            return
+        if self._registry.lose(handle, reason):
+            self._metrics.workers_lost.inc()
+            self._metrics.workers.set(len(self._registry))
+
+    def stop(self, final_pull: bool = True) -> None:
+        """Stop the interval loop; with ``final_pull`` pull every worker once more and wait for it."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+        if final_pull:
+            wait(self.collect(), timeout=self._config.deadlines.pull + 1.0)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+

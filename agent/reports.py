@@ -1,0 +1,61 @@
+"""Turn a worker's CounterSnapshot into the LoadReport the controller ingests."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from expertplane.proto import expertplane_pb2 as pb
+from expertplane.rpc.tensors import TensorError, to_numpy
+
+
+class SnapshotError(ValueError):
+    """A worker's CounterSnapshot is malformed; ``field`` names the offending field."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def new_agent_epoch() -> int:
+    """A fresh ``agent_epoch``: milliseconds since the Unix epoch in the high bits, 16 random bits
+    below, so epochs of successive agent starts differ and sort by start time."""
+    return (time.time_ns() // 1_000_000) << 16 | secrets.randbits(16)
+
+
+def build_report(snapshot: pb.CounterSnapshot, worker: pb.WorkerInfo, *, sequence: int,
+                 agent_epoch: int, gpu: pb.GpuStats | None = None) -> pb.LoadReport:
+    """A LoadReport for ``worker`` from its ``snapshot``.
+
+    ``snapshot.slot_counts``: int64 [L, R / num_gpus] token deltas per local physical slot;
+    ``snapshot.dropped_tokens``: optional, same shape. ``snapshot.rank`` must be the worker's rank
+    and ``snapshot.placement`` its placement (empty = the registered one). Raises
+    ``SnapshotError`` naming the field.
+    """
+    if snapshot.rank != worker.rank:
+        raise SnapshotError("rank", f"snapshot is for rank {snapshot.rank}, worker is {worker.rank}")
+    if snapshot.placement and snapshot.placement != worker.placement:
+        raise SnapshotError("placement", f"snapshot is for {snapshot.placement!r}, worker serves "
+                                         f"{worker.placement!r}")
+    if snapshot.plan_version == 0:
+        raise SnapshotError("plan_version", "must be >= 1 (the plan the counts were taken under)")
+    try:
+        counts = to_numpy(snapshot.slot_counts, "slot_counts", ndim=2)
+        if snapshot.HasField("dropped_tokens") and len(snapshot.dropped_tokens.shape):
+            to_numpy(snapshot.dropped_tokens, "dropped_tokens", shape=counts.shape)
+    except TensorError as exc:
+        raise SnapshotError(exc.field, str(exc).split(": ", 1)[1]) from exc
+    if (counts < 0).any():
+        raise SnapshotError("slot_counts", "token counts must be >= 0")
+    report = pb.LoadReport(
+        node=worker.node, worker_rank=worker.rank, placement=worker.placement,
+        plan_version=snapshot.plan_version, sequence=sequence, agent_epoch=agent_epoch,
+        slot_counts=snapshot.slot_counts,
+    )
+    report.window_start.CopyFrom(snapshot.window_start)
+    report.window_end.CopyFrom(snapshot.window_end)
+    if snapshot.HasField("dropped_tokens") and len(snapshot.dropped_tokens.shape):
+        report.dropped_tokens.CopyFrom(snapshot.dropped_tokens)
+    if gpu is not None:
+        report.gpu.CopyFrom(gpu)
+    return report

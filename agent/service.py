@@ -1,0 +1,29 @@
+"""AgentService: where the node's workers register (thin servicer over ``WorkerRegistry``)."""
+
+from __future__ import annotations
+
+import grpc
+
+from expertplane.agent.registry import RegistrationError, WorkerRegistry
+from expertplane.proto import expertplane_pb2 as pb
+from expertplane.proto import expertplane_pb2_grpc as pb_grpc
+
+
+class AgentServicer(pb_grpc.AgentServiceServicer):
+    """Register: validate the WorkerInfo and add the worker; answers the pull interval."""
+
+    def __init__(self, registry: WorkerRegistry, interval: float, on_registered=None):
+        self._registry = registry
+        self._interval = interval
+        self._on_registered = on_registered
+
+    def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
+        if not request.HasField("worker"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker: required")
+        try:
+            self._registry.register(request.worker)
+        except RegistrationError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self._on_registered is not None:
+            self._on_registered()
+        return pb.RegisterResponse(node=self._registry.node, pull_interval_seconds=self._interval)
