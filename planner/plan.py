@@ -33,8 +33,8 @@ def build_log2phy(phy2log, num_logical, phyrank=None) -> tuple[np.ndarray, np.nd
     p2l = np.asarray(phy2log, dtype=np.int64)
     layers, replicas = p2l.shape
     num_logical = int(num_logical)
-    logcnt = np.zeros((layers, num_logical), dtype=np.int64)
-    np.add.at(logcnt, (np.arange(layers)[:, None], p2l), 1)
+    flat_ids = (p2l + num_logical * np.arange(layers)[:, None]).ravel()
+    logcnt = np.bincount(flat_ids, minlength=layers * num_logical).reshape(layers, num_logical)
     rank = replica_ranks(p2l) if phyrank is None else np.asarray(phyrank, dtype=np.int64)
     if rank.shape != p2l.shape:
         raise PlanInputError("phyrank", f"must have shape {list(p2l.shape)}, got {list(rank.shape)}")
