@@ -1,0 +1,204 @@
+"""The EPLB-aware expert-parallel MoE layer.
+
+forward(x [T, H]) on each rank of ``group``: router top-k over logical experts (optional
+group-limited routing and selection bias) -> replica choice (``kernels.replica_choice``) ->
+all_to_all dispatch -> SwiGLU grouped GEMM over this rank's S slots -> all_to_all combine ->
+top-k weighted sum. Per-slot token counters accumulate on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from expertplane.kernels.counters import SlotCounters
+from expertplane.kernels.dispatch import combine, dispatch, plan_dispatch, world_of
+from expertplane.kernels.experts import ExpertWeightFn, LocalExperts, seeded_expert_weights
+from expertplane.kernels.replica_choice import choose_replicas
+from expertplane.kernels.routing import RouterConfig, route
+
+__all__ = ["EPMoELayer", "LayerPlacement", "PlacementError", "seeded_router_weight"]
+
+
+class PlacementError(ValueError):
+    """A layer placement is inconsistent; the message names the field."""
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    """One layer's placement (the planner's output for that layer).
+
+    phy2log: [R] logical expert of each physical slot.
+    log2phy: [E, X] physical slots of each logical expert, -1 padded.
+    logcnt: [E] number of replicas of each logical expert (>= 1).
+    """
+
+    phy2log: Tensor
+    log2phy: Tensor
+    logcnt: Tensor
+
+    def __post_init__(self) -> None:
+        for name in ("phy2log", "log2phy", "logcnt"):
+            value = torch.as_tensor(getattr(self, name), dtype=torch.int64).cpu()
+            object.__setattr__(self, name, value)
+        phy2log, log2phy, logcnt = self.phy2log, self.log2phy, self.logcnt
+        if phy2log.dim() != 1 or phy2log.numel() == 0:
+            raise PlacementError(f"phy2log must be a non-empty [R] tensor, got {list(phy2log.shape)}")
+        if log2phy.dim() != 2:
+            raise PlacementError(f"log2phy must be [E, X], got {list(log2phy.shape)}")
+        experts = log2phy.shape[0]
+        if logcnt.shape != (experts,):
+            raise PlacementError(f"logcnt must be [{experts}], got {list(logcnt.shape)}")
+        if int(logcnt.min()) < 1 or int(logcnt.max()) > log2phy.shape[1]:
+            raise PlacementError(f"logcnt must be in [1, {log2phy.shape[1]}]")
+        if int(logcnt.sum()) != phy2log.numel():
+            raise PlacementError(f"logcnt must sum to R={phy2log.numel()}, got {int(logcnt.sum())}")
+        if int(phy2log.min()) < 0 or int(phy2log.max()) >= experts:
+            raise PlacementError(f"phy2log values must be in [0, {experts})")
+        for e in range(experts):
+            slots = log2phy[e, :int(logcnt[e])]
+            if int((log2phy[e, int(logcnt[e]):] != -1).sum()):
+                raise PlacementError(f"log2phy[{e}] must be -1 after its logcnt entries")
+            if int(slots.min()) < 0 or int(slots.max()) >= phy2log.numel() or \
+                    bool((phy2log[slots] != e).any()):
+                raise PlacementError(f"log2phy[{e}] disagrees with phy2log")
+
+    @property
+    def num_slots(self) -> int:
+        return self.phy2log.numel()
+
+    @property
+    def num_experts(self) -> int:
+        return self.log2phy.shape[0]
+
+    @classmethod
+    def from_phy2log(cls, phy2log: Sequence[int] | Tensor, num_experts: int) -> LayerPlacement:
+        """Build log2phy and logcnt from phy2log [R] (replicas listed in slot order)."""
+        phy2log = torch.as_tensor(phy2log, dtype=torch.int64)
+        logcnt = torch.bincount(phy2log, minlength=num_experts)
+        if logcnt.numel() != num_experts:
+            raise PlacementError(f"phy2log values must be in [0, {num_experts})")
+        log2phy = torch.full((num_experts, max(1, int(logcnt.max()))), -1, dtype=torch.int64)
+        fill = [0] * num_experts
+        for slot, e in enumerate(phy2log.tolist()):
+            log2phy[e, fill[e]] = slot
+            fill[e] += 1
+        return cls(phy2log, log2phy, logcnt)
+
+
+def seeded_router_weight(seed: int, layer: int, num_experts: int, hidden: int,
+                         device: str | torch.device = "cpu") -> Tensor:
+    """Deterministic router weight [E, H] (fp32) for (seed, layer)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed * 1_000_003 + layer + 7)
+    return torch.randn(num_experts, hidden, generator=gen, device=device) / hidden ** 0.5
+
+
+class EPMoELayer(nn.Module):
+    """Expert-parallel MoE layer over ``group`` (all ranks call forward together).
+
+    hidden H, intermediate I, num_experts E; placement: this layer's :class:`LayerPlacement`
+    with R slots, S = R / world size of them on each rank (rank r holds r*S .. r*S+S-1).
+    gpus_per_node: ranks per node for the replica choice (None: one node).
+    router_weight: [E, H] (default: :func:`seeded_router_weight`); expert_weights: logical
+    expert id -> (w13 [H, 2I], w2 [I, H]) (default: :func:`seeded_expert_weights`), so any
+    placement of the same (seed, layer) computes the same function.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int,
+                 placement: LayerPlacement, *, group: dist.ProcessGroup | None = None,
+                 top_k: int = 8, num_groups: int = 1, topk_groups: int = 1,
+                 gpus_per_node: int | None = None, scoring: str = "softmax",
+                 normalize: bool = True, scaling: float = 1.0, layer: int = 0, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 router_weight: Tensor | None = None,
+                 expert_weights: ExpertWeightFn | None = None) -> None:
+        super().__init__()
+        self.group = group
+        self.rank, self.world_size = world_of(group)
+        self.device = torch.device(device)
+        self.router = RouterConfig(num_experts=num_experts, top_k=top_k, num_groups=num_groups,
+                                   topk_groups=topk_groups, scoring=scoring,
+                                   normalize=normalize, scaling=scaling)
+        if gpus_per_node is not None and gpus_per_node < 1:
+            raise PlacementError(f"gpus_per_node must be >= 1, got {gpus_per_node}")
+        self.gpus_per_node = gpus_per_node or self.world_size
+        if router_weight is None:
+            router_weight = seeded_router_weight(seed, layer, num_experts, hidden, self.device)
+        if router_weight.shape != (num_experts, hidden):
+            raise ValueError(f"router_weight must be [{num_experts}, {hidden}], "
+                             f"got {list(router_weight.shape)}")
+        self.router_weight = nn.Parameter(router_weight.to(self.device, torch.float32),
+                                          requires_grad=False)
+        self.expert_weights = expert_weights or seeded_expert_weights(
+            seed, layer, hidden, intermediate, dtype=dtype, device=self.device)
+        self.hidden, self.intermediate = hidden, intermediate
+        self.selection_bias: Tensor | None = None
+        self._check_placement(placement)
+        self.num_slots = placement.num_slots
+        self.slots_per_rank = placement.num_slots // self.world_size
+        self.slot_gpu = torch.arange(self.num_slots, device=self.device) // self.slots_per_rank
+        self.counters = SlotCounters(self.slots_per_rank, self.device)
+        self._set_placement(placement)
+        self.experts = LocalExperts.from_logical(self.local_logical_ids(), self.expert_weights)
+
+    def local_logical_ids(self, placement: LayerPlacement | None = None) -> list[int]:
+        """Logical expert of each of this rank's S slots under ``placement`` (default: current)."""
+        placement = placement or self.placement
+        start = self.rank * (placement.num_slots // self.world_size)
+        return placement.phy2log[start:start + placement.num_slots // self.world_size].tolist()
+
+    def set_selection_bias(self, bias: Tensor | None) -> None:
+        """Per-logical-expert selection bias [E] (top-k selection only), or None."""
+        if bias is not None and bias.shape != (self.router.num_experts,):
+            raise ValueError(f"bias must be [{self.router.num_experts}], got {list(bias.shape)}")
+        self.selection_bias = None if bias is None else bias.to(self.device, torch.float32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [T, H] -> [T, H] (same dtype). Every rank of the group must call it."""
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"x must be [T, {self.hidden}], got {list(x.shape)}")
+        logits = x.float() @ self.router_weight.t()
+        topk_ids, weights = route(logits, self.router, self.selection_bias)
+        phys = choose_replicas(topk_ids, self.rank, self._log2phy, self._logcnt, self.slot_gpu,
+                               self.gpus_per_node)
+        layout = plan_dispatch(phys, self.num_slots, self.group)
+        x_local = dispatch(x.to(self.experts.w13.dtype), layout, self.router.top_k, self.group)
+        self.counters.add(layout.tokens_per_slot)
+        y_local = self.experts(x_local, layout.tokens_per_slot, layout.slot_counts)
+        return combine(y_local, layout, weights, self.group).to(x.dtype)
+
+    def read_counters(self, reset: bool = True) -> Tensor:
+        """Tokens processed by each local slot since the last reset: host LongTensor [S]."""
+        return self.counters.read(reset)
+
+    def swap(self, placement: LayerPlacement, experts: LocalExperts) -> None:
+        """Switch to ``placement`` with this rank's new slot weights ``experts`` (call at a step
+        boundary, on every rank). Counts taken under the old placement are read out first by
+        the caller; the counters keep running (the slot count does not change)."""
+        self._check_placement(placement)
+        if placement.num_slots != self.num_slots:
+            raise PlacementError(f"phy2log must keep R={self.num_slots} slots, "
+                                 f"got {placement.num_slots}")
+        expected = (self.slots_per_rank, self.hidden, 2 * self.intermediate)
+        if tuple(experts.w13.shape) != expected:
+            raise ValueError(f"experts.w13 must be {list(expected)}, got {list(experts.w13.shape)}")
+        self._set_placement(placement)
+        self.experts = experts
+
+    def _check_placement(self, placement: LayerPlacement) -> None:
+        if placement.num_experts != self.router.num_experts:
+            raise PlacementError(f"log2phy must have {self.router.num_experts} rows, "
+                                 f"got {placement.num_experts}")
+        if placement.num_slots % self.world_size:
+            raise PlacementError(f"phy2log length {placement.num_slots} must be a multiple of "
+                                 f"the world size {self.world_size}")
+
+    def _set_placement(self, placement: LayerPlacement) -> None:
+        self.placement = placement
+        self._log2phy = placement.log2phy.to(self.device)
+        self._logcnt = placement.logcnt.to(self.device)
