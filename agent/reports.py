@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 
 from expertplane.proto import expertplane_pb2 as pb
@@ -17,10 +18,18 @@ class SnapshotError(ValueError):
         self.field = field_name
 
 
+_last_epoch = 0
+_epoch_lock = threading.Lock()
+
+
 def new_agent_epoch() -> int:
     """A fresh ``agent_epoch``: milliseconds since the Unix epoch in the high bits, 16 random bits
-    below, so epochs of successive agent starts differ and sort by start time."""
-    return (time.time_ns() // 1_000_000) << 16 | secrets.randbits(16)
+    below (agents on different nodes starting in the same millisecond still differ), and strictly
+    increasing within a process (several in-process agents, as in the demo, never share one)."""
+    global _last_epoch
+    with _epoch_lock:
+        _last_epoch = max((time.time_ns() // 1_000_000) << 16 | secrets.randbits(16), _last_epoch + 1)
+        return _last_epoch
 
 
 def build_report(snapshot: pb.CounterSnapshot, worker: pb.WorkerInfo, *, sequence: int,
