@@ -1,0 +1,219 @@
+"""Load aggregation: worker slot counts -> decayed sliding-window load per logical expert.
+
+Each ``LoadReport`` carries token counts per local physical slot ``[L, R / num_gpus]`` counted
+under some plan version. The slots of worker ``rank`` are ``rank*S .. (rank+1)*S - 1`` of that
+plan's ``phy2log [L, R]``, so a report maps to logical experts exactly even when the plan in
+force has changed since. Reports land in time buckets (``window / BUCKETS`` seconds wide); the
+window load is the sum of the buckets younger than the window, each weighted by
+``2 ** (-age / half_life)`` (no decay when half_life is 0). Memory per placement is bounded:
+at most ``BUCKETS + 1`` buckets, ``MAX_CACHED_VERSIONS`` slot maps and ``MAX_SEQUENCES`` dedupe
+entries.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from expertplane.controller.spec import PlacementSpec
+from expertplane.proto import expertplane_pb2 as pb
+from expertplane.rpc.tensors import TensorError, to_numpy
+
+BUCKETS = 32
+MAX_CACHED_VERSIONS = 16
+MAX_SEQUENCES = 65536
+Ack = pb.LoadAck
+
+# (placement, version) -> phy2log [L, R] of a stored plan, or None if there is none.
+PlanLookup = Callable[[str, int], "np.ndarray | None"]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    status: int            # a pb.LoadAck.Status value
+    message: str = ""
+    lag_seconds: float = 0.0   # receive time - report window_end (0 if window_end unset)
+
+
+@dataclass(frozen=True)
+class WindowView:
+    """A placement's window at ``as_of`` (unix seconds): load [L, E] decayed tokens per logical
+    expert; gpu_load [L, num_gpus] decayed tokens per GPU counted under the plan in force."""
+
+    load: np.ndarray
+    gpu_load: np.ndarray
+    reports: int
+    as_of: float
+
+
+class _Bucket:
+    __slots__ = ("start", "load", "gpu")
+
+    def __init__(self, start: float, layers: int, experts: int, gpus: int):
+        self.start = start
+        self.load = np.zeros(layers * experts)
+        self.gpu = np.zeros((layers, gpus))
+
+
+class PlacementWindow:
+    """The window of one placement; thread-safe."""
+
+    def __init__(self, spec: PlacementSpec, version_in_force: int, lookup: PlanLookup):
+        self.spec = spec
+        self.in_force = version_in_force
+        self.latest = version_in_force
+        self._lookup = lookup
+        self._lock = threading.Lock()
+        self._buckets: collections.deque[_Bucket] = collections.deque()
+        self._slot_maps: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[tuple, int] = collections.OrderedDict()
+        self.reports = 0
+
+    @property
+    def bucket_seconds(self) -> float:
+        return self.spec.policy.window_seconds / BUCKETS
+
+    def add_plan(self, version: int, phy2log: np.ndarray, *, in_force: bool = False) -> None:
+        """Make ``version`` known (and the plan in force if ``in_force``: GPU loads restart)."""
+        with self._lock:
+            self._cache(version, phy2log)
+            self.latest = max(self.latest, version)
+            if in_force and version != self.in_force:
+                self.in_force = version
+                for b in self._buckets:
+                    b.gpu[:] = 0
+
+    def _cache(self, version: int, phy2log: np.ndarray) -> np.ndarray:
+        """Flat index [G, L*S] into load[L*E] for every slot of every GPU under ``version``."""
+        s = self.spec
+        flat = np.arange(s.num_layers)[:, None] * s.num_experts + np.asarray(phy2log, np.int64)
+        idx = flat.reshape(s.num_layers, s.num_gpus, s.slots_per_gpu).transpose(1, 0, 2) \
+            .reshape(s.num_gpus, -1).copy()
+        self._slot_maps[version] = idx
+        self._slot_maps.move_to_end(version)
+        while len(self._slot_maps) > MAX_CACHED_VERSIONS:
+            self._slot_maps.popitem(last=False)
+        return idx
+
+    def ingest(self, r: pb.LoadReport, now: float) -> IngestResult:
+        """Validate and count one report (received at ``now``, unix seconds)."""
+        s = self.spec
+        if r.worker_rank >= s.num_gpus:
+            return IngestResult(Ack.REJECTED, f"worker_rank: must be < {s.num_gpus} (GPUs of "
+                                              f"{s.name!r}), got {r.worker_rank}")
+        if r.plan_version == 0:
+            return IngestResult(Ack.REJECTED, "plan_version: must be >= 1")
+        try:
+            counts = to_numpy(r.slot_counts, "slot_counts", shape=(s.num_layers, s.slots_per_gpu))
+        except TensorError as exc:
+            return IngestResult(Ack.REJECTED, str(exc))
+        if counts.size and counts.min() < 0:
+            return IngestResult(Ack.REJECTED, "slot_counts: must be non-negative")
+        end = r.window_end.seconds + r.window_end.nanos * 1e-9 if r.HasField("window_end") else 0.0
+        lag = max(0.0, now - end) if end else 0.0
+        if end and lag > s.policy.window_seconds:
+            return IngestResult(Ack.STALE, f"window_end: {lag:.1f} s old, older than the "
+                                           f"{s.policy.window_seconds:g} s window", lag)
+        key = (r.node, r.worker_rank, r.agent_epoch)
+        with self._lock:
+            if r.plan_version > self.latest:
+                return IngestResult(Ack.REJECTED, f"plan_version: {r.plan_version} is from the "
+                                                  f"future (latest is {self.latest})", lag)
+            last = self._seen.get(key)
+            if last is not None and r.sequence <= last:
+                return IngestResult(Ack.DUPLICATE, f"sequence: {r.sequence} already counted "
+                                                   f"(last {last})", lag)
+            idx = self._slot_maps.get(r.plan_version)
+        if idx is None:
+            phy2log = self._lookup(s.name, r.plan_version)
+            if phy2log is None:
+                return IngestResult(Ack.STALE, f"plan_version: {r.plan_version} is not stored", lag)
+            with self._lock:
+                idx = self._cache(r.plan_version, phy2log)
+        contribution = np.bincount(idx[r.worker_rank], weights=counts.ravel(),
+                                   minlength=s.num_layers * s.num_experts)
+        with self._lock:
+            last = self._seen.get(key)
+            if last is not None and r.sequence <= last:  # a concurrent twin got in first
+                return IngestResult(Ack.DUPLICATE, f"sequence: {r.sequence} already counted", lag)
+            self._seen[key] = r.sequence
+            self._seen.move_to_end(key)
+            if len(self._seen) > MAX_SEQUENCES:
+                self._seen.popitem(last=False)
+            bucket = self._bucket(now)
+            bucket.load += contribution
+            if r.plan_version == self.in_force:
+                bucket.gpu[:, r.worker_rank] += counts.sum(axis=1)
+            self.reports += 1
+        return IngestResult(Ack.ACCEPTED, "", lag)
+
+    def _bucket(self, now: float) -> _Bucket:
+        width = self.bucket_seconds
+        if not self._buckets or now >= self._buckets[-1].start + width:
+            s = self.spec
+            self._buckets.append(_Bucket(now - (now % width), s.num_layers, s.num_experts, s.num_gpus))
+        horizon = now - self.spec.policy.window_seconds - width
+        while self._buckets and self._buckets[0].start < horizon:
+            self._buckets.popleft()
+        return self._buckets[-1]
+
+    def view(self, now: float) -> WindowView:
+        """The decayed window at ``now``."""
+        s = self.spec
+        load = np.zeros(s.num_layers * s.num_experts)
+        gpu = np.zeros((s.num_layers, s.num_gpus))
+        half = s.policy.half_life_seconds
+        with self._lock:
+            for b in self._buckets:
+                age = now - (b.start + self.bucket_seconds / 2)
+                if age > s.policy.window_seconds:
+                    continue
+                w = 2.0 ** (-max(age, 0.0) / half) if half > 0 else 1.0
+                load += w * b.load
+                gpu += w * b.gpu
+            reports = self.reports
+        return WindowView(load.reshape(s.num_layers, s.num_experts), gpu, reports, now)
+
+
+class LoadAggregator:
+    """Windows of every registered placement; ``lookup`` fetches stored plans on cache misses."""
+
+    def __init__(self, lookup: PlanLookup, clock: Callable[[], float] = time.time):
+        self._lookup = lookup
+        self._clock = clock
+        self._windows: dict[str, PlacementWindow] = {}
+        self._lock = threading.Lock()
+
+    def register(self, spec: PlacementSpec, version_in_force: int) -> PlacementWindow:
+        """Add or update a placement; keeps its window when the shape is unchanged."""
+        with self._lock:
+            old = self._windows.get(spec.name)
+            if old is not None and old.spec.same_shape(spec) and \
+                    old.spec.policy.window_seconds == spec.policy.window_seconds:
+                old.spec = spec
+                return old
+            win = PlacementWindow(spec, version_in_force, self._lookup)
+            self._windows[spec.name] = win
+            return win
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._windows.pop(name, None)
+
+    def get(self, name: str) -> PlacementWindow | None:
+        return self._windows.get(name)
+
+    def ingest(self, report: pb.LoadReport) -> IngestResult:
+        win = self._windows.get(report.placement)
+        if win is None:
+            return IngestResult(Ack.REJECTED, f"placement: unknown placement {report.placement!r}")
+        return win.ingest(report, self._clock())
+
+    def view(self, name: str) -> WindowView | None:
+        win = self._windows.get(name)
+        return None if win is None else win.view(self._clock())

@@ -1,0 +1,92 @@
+"""Compute a candidate plan for a placement with the planner, and score it against the plan in force."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from expertplane.controller.errors import InvalidArgument
+from expertplane.controller.spec import PlacementSpec
+from expertplane.planner.eplb import rebalance_experts
+from expertplane.planner.errors import PlanInputError
+from expertplane.planner.metrics import balance
+from expertplane.planner.plan import migration
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A plan not yet stored.
+
+    phy2log [L, R], log2phy [L, E, X] (-1 padded), logcnt [L, E] int64; load [L, E] float64 tokens
+    it was computed from; predicted_balance [L] of this plan on ``load``; current_balance [L] of
+    the previous plan on the same ``load`` (equal to predicted when there is no previous plan);
+    slots_moved / bytes_moved versus the previous plan.
+    """
+
+    algorithm: str
+    phy2log: np.ndarray
+    log2phy: np.ndarray
+    logcnt: np.ndarray
+    load: np.ndarray
+    predicted_balance: np.ndarray
+    current_balance: np.ndarray
+    slots_moved: int
+    bytes_moved: int
+
+    @property
+    def gain(self) -> float:
+        """Relative improvement of the mean per-layer balance: (current - predicted) / current."""
+        cur = float(np.mean(self.current_balance))
+        return (cur - float(np.mean(self.predicted_balance))) / cur if cur > 0 else 0.0
+
+
+def planning_load(spec: PlacementSpec, load: np.ndarray | None) -> np.ndarray:
+    """The load [L, E] to plan from: ``load`` if it holds any tokens, else the spec's initial
+    load, else uniform (every expert weighs 1)."""
+    if load is not None and np.asarray(load).sum() > 0:
+        return np.asarray(load, dtype=np.float64)
+    if spec.initial_load is not None and spec.initial_load.sum() > 0:
+        return spec.initial_load.astype(np.float64)
+    return np.ones((spec.num_layers, spec.num_experts))
+
+
+def check_load(spec: PlacementSpec, load: np.ndarray, field: str = "load") -> np.ndarray:
+    """Check a load [L, E] against ``spec``: shape, finite, non-negative."""
+    load = np.asarray(load, dtype=np.float64)
+    if load.shape != (spec.num_layers, spec.num_experts):
+        raise InvalidArgument(field, f"must have shape {[spec.num_layers, spec.num_experts]}, "
+                                     f"got {list(load.shape)}")
+    if not np.all(np.isfinite(load)) or (load < 0).any():
+        raise InvalidArgument(field, "must be finite and non-negative")
+    return load
+
+
+def compute_candidate(spec: PlacementSpec, load: np.ndarray | None,
+                      previous: np.ndarray | None = None) -> Candidate:
+    """Plan ``spec`` for ``load`` [L, E] (see ``planning_load``), movement-aware when ``previous``
+    (the phy2log [L, R] in force) is given. Raises ``InvalidArgument`` naming the field."""
+    weight = planning_load(spec, load)
+    if previous is not None:
+        previous = np.asarray(previous, dtype=np.int64)
+        if previous.shape != (spec.num_layers, spec.num_replicas):
+            raise InvalidArgument("previous_phy2log", f"must have shape "
+                                  f"{[spec.num_layers, spec.num_replicas]}, got {list(previous.shape)}")
+    try:
+        phy2log, log2phy, logcnt = (t.numpy() for t in rebalance_experts(
+            weight, spec.num_replicas, spec.num_groups, spec.num_nodes, spec.num_gpus,
+            algorithm=spec.algorithm, previous=previous))
+    except PlanInputError as exc:
+        raise InvalidArgument(exc.field, str(exc).split(": ", 1)[1]) from None
+    predicted = balance(weight, phy2log, logcnt, spec.num_gpus)
+    if previous is None:
+        current, moved = predicted, None
+    else:
+        prev_cnt = np.zeros_like(logcnt)
+        np.add.at(prev_cnt, (np.arange(spec.num_layers)[:, None], previous), 1)
+        current = balance(weight, previous, prev_cnt, spec.num_gpus)
+        moved = migration(previous, phy2log, spec.expert_bytes)
+    return Candidate(algorithm=spec.algorithm, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt,
+                     load=weight, predicted_balance=predicted, current_balance=current,
+                     slots_moved=moved.slots_moved if moved else 0,
+                     bytes_moved=moved.bytes_moved if moved else 0)

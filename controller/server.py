@@ -1,0 +1,90 @@
+"""``ControllerServer``: the controller as a gRPC server (in-process or as ``expertplane controller``).
+
+Serves LoadService, PlanService, PlanningService and RolloutService, plus standard health
+checking (``grpc.health.v1``) and server reflection; Prometheus metrics over HTTP when
+``config.metrics`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from expertplane.controller.config import ControllerConfig
+from expertplane.controller.core import Controller
+from expertplane.controller.metrics import serve as serve_metrics
+from expertplane.controller.placement_files import load_placements
+from expertplane.controller.servicers import (LoadServicer, PlanningServicer, PlanServicer,
+                                              RolloutServicer)
+from expertplane.proto import expertplane_pb2 as pb
+from expertplane.proto import expertplane_pb2_grpc as pb_grpc
+from expertplane.rpc.channels import bind, make_server
+
+log = logging.getLogger(__name__)
+SERVICES = ("LoadService", "PlanService", "PlanningService", "RolloutService")
+
+
+class ControllerServer:
+    """Construct, ``start()`` (returns the bound port), ``stop(grace)``.
+
+    ``controller`` is the underlying ``Controller`` (for in-process use: push_bias, rebalance...).
+    """
+
+    def __init__(self, config: ControllerConfig):
+        self.config = config
+        self.controller = Controller(config)
+        self._server: grpc.Server | None = None
+        self._health = health.HealthServicer()
+        self._metrics_server = None
+        self.port = 0
+
+    def start(self) -> int:
+        c = self.controller
+        c.open()
+        if self.config.placements_dir:
+            for spec in load_placements(self.config.placements_dir):
+                c.apply_placement(spec)
+                log.info("placement %s applied from %s", spec.name, self.config.placements_dir)
+        server = make_server(self.config.security, max_workers=self.config.max_workers,
+                             max_concurrent_rpcs=self.config.max_concurrent_rpcs)
+        pb_grpc.add_LoadServiceServicer_to_server(LoadServicer(c), server)
+        pb_grpc.add_PlanServiceServicer_to_server(PlanServicer(c), server)
+        pb_grpc.add_PlanningServiceServicer_to_server(PlanningServicer(c), server)
+        pb_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(c), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in SERVICES]
+        reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME],
+                                            server)
+        self.port = bind(server, self.config.listen, self.config.security)
+        server.start()
+        self._server = server
+        for name in names + [""]:
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics:
+            self._metrics_server = serve_metrics(c.metrics, self.config.metrics)
+        c.run_background()
+        log.info("controller listening on %s (port %d), store %s", self.config.listen, self.port,
+                 _redact(self.config.db_url))
+        return self.port
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Stop taking calls, let running ones finish for ``grace`` seconds, close the store."""
+        self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        if self._metrics_server is not None:
+            self._metrics_server[0].shutdown()
+        self.controller.close()
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a database URL for logs."""
+    from sqlalchemy.engine import make_url
+    return make_url(url).render_as_string(hide_password=True)

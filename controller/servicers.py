@@ -1,0 +1,227 @@
+"""gRPC servicers: translate messages to ``Controller`` calls and errors to status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+
+import grpc
+import numpy as np
+
+from expertplane.controller.convert import (plan_message, plan_summary, rollout_message,
+                                            timestamp)
+from expertplane.controller.core import Controller, PlacementView
+from expertplane.controller.errors import (ControllerError, FailedPrecondition, InvalidArgument,
+                                           NotFound)
+from expertplane.controller.spec import spec_from_proto, spec_to_proto
+from expertplane.proto import expertplane_pb2 as pb
+from expertplane.proto import expertplane_pb2_grpc as pb_grpc
+from expertplane.rpc.tensors import TensorError, double_tensor, to_numpy
+
+log = logging.getLogger(__name__)
+
+_CODES = ((InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+          (NotFound, grpc.StatusCode.NOT_FOUND),
+          (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+          (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
+
+
+def _status(exc: Exception) -> grpc.StatusCode:
+    return next(code for kind, code in _CODES if isinstance(exc, kind))
+
+
+def unary(method):
+    """Map controller errors of a unary handler to gRPC status codes."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except (ControllerError, TensorError, ValueError) as exc:
+            context.abort(_status(exc), str(exc))
+        except RuntimeError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    return wrapper
+
+
+def streaming(method):
+    """Same as ``unary`` for handlers that return a response iterator."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except (ControllerError, TensorError, ValueError) as exc:
+            context.abort(_status(exc), str(exc))
+    return wrapper
+
+
+def _tensor(msg, field: str, **kw) -> np.ndarray | None:
+    """An optional tensor field: None when empty."""
+    return to_numpy(msg, field, **kw) if len(msg.shape) else None
+
+
+def placement_state(view: PlacementView) -> pb.PlacementState:
+    sp = view.stored
+    return pb.PlacementState(spec=spec_to_proto(sp.spec), plan_version=sp.plan_version,
+                             current_balance=view.current_balance,
+                             predicted_balance=view.predicted_balance,
+                             last_rebalance=timestamp(sp.last_rebalance),
+                             rollout_state=view.rollout_state)
+
+
+class LoadServicer(pb_grpc.LoadServiceServicer):
+    def __init__(self, controller: Controller):
+        self._c = controller
+
+    def ReportLoad(self, request_iterator, context):
+        for report in request_iterator:
+            res = self._c.ingest(report)
+            yield pb.LoadAck(node=report.node, worker_rank=report.worker_rank,
+                             sequence=report.sequence, status=res.status, message=res.message)
+
+
+class PlanServicer(pb_grpc.PlanServiceServicer):
+    def __init__(self, controller: Controller, poll_seconds: float = 0.5):
+        self._c = controller
+        self._poll = poll_seconds
+
+    @unary
+    def GetPlan(self, request, context):
+        if not request.placement:
+            raise InvalidArgument("placement", "is required")
+        return plan_message(self._c.get_plan(request.placement, request.version))
+
+    @unary
+    def ListPlans(self, request, context):
+        plans, token = self._c.list_plans(request.placement, request.page_size, request.page_token)
+        return pb.ListPlansResponse(plans=[plan_summary(p) for p in plans], next_page_token=token)
+
+    @streaming
+    def WatchPlans(self, request, context):
+        watch, backlog = self._c.watch(request.placement, request.after_version)
+        context.add_callback(lambda: watch.offer_end())
+        last: dict[str, int] = {}
+        try:
+            for plan in backlog:
+                last[plan.placement] = plan.version
+                yield plan_summary(plan)
+            while context.is_active():
+                if watch.overflowed:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  "watch fell too far behind; reconnect with after_version")
+                try:
+                    plan = watch.queue.get(timeout=self._poll)
+                except queue.Empty:
+                    continue
+                if plan is None:
+                    return
+                if plan.version <= max(last.get(plan.placement, 0), request.after_version):
+                    continue
+                last[plan.placement] = plan.version
+                yield plan_summary(plan)
+        finally:
+            self._c.unwatch(watch)
+
+    @unary
+    def ListPlacements(self, request, context):
+        return pb.ListPlacementsResponse(
+            placements=[placement_state(v) for v in self._c.placement_views()])
+
+    @unary
+    def GetLoad(self, request, context):
+        view, bias = self._c.load_window(request.placement)
+        msg = pb.LoadWindow(placement=request.placement, load=double_tensor(view.load),
+                            reports=view.reports, as_of=timestamp(view.as_of),
+                            gpu_load=double_tensor(view.gpu_load))
+        if bias is not None:
+            msg.router_bias.CopyFrom(bias.bias)
+        return msg
+
+    @unary
+    def ApplyPlacement(self, request, context):
+        return placement_state(self._c.apply_placement(spec_from_proto(request)))
+
+    @unary
+    def DeletePlacement(self, request, context):
+        if not request.name:
+            raise InvalidArgument("name", "is required")
+        return pb.DeletePlacementResponse(deleted=self._c.delete_placement(request.name))
+
+    @unary
+    def ListRollouts(self, request, context):
+        if request.placement:
+            self._c.placement(request.placement)
+        recs = self._c.store.list_rollouts(request.placement, request.limit or 50)
+        return pb.ListRolloutsResponse(rollouts=[rollout_message(r) for r in recs])
+
+
+class PlanningServicer(pb_grpc.PlanningServiceServicer):
+    def __init__(self, controller: Controller):
+        self._c = controller
+
+    @unary
+    def ComputePlan(self, request, context):
+        spec = spec_from_proto(request.spec, "spec.") if request.HasField("spec") else None
+        if request.placement and spec is not None:
+            raise InvalidArgument("spec", "give either placement or spec, not both")
+        plan = self._c.compute_plan(request.placement, spec,
+                                    _tensor(request.load, "load", ndim=2),
+                                    _tensor(request.previous_phy2log, "previous_phy2log", ndim=2),
+                                    store=request.store or request.rollout,
+                                    rollout=request.rollout)
+        return plan_message(plan)
+
+    @unary
+    def ComputePipeline(self, request, context):
+        from expertplane.controller.pipeline import compute_partition
+        return compute_partition(request)
+
+    @unary
+    def TriggerRebalance(self, request, context):
+        out = self._c.rebalance(request.placement, manual=True, force=request.force,
+                                dry_run=request.dry_run)
+        d = out.decision
+        return pb.RebalanceDecision(
+            placement=request.placement, rebalance=d.rebalance, reason=d.reason,
+            current_balance=d.current_balance, predicted_balance=d.predicted_balance, gain=d.gain,
+            slots_moved=d.slots_moved, bytes_moved=d.bytes_moved,
+            new_version=out.plan.version if out.plan else 0)
+
+
+class RolloutServicer(pb_grpc.RolloutServiceServicer):
+    """One Connect stream per agent: a reader thread feeds events to the coordinator while this
+    handler streams the agent's command queue."""
+
+    def __init__(self, controller: Controller):
+        self._c = controller
+
+    def Connect(self, request_iterator, context):
+        coord = self._c.rollouts
+        session = coord.connect()
+        self._c.metrics.agents.inc()
+
+        def read():
+            try:
+                for event in request_iterator:
+                    coord.handle(session, event)
+            except grpc.RpcError:
+                pass
+            except Exception:
+                log.exception("agent %s: bad event stream", session.node)
+            finally:
+                coord.disconnect(session)
+
+        threading.Thread(target=read, name=f"agent-{session.id}", daemon=True).start()
+        context.add_callback(session.close)
+        try:
+            while True:
+                cmd = session.outbox.get()
+                if cmd is None:
+                    return
+                yield cmd
+        finally:
+            self._c.metrics.agents.dec()
+            coord.disconnect(session)
