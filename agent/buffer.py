@@ -1,7 +1,8 @@
 """Bounded send buffer of LoadReports: held until the controller acknowledges them.
 
 Reports are kept in the order they were produced. The uplink takes the oldest one that is not in
-flight, marks it in flight under the current stream *generation*, and the buffer forgets it only
+flight (at most one per worker rank at a time, so each worker's reports arrive in sequence order
+even across OVERLOADED retries and reconnects), marks it in flight under the current stream *generation*, and the buffer forgets it only
 when the controller answers it (``ack``). When a stream breaks, ``new_generation`` puts every
 in-flight report back (it is resent with the SAME sequence, so the controller's dedupe keeps
 retries idempotent). When full, the oldest report not in flight is dropped; the window it covered
@@ -94,6 +95,9 @@ class ReportBuffer:
     def take(self, generation: int, max_in_flight: int, timeout: float) -> pb.LoadReport | None:
         """The oldest sendable report, marked in flight on ``generation``; None after ``timeout``.
 
+        Per worker rank, reports go strictly in sequence order, one at a time: a rank's next
+        report is sendable only once the previous one is acknowledged (the controller dedupes on
+        the last sequence counted per worker, so a report overtaken by a newer one would be lost).
         Returns None at once when ``generation`` is no longer current (its stream was closed).
         """
         deadline = time.monotonic() + timeout
@@ -102,7 +106,11 @@ class ReportBuffer:
                 now = time.monotonic()
                 wake = deadline
                 if self._in_flight < max_in_flight:
-                    for entry in self._entries.values():
+                    ranks_seen: set[int] = set()
+                    for (rank, _seq), entry in self._entries.items():
+                        if rank in ranks_seen:       # only the oldest report of a rank may go
+                            continue
+                        ranks_seen.add(rank)
                         if entry.generation:
                             continue
                         if entry.not_before <= now:
