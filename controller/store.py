@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import logging
 import pathlib
 import time
 from dataclasses import dataclass, field, replace
@@ -103,6 +104,7 @@ class RolloutRecord:
 
 def migrate(url: str) -> None:
     """Bring the database at ``url`` to the newest schema (``alembic upgrade head``)."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

@@ -1,0 +1,20 @@
+"""Kubernetes operator for ExpertPlane (kopf): reconciles ExpertPlacement and PipelinePlan objects.
+
+It registers placements with the controller over gRPC (PlanService.ApplyPlacement), publishes the
+plan in force in a ConfigMap in SGLang's expert-location format, writes a summary and conditions
+into each object's status, keeps them fresh with a timer, cleans up through a finalizer, and
+runs under a coordination.k8s.io Lease so that several replicas can be deployed.
+
+Run it with ``python -m expertplane.controller.operator --controller HOST:PORT`` or, from another
+process's CLI, ``run_operator_blocking(config_from_args(args))`` after ``add_operator_arguments``.
+"""
+
+from expertplane.controller.operator.config import (
+    OperatorConfig,
+    add_operator_arguments,
+    config_from_args,
+)
+from expertplane.controller.operator.runner import run_operator, run_operator_blocking
+
+__all__ = ["OperatorConfig", "add_operator_arguments", "config_from_args", "run_operator",
+           "run_operator_blocking"]

@@ -1,0 +1,241 @@
+"""Custom resources -> controller messages: ExpertPlacement -> ``Placement``, PipelinePlan ->
+``ComputePipelineRequest``, with every rule the OpenAPI schema cannot express (divisibility,
+shapes, one-of choices) checked here and reported as ``SpecError`` naming the field path."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import yaml
+
+from expertplane.controller.errors import InvalidArgument
+from expertplane.controller.spec import spec_from_proto
+from expertplane.proto import expertplane_pb2 as pb
+from expertplane.rpc.tensors import double_tensor
+
+GROUP = "expertplane.io"
+VERSION = "v1alpha1"
+PLACEMENTS = "expertplacements"
+PIPELINES = "pipelineplans"
+PLAN_KEY = "expert_location.json"
+
+_MODES = {"Auto": pb.RebalancePolicy.AUTO, "Manual": pb.RebalancePolicy.MANUAL,
+          "Off": pb.RebalancePolicy.OFF}
+# Placement message field -> ExpertPlacement field path, for the controller's validation messages.
+_FIELD_PATHS = {
+    "name": "metadata.name",
+    "model": "spec.model", "model.num_layers": "spec.model.layers",
+    "model.num_experts": "spec.model.experts", "model.num_groups": "spec.model.groups",
+    "topology": "spec.topology", "topology.num_nodes": "spec.topology.nodes",
+    "topology.gpus_per_node": "spec.topology.gpusPerNode",
+    "num_replicas": "spec.replicas", "algorithm": "spec.algorithm",
+    "initial_load": "spec.initialLoad",
+    "policy.mode": "spec.rebalancePolicy.mode",
+    "policy.window_seconds": "spec.rebalancePolicy.windowSeconds",
+    "policy.half_life_seconds": "spec.rebalancePolicy.halfLifeSeconds",
+    "policy.threshold": "spec.rebalancePolicy.threshold",
+    "policy.hysteresis": "spec.rebalancePolicy.hysteresis",
+    "policy.cooldown_seconds": "spec.rebalancePolicy.cooldownSeconds",
+    "policy.min_gain_per_gib": "spec.rebalancePolicy.minGainPerGiB",
+}
+
+
+class SpecError(ValueError):
+    """An object's spec cannot be reconciled; ``field`` is its path, e.g. ``spec.replicas``."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Topology:
+    """GPUs of a placement: ``nodes`` x ``gpus_per_node``."""
+
+    nodes: int
+    gpus_per_node: int
+
+
+def placement_name(namespace: str, name: str) -> str:
+    """The controller's name for the ExpertPlacement ``namespace/name``: ``<namespace>-<name>``,
+    shortened with a hash suffix when longer than 63 characters."""
+    full = f"{namespace}-{name}"
+    if len(full) <= 63:
+        return full
+    digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:8]
+    return f"{full[:54].rstrip('-')}-{digest}"
+
+
+def plan_configmap_name(name: str, spec: Mapping) -> str:
+    """ConfigMap that receives the plan of ExpertPlacement ``name``."""
+    return spec.get("planConfigMap") or f"{name}-expert-location"
+
+
+def replicas_of(spec: Mapping) -> int:
+    """Physical slots per layer: ``replicas``, else ``experts + redundantExperts``."""
+    if "replicas" in spec and "redundantExperts" in spec:
+        raise SpecError("spec.replicas", "give replicas or redundantExperts, not both")
+    if "replicas" in spec:
+        return int(spec["replicas"])
+    return int(spec["model"]["experts"]) + int(spec.get("redundantExperts", 0))
+
+
+def load_matrix(values, field: str) -> np.ndarray:
+    """A load ``[layers][experts]`` (nested lists) as float64 [L, E]; ragged lists are refused."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SpecError(field, "must be a list of equally long lists of numbers "
+                               "[layers][experts]") from None
+    if array.ndim != 2:
+        raise SpecError(field, f"must be [layers][experts], got {array.ndim} dimension(s)")
+    return array
+
+
+def parse_load_document(text: str, field: str) -> np.ndarray:
+    """A load from a ConfigMap value: JSON/YAML ``[[...]]`` or ``{"load": [[...]]}``."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(field, f"is not valid JSON/YAML: {exc}") from None
+    if isinstance(doc, Mapping):
+        if "load" not in doc:
+            raise SpecError(field, "a mapping must hold the matrix under key 'load'")
+        doc = doc["load"]
+    return load_matrix(doc, field)
+
+
+def _policy(spec: Mapping) -> pb.RebalancePolicy:
+    pol = spec.get("rebalancePolicy") or {}
+    return pb.RebalancePolicy(
+        mode=_MODES[pol.get("mode", "Auto")],
+        window_seconds=float(pol.get("windowSeconds", 300)),
+        half_life_seconds=float(pol.get("halfLifeSeconds", 0)),
+        threshold=float(pol.get("threshold", 0.05)),
+        hysteresis=float(pol.get("hysteresis", 0)),
+        cooldown_seconds=float(pol.get("cooldownSeconds", 0)),
+        move_budget_bytes=int(pol.get("moveBudgetBytes", 0)),
+        min_gain_per_gib=float(pol.get("minGainPerGiB", 0)),
+        dry_run=bool(pol.get("dryRun", False)),
+    )
+
+
+def placement_from_cr(name: str, spec: Mapping, topology: Topology, generation: int,
+                      initial_load: np.ndarray | None = None) -> pb.Placement:
+    """The ``Placement`` for an ExpertPlacement spec, validated like the controller does.
+
+    ``name`` is the controller-side name (``placement_name``); ``topology`` the resolved GPUs;
+    ``initial_load`` [layers, experts] or None. Raises ``SpecError`` with the CR field path.
+    """
+    model = spec["model"]
+    msg = pb.Placement(
+        name=name,
+        model=pb.ModelSpec(num_layers=int(model["layers"]), num_experts=int(model["experts"]),
+                           num_groups=int(model.get("groups", 1)),
+                           expert_bytes=int(model.get("expertBytes", 0))),
+        topology=pb.Topology(num_nodes=topology.nodes, gpus_per_node=topology.gpus_per_node),
+        num_replicas=replicas_of(spec),
+        algorithm=spec.get("algorithm", "deepseek"),
+        policy=_policy(spec),
+        generation=int(generation),
+    )
+    if initial_load is not None:
+        msg.initial_load.CopyFrom(double_tensor(initial_load))
+    try:
+        spec_from_proto(msg)
+    except InvalidArgument as exc:
+        field = _FIELD_PATHS.get(exc.field, exc.field)
+        if field == "spec.replicas" and "redundantExperts" in spec:
+            field = "spec.redundantExperts"
+        raise SpecError(field, str(exc).split(": ", 1)[1]) from None
+    return msg
+
+
+def topology_from_spec(spec: Mapping) -> Topology | None:
+    """``nodes`` x ``gpusPerNode`` when given explicitly; None when a worker selector decides.
+
+    Raises ``SpecError`` when both or neither are given or ``gpusPerNode`` is missing.
+    """
+    topo = spec["topology"]
+    if "workerSelector" in topo:
+        if "nodes" in topo:
+            raise SpecError("spec.topology", "give nodes or workerSelector, not both")
+        return None
+    if "nodes" not in topo or "gpusPerNode" not in topo:
+        raise SpecError("spec.topology", "needs nodes and gpusPerNode, or a workerSelector")
+    return Topology(int(topo["nodes"]), int(topo["gpusPerNode"]))
+
+
+def label_selector(selector: Mapping) -> str:
+    """A LabelSelector (matchLabels / matchExpressions) as the API's selector string."""
+    terms = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if op in ("In", "NotIn"):
+            if not values:
+                raise SpecError("spec.topology.workerSelector.matchExpressions",
+                                f"operator {op} on {key!r} needs values")
+            terms.append(f"{key} {op.lower()} ({','.join(values)})")
+        elif op == "Exists":
+            terms.append(key)
+        else:
+            terms.append(f"!{key}")
+    if not terms:
+        raise SpecError("spec.topology.workerSelector", "must have matchLabels or matchExpressions")
+    return ",".join(terms)
+
+
+def _expand_layers(layers: list[Mapping]) -> list[pb.LayerProfile]:
+    out = []
+    for layer in layers:
+        msg = pb.LayerProfile(
+            kind=layer["kind"], forward=float(layer["forward"]), backward=float(layer["backward"]),
+            weight_grad=float(layer.get("weightGrad", 0)),
+            activation_bytes=int(layer.get("activationBytes", 0)),
+            param_bytes=int(layer.get("paramBytes", 0)),
+            ep_imbalance=float(layer.get("epImbalance", 0)))
+        out.extend(msg for _ in range(int(layer.get("repeat", 1))))
+    return out
+
+
+def memory_limit_bytes(value) -> int:
+    """``spec.memoryLimit`` (bytes or a quantity such as ``80Gi``) in bytes; absent = 0 (none)."""
+    if value is None:
+        return 0
+    from kubernetes.utils import parse_quantity
+
+    try:
+        out = int(parse_quantity(value))
+    except ValueError as exc:
+        raise SpecError("spec.memoryLimit", str(exc)) from None
+    if out < 0:
+        raise SpecError("spec.memoryLimit", f"must be >= 0, got {value}")
+    return out
+
+
+def pipeline_request_from_cr(spec: Mapping, profile_text: str | None = None) -> pb.ComputePipelineRequest:
+    """The ``ComputePipelineRequest`` for a PipelinePlan spec.
+
+    ``profile_text``: the referenced ConfigMap value when ``spec.profile.configMapRef`` is used.
+    Raises ``SpecError`` for rules the schema cannot express (stages vs layers).
+    """
+    req = pb.ComputePipelineRequest(
+        num_stages=int(spec["stages"]), schedule=spec["schedule"],
+        micro_batches=int(spec["microBatches"]),
+        memory_limit_bytes=memory_limit_bytes(spec.get("memoryLimit")),
+        p2p_seconds=float(spec.get("p2pSeconds", 0)))
+    profile = spec["profile"]
+    if "layers" in profile:
+        layers = _expand_layers(profile["layers"])
+        if len(layers) < req.num_stages:
+            raise SpecError("spec.stages", f"must be <= the number of layers ({len(layers)}), "
+                                           f"got {req.num_stages}")
+        req.layers.extend(layers)
+    else:
+        if profile_text is None:
+            raise SpecError("spec.profile.configMapRef", "profile text was not read")
+        req.profile_yaml = profile_text
+    return req

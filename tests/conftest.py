@@ -1,0 +1,42 @@
+"""Shared fixtures: database URLs for the plan store (SQLite file, real PostgreSQL)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """SQLAlchemy URL of a fresh SQLite file under tmp_path."""
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture
+def pg_url():
+    """SQLAlchemy URL of a fresh PostgreSQL database (dropped afterwards) on the server at
+    127.0.0.1:5432 (database ``test``, user postgres, trust auth). Skips when unreachable."""
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed")
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN}: {str(exc).strip()}")
+    name = f"ep_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield PG_URL.format(db=name)
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """Each test using it runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("pg_url")

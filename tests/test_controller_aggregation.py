@@ -1,0 +1,126 @@
+"""Load aggregation: slot counts mapped through the plan they were counted under, dedupe,
+staleness, bad input, window expiry and decay."""
+
+import numpy as np
+import pytest
+
+from expertplane.controller.aggregation import BUCKETS, LoadAggregator
+from expertplane.controller.simagent import load_report
+from expertplane.controller.spec import PlacementSpec, PolicySpec
+from expertplane.proto import expertplane_pb2 as pb
+
+Ack = pb.LoadAck
+# 2 layers, 4 experts, 8 slots on 4 GPUs (2 slots per GPU)
+SPEC = PlacementSpec(name="m", num_layers=2, num_experts=4, num_nodes=1, gpus_per_node=4,
+                     num_replicas=8, policy=PolicySpec(window_seconds=64.0))
+V1 = np.array([[0, 1, 2, 3, 0, 1, 2, 3], [3, 2, 1, 0, 3, 2, 1, 0]])
+V2 = np.array([[0, 0, 1, 1, 2, 2, 3, 3], [0, 0, 1, 1, 2, 2, 3, 3]])
+
+
+class Clock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def agg():
+    clock = Clock()
+    stored = {1: V1, 2: V2}
+    agg = LoadAggregator(lambda name, v: stored.get(v), clock)
+    win = agg.register(SPEC, 1)
+    win.add_plan(1, V1, in_force=True)
+    win.add_plan(2, V2)
+    agg.clock = clock
+    return agg
+
+
+def report(agg, rank, version, seq, counts, **kw):
+    return load_report("n0", rank, "m", version, seq, np.asarray(counts),
+                       window_end=agg.clock.t, **kw)
+
+
+def test_counts_map_through_their_own_plan_version(agg):
+    # rank 1 holds slots 2,3: under v1 layer0 -> experts 2,3; layer1 -> experts 1,0
+    assert agg.ingest(report(agg, 1, 1, 1, [[10, 20], [30, 40]])).status == Ack.ACCEPTED
+    # under v2 rank 1's slots 2,3 hold expert 1 twice (layer 0 and 1)
+    assert agg.ingest(report(agg, 1, 2, 2, [[1, 2], [3, 4]])).status == Ack.ACCEPTED
+    view = agg.view("m")
+    np.testing.assert_allclose(view.load, [[0, 3, 10, 20], [40, 30 + 7, 0, 0]])
+    # only counts taken under the plan in force (v1) count towards GPU loads
+    np.testing.assert_allclose(view.gpu_load, [[0, 30, 0, 0], [0, 70, 0, 0]])
+    assert view.reports == 2
+
+
+def test_duplicates_and_epochs(agg):
+    assert agg.ingest(report(agg, 0, 1, 5, [[1, 1], [1, 1]])).status == Ack.ACCEPTED
+    dup = agg.ingest(report(agg, 0, 1, 5, [[1, 1], [1, 1]]))
+    assert dup.status == Ack.DUPLICATE and dup.message.startswith("sequence:")
+    assert agg.ingest(report(agg, 0, 1, 4, [[1, 1], [1, 1]])).status == Ack.DUPLICATE
+    # a restarted agent (new epoch) starts its sequence again
+    assert agg.ingest(report(agg, 0, 1, 1, [[1, 1], [1, 1]], epoch=2)).status == Ack.ACCEPTED
+    assert agg.view("m").load.sum() == 8
+
+
+@pytest.mark.parametrize("kw, status, field", [
+    ({"placement": "other"}, Ack.REJECTED, "placement"),
+    ({"worker_rank": 4}, Ack.REJECTED, "worker_rank"),
+    ({"plan_version": 0}, Ack.REJECTED, "plan_version"),
+    ({"plan_version": 3}, Ack.REJECTED, "plan_version"),        # from the future
+    ({"counts": [[1, 2, 3], [4, 5, 6]]}, Ack.REJECTED, "slot_counts"),
+    ({"counts": [[1, -2], [4, 5]]}, Ack.REJECTED, "slot_counts"),
+])
+def test_bad_reports_are_rejected_naming_the_field(agg, kw, status, field):
+    counts = kw.pop("counts", [[1, 2], [3, 4]])
+    msg = report(agg, 0, kw.pop("plan_version", 1), 1, counts)
+    for k, v in kw.items():
+        setattr(msg, k, v)
+    res = agg.ingest(msg)
+    assert res.status == status and res.message.startswith(field + ":")
+    assert agg.view("m").reports == 0
+
+
+def test_stale_reports(agg):
+    old = report(agg, 0, 1, 1, [[1, 1], [1, 1]])
+    old.window_end.FromSeconds(int(agg.clock.t - 100))      # older than the 64 s window
+    res = agg.ingest(old)
+    assert res.status == Ack.STALE and res.message.startswith("window_end:")
+    win = agg.get("m")
+    win._slot_maps.pop(1)                                   # evicted from the cache: looked up again
+    assert agg.ingest(report(agg, 0, 1, 2, [[1, 1], [1, 1]])).status == Ack.ACCEPTED
+    stored = {}
+    lost = LoadAggregator(lambda n, v: stored.get(v), agg.clock)
+    w = lost.register(SPEC, 2)
+    w.add_plan(2, V2, in_force=True)
+    res = lost.ingest(report(agg, 0, 1, 1, [[1, 1], [1, 1]]))   # v1 not stored anywhere
+    assert res.status == Ack.STALE and res.message.startswith("plan_version:")
+
+
+def test_window_expiry_and_decay():
+    clock = Clock()
+    spec = PlacementSpec(name="m", num_layers=2, num_experts=4, num_nodes=1, gpus_per_node=4,
+                         num_replicas=8, policy=PolicySpec(window_seconds=64.0, half_life_seconds=8.0))
+    agg = LoadAggregator(lambda n, v: V1, clock)
+    agg.register(spec, 1).add_plan(1, V1, in_force=True)
+    agg.clock = clock
+    assert agg.ingest(report(agg, 0, 1, 1, [[100, 0], [0, 0]])).status == Ack.ACCEPTED
+    assert agg.view("m").load[0, 0] == 100        # no decay within the first half bucket
+    clock.t += 8.0
+    before = agg.view("m").load[0, 0]
+    assert before < 100
+    clock.t += 8.0                                  # one half-life later: half of it
+    assert agg.view("m").load[0, 0] == pytest.approx(before / 2)
+    clock.t += 64.0 + 2 * 64.0 / BUCKETS
+    assert agg.view("m").load.sum() == 0
+    # buckets older than the window are dropped when new reports land
+    assert agg.ingest(report(agg, 0, 1, 2, [[1, 0], [0, 0]])).status == Ack.ACCEPTED
+    assert len(agg.get("m")._buckets) == 1
+
+
+def test_plan_change_restarts_gpu_loads_but_keeps_expert_loads(agg):
+    agg.ingest(report(agg, 0, 1, 1, [[5, 5], [5, 5]]))
+    agg.get("m").add_plan(2, V2, in_force=True)
+    view = agg.view("m")
+    assert view.load.sum() == 20 and view.gpu_load.sum() == 0
