@@ -1,0 +1,92 @@
+"""Run the operator: load Kubernetes credentials, win the leader Lease, run kopf until told to
+stop or until leadership is lost (then exit non-zero so that the pod restarts and campaigns)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+
+import kopf
+import kubernetes
+
+from expertplane.controller.operator.client import ControllerClient
+from expertplane.controller.operator.config import OperatorConfig
+from expertplane.controller.operator.handlers import build_registry, operator_settings
+from expertplane.controller.operator.kube import Kube
+from expertplane.controller.operator.leader import LeaseElector
+from expertplane.controller.operator.reconcile import OperatorContext
+
+log = logging.getLogger(__name__)
+EXIT_LOST_LEADERSHIP = 3
+
+
+def load_kube_config(kubeconfig: str | None) -> kubernetes.client.Configuration:
+    """Client configuration from ``kubeconfig``, else in-cluster, else ``~/.kube/config``."""
+    cfg = kubernetes.client.Configuration()
+    if kubeconfig:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        return cfg
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=cfg)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=cfg)
+    return cfg
+
+
+async def run_operator(config: OperatorConfig, stop: asyncio.Event | None = None) -> int:
+    """Run until ``stop`` is set or SIGINT/SIGTERM (0), or leadership is lost
+    (``EXIT_LOST_LEADERSHIP``). Only the Lease holder runs handlers."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    api_config = load_kube_config(config.kubeconfig)
+    api_client = kubernetes.client.ApiClient(api_config)
+    client = ControllerClient(config.controller, config.security, config.rpc_timeout_seconds)
+    elector = LeaseElector(api_client, config.lease_namespace, config.lease_name, config.identity,
+                           lease_duration=config.lease_duration_seconds,
+                           renew_deadline=config.renew_deadline_seconds,
+                           retry_period=config.retry_period_seconds)
+    try:
+        if not await elector.acquire(stop):
+            return 0
+        ctx = OperatorContext(client, Kube(api_client), config.controller)
+        kopf_stop = asyncio.Event()
+        holding = asyncio.create_task(elector.hold(stop))
+        stopping = asyncio.create_task(stop.wait())
+        relay = asyncio.create_task(_set_when_first(kopf_stop, holding, stopping))
+        try:
+            await kopf.operator(
+                registry=build_registry(ctx, api_config, config.refresh_seconds),
+                settings=operator_settings(), standalone=True,
+                clusterwide=not config.namespaces, namespaces=list(config.namespaces),
+                stop_flag=kopf_stop, liveness_endpoint=config.liveness)
+        finally:
+            lost = holding.done() and not stop.is_set()
+            for task in (relay, holding, stopping):
+                task.cancel()
+            for task in (relay, holding, stopping):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if lost:
+            log.error("%s lost leadership; exiting", config.identity)
+            return EXIT_LOST_LEADERSHIP
+        await asyncio.to_thread(elector.release)
+        return 0
+    finally:
+        client.close()
+        api_client.close()
+
+
+async def _set_when_first(flag: asyncio.Event, *tasks: asyncio.Task) -> None:
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    flag.set()
+
+
+def run_operator_blocking(config: OperatorConfig) -> int:
+    """``run_operator`` in a fresh event loop (for CLIs)."""
+    return asyncio.run(run_operator(config))
