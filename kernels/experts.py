@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ExpertWeightFn", "LocalExperts", "grouped_mm", "make_expert_weights",
+__all__ = ["ExpertWeightFn", "LocalExperts", "grouped_mm", "grouped_mm_loop", "make_expert_weights",
            "seeded_expert_weights", "swiglu_ffn"]
 
 # logical expert id -> (w13 [H, 2I], w2 [I, H])
@@ -65,6 +65,11 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, counts: Sequence[int] | No
     if counts is None:
         bounds = offsets.tolist()
         counts = [b - a for a, b in zip([0] + bounds[:-1], bounds)]
+    return grouped_mm_loop(x, w, counts)
+
+
+def grouped_mm_loop(x: Tensor, w: Tensor, counts: Sequence[int]) -> Tensor:
+    """The fallback of :func:`grouped_mm`: one matmul per non-empty group; counts [S] host ints."""
     out = x.new_empty(x.shape[0], w.shape[-1])
     start = 0
     for s, n in enumerate(counts):

@@ -158,14 +158,20 @@ class EPMoELayer(nn.Module):
             raise ValueError(f"bias must be [{self.router.num_experts}], got {list(bias.shape)}")
         self.selection_bias = None if bias is None else bias.to(self.device, torch.float32)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x [T, H] -> [T, H] (same dtype). Every rank of the group must call it."""
+    def route_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Router and replica choice for x [T, H]: (physical slots [T, k] int64,
+        gating weights [T, k] fp32)."""
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"x must be [T, {self.hidden}], got {list(x.shape)}")
         logits = x.float() @ self.router_weight.t()
         topk_ids, weights = route(logits, self.router, self.selection_bias)
         phys = choose_replicas(topk_ids, self.rank, self._log2phy, self._logcnt, self.slot_gpu,
                                self.gpus_per_node)
+        return phys, weights
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [T, H] -> [T, H] (same dtype). Every rank of the group must call it."""
+        phys, weights = self.route_tokens(x)
         layout = plan_dispatch(phys, self.num_slots, self.group)
         x_local = dispatch(x.to(self.experts.w13.dtype), layout, self.router.top_k, self.group)
         self.counters.add(layout.tokens_per_slot)

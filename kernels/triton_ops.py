@@ -5,6 +5,8 @@
 - :func:`weighted_combine`: ``out[t] = sum_j weights[t, j] * y[pos[t, j]]`` (unpermute and the
   top-k weighted sum in one pass; torch needs a gather, a multiply and a reduction).
 - :func:`histogram`: ``counts[b] = #{i: ids[i] == b}`` (per-slot token counts).
+- :func:`triton_grouped_mm`: a grouped GEMM (rows of each group times that group's weight),
+  a Triton alternative to ``torch._grouped_mm`` measured by ``expertplane bench kernels``.
 
 Triton is import-guarded: CPU builds have no Triton GPU backend, and each function falls back
 to its ``*_torch`` twin there (those stay public: the benchmark's baseline).
@@ -23,7 +25,7 @@ except ImportError:
     HAVE_TRITON = False
 
 __all__ = ["HAVE_TRITON", "gather_rows", "gather_rows_torch", "histogram", "histogram_torch",
-           "use_triton", "weighted_combine", "weighted_combine_torch"]
+           "triton_grouped_mm", "use_triton", "weighted_combine", "weighted_combine_torch"]
 
 
 def use_triton(t: Tensor) -> bool:
@@ -40,7 +42,7 @@ def weighted_combine_torch(y: Tensor, pos: Tensor, weights: Tensor) -> Tensor:
     """y [M, H], pos [T, k] int64 rows of y, weights [T, k] fp32 -> [T, H] in y's dtype
     (accumulated in fp32)."""
     tokens, k = pos.shape
-    rows = y.index_select(0, pos.reshape(-1)).view(tokens, k, -1).float()
+    rows = y.index_select(0, pos.reshape(-1)).view(tokens, k, y.shape[1]).float()
     return (rows * weights.unsqueeze(-1)).sum(dim=1).to(y.dtype)
 
 
@@ -84,6 +86,38 @@ def histogram(ids: Tensor, num_bins: int) -> Tensor:
     return counts.to(torch.int64)
 
 
+def triton_grouped_mm(x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
+    """Grouped GEMM on CUDA: rows of group s of x [N, K] (groups consecutive, ``counts`` [S]
+    host ints) times w[s] [K, M] -> [N, M] in x's dtype, fp32 accumulation.
+    Needs K % 64 == 0 and M % 128 == 0."""
+    if not use_triton(x):
+        raise RuntimeError("triton_grouped_mm needs Triton and a CUDA tensor")
+    groups, k_dim, m_dim = w.shape
+    if k_dim % 64 or m_dim % 128 or x.shape[1] != k_dim or len(counts) != groups:
+        raise ValueError(f"x {list(x.shape)} / w {list(w.shape)} / counts [{len(counts)}] "
+                         "must satisfy K % 64 == 0, M % 128 == 0, len(counts) == S")
+    out = x.new_empty(x.shape[0], m_dim)
+    if x.shape[0] == 0:
+        return out
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    block_m = 128
+    m_tiles = [-(-n // block_m) for n in counts]
+    tile_group = torch.repeat_interleave(torch.arange(groups), torch.tensor(m_tiles))
+    tile_m = torch.cat([torch.arange(t) for t in m_tiles])
+    meta = torch.cat([tile_group, tile_m, torch.tensor(starts)]).to(torch.int32)
+    meta = meta.to(x.device, non_blocking=True)
+    total = len(tile_group)
+
+    def grid(cfg):
+        return (total * (m_dim // cfg["BN"]),)
+
+    _grouped_mm_kernel[grid](x.contiguous(), w.contiguous(), out, meta, total, m_dim, k_dim,
+                             BM=block_m)
+    return out
+
+
 def _block(hidden: int) -> int:
     return min(2048, triton.next_power_of_2(hidden))
 
@@ -122,3 +156,36 @@ if HAVE_TRITON:  # pragma: no cover - compiled on GPU machines only
         hist = tl.histogram(ids, BINS)
         bins = tl.arange(0, BINS)
         tl.atomic_add(counts_ptr + bins, hist, mask=(bins < num_bins) & (hist > 0))
+
+    @triton.autotune(
+        configs=[triton.Config({"BN": bn, "BK": bk}, num_stages=st, num_warps=wp)
+                 for bn, bk, st, wp in [(128, 64, 4, 8), (256, 64, 3, 8), (128, 128, 3, 8),
+                                        (256, 64, 4, 8)]],
+        key=["n_out", "k_dim"])
+    @triton.jit
+    def _grouped_mm_kernel(x_ptr, w_ptr, out_ptr, meta_ptr, total_tiles, n_out, k_dim,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        pid = tl.program_id(0)
+        n_tiles = n_out // BN
+        tile = pid // n_tiles
+        col_tile = pid % n_tiles
+        group = tl.load(meta_ptr + tile).to(tl.int64)
+        m_tile = tl.load(meta_ptr + total_tiles + tile)
+        start = tl.load(meta_ptr + 2 * total_tiles + group)
+        end = tl.load(meta_ptr + 2 * total_tiles + group + 1)
+        rows = start + m_tile * BM + tl.arange(0, BM)
+        row_ok = rows < end
+        rows64 = rows.to(tl.int64)
+        cols = col_tile * BN + tl.arange(0, BN)
+        ks = tl.arange(0, BK)
+        a_ptrs = x_ptr + rows64[:, None] * k_dim + ks[None, :]
+        b_ptrs = w_ptr + group * k_dim * n_out + ks[:, None] * n_out + cols[None, :]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for _ in range(0, k_dim, BK):
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BK
+            b_ptrs += BK * n_out
+        out_ptrs = out_ptr + rows64[:, None] * n_out + cols[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
