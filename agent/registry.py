@@ -50,8 +50,8 @@ def worker_key(info: pb.WorkerInfo) -> WorkerKey:
 class WorkerRegistry:
     """Thread-safe map of registered workers.
 
-    ``on_joined(info)`` runs when a worker registers for the first time or with a new address,
-    placement membership or world size; ``on_lost(info, reason)`` when it is dropped. Both run
+    ``on_joined(info)`` runs when a worker registers for the first time or with anything new
+    (address, world size, plan or prepared version: e.g. a restarted worker on an older plan); ``on_lost(info, reason)`` when it is dropped. Both run
     outside the registry's lock.
     """
 
@@ -70,17 +70,21 @@ class WorkerRegistry:
         old_channel = None
         with self._lock:
             handle = self._workers.get(key)
-            changed = handle is None or handle.info.address != info.address \
-                or handle.info.world_size != info.world_size
-            if handle is not None and not changed:
-                handle.info.CopyFrom(info)
+            changed = handle is None or any(
+                getattr(handle.info, f) != getattr(info, f)
+                for f in ("address", "world_size", "plan_version", "prepared_version"))
+            if handle is not None and handle.info.address == info.address:
+                handle.info.CopyFrom(info)         # same endpoint: keep its channel
                 handle.missed_pulls = 0
-                return handle
-            if handle is not None:
-                old_channel = handle.channel
-            channel = make_channel(info.address)
-            handle = WorkerHandle(info=info, channel=channel, stub=pb_grpc.WorkerServiceStub(channel))
-            self._workers[key] = handle
+                if not changed:
+                    return handle
+            else:
+                if handle is not None:
+                    old_channel = handle.channel
+                channel = make_channel(info.address)
+                handle = WorkerHandle(info=info, channel=channel,
+                                      stub=pb_grpc.WorkerServiceStub(channel))
+                self._workers[key] = handle
         if old_channel is not None:
             old_channel.close()
         log.info("worker %s rank %d registered at %s (plan v%d)", info.placement, info.rank,
