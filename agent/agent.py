@@ -135,11 +135,6 @@ class Agent:
         """True while the load stream to the controller is open and has been acknowledged."""
         return self._uplink is not None and self._uplink.connected.is_set()
 
-    def collect_now(self) -> None:
-        """Pull every idle worker now (besides the interval loop), without waiting."""
-        if self._collector is not None:
-            self._collector.collect()
-
     # --------------------------------------------------------------- registry callbacks
     def _joined(self, info) -> None:
         if self._relay is not None:

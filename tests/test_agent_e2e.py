@@ -287,6 +287,7 @@ def test_reports_flow_with_contiguous_sequences_and_no_gpu_stats(controller, mak
         e = controller.wait_event(pb.RolloutEvent.WORKER_JOINED, rank)
         assert e.workers[0].placement == "demo" and e.workers[0].node == "node-a"
     wait_for(lambda: all(len(controller.sequences(r)) >= 5 for r in (0, 1)), what="5 reports per rank")
+    assert agent.load_stream_connected
     assert hello_or_joined == {pb.RolloutEvent.HELLO}
     for rank in (0, 1):
         reports = controller.reports(rank)
