@@ -1,0 +1,241 @@
+"""Discrete-event simulation of one pipeline-parallel training step.
+
+Model (times in seconds):
+
+- Stage ``k`` costs ``F_k`` (forward of one micro-batch), ``B_k`` (full backward: input and
+  weight gradients) and ``W_k <= B_k`` (the weight-gradient part of ``B_k``). A backward that
+  defers its weight gradient (ZB1P, the zero-bubble steps of DualPipe) lasts ``B_k - W_k`` and the
+  later ``W`` pass lasts ``W_k``.
+- An overlapped forward&backward pair (DualPipe's ``F&B``) of a forward costing ``f`` and a full
+  backward costing ``b`` lasts ``max(f, b) + (1 - overlap) * min(f, b)``: ``overlap = 0`` runs
+  them back to back (``f + b``), ``overlap = 1`` hides the shorter one completely.
+- Every rank runs its operations one at a time in the schedule's fixed order
+  (``schedules.rank_orders``). An operation starts when the rank is free and its inputs exist:
+  the forward of the previous stage / backward of the next stage for the same micro-batch, plus
+  ``p2p`` seconds when that stage ran on another rank. Sends are asynchronous.
+
+The step time is the end of the last operation. A rank's *bubble* is its idle time inside the
+step, ``step_time - busy``; ``busy`` sums the durations of the rank's operations (an ``F&B``
+pair counts once, with its overlapped duration). With equal stages and ``p2p = 0`` this bubble
+reproduces DualPipe's table exactly (see ``tests/test_pipeline_simulate.py``):
+1F1B ``(R-1)(F+B)`` on every rank; ZB1P ``(R-1)(F+B-2W)`` on every rank when ``W <= F`` and
+``W <= B - W``; DualPipe ``(R/2-1)(F&B+B-3W)`` on rank 0 and rank ``R-1`` when ``W <= F`` and
+``W <= B - W`` (their idle time, not counting the ``F&B`` time saved by overlap).
+
+Activation memory is counted in micro-batches: a forward of a chunk holds one micro-batch of
+that chunk's activations until its backward (or its deferred ``W``) ends. DualPipeV chunks are
+half a rank's layers, so each counts 1/2; all other chunks count 1. With equal stages the first
+rank peaks at ``R`` (1F1B, ZB1P) and ``R + 1`` (DualPipe, DualPipeV) micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from expertplane.planner.errors import PlanInputError
+from expertplane.planner.pipeline.schedules import Layout, Op, layout, rank_orders
+
+
+@dataclass(frozen=True)
+class Event:
+    """One operation on the timeline.
+
+    ``stage`` is the pipeline rank (GPU) that ran it, ``chunk`` which of the rank's model chunks,
+    ``model_stage`` the model stage of that chunk; for ``kind == "FB"`` the ``backward_*`` fields
+    name the overlapped backward. Times in seconds from the step start.
+    """
+
+    stage: int
+    kind: str
+    micro_batch: int
+    chunk: int
+    model_stage: int
+    start: float
+    end: float
+    backward_micro_batch: int | None = None
+    backward_chunk: int | None = None
+    backward_model_stage: int | None = None
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Outcome of ``simulate``; per-rank arrays have shape ``[num_ranks]``.
+
+    ``busy``/``idle`` in seconds (``idle = step_time - busy`` is the bubble);
+    ``activation_peak`` in micro-batches (see the module docstring);
+    ``parameter_multiplicity`` = stage copies held over all ranks / stages (2.0 for DualPipe).
+    """
+
+    schedule: str
+    num_ranks: int
+    micro_batches: int
+    step_time: float
+    busy: np.ndarray
+    idle: np.ndarray
+    activation_peak: np.ndarray
+    parameter_multiplicity: float
+    timeline: list[Event]
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of all rank-seconds: ``sum(idle) / (num_ranks * step_time)``."""
+        return float(self.idle.sum() / (self.num_ranks * self.step_time)) if self.step_time else 0.0
+
+
+def stage_times(stages: Sequence, field: str = "stages") -> np.ndarray:
+    """Validate per-stage ``(F, B, W)`` times into a float array ``[S, 3]``."""
+    try:
+        arr = np.asarray([tuple(s) for s in stages], dtype=float)
+    except (TypeError, ValueError):
+        raise PlanInputError(field, "must be a sequence of (F, B, W) triples of seconds") from None
+    if arr.ndim != 2 or arr.shape[1] != 3 or arr.shape[0] == 0:
+        raise PlanInputError(field, f"must be a non-empty sequence of (F, B, W) triples, got "
+                                    f"shape {arr.shape}")
+    for k, (f, b, w) in enumerate(arr):
+        if not all(math.isfinite(x) and x >= 0 for x in (f, b, w)):
+            raise PlanInputError(f"{field}[{k}]", f"times must be finite and >= 0, got {(f, b, w)}")
+        if w > b:
+            raise PlanInputError(f"{field}[{k}].W", f"must be <= B ({b}), got {w}")
+    return arr
+
+
+def _check_scalar(field: str, value: float, upper: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (upper is not None and value > upper):
+        bound = f"in [0, {upper}]" if upper is not None else ">= 0"
+        raise PlanInputError(field, f"must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def simulate(stages: Sequence, schedule: str, micro_batches: int, *, p2p: float = 0.0,
+             overlap: float = 0.0) -> SimulationResult:
+    """Simulate one training step of ``micro_batches`` micro-batches.
+
+    ``stages``: per model stage ``(F, B, W)`` seconds, in model order (``len(stages)`` stages; R
+    ranks = stages, or stages / 2 for ``"dualpipev"``). ``p2p``: seconds to send an activation
+    or gradient to another rank. ``overlap``: share in [0, 1] of the shorter half of an ``F&B``
+    pair hidden under the longer one.
+    """
+    times = stage_times(stages)
+    p2p = _check_scalar("p2p", p2p)
+    overlap = _check_scalar("overlap", overlap, 1.0)
+    lay = layout(schedule, len(times), micro_batches)
+    orders = rank_orders(lay)
+    ends, events = _run(lay, orders, times, p2p, overlap)
+    step = max(ends) if ends else 0.0
+    busy = np.zeros(lay.num_ranks)
+    for e in events:
+        busy[e.stage] += e.end - e.start
+    share = 0.5 if schedule == "dualpipev" else 1.0
+    peaks = np.array([activation_counts(o, len(lay.stages_of(r))).sum(axis=1).max() * share
+                      for r, o in enumerate(orders)])
+    copies = sum(len(lay.stages_of(r)) for r in range(lay.num_ranks))
+    return SimulationResult(schedule, lay.num_ranks, micro_batches, float(step), busy, step - busy,
+                            peaks, copies / lay.num_stages, events)
+
+
+def activation_counts(order: Sequence[Op], chunks: int) -> np.ndarray:
+    """Micro-batches of activations held per chunk at each point of a rank's order.
+
+    Returns ``[len(order), chunks]`` ints: row ``i`` is what op ``i`` holds at its peak (a
+    forward's new activations counted before the paired backward frees its own). Depends only
+    on the order, not on the durations.
+    """
+    held = np.zeros(chunks, dtype=np.int64)
+    rows = np.zeros((len(order), chunks), dtype=np.int64)
+    for i, op in enumerate(order):
+        if op.kind in ("F", "FB"):
+            held[op.chunk] += 1
+        rows[i] = held
+        if op.kind == "FB" or (op.kind == "B" and not op.split):
+            held[op.b_chunk if op.kind == "FB" else op.chunk] -= 1
+        elif op.kind == "W":
+            held[op.chunk] -= 1
+    return rows
+
+
+def _duration(op: Op, times: np.ndarray, overlap: float) -> float:
+    f, b, w = times[op.stage]
+    if op.kind == "F":
+        return f
+    if op.kind == "B":
+        return b - w if op.split else b
+    if op.kind == "W":
+        return w
+    bb = times[op.b_stage][1]
+    return max(f, bb) + (1.0 - overlap) * min(f, bb)
+
+
+def _needs(op: Op, lay: Layout) -> list[tuple[str, int, int]]:
+    """Keys ``(kind, micro_batch, stage)`` of the results ``op`` waits for from other stages."""
+    last = lay.num_stages - 1
+    keys = []
+    if op.kind in ("F", "FB") and op.stage > 0:
+        keys.append(("F", op.micro_batch, op.stage - 1))
+    if op.kind in ("B", "FB"):
+        mb, st = (op.b_micro_batch, op.b_stage) if op.kind == "FB" else (op.micro_batch, op.stage)
+        keys.append(("B", mb, st + 1) if st < last else ("F", mb, st))
+    return keys
+
+
+def step_time(lay: Layout, orders: list[list[Op]], times: np.ndarray, p2p: float = 0.0,
+              overlap: float = 0.0) -> float:
+    """Step time only (no timeline) for already validated inputs; used by the partitioner."""
+    return max(_run(lay, orders, times, p2p, overlap, record=False)[0])
+
+
+def _run(lay: Layout, orders: list[list[Op]], times: np.ndarray, p2p: float, overlap: float,
+         record: bool = True) -> tuple[list[float], list[Event]]:
+    """Advance every rank through its order as far as its inputs allow, until all are done."""
+    done: dict[tuple[str, int, int], float] = {}
+    waiting: dict[tuple[str, int, int], int] = {}
+    pos = [0] * lay.num_ranks
+    free = [0.0] * lay.num_ranks
+    events: list[Event] = []
+    ready = list(range(lay.num_ranks))
+    while ready:
+        r = ready.pop()
+        order = orders[r]
+        while pos[r] < len(order):
+            op = order[pos[r]]
+            start = free[r]
+            blocked = None
+            for key in _needs(op, lay):
+                t = done.get(key)
+                if t is None:
+                    blocked = key
+                    break
+                src = lay.host(key[2], key[1])
+                start = max(start, t + (p2p if src != r else 0.0))
+            if blocked is not None:
+                waiting[blocked] = r
+                break
+            end = start + _duration(op, times, overlap)
+            free[r] = end
+            pos[r] += 1
+            if record:
+                events.append(_event(r, op, start, end))
+            for key in _produces(op):
+                done[key] = end
+                if key in waiting:
+                    ready.append(waiting.pop(key))
+    if any(p < len(o) for p, o in zip(pos, orders)):
+        raise RuntimeError(f"schedule {lay.schedule} deadlocked at positions {pos}")
+    return free, events
+
+
+def _produces(op: Op) -> list[tuple[str, int, int]]:
+    if op.kind == "FB":
+        return [("F", op.micro_batch, op.stage), ("B", op.b_micro_batch, op.b_stage)]
+    return [(op.kind, op.micro_batch, op.stage)]
+
+
+def _event(r: int, op: Op, start: float, end: float) -> Event:
+    if op.kind == "FB":
+        return Event(r, "FB", op.micro_batch, op.chunk, op.stage, start, end,
+                     op.b_micro_batch, op.b_chunk, op.b_stage)
+    return Event(r, op.kind, op.micro_batch, op.chunk, op.stage, start, end)
