@@ -4,7 +4,7 @@ dispatch/combine, and (through ``benchmarks.hotswap``) expert hot-swap. Needs CU
 Every number is paired with a baseline measured in the same run:
 - grouped GEMM (the layer's SwiGLU expert FFN path, and the Triton grouped GEMM) vs
   ``torch._grouped_mm`` on the same rows, DeepSeek-V3 shapes (H 7168, I 2048, 32 local experts);
-- Triton gather / weighted combine / histogram vs the torch ops, in GB/s;
+- Triton weighted combine / histogram vs the torch ops, in GB/s;
 - the MoE layer step (world size 1 over NCCL) vs its expert GEMM alone;
 - dispatch+combine bus bandwidth vs a raw ``all_to_all_single`` of the same bytes (>= 2 GPUs).
 """
@@ -121,19 +121,32 @@ def _bench_gemm(args) -> dict:
         row = {}
         variants = {"torch_grouped_mm": torch_grouped, "layer_experts": layer_path, "loop": loop}
         if triton_ops.HAVE_TRITON:
-            def triton_path():
-                gate, up = triton_ops.triton_grouped_mm(x, w13, counts).chunk(2, dim=-1)
-                return triton_ops.triton_grouped_mm((F.silu(gate) * up).contiguous(), w2, counts)
-            variants["triton_grouped"] = triton_path
+            for block_m in (64, 128, 256):
+                variants[f"triton_bm{block_m}"] = _triton_ffn(x, w13, w2, counts, block_m)
         for name, fn in variants.items():
             err = float((fn().float() - ref).norm() / ref.norm())
-            ms = time_ms(fn, args.iters)
-            row[name] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_loop": err}
+            row[name] = {"rel_err_vs_loop": err, "ms": float("inf")}
+        for _ in range(2):       # two interleaved passes; the faster of each variant counts
+            for name, fn in variants.items():
+                row[name]["ms"] = min(row[name]["ms"], time_ms(fn, args.iters))
+        for name in row:
+            row[name]["tflops"] = flops / row[name]["ms"] / 1e9
         base = row["torch_grouped_mm"]["ms"]
         for name in row:
             row[name]["x_vs_torch_grouped_mm"] = base / row[name]["ms"]
         out["rows"][str(n)] = row
     return out
+
+
+def _triton_ffn(x, w13, w2, counts, block_m):
+    import torch.nn.functional as F
+
+    from expertplane.kernels.triton_ops import triton_grouped_mm
+
+    def ffn():
+        gate, up = triton_grouped_mm(x, w13, counts, block_m).chunk(2, dim=-1)
+        return triton_grouped_mm((F.silu(gate) * up).contiguous(), w2, counts, block_m)
+    return ffn
 
 
 def _bench_tokens(args) -> dict:
@@ -142,21 +155,20 @@ def _bench_tokens(args) -> dict:
     from expertplane.kernels import triton_ops as ops
 
     t, k, h = args.layer_tokens, args.top_k, args.hidden
-    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
-    idx = torch.randperm(t * k, device="cuda") // k
     y = torch.randn(t * k, h, device="cuda", dtype=torch.bfloat16)
     pos = torch.randperm(t * k, device="cuda").view(t, k)
     w = torch.rand(t, k, device="cuda")
     ids = torch.randint(0, 288, (t * k,), device="cuda")
-    elem = x.element_size()
+    many_ids = torch.randint(0, 288, (1 << 26,), device="cuda")
+    elem = y.element_size()
     cases = {
-        "gather_rows": ((lambda: ops.gather_rows(x, idx)), (lambda: ops.gather_rows_torch(x, idx)),
-                        2 * t * k * h * elem),
         "weighted_combine": ((lambda: ops.weighted_combine(y, pos, w)),
                              (lambda: ops.weighted_combine_torch(y, pos, w)),
                              (t * k + t) * h * elem),
-        "histogram": ((lambda: ops.histogram(ids, 288)), (lambda: ops.histogram_torch(ids, 288)),
-                      t * k * 8),
+        f"histogram_{t * k}": ((lambda: ops.histogram(ids, 288)),
+                               (lambda: ops.histogram_torch(ids, 288)), t * k * 8),
+        "histogram_64M": ((lambda: ops.histogram(many_ids, 288)),
+                          (lambda: ops.histogram_torch(many_ids, 288)), many_ids.numel() * 8),
     }
     out = {"copy_gbps": 0.0}
     big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -177,6 +189,7 @@ def _bench_layer(args) -> dict:
     import torch
     import torch.distributed as dist
 
+    from expertplane.kernels.dispatch import combine, dispatch, plan_dispatch
     from expertplane.kernels.moe import EPMoELayer, LayerPlacement
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,17 +201,27 @@ def _bench_layer(args) -> dict:
                                num_groups=8, topk_groups=4, scoring="sigmoid", scaling=2.5,
                                dtype=torch.bfloat16, device="cuda")
             x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+            group = dist.group.WORLD
             step_ms = time_ms(lambda: layer(x), args.iters)
-            layer.read_counters()
-            layer(x)
-            tokens_per_slot = layer.read_counters().cuda()
-            rows = int(tokens_per_slot.sum())
-            xs = torch.randn(rows, h, device="cuda", dtype=torch.bfloat16)
-            gemm_ms = time_ms(lambda: layer.experts(xs, tokens_per_slot), args.iters)
+            phys, weights = layer.route_tokens(x)
+            layout = plan_dispatch(phys, layer.num_slots, group)
+            x_local = dispatch(x, layout, args.top_k, group)
+            y_local = layer.experts(x_local, layout.tokens_per_slot, layout.slot_counts)
+            stages = {
+                "route_and_replica_choice": lambda: layer.route_tokens(x),
+                "plan_dispatch": lambda: plan_dispatch(phys, layer.num_slots, group),
+                "dispatch": lambda: dispatch(x, layout, args.top_k, group),
+                "expert_gemm": lambda: layer.experts(x_local, layout.tokens_per_slot,
+                                                     layout.slot_counts),
+                "combine": lambda: combine(y_local, layout, weights, group),
+            }
+            out = {"tokens": t, "rows": int(layout.tokens_per_slot.sum()), "step_ms": step_ms}
+            for name, fn in stages.items():
+                out[f"{name}_ms"] = time_ms(fn, args.iters)
+            out["expert_gemm_share_of_step"] = out["expert_gemm_ms"] / step_ms
         finally:
             dist.destroy_process_group()
-    return {"tokens": t, "rows": rows, "step_ms": step_ms, "expert_gemm_ms": gemm_ms,
-            "gemm_share_of_step": gemm_ms / step_ms}
+    return out
 
 
 def _bench_a2a(args) -> dict:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from expertplane.kernels.triton_ops import gather_rows, histogram, weighted_combine
+from expertplane.kernels.triton_ops import histogram, weighted_combine
 
 __all__ = ["DispatchLayout", "combine", "dispatch", "plan_dispatch", "world_of"]
 
@@ -77,7 +77,7 @@ def plan_dispatch(phys: Tensor, num_slots: int, group: dist.ProcessGroup | None 
     send_counts, recv_counts, slot_counts = host[:world], host[world:2 * world], host[2 * world:]
     # received rows come grouped (source, slot); the grouped GEMM wants (slot, source)
     segment = torch.repeat_interleave(torch.arange(world * per_rank, device=phys.device),
-                                      recv_per_slot)
+                                      recv_per_slot, output_size=sum(recv_counts))
     slot_major = (segment % per_rank) * world + segment // per_rank
     recv_order = torch.sort(slot_major, stable=True).indices
     recv_position = torch.empty_like(recv_order)
@@ -92,16 +92,16 @@ def plan_dispatch(phys: Tensor, num_slots: int, group: dist.ProcessGroup | None 
 def dispatch(x: Tensor, layout: DispatchLayout, k: int,
              group: dist.ProcessGroup | None = None) -> Tensor:
     """Token rows x [T, H] -> this rank's received rows [M, H], grouped by local slot."""
-    send = gather_rows(x, torch.div(layout.order, k, rounding_mode="floor"))
+    send = x.index_select(0, torch.div(layout.order, k, rounding_mode="floor"))
     recv = _all_to_all(send, layout.recv_counts, layout.send_counts, group)
-    return gather_rows(recv, layout.recv_order)
+    return recv.index_select(0, layout.recv_order)
 
 
 def combine(y: Tensor, layout: DispatchLayout, weights: Tensor,
             group: dist.ProcessGroup | None = None) -> Tensor:
     """Expert outputs y [M, H] (slot-major) -> weighted sum per token [T, H] with
     ``weights`` [T, k] (fp32 accumulation, output in y's dtype)."""
-    recv = gather_rows(y, layout.recv_position)
+    recv = y.index_select(0, layout.recv_position)
     back = _all_to_all(recv, layout.send_counts, layout.recv_counts, group)
     return weighted_combine(back, layout.position, weights)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ReplicaChoiceError", "choose_replicas", "occurrence_index"]
+__all__ = ["ReplicaChoiceError", "choose_replicas", "rank_among_equal"]
 
 
 class ReplicaChoiceError(ValueError):
@@ -40,6 +40,9 @@ def choose_replicas(topk_ids: Tensor, source_rank: int | Tensor, log2phy: Tensor
     source_rank: the GPU the tokens come from, an int, or a LongTensor [T] (one per token).
     log2phy: [E, X] physical slots of each logical expert, -1 padded; logcnt: [E] replica counts.
     slot_gpu: [R] GPU of each physical slot. gpus_per_node: GPUs per node (None: one node).
+
+    Tier-0 pairs (a replica on the token's node) are all chosen at once; only the pairs whose
+    expert has no replica on the token's node go through the loop over columns.
     """
     _check(topk_ids, log2phy, logcnt, slot_gpu, gpus_per_node)
     device = topk_ids.device
@@ -47,54 +50,82 @@ def choose_replicas(topk_ids: Tensor, source_rank: int | Tensor, log2phy: Tensor
     log2phy = log2phy.to(device=device, dtype=torch.int64)
     logcnt = logcnt.to(device=device, dtype=torch.int64)
     slot_gpu = slot_gpu.to(device=device, dtype=torch.int64)
-    per_node = gpus_per_node or (int(slot_gpu.max()) + 1 if slot_gpu.numel() else 1)
-    slot_node = slot_gpu // per_node
-    num_nodes = int(slot_node.max()) + 1 if slot_node.numel() else 1
     src = torch.as_tensor(source_rank, dtype=torch.int64, device=device).expand(tokens)
-    src_node = src // per_node
-    num_experts, max_rep = log2phy.shape
+    num_experts = log2phy.shape[0]
+    if tokens == 0:
+        return torch.empty(0, k, dtype=torch.int64, device=device)
+    # one host sync for all the bounds
+    lo, hi, max_gpu, max_src = torch.stack([topk_ids.min(), topk_ids.max(), slot_gpu.max(),
+                                            src.max()]).tolist()
+    if lo < 0 or hi >= num_experts:
+        raise ReplicaChoiceError(f"topk_ids must be in [0, {num_experts})")
+    num_gpus = max_gpu + 1
+    per_node = gpus_per_node or num_gpus
+    slot_node = slot_gpu // per_node
+    num_nodes = (num_gpus + per_node - 1) // per_node
+    num_keys = (max(num_gpus, max_src + 1)) * num_experts * 3
 
-    sent = torch.zeros(tokens, num_nodes + 1, dtype=torch.bool, device=device)
-    seen = torch.zeros(0, dtype=torch.int64, device=device)   # keys of earlier columns
-    out = torch.empty(tokens, k, dtype=torch.int64, device=device)
-    rep_pos = torch.arange(max_rep, device=device)
-    for j in range(k):
-        experts = topk_ids[:, j]
-        cand = log2phy[experts]                                            # [T, X]
-        valid = rep_pos < logcnt[experts].unsqueeze(1)
-        cand_node = torch.where(valid, slot_node[cand.clamp_min(0)], num_nodes)
-        tiers = torch.stack([
-            valid & (cand_node == src_node.unsqueeze(1)),
-            valid & sent.gather(1, cand_node),
-            valid,
-        ])                                                                 # [3, T, X]
-        nonempty = tiers.any(dim=2)                                        # [3, T]
-        tier = torch.argmax(nonempty.to(torch.int8), dim=0)                # first non-empty
-        mask = tiers.gather(0, tier.view(1, tokens, 1).expand(1, tokens, max_rep)).squeeze(0)
-        size = mask.sum(dim=1)
-        key = (src * num_experts + experts) * 3 + tier
-        occ = occurrence_index(key, seen)
-        seen = torch.cat([seen, key])
-        pick = (occ + src) % size                                          # [T]
-        rank_in_tier = torch.cumsum(mask.to(torch.int64), dim=1) - 1
-        col = torch.argmax((mask & (rank_in_tier == pick.unsqueeze(1))).to(torch.int8), dim=1)
-        chosen = cand.gather(1, col.unsqueeze(1)).squeeze(1)
-        out[:, j] = chosen
-        sent[torch.arange(tokens, device=device), slot_node[chosen]] = True
+    cand = log2phy[topk_ids]                                                   # [T, k, X]
+    valid = torch.arange(log2phy.shape[1], device=device) < logcnt[topk_ids].unsqueeze(-1)
+    cand_node = torch.where(valid, slot_node[cand.clamp_min(0)], num_nodes)
+    local = valid & (cand_node == (src // per_node).view(tokens, 1, 1))
+    has_local = local.any(dim=-1)                                              # [T, k]
+    key = (src.unsqueeze(1) * num_experts + topk_ids) * 3                      # tier 0 keys
+    key_cm = torch.where(has_local, key, num_keys).t().reshape(-1)            # (column, token)
+    occ = rank_among_equal(key_cm).view(k, tokens).t()
+    out = _pick(cand, local, occ, src.unsqueeze(1))
+    remote_rows = torch.nonzero(~has_local.all(dim=1)).squeeze(1)
+    if remote_rows.numel():
+        out[remote_rows] = _choose_remote(
+            cand[remote_rows], valid[remote_rows], cand_node[remote_rows], has_local[remote_rows],
+            key[remote_rows], src[remote_rows], out[remote_rows], slot_node, num_nodes, num_keys)
     return out
 
 
-def occurrence_index(keys: Tensor, earlier: Tensor) -> Tensor:
-    """For each element of ``keys`` [N]: how many equal keys come before it, counting all of
-    ``earlier`` [M] first and then ``keys`` in order. Returns int64 [N]."""
-    allkeys = torch.cat([earlier, keys])
-    order = torch.sort(allkeys, stable=True).indices
-    sorted_keys = allkeys[order]
+def _choose_remote(cand: Tensor, valid: Tensor, cand_node: Tensor, has_local: Tensor,
+                   key: Tensor, src: Tensor, out: Tensor, slot_node: Tensor, num_nodes: int,
+                   num_keys: int) -> Tensor:
+    """Tiers 1 and 2 for the pairs of ``has_local == False``, column by column ([t, k, X] inputs
+    restricted to the tokens that have such pairs; ``out`` holds their tier-0 choices).
+    ``sent`` tracks only the nodes of these pairs' choices: tier-0 choices sit on the token's
+    own node, where these experts have no replica, so they never widen tier 1."""
+    tokens, k = has_local.shape
+    base = torch.zeros(num_keys + 1, dtype=torch.int64, device=cand.device)
+    sent = torch.zeros(tokens, num_nodes + 1, dtype=torch.bool, device=cand.device)
+    rows = torch.arange(tokens, device=cand.device)
+    out = out.clone()
+    for j in range(k):
+        remote = ~has_local[:, j]
+        via_sent = valid[:, j] & sent.gather(1, cand_node[:, j])
+        tier = torch.where(via_sent.any(dim=1), 1, 2)
+        mask = torch.where((tier == 1).unsqueeze(1), via_sent, valid[:, j])
+        col_key = torch.where(remote, key[:, j] + tier, num_keys)
+        occ = base[col_key] + rank_among_equal(col_key)
+        base.index_add_(0, col_key, torch.ones_like(col_key))
+        chosen = _pick(cand[:, j], mask, occ, src)
+        out[:, j] = torch.where(remote, chosen, out[:, j])
+        sent[rows, torch.where(remote, slot_node[chosen], num_nodes)] = True
+    return out
+
+
+def _pick(cand: Tensor, mask: Tensor, occ: Tensor, src: Tensor) -> Tensor:
+    """The ``(occ + src) % n``-th True entry of ``mask`` [..., X] (n = its count) in ``cand``;
+    where mask is all False the result is unspecified (a valid slot id of cand's row)."""
+    size = mask.sum(dim=-1).clamp_min(1)
+    pick = (occ + src) % size
+    rank_in_tier = torch.cumsum(mask.to(torch.int64), dim=-1) - 1
+    col = torch.argmax((mask & (rank_in_tier == pick.unsqueeze(-1))).to(torch.int8), dim=-1)
+    return cand.gather(-1, col.unsqueeze(-1)).squeeze(-1)
+
+
+def rank_among_equal(keys: Tensor) -> Tensor:
+    """For each element of ``keys`` [N]: how many equal keys come before it. int64 [N]."""
+    order = torch.sort(keys, stable=True).indices
+    sorted_keys = keys[order]
     first = torch.searchsorted(sorted_keys, sorted_keys, right=False)
-    rank_sorted = torch.arange(allkeys.numel(), device=keys.device) - first
-    rank = torch.empty_like(rank_sorted)
-    rank[order] = rank_sorted
-    return rank[earlier.numel():]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(keys.numel(), device=keys.device) - first
+    return rank
 
 
 def _check(topk_ids: Tensor, log2phy: Tensor, logcnt: Tensor, slot_gpu: Tensor,
@@ -109,5 +140,3 @@ def _check(topk_ids: Tensor, log2phy: Tensor, logcnt: Tensor, slot_gpu: Tensor,
         raise ReplicaChoiceError(f"slot_gpu must be [R], got {list(slot_gpu.shape)}")
     if gpus_per_node is not None and gpus_per_node < 1:
         raise ReplicaChoiceError(f"gpus_per_node must be >= 1, got {gpus_per_node}")
-    if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= log2phy.shape[0]):
-        raise ReplicaChoiceError(f"topk_ids must be in [0, {log2phy.shape[0]})")

@@ -1,7 +1,5 @@
 """Memory-bound token-movement ops, as Triton kernels on CUDA and torch ops elsewhere.
 
-- :func:`gather_rows`: ``out[i] = x[index[i]]`` (token permute before dispatch, and the
-  receiver's reorder to slot-major rows).
 - :func:`weighted_combine`: ``out[t] = sum_j weights[t, j] * y[pos[t, j]]`` (unpermute and the
   top-k weighted sum in one pass; torch needs a gather, a multiply and a reduction).
 - :func:`histogram`: ``counts[b] = #{i: ids[i] == b}`` (per-slot token counts).
@@ -9,7 +7,9 @@
   a Triton alternative to ``torch._grouped_mm`` measured by ``expertplane bench kernels``.
 
 Triton is import-guarded: CPU builds have no Triton GPU backend, and each function falls back
-to its ``*_torch`` twin there (those stay public: the benchmark's baseline).
+to its ``*_torch`` twin there (those stay public: the benchmark's baseline). A Triton row
+gather (token permute) measured 0.82x ``index_select`` on an H100 and is therefore not here:
+the permutes use ``index_select``.
 """
 
 from __future__ import annotations
@@ -24,18 +24,13 @@ try:  # pragma: no cover - exercised on GPU machines only
 except ImportError:
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "gather_rows", "gather_rows_torch", "histogram", "histogram_torch",
+__all__ = ["HAVE_TRITON", "histogram", "histogram_torch",
            "triton_grouped_mm", "use_triton", "weighted_combine", "weighted_combine_torch"]
 
 
 def use_triton(t: Tensor) -> bool:
     """True when ``t`` lives on a CUDA device and Triton is importable."""
     return HAVE_TRITON and t.is_cuda
-
-
-def gather_rows_torch(x: Tensor, index: Tensor) -> Tensor:
-    """x [N, H], index [M] int64 -> [M, H]."""
-    return x.index_select(0, index)
 
 
 def weighted_combine_torch(y: Tensor, pos: Tensor, weights: Tensor) -> Tensor:
@@ -49,17 +44,6 @@ def weighted_combine_torch(y: Tensor, pos: Tensor, weights: Tensor) -> Tensor:
 def histogram_torch(ids: Tensor, num_bins: int) -> Tensor:
     """ids [N] int64 in [0, num_bins) -> counts [num_bins] int64."""
     return torch.bincount(ids, minlength=num_bins)
-
-
-def gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """``out[i] = x[index[i]]``: x [N, H] (contiguous), index [M] int64 -> [M, H]."""
-    if not use_triton(x) or index.numel() == 0:
-        return gather_rows_torch(x, index)
-    x = x.contiguous()
-    out = x.new_empty(index.numel(), x.shape[1])
-    _gather_rows_kernel[(index.numel(),)](x, index, out, x.shape[1],
-                                         BLOCK=_block(x.shape[1]), num_warps=4)
-    return out
 
 
 def weighted_combine(y: Tensor, pos: Tensor, weights: Tensor) -> Tensor:
@@ -86,10 +70,10 @@ def histogram(ids: Tensor, num_bins: int) -> Tensor:
     return counts.to(torch.int64)
 
 
-def triton_grouped_mm(x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
+def triton_grouped_mm(x: Tensor, w: Tensor, counts: list[int], block_m: int = 128) -> Tensor:
     """Grouped GEMM on CUDA: rows of group s of x [N, K] (groups consecutive, ``counts`` [S]
-    host ints) times w[s] [K, M] -> [N, M] in x's dtype, fp32 accumulation.
-    Needs K % 64 == 0 and M % 128 == 0."""
+    host ints) times w[s] [K, M] -> [N, M] in x's dtype, fp32 accumulation. ``block_m``: rows
+    per tile (64, 128 or 256). Needs K % 64 == 0 and M % 128 == 0."""
     if not use_triton(x):
         raise RuntimeError("triton_grouped_mm needs Triton and a CUDA tensor")
     groups, k_dim, m_dim = w.shape
@@ -102,7 +86,8 @@ def triton_grouped_mm(x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
     starts = [0]
     for n in counts:
         starts.append(starts[-1] + n)
-    block_m = 128
+    if block_m not in (64, 128, 256):
+        raise ValueError(f"block_m must be 64, 128 or 256, got {block_m}")
     m_tiles = [-(-n // block_m) for n in counts]
     tile_group = torch.repeat_interleave(torch.arange(groups), torch.tensor(m_tiles))
     tile_m = torch.cat([torch.arange(t) for t in m_tiles])
@@ -122,17 +107,13 @@ def _block(hidden: int) -> int:
     return min(2048, triton.next_power_of_2(hidden))
 
 
-if HAVE_TRITON:  # pragma: no cover - compiled on GPU machines only
+def _prune_tiles(configs, named_args, **kwargs):
+    """Keep accumulators within 256x128 fp32 per program (no register spills)."""
+    block_m = kwargs.get("BM", named_args.get("BM", 128))
+    return [c for c in configs if block_m * c.kwargs["BN"] <= 256 * 128]
 
-    @triton.jit
-    def _gather_rows_kernel(x_ptr, index_ptr, out_ptr, hidden, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        src = tl.load(index_ptr + row).to(tl.int64)
-        for start in range(0, hidden, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < hidden
-            vals = tl.load(x_ptr + src * hidden + offs, mask=mask)
-            tl.store(out_ptr + row.to(tl.int64) * hidden + offs, vals, mask=mask)
+
+if HAVE_TRITON:  # pragma: no cover - compiled on GPU machines only
 
     @triton.jit
     def _weighted_combine_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, hidden,
@@ -160,8 +141,9 @@ if HAVE_TRITON:  # pragma: no cover - compiled on GPU machines only
     @triton.autotune(
         configs=[triton.Config({"BN": bn, "BK": bk}, num_stages=st, num_warps=wp)
                  for bn, bk, st, wp in [(128, 64, 4, 8), (256, 64, 3, 8), (128, 128, 3, 8),
-                                        (256, 64, 4, 8)]],
-        key=["n_out", "k_dim"])
+                                        (256, 64, 4, 8), (128, 64, 3, 4)]],
+        key=["n_out", "k_dim", "BM"],
+        prune_configs_by={"early_config_prune": _prune_tiles})
     @triton.jit
     def _grouped_mm_kernel(x_ptr, w_ptr, out_ptr, meta_ptr, total_tiles, n_out, k_dim,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):

@@ -64,8 +64,6 @@ def test_local_experts_rejects_mismatched_shapes():
 def test_token_movement_ops_cpu():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(10, 12, generator=gen)
-    idx = torch.randint(0, 10, (25,), generator=gen)
-    assert torch.equal(triton_ops.gather_rows(x, idx), x[idx])
     pos = torch.randint(0, 10, (6, 3), generator=gen)
     w = torch.rand(6, 3, generator=gen)
     ref = sum(w[:, j, None] * x[pos[:, j]] for j in range(3))

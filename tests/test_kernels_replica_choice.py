@@ -7,17 +7,51 @@ import torch
 
 from expertplane.kernels.moe import LayerPlacement
 from expertplane.kernels.replica_choice import (ReplicaChoiceError, choose_replicas,
-                                                occurrence_index)
+                                                rank_among_equal)
 
 
 def _slot_gpu(slots: int, gpus: int) -> torch.Tensor:
     return torch.arange(slots) // (slots // gpus)
 
 
-def test_occurrence_index_counts_earlier_equal_keys():
-    earlier = torch.tensor([5, 1, 5])
-    keys = torch.tensor([5, 2, 1, 5, 2])
-    assert occurrence_index(keys, earlier).tolist() == [2, 0, 1, 3, 1]
+def test_rank_among_equal_counts_earlier_equal_keys():
+    keys = torch.tensor([5, 1, 5, 5, 2, 1, 5, 2])
+    assert rank_among_equal(keys).tolist() == [0, 0, 1, 2, 0, 1, 3, 1]
+
+
+def _rule_by_the_letter(topk, src, placement, gpu, per_node):
+    """The documented rule, one (column, token) pair at a time."""
+    tokens, k = topk.shape
+    node = [int(g) // per_node for g in gpu]
+    seen: dict[tuple, int] = {}
+    out = torch.empty(tokens, k, dtype=torch.int64)
+    sent = [set() for _ in range(tokens)]
+    for j in range(k):
+        for t in range(tokens):
+            e, s = int(topk[t, j]), int(src[t])
+            reps = placement.log2phy[e, :int(placement.logcnt[e])].tolist()
+            tiers = [[r for r in reps if node[r] == s // per_node],
+                     [r for r in reps if node[r] in sent[t]], reps]
+            tier = next(i for i, c in enumerate(tiers) if c)
+            o = seen.get((s, e, tier), 0)
+            seen[(s, e, tier)] = o + 1
+            out[t, j] = tiers[tier][(o + s) % len(tiers[tier])]
+            sent[t].add(node[int(out[t, j])])
+    return out
+
+
+@pytest.mark.parametrize("seed, per_node", [(0, 1), (1, 2), (2, 4), (3, 8)])
+def test_vectorised_rule_equals_the_letter(seed, per_node):
+    gen = torch.Generator().manual_seed(seed)
+    experts, slots, gpus = 12, 24, 8
+    phy2log = torch.cat([torch.arange(experts),
+                         torch.randint(0, experts, (slots - experts,), generator=gen)])
+    placement = LayerPlacement.from_phy2log(phy2log[torch.randperm(slots, generator=gen)], experts)
+    topk = torch.stack([torch.randperm(experts, generator=gen)[:4] for _ in range(60)])
+    src = torch.randint(0, gpus, (60,), generator=gen)
+    gpu = _slot_gpu(slots, gpus)
+    got = choose_replicas(topk, src, placement.log2phy, placement.logcnt, gpu, per_node)
+    assert torch.equal(got, _rule_by_the_letter(topk, src, placement, gpu, per_node))
 
 
 def test_same_node_replica_preferred():

@@ -1,0 +1,583 @@
+"""Hot-swap of expert replicas: transfer planning, staged P2P copies, switch at a step edge.
+
+Three parts, each usable alone:
+
+- :func:`plan_transfers` (pure): old and new ``phy2log [L, R]`` -> a :class:`TransferPlan`
+  saying, for every physical slot whose expert changes, where its weights come from.
+- :class:`HotSwapEngine`: on every rank, stages the new weights of the changed layers into
+  fresh buffers (double buffering) with batched point-to-point operations on a dedicated
+  process group while serving continues, then switches weights and routing tables by
+  swapping references (:meth:`EPMoELayer.swap`) at a step boundary, or drops the staging.
+- :class:`SwapCoordinator`: the step-boundary protocol that makes every rank start the
+  transfer, and switch, at the SAME step, whatever order the prepare/commit/abort requests
+  (gRPC calls) reach the ranks in: one tiny MIN all_reduce per step.
+
+Invariant: routing tables and weights change together, in one call between two forward
+passes, on every rank at the same step, so no token is ever routed to a slot whose weights
+are not in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from expertplane.kernels.experts import LocalExperts
+from expertplane.kernels.moe import EPMoELayer, LayerPlacement
+
+__all__ = ["HotSwapEngine", "SlotFill", "SwapCoordinator", "SwapError", "SwapStats",
+           "TransferPlan", "plan_transfers"]
+
+LOCAL, REMOTE, DUP = "local", "remote", "dup"
+
+
+class SwapError(ValueError):
+    """Bad hot-swap input or state; the message names the field or the state."""
+
+
+# ---------------------------------------------------------------- planning (pure)
+
+@dataclass(frozen=True)
+class SlotFill:
+    """How one changed slot of the new plan gets its weights.
+
+    ``rank``/``slot``: the destination (local slot index on ``rank``; physical slot
+    ``rank * S + slot``); ``expert``: its logical expert in the new plan.
+    ``source``: ``"local"`` (copy from ``src_slot`` of the same rank in the OLD plan),
+    ``"remote"`` (receive from ``src_rank``'s old slot ``src_slot``), or ``"dup"`` (the same
+    expert already arrives in this rank's new slot ``src_slot``; copy it once staged).
+    """
+
+    layer: int
+    rank: int
+    slot: int
+    expert: int
+    source: str
+    src_rank: int
+    src_slot: int
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """All slot fills of one plan change, sorted by (layer, rank, slot).
+
+    Slots whose expert is unchanged have no fill. Every rank computes the same plan from the
+    same inputs, so the order of point-to-point operations matches on both ends.
+    """
+
+    num_layers: int
+    world_size: int
+    slots_per_rank: int
+    gpus_per_node: int
+    fills: tuple[SlotFill, ...]
+
+    def for_rank(self, rank: int) -> list[SlotFill]:
+        """Fills whose destination is ``rank``."""
+        return [f for f in self.fills if f.rank == rank]
+
+    def sends_from(self, rank: int) -> list[SlotFill]:
+        """Remote fills whose source is ``rank`` (it must send its old slot's weights)."""
+        return [f for f in self.fills if f.source == REMOTE and f.src_rank == rank]
+
+    @property
+    def changed_layers(self) -> list[int]:
+        return sorted({f.layer for f in self.fills})
+
+    @property
+    def remote_fills(self) -> int:
+        return sum(f.source == REMOTE for f in self.fills)
+
+    @property
+    def cross_node_fills(self) -> int:
+        g = self.gpus_per_node
+        return sum(f.source == REMOTE and f.rank // g != f.src_rank // g for f in self.fills)
+
+    def bytes_moved(self, expert_bytes: int) -> int:
+        """Bytes sent between ranks: one expert's weights per remote fill."""
+        return self.remote_fills * int(expert_bytes)
+
+
+def _as_plan_array(a, field: str) -> np.ndarray:
+    arr = np.asarray(a.cpu() if isinstance(a, Tensor) else a)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise SwapError(f"{field}: must be an integer [L, R] array, got shape "
+                        f"{list(arr.shape)} dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def plan_transfers(old_phy2log, new_phy2log, world_size: int,
+                   gpus_per_node: int | None = None) -> TransferPlan:
+    """Plan the weight moves from ``old_phy2log`` to ``new_phy2log`` (both ``[L, R]``).
+
+    For each rank and each local slot whose logical expert changes: a local copy when the
+    rank held that expert in the old plan; else one receive per (layer, rank, expert) from a
+    rank holding it in the old plan — on the destination's node when possible, spreading
+    the sends evenly over the holders (fewest sends assigned so far, then lowest rank); the
+    further new slots of the same expert on that rank copy the received weights (``dup``).
+    ``gpus_per_node`` defaults to ``world_size`` (one node).
+    """
+    old = _as_plan_array(old_phy2log, "old_phy2log")
+    new = _as_plan_array(new_phy2log, "new_phy2log")
+    if old.shape != new.shape:
+        raise SwapError(f"new_phy2log: shape {list(new.shape)} differs from old_phy2log "
+                        f"{list(old.shape)}")
+    if world_size < 1 or old.shape[1] % world_size:
+        raise SwapError(f"world_size: {world_size} must divide R={old.shape[1]}")
+    gpn = gpus_per_node or world_size
+    if gpn < 1 or world_size % gpn:
+        raise SwapError(f"gpus_per_node: {gpn} must divide world_size={world_size}")
+    num_layers, num_slots = old.shape
+    spr = num_slots // world_size
+    sends = np.zeros(world_size, dtype=np.int64)
+    fills: list[SlotFill] = []
+    for layer in range(num_layers):
+        holders: dict[int, dict[int, int]] = {}  # expert -> {rank: first old local slot}
+        for p, e in enumerate(old[layer].tolist()):
+            holders.setdefault(e, {}).setdefault(p // spr, p % spr)
+        for rank in range(world_size):
+            fetched: dict[int, int] = {}  # expert -> new slot that receives it on this rank
+            for slot in range(spr):
+                p = rank * spr + slot
+                e = int(new[layer, p])
+                if e == old[layer, p]:
+                    continue
+                held = holders.get(e)
+                if not held:
+                    raise SwapError(f"new_phy2log: layer {layer} expert {e} has no replica in "
+                                    "old_phy2log to copy from")
+                if rank in held:
+                    fills.append(SlotFill(layer, rank, slot, e, LOCAL, rank, held[rank]))
+                elif e in fetched:
+                    fills.append(SlotFill(layer, rank, slot, e, DUP, rank, fetched[e]))
+                else:
+                    same_node = [r for r in held if r // gpn == rank // gpn]
+                    src = min(same_node or held, key=lambda r: (sends[r], r))
+                    sends[src] += 1
+                    fetched[e] = slot
+                    fills.append(SlotFill(layer, rank, slot, e, REMOTE, src, held[src]))
+    return TransferPlan(num_layers, world_size, spr, gpn, tuple(fills))
+
+
+# ---------------------------------------------------------------- engine
+
+@dataclass(frozen=True)
+class SwapStats:
+    """What one prepare moved: counts of fills on this rank and bytes it received/sent."""
+
+    version: int
+    layers_changed: int
+    local_fills: int
+    remote_fills: int
+    dup_fills: int
+    bytes_received: int
+    bytes_sent: int
+    seconds: float = 0.0
+
+
+class _Staging:
+    """One staged version on one rank: new placements, new expert buffers, in-flight work."""
+
+    def __init__(self, version: int, placements: list[LayerPlacement],
+                 experts: dict[int, LocalExperts], stats: SwapStats) -> None:
+        self.version = version
+        self.placements = placements
+        self.experts = experts
+        self.stats = stats
+        self.started = time.perf_counter()
+        self.finished: float | None = None
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.cuda_event: torch.cuda.Event | None = None
+
+
+class HotSwapEngine:
+    """Stages and switches the expert placements of this rank's MoE layers.
+
+    layers: this rank's :class:`EPMoELayer` s (one per MoE layer, same group); group: a
+    process group over the same ranks reserved for the weight transfers (so they never
+    interleave with the layers' all-to-alls; create it with ``dist.new_group()`` on every
+    rank), None for a single process. ``prepare`` and ``commit`` are collective: every rank
+    calls them at the same step (use :class:`SwapCoordinator`).
+
+    Memory: a changed layer holds two [S, H, 2I] + [S, I, H] buffers between prepare and
+    commit (the live one and the staged one); unchanged layers hold nothing extra.
+    """
+
+    def __init__(self, layers: Sequence[EPMoELayer], group: dist.ProcessGroup | None = None,
+                 gpus_per_node: int | None = None) -> None:
+        if not layers:
+            raise SwapError("layers: need at least one MoE layer")
+        self.layers = list(layers)
+        self.group = group
+        first = self.layers[0]
+        self.rank, self.world_size = first.rank, first.world_size
+        self.gpus_per_node = gpus_per_node or first.gpus_per_node
+        self.device = first.device
+        self._staging: _Staging | None = None
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if group is not None and self.world_size > 1:
+            # NCCL wants every rank in a group's first operation; do it now, not in a P2P batch.
+            dist.all_reduce(torch.zeros(1, device=self.device), group=group)
+
+    # -- state
+
+    @property
+    def staged_version(self) -> int:
+        """Version staged or being staged, 0 if none."""
+        return self._staging.version if self._staging else 0
+
+    def ready(self) -> bool:
+        """True when the staged version's copies (received and sent) are complete."""
+        s = self._staging
+        if s is None:
+            return False
+        if s.cuda_event is not None and not s.done.is_set() and s.cuda_event.query():
+            s.finished = time.perf_counter()
+            s.done.set()
+        if s.error is not None:
+            raise SwapError(f"staging of version {s.version} failed: {s.error}") from s.error
+        return s.done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`ready` (or ``timeout`` seconds); returns :meth:`ready`."""
+        s = self._staging
+        if s is None:
+            return False
+        if s.cuda_event is not None:
+            s.cuda_event.synchronize()
+        else:
+            s.done.wait(timeout)
+        return self.ready()
+
+    def staged_stats(self) -> SwapStats | None:
+        """Stats of the staged version, ``seconds`` = staging time so far (or in total)."""
+        s = self._staging
+        if s is None:
+            return None
+        return dataclasses.replace(s.stats, seconds=(s.finished or time.perf_counter()) - s.started)
+
+    def current_phy2log(self) -> Tensor:
+        """The plan in force on this rank: [L, R]."""
+        return torch.stack([layer.placement.phy2log for layer in self.layers])
+
+    # -- collective operations
+
+    def prepare(self, version: int, placements: Sequence[LayerPlacement]) -> SwapStats:
+        """Start staging ``placements`` (one per layer) as ``version``; returns at once.
+
+        Collective over the transfer group. Copies run on a side CUDA stream (GPU) or on gloo's
+        background threads plus a helper thread (CPU) while the caller keeps serving.
+        """
+        if self._staging is not None:
+            raise SwapError(f"version: {self._staging.version} is already staged; commit or "
+                            "abort it first")
+        if len(placements) != len(self.layers):
+            raise SwapError(f"placements: need {len(self.layers)} layers, got {len(placements)}")
+        new = torch.stack([torch.as_tensor(p.phy2log) for p in placements])
+        plan = plan_transfers(self.current_phy2log(), new, self.world_size, self.gpus_per_node)
+        mine = plan.for_rank(self.rank)
+        sends = plan.sends_from(self.rank)
+        changed = sorted({f.layer for f in mine})
+        expert_bytes = self._expert_bytes()
+        stats = SwapStats(
+            version=version, layers_changed=len(changed),
+            local_fills=sum(f.source == LOCAL for f in mine),
+            remote_fills=sum(f.source == REMOTE for f in mine),
+            dup_fills=sum(f.source == DUP for f in mine),
+            bytes_received=expert_bytes * sum(f.source == REMOTE for f in mine),
+            bytes_sent=expert_bytes * len(sends))
+        ctx = torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext()
+        with ctx:
+            if self._side is not None:
+                self._side.wait_stream(torch.cuda.current_stream(self.device))
+            experts = {layer: self._new_buffers(layer, mine) for layer in changed}
+            staging = _Staging(version, list(placements), experts, stats)
+            ops = self._p2p_ops(plan, experts)
+            works = dist.batch_isend_irecv(ops) if ops else []
+            if self._side is not None:
+                for w in works:
+                    w.wait()  # the side stream waits for the transfers
+                self._copy_dups(mine, experts)
+                staging.cuda_event = torch.cuda.Event()
+                staging.cuda_event.record(self._side)
+            else:
+                threading.Thread(target=self._finish_cpu, args=(staging, works, mine),
+                                 name=f"hotswap-v{version}", daemon=True).start()
+        self._staging = staging
+        return stats
+
+    def commit(self) -> SwapStats:
+        """Switch every changed layer to its staged weights and placement; call at a step
+        boundary on every rank at the same step, after :meth:`ready` on every rank."""
+        s = self._staging
+        if s is None:
+            raise SwapError("version: nothing is staged")
+        if not self.wait():
+            raise SwapError(f"version: {s.version} is not staged yet")
+        if self._side is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(s.cuda_event)
+            for experts in s.experts.values():
+                experts.w13.record_stream(current)
+                experts.w2.record_stream(current)
+        for i, layer in enumerate(self.layers):
+            if i in s.experts:
+                layer.swap(s.placements[i], s.experts[i])
+            elif not torch.equal(layer.placement.phy2log, s.placements[i].phy2log):
+                raise SwapError(f"placements[{i}]: changed but has no staged weights")
+            else:
+                layer.swap(s.placements[i], layer.experts)  # same slots; new log2phy order
+        self._staging = None
+        done = s.finished or time.perf_counter()
+        return dataclasses.replace(s.stats, seconds=done - s.started)
+
+    def abort(self) -> int:
+        """Drop the staged version (waits for in-flight copies first); returns it, or 0."""
+        s = self._staging
+        if s is None:
+            return 0
+        self.wait()
+        self._staging = None
+        return s.version
+
+    # -- helpers
+
+    def _expert_bytes(self) -> int:
+        e = self.layers[0].experts
+        return (e.w13[0].numel() * e.w13.element_size() + e.w2[0].numel() * e.w2.element_size())
+
+    def _new_buffers(self, layer: int, mine: list[SlotFill]) -> LocalExperts:
+        """Fresh [S, ...] buffers holding the unchanged slots and the local copies."""
+        live = self.layers[layer].experts
+        w13, w2 = torch.empty_like(live.w13), torch.empty_like(live.w2)
+        changed = {f.slot: f for f in mine if f.layer == layer}
+        keep = [s for s in range(live.num_slots) if s not in changed]
+        local = [f for f in changed.values() if f.source == LOCAL]
+        dst = keep + [f.slot for f in local]
+        src = keep + [f.src_slot for f in local]
+        if dst:
+            index_dst = torch.tensor(dst, device=self.device)
+            index_src = torch.tensor(src, device=self.device)
+            w13.index_copy_(0, index_dst, live.w13.index_select(0, index_src))
+            w2.index_copy_(0, index_dst, live.w2.index_select(0, index_src))
+        return LocalExperts(w13, w2)
+
+    def _p2p_ops(self, plan: TransferPlan, experts: dict[int, LocalExperts]) -> list[dist.P2POp]:
+        """Matching send/recv operations of this rank, in the plan's global order."""
+        ops: list[dist.P2POp] = []
+        for i, f in enumerate(plan.fills):
+            if f.source != REMOTE:
+                continue
+            if f.rank == self.rank:
+                buf = experts[f.layer]
+                ops.append(dist.P2POp(dist.irecv, buf.w13[f.slot], f.src_rank, self.group, 2 * i))
+                ops.append(dist.P2POp(dist.irecv, buf.w2[f.slot], f.src_rank, self.group, 2 * i + 1))
+            elif f.src_rank == self.rank:
+                live = self.layers[f.layer].experts
+                ops.append(dist.P2POp(dist.isend, live.w13[f.src_slot], f.rank, self.group, 2 * i))
+                ops.append(dist.P2POp(dist.isend, live.w2[f.src_slot], f.rank, self.group, 2 * i + 1))
+        return ops
+
+    @staticmethod
+    def _copy_dups(mine: list[SlotFill], experts: dict[int, LocalExperts]) -> None:
+        for f in mine:
+            if f.source == DUP:
+                buf = experts[f.layer]
+                buf.w13[f.slot].copy_(buf.w13[f.src_slot])
+                buf.w2[f.slot].copy_(buf.w2[f.src_slot])
+
+    def _finish_cpu(self, staging: _Staging, works: list, mine: list[SlotFill]) -> None:
+        try:
+            for w in works:
+                w.wait()
+            self._copy_dups(mine, staging.experts)
+        except BaseException as exc:  # reported by ready()/wait() in the serving thread
+            staging.error = exc
+        staging.finished = time.perf_counter()
+        staging.done.set()
+
+
+# ---------------------------------------------------------------- step-boundary protocol
+
+@dataclass
+class _Request:
+    version: int
+    placements: list[LayerPlacement] | None = None
+
+
+class SwapCoordinator:
+    """Turns prepare/commit/abort requests that reach ranks at different times into
+    operations every rank performs at the same step.
+
+    Request side (any thread, e.g. gRPC handlers): :meth:`prepare`, :meth:`commit`,
+    :meth:`abort` block until done or ``timeout``. Step side (the serving loop, between two
+    forward passes): :meth:`step_boundary` runs one MIN all_reduce of
+    ``[p, -p, c, -c, -stop]`` over ``group``: the transfer of version ``p`` starts when every
+    rank has a prepare request for ``p``; the switch to ``c`` happens when every rank has a
+    commit request for ``c`` AND has finished staging it; all ranks stop together as soon as
+    one asks to.
+    """
+
+    def __init__(self, engine: HotSwapEngine, version: int,
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.engine = engine
+        self.group = group
+        self.version = version  # in force
+        self.last_stats: SwapStats | None = None
+        self.stop_requested = False
+        self._cond = threading.Condition()
+        self._prepare: _Request | None = None
+        self._commit = 0
+        self._abort = 0
+        self._failed: dict[int, str] = {}
+        self._ready_seen = 0
+        self._sync_device = engine.device
+
+    # -- request side
+
+    @property
+    def prepared_version(self) -> int:
+        with self._cond:
+            return self._ready_seen if self._ready_seen == self.engine.staged_version else 0
+
+    def prepare(self, version: int, placements: Sequence[LayerPlacement],
+                timeout: float) -> SwapStats | None:
+        """Ask to stage ``version``; blocks until staged on this rank. Returns the staging
+        stats (None if already staged or in force). Raises SwapError (state) or TimeoutError."""
+        with self._cond:
+            if version == self.version:
+                return None
+            if version < self.version:
+                raise SwapError(f"version: {version} is older than the plan in force "
+                                f"({self.version})")
+            staged = self.engine.staged_version
+            if staged and staged != version:
+                raise SwapError(f"version: {staged} is staged; commit or abort it first")
+            if not staged:
+                if self._prepare is not None and self._prepare.version != version:
+                    raise SwapError(f"version: {self._prepare.version} is being prepared")
+                self._failed.pop(version, None)
+                self._prepare = _Request(version, list(placements))
+            ok = self._cond.wait_for(
+                lambda: self._ready_seen == version or version in self._failed, timeout)
+            if version in self._failed:
+                raise SwapError(self._failed[version])
+            if not ok:
+                if self._prepare is not None and self._prepare.version == version:
+                    self._prepare = None  # never started: no other rank can have started it
+                raise TimeoutError(f"version {version}: not staged within {timeout:.1f}s "
+                                   "(not every rank was asked to prepare it?)")
+            return self.last_stats if self.last_stats and self.last_stats.version == version \
+                else None
+
+    def commit(self, version: int, timeout: float) -> None:
+        """Ask to switch to ``version`` (staged or being staged); blocks until switched."""
+        with self._cond:
+            if version == self.version:
+                return
+            pending = self._prepare.version if self._prepare else 0
+            if version not in (self.engine.staged_version, pending):
+                raise SwapError(f"version: {version} is not prepared on this rank")
+            self._commit = version
+            ok = self._cond.wait_for(lambda: self.version == version or version in self._failed,
+                                     timeout)
+            if version in self._failed:
+                raise SwapError(self._failed[version])
+            if not ok:
+                raise TimeoutError(f"version {version}: not committed within {timeout:.1f}s "
+                                   "(not every rank was asked to commit it?)")
+
+    def abort(self, version: int, timeout: float) -> bool:
+        """Drop ``version`` if staged or pending; True if there was something to drop."""
+        with self._cond:
+            if version == self.version:
+                raise SwapError(f"version: {version} is already in force")
+            known = version in (self.engine.staged_version,
+                                self._prepare.version if self._prepare else 0)
+            if not known:
+                return False
+            self._abort = version
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: self._abort != version, timeout):
+                raise TimeoutError(f"version {version}: abort not done within {timeout:.1f}s")
+            return True
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop at the next step boundary (safe from a signal handler)."""
+        self.stop_requested = True
+
+    # -- step side
+
+    def step_boundary(self) -> bool:
+        """Run between two forward passes on every rank. Returns False when all must stop."""
+        with self._cond:
+            self._apply_abort()
+            prepare = self._prepare if self._prepare and not self.engine.staged_version else None
+            p = prepare.version if prepare else 0
+            ready = self._poll_ready()
+            c = self._commit if self._commit and ready == self._commit else 0
+        flags = torch.tensor([p, -p, c, -c, -int(self.stop_requested)], dtype=torch.int64,
+                             device=self._sync_device)
+        if self.group is not None or dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
+        pmin, pmax, cmin, cmax, stop = flags.tolist()
+        with self._cond:
+            if pmin > 0 and pmin == -pmax:
+                self._start(prepare)
+            if cmin > 0 and cmin == -cmax:
+                self._switch(cmin)
+            self._poll_ready()
+            self._cond.notify_all()
+        return stop == 0
+
+    def _start(self, prepare: _Request) -> None:
+        if self._prepare is prepare:
+            self._prepare = None
+        try:
+            self.engine.prepare(prepare.version, prepare.placements)
+        except SwapError as exc:
+            self._failed[prepare.version] = str(exc)
+
+    def _switch(self, version: int) -> None:
+        self.last_stats = self.engine.commit()
+        self.version = version
+        self._commit = 0
+
+    def _poll_ready(self) -> int:
+        """Staged version whose copies are complete on this rank (0 if none)."""
+        staged = self.engine.staged_version
+        if not staged:
+            return 0
+        try:
+            ready = self.engine.ready()
+        except SwapError as exc:
+            self._failed[staged] = str(exc)
+            self.engine.abort()
+            return 0
+        if ready and self._ready_seen != staged:
+            self._ready_seen = staged
+            self.last_stats = self.engine.staged_stats()
+        return staged if ready else 0
+
+    def _apply_abort(self) -> None:
+        v = self._abort
+        if not v:
+            return
+        if self.engine.staged_version == v:
+            self.engine.abort()
+        if self._prepare is not None and self._prepare.version == v:
+            self._prepare = None
+        if self._commit == v:
+            self._commit = 0
+        if self._ready_seen == v:
+            self._ready_seen = 0
+        self._abort = 0

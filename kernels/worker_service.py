@@ -1,0 +1,239 @@
+"""The worker's node-local gRPC face: ``WorkerService`` over a counter ledger and a
+:class:`SwapCoordinator`.
+
+The servicer never touches the model: it queues requests for the serving loop (plans,
+biases) and reads what the loop publishes (counter windows, versions), so a slow or
+failing RPC never stalls a step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from expertplane.kernels.hotswap import SwapCoordinator, SwapError
+from expertplane.kernels.moe import LayerPlacement, PlacementError
+from expertplane.proto import expertplane_pb2 as pb
+from expertplane.proto import expertplane_pb2_grpc as pb_grpc
+from expertplane.rpc.tensors import TensorError, int64_tensor, to_numpy
+
+__all__ = ["CounterLedger", "CounterWindow", "WorkerIdentity", "WorkerServicer",
+           "placements_from_plan"]
+
+
+@dataclass
+class CounterWindow:
+    """Tokens per local slot ``counts`` [L, S] counted under ``version`` between ``start``
+    and ``end`` (ns since the epoch), over ``steps`` steps of which ``failed`` failed."""
+
+    version: int
+    start: int
+    end: int
+    counts: np.ndarray
+    steps: int = 0
+    failed: int = 0
+
+
+class CounterLedger:
+    """Per-slot counts between pulls, split by plan version (thread-safe, bounded).
+
+    The serving loop :meth:`add` s each step's counts under the version in force; a version
+    change closes the open window. :meth:`pull` returns the oldest closed window, else closes
+    and returns the open one, so counts never mix plan versions. At most ``max_windows``
+    closed windows are kept; beyond that the oldest is dropped and counted in
+    ``dropped_windows``.
+    """
+
+    def __init__(self, num_layers: int, slots_per_rank: int, version: int,
+                 max_windows: int = 16) -> None:
+        self.shape = (num_layers, slots_per_rank)
+        self._lock = threading.Lock()
+        self._closed: deque[CounterWindow] = deque()
+        self._max = max_windows
+        self.dropped_windows = 0
+        self.total_steps = 0
+        self.total_failed = 0
+        self._open = self._new(version, time.time_ns())
+
+    def _new(self, version: int, start: int) -> CounterWindow:
+        return CounterWindow(version, start, start, np.zeros(self.shape, dtype=np.int64))
+
+    def add(self, version: int, counts: np.ndarray, failed: bool = False) -> None:
+        """Add one step's counts [L, S] taken under ``version``."""
+        now = time.time_ns()
+        with self._lock:
+            if version != self._open.version:
+                self._close(now, version)
+            w = self._open
+            w.counts += counts
+            w.steps += 1
+            w.failed += int(failed)
+            w.end = now
+            self.total_steps += 1
+            self.total_failed += int(failed)
+
+    def _close(self, now: int, version: int) -> None:
+        self._open.end = now
+        if len(self._closed) >= self._max:
+            self._closed.popleft()
+            self.dropped_windows += 1
+        self._closed.append(self._open)
+        self._open = self._new(version, now)
+
+    def pull(self) -> CounterWindow:
+        """The oldest unread window (deltas since the previous pull)."""
+        with self._lock:
+            if not self._closed:
+                self._close(time.time_ns(), self._open.version)
+            return self._closed.popleft()
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who this worker is (as registered with the agent)."""
+
+    node: str
+    rank: int
+    world_size: int
+    placement: str
+    num_layers: int
+    num_experts: int
+    num_slots: int  # R physical slots per layer
+
+
+def placements_from_plan(plan: pb.Plan, ident: WorkerIdentity) -> tuple[int, list[LayerPlacement]]:
+    """(version, one LayerPlacement per layer) from a ``Plan`` message; raises ValueError
+    (TensorError / PlacementError) naming the field."""
+    version = int(plan.summary.version)
+    if version < 1:
+        raise ValueError("plan.summary.version: must be >= 1")
+    if plan.summary.placement and plan.summary.placement != ident.placement:
+        raise ValueError(f"plan.summary.placement: this worker serves {ident.placement!r}, "
+                         f"got {plan.summary.placement!r}")
+    shape = (ident.num_layers, ident.num_slots)
+    phy2log = to_numpy(plan.phy2log, "plan.phy2log", shape=shape)
+    if len(plan.log2phy.shape):
+        log2phy = to_numpy(plan.log2phy, "plan.log2phy",
+                           shape=(ident.num_layers, ident.num_experts, None))
+        logcnt = to_numpy(plan.logcnt, "plan.logcnt", shape=(ident.num_layers, ident.num_experts))
+        layers = [LayerPlacement(phy2log[l], log2phy[l], logcnt[l]) for l in range(shape[0])]
+    else:
+        layers = [LayerPlacement.from_phy2log(phy2log[l], ident.num_experts)
+                  for l in range(shape[0])]
+    return version, layers
+
+
+def _deadline(context, limit: float) -> float:
+    """Seconds this call may block: the client's deadline minus a margin, at most ``limit``."""
+    remaining = context.time_remaining()
+    return max(0.05, min(limit, remaining - 0.2 if remaining is not None else limit))
+
+
+class WorkerServicer(pb_grpc.WorkerServiceServicer):
+    """WorkerService over ``coordinator`` (hot-swap) and ``ledger`` (counters).
+
+    ``address()`` gives the endpoint to advertise; ``on_bias([L, E] array)`` receives router
+    selection biases for the serving loop; ``on_pull()`` is called on every PullCounters (the
+    agent's heartbeat); ``max_wait``: longest Prepare/Commit/Abort wait in seconds.
+    """
+
+    def __init__(self, ident: WorkerIdentity, coordinator: SwapCoordinator, ledger: CounterLedger,
+                 *, address: Callable[[], str], on_bias: Callable[[np.ndarray], None],
+                 on_pull: Callable[[], None] = lambda: None, max_wait: float = 120.0) -> None:
+        self.ident, self.coord, self.ledger = ident, coordinator, ledger
+        self._address, self._on_bias, self._on_pull = address, on_bias, on_pull
+        self.max_wait = max_wait
+        self._bias_sequence = 0
+        self._bias_lock = threading.Lock()
+
+    def info(self) -> pb.WorkerInfo:
+        return pb.WorkerInfo(node=self.ident.node, rank=self.ident.rank,
+                             placement=self.ident.placement, plan_version=self.coord.version,
+                             prepared_version=self.coord.prepared_version,
+                             address=self._address(), world_size=self.ident.world_size)
+
+    def _ack(self, ok: bool, message: str, started: float) -> pb.WorkerAck:
+        return pb.WorkerAck(ok=ok, message=message, worker=self.info(),
+                            seconds=time.monotonic() - started)
+
+    def _check_placement(self, placement: str, context) -> None:
+        if placement and placement != self.ident.placement:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"placement: this worker serves {self.ident.placement!r}, not {placement!r}")
+
+    # -- RPCs
+
+    def PullCounters(self, request, context) -> pb.CounterSnapshot:
+        self._on_pull()
+        w = self.ledger.pull()
+        snap = pb.CounterSnapshot(rank=self.ident.rank, placement=self.ident.placement,
+                                  plan_version=w.version, slot_counts=int64_tensor(w.counts),
+                                  steps=w.steps, failed_steps=w.failed)
+        snap.window_start.FromNanoseconds(w.start)
+        snap.window_end.FromNanoseconds(w.end)
+        return snap
+
+    def Prepare(self, request: pb.PrepareRequest, context) -> pb.WorkerAck:
+        started = time.monotonic()
+        try:
+            version, layers = placements_from_plan(request.plan, self.ident)
+        except (TensorError, PlacementError, ValueError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            stats = self.coord.prepare(version, layers, _deadline(context, self.max_wait))
+        except (SwapError, TimeoutError) as exc:
+            return self._ack(False, str(exc), started)
+        if stats is None:
+            return self._ack(True, f"version {version} already staged or in force", started)
+        return self._ack(True, f"staged v{version}: {stats.layers_changed} layers, "
+                               f"{stats.remote_fills} received ({stats.bytes_received} B), "
+                               f"{stats.local_fills + stats.dup_fills} local copies, "
+                               f"{stats.bytes_sent} B sent in {stats.seconds:.3f}s", started)
+
+    def Commit(self, request: pb.VersionRequest, context) -> pb.WorkerAck:
+        started = time.monotonic()
+        self._check_placement(request.placement, context)
+        if request.version < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version: must be >= 1")
+        try:
+            self.coord.commit(request.version, _deadline(context, self.max_wait))
+        except (SwapError, TimeoutError) as exc:
+            return self._ack(False, str(exc), started)
+        return self._ack(True, f"v{request.version} in force", started)
+
+    def Abort(self, request: pb.VersionRequest, context) -> pb.WorkerAck:
+        started = time.monotonic()
+        self._check_placement(request.placement, context)
+        try:
+            dropped = self.coord.abort(request.version, _deadline(context, self.max_wait))
+        except (SwapError, TimeoutError) as exc:
+            return self._ack(False, str(exc), started)
+        return self._ack(True, f"v{request.version} " + ("dropped" if dropped else "was not staged"),
+                         started)
+
+    def SetBias(self, request: pb.RouterBias, context) -> pb.WorkerAck:
+        started = time.monotonic()
+        self._check_placement(request.placement, context)
+        try:
+            bias = to_numpy(request.bias, "bias",
+                            shape=(self.ident.num_layers, self.ident.num_experts))
+        except TensorError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not np.isfinite(bias).all():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bias: must be finite")
+        with self._bias_lock:
+            if request.sequence and request.sequence <= self._bias_sequence:
+                return self._ack(True, f"bias sequence {request.sequence} already applied", started)
+            self._bias_sequence = request.sequence
+            self._on_bias(bias)
+        return self._ack(True, f"bias {request.sequence} applied at the next step", started)
+
+    def Status(self, request, context) -> pb.WorkerInfo:
+        return self.info()
+
