@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -65,30 +66,21 @@ class Agent:
                 raise RuntimeError("agent already started")
             self._started = True
         cfg = self.config
-        if cfg.metrics:
-            self.metrics_port = self.metrics.serve(cfg.metrics)
+        self._server, health_servicer = self._serve_agent_service()
+        try:
+            if cfg.metrics:
+                self.metrics_port = self.metrics.serve(cfg.metrics)
+        except BaseException:
+            self._server.stop(0)
+            with self._lock:
+                self._started = False
+            raise
         self._gpu = GpuSampler()
         self._channel = make_channel(cfg.controller, cfg.security)
         metadata = call_metadata(cfg.security)
         self._relay = RolloutRelay(cfg, self._channel, self.registry, self.metrics, metadata)
         self._uplink = LoadUplink(cfg, self._channel, self.buffer, self.metrics, metadata)
         self._collector = Collector(cfg, self.registry, self.buffer, self._gpu, self.metrics, self.epoch)
-        self._server = make_server(max_workers=8)
-        pb_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.registry, cfg.interval,
-                          on_registered=lambda: self.metrics.workers.set(len(self.registry))),
-            self._server)
-        health_servicer = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
-        if cfg.listen.startswith("unix:"):
-            path = cfg.listen[len("unix:"):]
-            if os.path.exists(path):   # a previous agent's socket: the address is ours to reuse
-                os.unlink(path)
-            bind(self._server, cfg.listen)
-            self.address = cfg.listen
-        else:
-            port = bind(self._server, cfg.listen)
-            self.address = f"{cfg.listen.rpartition(':')[0]}:{port}"
         self._server.start()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self._relay.start()
@@ -97,6 +89,32 @@ class Agent:
         log.info("agent %s (epoch %d) serving workers at %s, reporting to %s every %.3gs",
                  cfg.node, self.epoch, self.address, cfg.controller, cfg.interval)
         return self.address
+
+    def _serve_agent_service(self):
+        """Build and bind (not start) the AgentService server; sets ``self.address``."""
+        cfg = self.config
+        server = make_server(max_workers=8)
+        pb_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.registry, cfg.interval,
+                          on_registered=lambda: self.metrics.workers.set(len(self.registry))),
+            server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        try:
+            if cfg.listen.startswith("unix:"):
+                path = cfg.listen[len("unix:"):]
+                if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+                    os.unlink(path)    # a previous agent's socket: the address is ours to reuse
+                bind(server, cfg.listen)
+                self.address = cfg.listen
+            else:
+                port = bind(server, cfg.listen)
+                self.address = f"{cfg.listen.rpartition(':')[0]}:{port}"
+        except BaseException:
+            with self._lock:
+                self._started = False
+            raise
+        return server, health_servicer
 
     def stop(self, flush_timeout: float | None = None) -> bool:
         """Graceful shutdown: stop registrations and pulls, pull every worker once more, wait up to

@@ -476,5 +476,18 @@ def test_cli_agent_serves_metrics_and_stops_on_sigterm(controller, workers, tmp_
             proc.kill()
 
 
+@pytest.mark.timeout(30)
+def test_metrics_port_in_use_is_a_clean_error(controller, make_agent):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        agent = make_agent(controller.port, metrics=f"127.0.0.1:{busy.getsockname()[1]}")
+        with pytest.raises(OSError):
+            agent.start()
+    assert agent.stop() is True                      # nothing was started: nothing to flush
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     _serve_worker(sys.argv[2:])
