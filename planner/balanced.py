@@ -31,6 +31,7 @@ from expertplane.planner.metrics import balance
 from expertplane.planner.plan import build_log2phy
 
 _REL = 1e-12  # relative tolerance when comparing loads
+_MAX_MOVES = 16  # accepted count changes per row (measured: later ones gain < 1e-4)
 
 
 @njit(cache=True)
@@ -139,8 +140,16 @@ def _items(w, counts, order, item_load, item_expert):
 
 
 @njit(cache=True)
-def _evaluate(w, counts, order, num_gpus, item_load, item_expert, members, gpu_load):
-    _sort_by_per_replica(w, counts, order)
+def _evaluate(w, counts, order, num_gpus, item_load, item_expert, members, gpu_load,
+              resort=False):
+    """Items of ``counts`` packed onto the GPUs; returns (max GPU load, sum of squares).
+
+    ``order`` (experts by per-replica load) is updated: fully re-sorted with ``resort`` (many
+    counts changed), else by insertion (a few changed)."""
+    if resort:
+        order[:] = np.argsort(-(w / counts), kind="mergesort")
+    else:
+        _sort_by_per_replica(w, counts, order)
     _items(w, counts, order, item_load, item_expert)
     _pack(item_load, num_gpus, members.shape[1], members, gpu_load)
     return gpu_load.max(), (gpu_load * gpu_load).sum()
@@ -196,7 +205,8 @@ def _two_tier_counts(w, num_gpus, counts, top, sq, order, item_load, item_expert
     split = lo
     while True:
         _tier_counts(w, by_load, split, num_gpus, trial)
-        t, q = _evaluate(w, trial, order, num_gpus, item_load, item_expert, members, gpu_load)
+        t, q = _evaluate(w, trial, order, num_gpus, item_load, item_expert, members, gpu_load,
+                         True)
         if t < top * (1.0 - _REL) or (t <= top * (1.0 + _REL) and q < sq * (1.0 - _REL)):
             top, sq, best_split = t, q, split
             counts[:] = trial
@@ -210,7 +220,8 @@ def _two_tier_counts(w, num_gpus, counts, top, sq, order, item_load, item_expert
             if split < lo or split > hi:
                 continue
             _tier_counts(w, by_load, split, num_gpus, trial)
-            t, q = _evaluate(w, trial, order, num_gpus, item_load, item_expert, members, gpu_load)
+            t, q = _evaluate(w, trial, order, num_gpus, item_load, item_expert, members, gpu_load,
+                         True)
             if t < top * (1.0 - _REL) or (t <= top * (1.0 + _REL) and q < sq * (1.0 - _REL)):
                 top, sq, best_split = t, q, split
                 counts[:] = trial
@@ -232,11 +243,11 @@ def _solve_row(w, slots, num_gpus, max_moves, out):
     item_expert = np.empty(slots, dtype=np.int64)
     members = np.empty((num_gpus, per_gpu), dtype=np.int64)
     gpu_load = np.empty(num_gpus)
-    top, sq = _evaluate(w, counts, order, num_gpus, item_load, item_expert, members, gpu_load)
+    top, sq = _evaluate(w, counts, order, num_gpus, item_load, item_expert, members, gpu_load, True)
     if per_gpu == 2 and 2 <= n:
         top, sq = _two_tier_counts(w, num_gpus, counts, top, sq, order, item_load, item_expert,
                                    members, gpu_load)
-        _evaluate(w, counts, order, num_gpus, item_load, item_expert, members, gpu_load)
+        _evaluate(w, counts, order, num_gpus, item_load, item_expert, members, gpu_load, True)
     for _ in range(max_moves):
         g = np.argmax(gpu_load)
         tried = np.zeros(n, dtype=np.bool_)
@@ -273,7 +284,7 @@ def _solve_row(w, slots, num_gpus, max_moves, out):
             break
         _evaluate(w, counts, order, num_gpus, item_load, item_expert, members, gpu_load)
     # re-evaluate the accepted counts (the last rejected trial overwrote the buffers)
-    _evaluate(w, counts, order, num_gpus, item_load, item_expert, members, gpu_load)
+    _evaluate(w, counts, order, num_gpus, item_load, item_expert, members, gpu_load, True)
     for g in range(num_gpus):
         for j in range(per_gpu):
             out[g * per_gpu + j] = item_expert[members[g, j]]
@@ -297,7 +308,7 @@ def pack_rows(weight: np.ndarray, num_slots: int, num_gpus: int) -> np.ndarray:
     g*s .. (g+1)*s - 1 with s = num_slots / num_gpus.
     """
     w = np.ascontiguousarray(weight, dtype=np.float64)
-    return _solve_rows(w, int(num_slots), int(num_gpus), 4 * int(num_slots))
+    return _solve_rows(w, int(num_slots), int(num_gpus), _MAX_MOVES)
 
 
 def _group_to_node(weight, num_replicas, num_groups, num_nodes, num_gpus) -> np.ndarray:

@@ -1,0 +1,340 @@
+"""Movement-aware re-planning: a plan about as balanced as a fresh one that moves few slots.
+
+Given the plan in force (``previous`` phy2log [L, R]) and new loads, per layer:
+
+1. **Aligned fresh plan.** Compute the fresh plan of the requested algorithm, then relabel it to
+   look like ``previous``: nodes (hierarchical or topology plans) and GPUs are matched to the old
+   ones by the number of replicas they keep (``scipy.optimize.linear_sum_assignment`` on the
+   overlap), and inside each GPU every replica that already sat on that GPU keeps its old slot.
+   Relabelling never changes the balance.
+2. **Repair of the old plan** (algorithms "deepseek" and "balanced"). Starting from
+   ``previous`` itself, apply the best move per changed slot until the layer's balance is within
+   ``tolerance`` (2%) of the fresh plan's: re-assign one slot to another expert (1 slot changed,
+   replica counts change) or swap two slots between GPUs (2 slots changed), each chosen to take
+   load off the most loaded GPU without pushing any touched GPU to that load. In hierarchical
+   mode moves stay inside a node and experts only go to their group's node.
+3. Per layer, the repaired plan is used when it reached the balance target with fewer changed
+   slots than the aligned fresh plan; otherwise the aligned fresh plan (same balance as fresh).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+from scipy.optimize import linear_sum_assignment
+
+from expertplane.planner.deepseek import is_hierarchical
+from expertplane.planner.metrics import gpu_loads
+from expertplane.planner.plan import build_log2phy
+
+TOLERANCE = 0.02  # allowed relative balance loss against a fresh plan
+_REL = 1e-12
+_REPAIRABLE = ("deepseek", "balanced")
+
+
+@njit(cache=True)
+def _overlap(new_sets, old_sets, num_experts):
+    """Replicas kept when unit a of ``new_sets`` replaces unit b of ``old_sets``.
+
+    new_sets, old_sets: int64 [U, s] experts held by each unit (GPU or node).
+    Returns int64 [U, U]: sum over experts of min(count in new a, count in old b).
+    """
+    units = new_sets.shape[0]
+    cnt_old = np.zeros((units, num_experts), dtype=np.int64)
+    for b in range(units):
+        for x in old_sets[b]:
+            cnt_old[b, x] += 1
+    out = np.zeros((units, units), dtype=np.int64)
+    cnt_new = np.zeros(num_experts, dtype=np.int64)
+    for a in range(units):
+        for x in new_sets[a]:
+            cnt_new[x] += 1
+        for x in new_sets[a]:
+            if cnt_new[x] == 0:  # already counted
+                continue
+            for b in range(units):
+                out[a, b] += min(cnt_new[x], cnt_old[b, x])
+            cnt_new[x] = 0
+    return out
+
+
+def _match(new_sets: np.ndarray, old_sets: np.ndarray, num_experts: int) -> np.ndarray:
+    """[U] old unit taking each new unit, maximising kept replicas."""
+    rows, cols = linear_sum_assignment(_overlap(new_sets, old_sets, num_experts), maximize=True)
+    target = np.empty_like(rows)
+    target[rows] = cols
+    return target
+
+
+@njit(cache=True)
+def _keep_slots(new_gpu, old_gpu):
+    """Order the experts of one GPU (``new_gpu`` [s]) so that those already in an old slot
+    (``old_gpu`` [s]) stay there; the rest fill the remaining slots in order."""
+    s = new_gpu.shape[0]
+    out = np.full(s, -1, dtype=np.int64)
+    placed = np.zeros(s, dtype=np.bool_)
+    for j in range(s):
+        for i in range(s):
+            if not placed[i] and new_gpu[i] == old_gpu[j]:
+                out[j] = new_gpu[i]
+                placed[i] = True
+                break
+    k = 0
+    for i in range(s):
+        if not placed[i]:
+            while out[k] >= 0:
+                k += 1
+            out[k] = new_gpu[i]
+    return out
+
+
+@njit(cache=True)
+def _keep_slots_all(new, old):
+    """[G, s] per-GPU slot alignment of ``new`` to ``old`` (both [G, s])."""
+    out = np.empty_like(new)
+    for g in range(new.shape[0]):
+        out[g] = _keep_slots(new[g], old[g])
+    return out
+
+
+def align(fresh: np.ndarray, previous: np.ndarray, num_gpus: int, num_nodes: int,
+          by_node: bool) -> np.ndarray:
+    """Relabel nodes, GPUs and slots of ``fresh`` [L, R] to keep most of ``previous`` [L, R].
+
+    by_node: match nodes first and GPUs only inside matched nodes (hierarchical / topology
+    plans, where a node's content matters); else match all GPUs freely. Balance is unchanged.
+    """
+    layers, replicas = fresh.shape
+    experts = int(max(fresh.max(), previous.max())) + 1
+    per_gpu = replicas // num_gpus
+    gpus_per_node = num_gpus // num_nodes
+    out = np.empty_like(fresh)
+    for layer in range(layers):
+        new = fresh[layer].reshape(num_gpus, per_gpu)
+        old = previous[layer].reshape(num_gpus, per_gpu)
+        if by_node and num_nodes > 1:
+            node_of = _match(new.reshape(num_nodes, -1), old.reshape(num_nodes, -1), experts)
+            gpu_target = np.empty(num_gpus, dtype=np.int64)
+            for node in range(num_nodes):
+                mine = slice(node * gpus_per_node, (node + 1) * gpus_per_node)
+                theirs = node_of[node] * gpus_per_node
+                local = _match(new[mine], old[theirs:theirs + gpus_per_node], experts)
+                gpu_target[mine] = theirs + local
+        else:
+            gpu_target = _match(new, old, experts)
+        placed = np.empty_like(new)
+        placed[gpu_target] = new
+        out[layer] = _keep_slots_all(placed, old).reshape(-1)
+    return out
+
+
+@njit(cache=True)
+def _apply_relabel(row, counts, w, slot_load, gpu_load, per_gpu, j, e):
+    """Give slot j to expert e (updates counts, slot loads and GPU loads)."""
+    f = row[j]
+    counts[f] -= 1
+    counts[e] += 1
+    row[j] = e
+    for i in range(row.shape[0]):
+        x = row[i]
+        if x == e or x == f:
+            new = w[x] / counts[x]
+            gpu_load[i // per_gpu] += new - slot_load[i]
+            slot_load[i] = new
+
+
+@njit(cache=True)
+def _index_slots(row, num_experts, starts, slots):
+    """CSR index of the slots of each expert: slots[starts[e]:starts[e + 1]]."""
+    starts[:] = 0
+    for x in row:
+        starts[x + 1] += 1
+    for e in range(num_experts):
+        starts[e + 1] += starts[e]
+    fill = starts[:-1].copy()
+    for i in range(row.shape[0]):
+        slots[fill[row[i]]] = i
+        fill[row[i]] += 1
+
+
+@njit(cache=True)
+def _relabel_max(row, counts, w, slot_load, gpu_load, per_gpu, j, e, starts, slots, delta,
+                 touched, mark):
+    """Largest new load among GPUs touched by giving slot j to expert e; fills ``touched``
+    (``nt`` entries, marked in ``mark``). Only the slots of e and of j's expert change."""
+    f = row[j]
+    new_f, new_e = w[f] / (counts[f] - 1), w[e] / (counts[e] + 1)
+    nt = 0
+    for x, new in ((f, new_f), (e, new_e)):
+        for k in range(starts[x], starts[x + 1]):
+            i = slots[k]
+            g = i // per_gpu
+            if not mark[g]:
+                mark[g] = True
+                delta[g] = 0.0
+                touched[nt] = g
+                nt += 1
+            delta[g] += (new_e if i == j else new) - slot_load[i]
+    top = -np.inf
+    for t in range(nt):
+        g = touched[t]
+        top = max(top, gpu_load[g] + delta[g])
+    return top, nt
+
+
+@njit(cache=True)
+def _untouched_max(by_load, gpu_load, mark):
+    for g in by_load:
+        if not mark[g]:
+            return gpu_load[g]
+    return -np.inf
+
+
+@njit(cache=True)
+def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget):
+    """Repair one layer's plan ``row`` [R] (in place) towards max GPU load <= ``target``.
+
+    slot_node [R] node of each slot; expert_node [E] node an expert must stay on (-1: any).
+    At most ``budget`` slot changes are spent. Returns True if the target was reached.
+    """
+    replicas = row.shape[0]
+    per_gpu = replicas // num_gpus
+    counts = np.zeros(w.shape[0], dtype=np.int64)
+    for x in row:
+        counts[x] += 1
+    slot_load = np.empty(replicas)
+    gpu_load = np.zeros(num_gpus)
+    for i in range(replicas):
+        slot_load[i] = w[row[i]] / counts[row[i]]
+        gpu_load[i // per_gpu] += slot_load[i]
+    delta = np.zeros(num_gpus)
+    touched = np.empty(num_gpus, dtype=np.int64)
+    mark = np.zeros(num_gpus, dtype=np.bool_)
+    on_g = np.zeros(w.shape[0], dtype=np.bool_)
+    starts = np.zeros(w.shape[0] + 1, dtype=np.int64)
+    slots = np.empty(replicas, dtype=np.int64)
+    spent = 0
+    while spent < budget:
+        by_load = np.argsort(-gpu_load)
+        g = by_load[0]
+        top = gpu_load[g]
+        if top <= target:
+            return True
+        best_score, best_kind, best_a, best_b = 0.0, -1, -1, -1
+        for i in range(g * per_gpu, (g + 1) * per_gpu):
+            on_g[row[i]] = True
+        _index_slots(row, w.shape[0], starts, slots)
+        # relabels: a slot on g to any expert, or any slot to an expert on g
+        for j in range(replicas):
+            f = row[j]
+            if counts[f] < 2:
+                continue
+            j_on_g = j // per_gpu == g
+            for e in range(w.shape[0]):
+                if e == f or not (j_on_g or on_g[e]):
+                    continue
+                if expert_node[e] >= 0 and expert_node[e] != slot_node[j]:
+                    continue
+                new_top, nt = _relabel_max(row, counts, w, slot_load, gpu_load, per_gpu, j, e,
+                                           starts, slots, delta, touched, mark)
+                if new_top < top * (1.0 - _REL):
+                    rest = _untouched_max(by_load, gpu_load, mark)
+                    score = top - max(new_top, rest) + 1e-3 * (top - new_top)
+                    if score > best_score:
+                        best_score, best_kind, best_a, best_b = score, 1, j, e
+                for t in range(nt):
+                    mark[touched[t]] = False
+        # swaps: a slot on g with a slot on another GPU of the same node (cost 2)
+        for a in range(g * per_gpu, (g + 1) * per_gpu):
+            for b in range(replicas):
+                h = b // per_gpu
+                if h == g or row[a] == row[b] or slot_node[a] != slot_node[b]:
+                    continue
+                d = slot_load[a] - slot_load[b]
+                if d <= 0.0:
+                    continue
+                new_top = max(top - d, gpu_load[h] + d)
+                if new_top < top * (1.0 - _REL):
+                    mark[g] = True
+                    mark[h] = True
+                    rest = _untouched_max(by_load, gpu_load, mark)
+                    mark[g] = False
+                    mark[h] = False
+                    score = (top - max(new_top, rest) + 1e-3 * (top - new_top)) / 2.0
+                    if score > best_score:
+                        best_score, best_kind, best_a, best_b = score, 2, a, b
+        for i in range(g * per_gpu, (g + 1) * per_gpu):
+            on_g[row[i]] = False
+        if best_kind < 0:
+            return False
+        if best_kind == 1:
+            _apply_relabel(row, counts, w, slot_load, gpu_load, per_gpu, best_a, best_b)
+            spent += 1
+        else:
+            a, b = best_a, best_b
+            d = slot_load[a] - slot_load[b]
+            row[a], row[b] = row[b], row[a]
+            slot_load[a], slot_load[b] = slot_load[b], slot_load[a]
+            gpu_load[a // per_gpu] -= d
+            gpu_load[b // per_gpu] += d
+            spent += 2
+    return gpu_load.max() <= target
+
+
+@njit(cache=True, parallel=True)
+def _repair(weight, previous, num_gpus, slot_node, expert_node, target, budget):
+    layers = weight.shape[0]
+    out = previous.copy()
+    reached = np.zeros(layers, dtype=np.bool_)
+    for layer in prange(layers):
+        reached[layer] = _repair_row(weight[layer], out[layer], num_gpus, slot_node,
+                                     expert_node[layer], target[layer], budget[layer])
+    return out, reached
+
+
+def _expert_nodes(previous: np.ndarray, num_experts: int, num_groups: int, num_nodes: int):
+    """[L, E] node of each expert's group in ``previous`` (-1 if its group spans nodes)."""
+    layers, replicas = previous.shape
+    group_size = num_experts // num_groups
+    slot_node = np.arange(replicas) // (replicas // num_nodes)
+    seen = np.zeros((layers, num_groups, num_nodes), dtype=bool)
+    seen[np.arange(layers)[:, None], previous // group_size, slot_node[None, :]] = True
+    single = seen.sum(-1) == 1
+    group_node = np.where(single, seen.argmax(-1), -1)
+    return np.repeat(group_node, group_size, axis=1)
+
+
+def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpus,
+                            previous: np.ndarray, algorithm: str, **options) -> np.ndarray:
+    """Movement-aware phy2log int64 [L, R]: balance within ``TOLERANCE`` of a fresh plan of
+    ``algorithm`` (per layer), changing as few slots of ``previous`` [L, R] as found.
+
+    Arguments are validated by the caller (``rebalance_experts``); ``options`` go to the
+    algorithm.
+    """
+    from expertplane.planner.eplb import plan_placement  # eplb imports this module lazily
+
+    w = np.ascontiguousarray(weight, dtype=np.float64)
+    prev = np.ascontiguousarray(previous, dtype=np.int64)
+    r, g, n, p = int(num_replicas), int(num_groups), int(num_nodes), int(num_gpus)
+    layers, experts = w.shape
+    hier = is_hierarchical(g, n)
+    fresh = plan_placement(w, r, g, n, p, algorithm=algorithm, **options)[0]
+    aligned = align(fresh, prev, p, n, by_node=hier or algorithm == "topology")
+    if algorithm not in _REPAIRABLE:
+        return aligned
+    fresh_loads = gpu_loads(w, fresh, build_log2phy(fresh, experts)[1], p)
+    target = fresh_loads.max(-1) * (1.0 + TOLERANCE)
+    budget = (aligned != prev).sum(-1)
+    if hier:
+        slot_node = np.arange(r) // (r // n)
+        expert_node = _expert_nodes(prev, experts, g, n)
+        if (expert_node < 0).any():  # previous breaks groups-on-node: no repair from it
+            return aligned
+    else:
+        slot_node = np.zeros(r, dtype=np.int64)
+        expert_node = np.full((layers, experts), -1, dtype=np.int64)
+    repaired, reached = _repair(w, prev, p, slot_node, expert_node, target, budget)
+    use = reached & ((repaired != prev).sum(-1) < budget)
+    return np.where(use[:, None], repaired, aligned)
+
