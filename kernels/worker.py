@@ -59,6 +59,8 @@ class WorkerConfig:
     step_interval: seconds to sleep between steps (0 = flat out); max_steps: 0 = until stopped.
     verify_every: compare every N-th step with the dense reference (0 = never); a mismatch
     beyond the dtype's tolerance counts as a failed step.
+    drain_seconds: after the last step, keep serving until the counters are pulled once more
+    (so the last window reaches the agent), at most this long.
     """
 
     rank: int
@@ -81,6 +83,7 @@ class WorkerConfig:
     verify_every: int = 0
     collective_timeout: float = 120.0
     rollout_timeout: float = 120.0
+    drain_seconds: float = 5.0
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
@@ -275,6 +278,9 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
                 coord.request_stop()
             if config.step_interval:
                 time.sleep(config.step_interval)
+        servicer.drained.clear()
+        if config.drain_seconds and (config.agent or servicer.pulled):
+            servicer.drained.wait(config.drain_seconds)
     finally:
         link_stop.set()
         server.stop(grace=1.0).wait()

@@ -151,6 +151,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self.max_wait = max_wait
         self._bias_sequence = 0
         self._bias_lock = threading.Lock()
+        self.pulled = False  # PullCounters was called at least once
+        self.drained = threading.Event()  # set by every PullCounters
 
     def info(self) -> pb.WorkerInfo:
         return pb.WorkerInfo(node=self.ident.node, rank=self.ident.rank,
@@ -172,6 +174,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def PullCounters(self, request, context) -> pb.CounterSnapshot:
         self._on_pull()
         w = self.ledger.pull()
+        self.pulled = True
+        self.drained.set()
         snap = pb.CounterSnapshot(rank=self.ident.rank, placement=self.ident.placement,
                                   plan_version=w.version, slot_counts=int64_tensor(w.counts),
                                   steps=w.steps, failed_steps=w.failed)
