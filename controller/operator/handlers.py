@@ -27,9 +27,13 @@ FINALIZER = f"{GROUP}/finalizer"
 
 
 def operator_settings() -> kopf.OperatorSettings:
-    """kopf settings: our finalizer name, progress and diff-base in annotations, timeouts."""
+    """kopf settings: our finalizer name, no CRD/namespace scanning, progress and diff-base in
+    annotations, timeouts."""
     settings = kopf.OperatorSettings()
     settings.persistence.finalizer = FINALIZER
+    # The resources and namespaces are known up front: no need to list/watch CRDs and namespaces
+    # (which would need cluster-wide permissions the operator does not otherwise use).
+    settings.scanning.disabled = True
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")

@@ -17,6 +17,7 @@ from expertplane.rpc.tensors import to_numpy
 
 VERSION_ANNOTATION = f"{GROUP}/plan-version"
 PLACEMENT_ANNOTATION = f"{GROUP}/placement"
+IDENTITY_ANNOTATION = f"{GROUP}/plan-identity"
 REQUEST_TIMEOUT = 30
 
 
@@ -32,6 +33,13 @@ class Owner:
     def reference(self) -> dict:
         return {"apiVersion": self.api_version, "kind": self.kind, "name": self.name,
                 "uid": self.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def plan_identity(placement: pb.Placement, version: int) -> str:
+    """What a published plan must match: version and shape (a re-registered placement restarts
+    its versions at 1), e.g. ``v3 58x288 4x8``."""
+    return (f"v{version} {placement.model.num_layers}x{placement.num_replicas} "
+            f"{placement.topology.num_nodes}x{placement.topology.gpus_per_node}")
 
 
 class NoWorkers(Exception):
@@ -63,19 +71,21 @@ class Kube:
                                    f"(keys: {sorted(data)})")
         return data[ref["key"]], cm.metadata.resource_version
 
-    def published_version(self, namespace: str, name: str) -> int | None:
-        """Plan version recorded on ConfigMap ``name``, or None if it does not exist."""
+    def published_identity(self, namespace: str, name: str) -> str | None:
+        """``plan_identity`` recorded on ConfigMap ``name``, or None if it does not exist."""
         try:
             cm = self.core.read_namespaced_config_map(name, namespace, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return int((cm.metadata.annotations or {}).get(VERSION_ANNOTATION, 0))
+        return (cm.metadata.annotations or {}).get(IDENTITY_ANNOTATION, "")
 
-    def publish_plan(self, namespace: str, name: str, owner: Owner, plan: pb.Plan) -> None:
+    def publish_plan(self, namespace: str, name: str, owner: Owner, plan: pb.Plan,
+                     identity: str) -> None:
         """Create or replace ConfigMap ``name`` holding ``plan`` in SGLang's expert-location
-        format: key ``expert_location.json`` = {"physical_to_logical_map": [layers][slots]}."""
+        format: key ``expert_location.json`` = {"physical_to_logical_map": [layers][slots]};
+        ``identity`` (see ``plan_identity``) is recorded to tell later whether it is current."""
         phy2log = to_numpy(plan.phy2log, "phy2log", ndim=2)
         body = kubernetes.client.V1ConfigMap(
             metadata=kubernetes.client.V1ObjectMeta(
@@ -83,7 +93,8 @@ class Kube:
                 labels={"app.kubernetes.io/managed-by": "expertplane-operator",
                         "app.kubernetes.io/part-of": "expertplane"},
                 annotations={VERSION_ANNOTATION: str(plan.summary.version),
-                             PLACEMENT_ANNOTATION: plan.summary.placement},
+                             PLACEMENT_ANNOTATION: plan.summary.placement,
+                             IDENTITY_ANNOTATION: identity},
                 owner_references=[owner.reference()]),
             data={PLAN_KEY: json.dumps(sglang_document(phy2log), separators=(",", ":"))})
         try:

@@ -32,7 +32,7 @@ from expertplane.controller.operator.crd import (
     plan_configmap_name,
     topology_from_spec,
 )
-from expertplane.controller.operator.kube import Kube, NoWorkers, Owner
+from expertplane.controller.operator.kube import Kube, NoWorkers, Owner, plan_identity
 from expertplane.proto import expertplane_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,21 @@ def _placement_message(ctx: OperatorContext, namespace: str, pname: str, spec: M
     return placement_from_cr(pname, spec, topology, generation, initial)
 
 
+def _shape(p: pb.Placement) -> tuple:
+    """What plans depend on: layers, experts, slots per layer, GPUs."""
+    return (p.model.num_layers, p.model.num_experts, p.num_replicas, p.topology.num_nodes,
+            p.topology.gpus_per_node)
+
+
 def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> Outcome | None:
     """Reconcile one ExpertPlacement ``obj`` (the full object as a mapping).
 
     ``apply``: register the spec with the controller even if it already knows this generation
-    (change handlers); otherwise only when the controller lacks it, holds an older generation or
-    the worker topology changed (periodic refresh). Returns None when ``obj`` is older than what
-    the controller holds (a stale copy; the next refresh sees the new one).
+    (change handlers); otherwise only when the controller lacks it or holds another generation
+    (periodic refresh). A change of shape (layers, experts, slots, GPUs, e.g. worker pods scaled)
+    deletes and re-registers the placement, since plans of another shape cannot carry over.
+    Returns None when ``obj`` is older than what the controller holds (a stale copy; the next
+    refresh sees the new one).
     """
     meta, spec = obj["metadata"], obj["spec"]
     namespace, name, gen = meta["namespace"], meta["name"], int(meta.get("generation", 1))
@@ -124,12 +132,18 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
     status.update(numGPUs=placement.topology.num_nodes * placement.topology.gpus_per_node,
                   replicas=placement.num_replicas)
     try:
-        state = None if apply else ctx.client.placement_state(pname)
+        state = ctx.client.placement_state(pname)
         if state is not None and state.spec.generation > gen:
             return None
-        if state is None or state.spec.generation != gen or state.spec.topology != placement.topology:
+        if state is not None and _shape(state.spec) != _shape(placement):
+            # The controller keeps plans of one shape per placement: start it afresh.
+            ctx.client.delete_placement(pname)
+            events.append(("Reshaped", f"re-registered with {placement.num_replicas} slots per "
+                                       f"layer on {status['numGPUs']} GPUs; plan history restarts"))
+            state = None
+        if apply or state is None or state.spec.generation != gen:
             state = ctx.client.apply_placement(placement)
-        _publish(ctx, obj, namespace, cm_name, pname, state, old, status, events)
+        _publish(ctx, obj, namespace, cm_name, placement, state, old, status, events)
     except Rejected as exc:
         return done(False, "InvalidSpec", f"rejected by the controller: {exc.details}")
     except ControllerError as exc:
@@ -147,8 +161,9 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
                 f"plan v{state.plan_version} published in ConfigMap {cm_name} key {PLAN_KEY}")
 
 
-def _publish(ctx: OperatorContext, obj: Mapping, namespace: str, cm_name: str, pname: str,
-             state: pb.PlacementState, old: dict, status: dict, events: list) -> None:
+def _publish(ctx: OperatorContext, obj: Mapping, namespace: str, cm_name: str,
+             placement: pb.Placement, state: pb.PlacementState, old: dict, status: dict,
+             events: list) -> None:
     """Publish the plan in force if the ConfigMap lacks it; fill the plan fields of ``status``."""
     version = int(state.plan_version)
     previous_cm = (old.get("planRef") or {}).get("configMap")
@@ -156,17 +171,17 @@ def _publish(ctx: OperatorContext, obj: Mapping, namespace: str, cm_name: str, p
         ctx.kube.delete_configmap(namespace, previous_cm)
     if version:
         plan_balance = old.get("planBalance")
-        if ctx.kube.published_version(namespace, cm_name) != version or old.get("planVersion") != version:
-            plan = ctx.client.get_plan(pname, version)
+        identity = plan_identity(placement, version)
+        if ctx.kube.published_identity(namespace, cm_name) != identity:
+            plan = ctx.client.get_plan(placement.name, version)
             meta = obj["metadata"]
             owner = Owner(f"{GROUP}/{VERSION}", "ExpertPlacement", meta["name"], meta["uid"])
-            ctx.kube.publish_plan(namespace, cm_name, owner, plan)
+            ctx.kube.publish_plan(namespace, cm_name, owner, plan, identity)
             plan_balance = _mean(plan.summary.predicted_balance)
             status.update(slotsMoved=int(plan.summary.slots_moved),
                           bytesMoved=int(plan.summary.bytes_moved), planBalance=plan_balance)
-            if old.get("planVersion") != version:
-                events.append(("PlanPublished", f"plan v{version} ({plan.summary.reason}, "
-                               f"{plan.summary.slots_moved} slots moved) in ConfigMap {cm_name}"))
+            events.append(("PlanPublished", f"plan v{version} ({plan.summary.reason}, "
+                           f"{plan.summary.slots_moved} slots moved) in ConfigMap {cm_name}"))
         current = list(state.current_balance)
         status["currentBalance"] = _mean(current) if current else plan_balance
         status["worstLayerBalance"] = round(max(current), 6) if current else None
@@ -174,8 +189,8 @@ def _publish(ctx: OperatorContext, obj: Mapping, namespace: str, cm_name: str, p
         status["predictedBalance"] = _mean(predicted) if predicted else plan_balance
     if state.HasField("last_rebalance"):
         status["lastRebalanceTime"] = _rfc3339(state.last_rebalance)
-    status.update(planVersion=version, rolloutState=state.rollout_state,
-                  planRef={"controller": ctx.controller_address, "placement": pname,
+    status.update(planVersion=version, rolloutState=state.rollout_state or None,
+                  planRef={"controller": ctx.controller_address, "placement": placement.name,
                            "version": version, "configMap": cm_name, "key": PLAN_KEY})
 
 
