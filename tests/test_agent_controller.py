@@ -109,3 +109,34 @@ def test_real_controller_restart_while_streaming(tmp_path, make_agent, workers):
                                                         + n1 * sum(e2e.slot_counts(1)))
     finally:
         c2.stop(grace=0)
+
+
+@pytest.mark.timeout(120)
+def test_real_controller_rollout_is_relayed_to_worker_processes(tmp_path, make_agent, workers):
+    c, spy = start_controller(tmp_path / "controller.db")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{c.port}") as ch:
+            plans = pb_grpc.PlanServiceStub(ch)
+            plans.ApplyPlacement(PLACEMENT, timeout=30)
+            agent = make_agent(c.port)
+            address = agent.start()
+            workers += [e2e.start_worker(tmp_path, address, r, "--prepare-delay", "0.3") for r in (0, 1)]
+            e2e.wait_for(lambda: set(c.controller.rollouts.workers("demo")) == {0, 1},
+                         what="workers known to the controller")
+            e2e.wait_for(lambda: all(len(spy.accepted(r)) >= 3 for r in (0, 1)), what="load")
+            decision = pb_grpc.PlanningServiceStub(ch).TriggerRebalance(
+                pb.TriggerRebalanceRequest(placement="demo", force=True), timeout=30)
+            assert decision.rebalance and decision.new_version == 2, decision
+            e2e.wait_for(lambda: any(r.state == "committed" for r in plans.ListRollouts(
+                pb.ListRolloutsRequest(placement="demo"), timeout=10).rollouts), timeout=30,
+                what="rollout committed")
+            record = next(r for r in plans.ListRollouts(pb.ListRolloutsRequest(placement="demo"),
+                                                        timeout=10).rollouts if r.state == "committed")
+            assert record.to_version == 2 and sorted(w.rank for w in record.prepared) == [0, 1]
+            # the workers switched: their next reports are counted under plan 2
+            e2e.wait_for(lambda: all(spy.accepted(r)[-1].plan_version == 2 for r in (0, 1)),
+                         what="reports under plan 2")
+            assert sorted((h.info.rank, h.info.plan_version) for h in agent.registry.handles()) == \
+                [(0, 2), (1, 2)]
+    finally:
+        c.stop(grace=0)

@@ -1,6 +1,7 @@
 """The agent with REAL `expertplane worker` processes (synthetic MoE model, 2 gloo ranks) and the
-REAL controller: registration, counters streamed as load, a crash reported as WORKER_LOST, and
-the restarted job reporting again through the same agent."""
+REAL controller: registration, counters streamed as load, a two-phase rollout (hot-swap to a new
+plan) relayed by the agent, a crash reported as WORKER_LOST, and the restarted job reporting again
+through the same agent."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def start_real_workers(tmp_path, agent_address: str, controller_port: int) -> li
 
 
 @pytest.mark.timeout(180)
-def test_real_workers_report_through_the_agent_and_a_crash_is_reported_lost(tmp_path, make_agent, workers):
+def test_real_workers_report_swap_plans_and_crash_through_the_agent(tmp_path, make_agent, workers):
     c, spy = support.start_controller(tmp_path / "controller.db")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{c.port}") as ch:
@@ -75,6 +76,19 @@ def test_real_workers_report_through_the_agent_and_a_crash_is_reported_lost(tmp_
                 assert list(r.slot_counts.shape) == [LAYERS, REPLICAS // WORLD]
                 assert r.plan_version == 1 and r.node == "node-a" and r.placement == "demo"
                 assert r.window_end.ToNanoseconds() >= r.window_start.ToNanoseconds()
+        # a two-phase rollout relayed by the agent: the workers hot-swap to plan 2 and count under it
+        with grpc.insecure_channel(f"127.0.0.1:{c.port}") as ch:
+            decision = pb_grpc.PlanningServiceStub(ch).TriggerRebalance(
+                pb.TriggerRebalanceRequest(placement="demo", force=True), timeout=30)
+            assert decision.new_version == 2, decision
+            e2e.wait_for(lambda: [r.state for r in pb_grpc.PlanServiceStub(ch).ListRollouts(
+                pb.ListRolloutsRequest(placement="demo"), timeout=10).rollouts] == ["committed"],
+                timeout=60, what="rollout of plan 2 committed")
+        e2e.wait_for(lambda: all(spy.accepted(rank)[-1].plan_version == 2 for rank in (0, 1)),
+                     what="reports counted under plan 2")
+        assert sorted((h.info.rank, h.info.plan_version) for h in agent.registry.handles()) == \
+            [(0, 2), (1, 2)]
+        assert agent.metrics.rollout_calls.labels(command="commit", outcome="ok")._value.get() == 2
         workers[1].kill()                                 # rank 1 crashes; rank 0's collectives
         e2e.wait_for(lambda: not c.controller.rollouts.workers("demo"), timeout=30,   # then fail too
                      what="both ranks reported WORKER_LOST to the controller")
