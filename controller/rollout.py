@@ -307,10 +307,10 @@ class RolloutCoordinator:
         rec.reason = reason
         rec.prepare_seconds = time.perf_counter() - act.t0
         log.warning("rollout %s of %s v%d aborted: %s", rec.id, rec.placement, rec.to_version, reason)
+        self._finish(act, "aborted")          # durable first, then tell the workers
         cmd = pb.RolloutCommand(rollout_id=rec.id, placement=rec.placement, abort=rec.to_version)
         for s in act.sessions():
             s.send(cmd)
-        self._finish(act, "aborted")
 
     def _finish(self, act: _Active, state: str) -> None:
         rec = act.rec

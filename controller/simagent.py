@@ -47,7 +47,7 @@ class SimulatedAgent:
         self._stub = pb_grpc.RolloutServiceStub(channel)
         self._metadata = metadata
         self._events: queue.Queue[pb.RolloutEvent | None] = queue.Queue()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._call = None
         self._thread: threading.Thread | None = None

@@ -1,0 +1,275 @@
+"""The controller over real gRPC on loopback: plan queries, load ingestion, rollouts with
+simulated agents on RolloutService.Connect, errors, health, reflection, auth, restarts."""
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from expertplane.controller.config import ControllerConfig
+from expertplane.controller.server import ControllerServer
+from expertplane.controller.simagent import SimulatedAgent, load_report
+from expertplane.proto import expertplane_pb2 as pb
+from expertplane.proto import expertplane_pb2_grpc as pb_grpc
+from expertplane.rpc.channels import make_channel
+from expertplane.rpc.security import SecurityConfig
+from expertplane.rpc.tensors import double_tensor, to_numpy
+
+pytestmark = pytest.mark.timeout(120)
+Ack = pb.LoadAck
+
+
+def placement(name="m", **policy) -> pb.Placement:
+    return pb.Placement(name=name, model=pb.ModelSpec(num_layers=2, num_experts=8, num_groups=2,
+                                                      expert_bytes=1 << 20),
+                        topology=pb.Topology(num_nodes=2, gpus_per_node=2), num_replicas=12,
+                        policy=pb.RebalancePolicy(**policy))
+
+
+class Client:
+    def __init__(self, port, token=None):
+        self.channel = make_channel(f"127.0.0.1:{port}")
+        self.md = (("authorization", f"Bearer {token}"),) if token else ()
+        self.plans = pb_grpc.PlanServiceStub(self.channel)
+        self.planning = pb_grpc.PlanningServiceStub(self.channel)
+        self.load = pb_grpc.LoadServiceStub(self.channel)
+
+    def report(self, reports):
+        return list(self.load.ReportLoad(iter(reports), timeout=10, metadata=self.md))
+
+
+def start(db_url, **kw):
+    cfg = ControllerConfig(listen="127.0.0.1:0", db_url=db_url, policy_interval_seconds=3600,
+                           tick_seconds=0.02, **kw)
+    server = ControllerServer(cfg)
+    return server, server.start()
+
+
+@pytest.fixture
+def server(sqlite_url):
+    srv, port = start(sqlite_url)
+    yield srv, Client(port)
+    srv.stop(0.5)
+
+
+def code_of(call, *args, **kw):
+    with pytest.raises(grpc.RpcError) as exc:
+        call(*args, timeout=10, **kw)
+    return exc.value.code(), exc.value.details()
+
+
+def test_placements_and_plan_queries(server):
+    srv, c = server
+    st = c.plans.ApplyPlacement(placement(), timeout=30)
+    assert st.plan_version == 1 and st.spec.name == "m"
+    again = c.plans.ApplyPlacement(placement(threshold=0.2), timeout=30)     # idempotent update
+    assert again.plan_version == 1 and again.spec.policy.threshold == pytest.approx(0.2)
+    plan = c.plans.GetPlan(pb.GetPlanRequest(placement="m"), timeout=10)
+    assert plan.summary.reason == "initial" and list(plan.phy2log.shape) == [2, 12]
+    assert list(plan.topology.__class__.ListFields(plan.topology))
+    for i in range(3):
+        c.planning.ComputePlan(pb.ComputePlanRequest(
+            placement="m", load=double_tensor(np.arange(16.0).reshape(2, 8) + i), store=True),
+            timeout=30)
+    page1 = c.plans.ListPlans(pb.ListPlansRequest(placement="m", page_size=3), timeout=10)
+    page2 = c.plans.ListPlans(pb.ListPlansRequest(placement="m", page_size=3,
+                                                  page_token=page1.next_page_token), timeout=10)
+    assert [p.version for p in page1.plans] == [1, 2, 3] and [p.version for p in page2.plans] == [4]
+    assert page2.next_page_token == ""
+    [state] = c.plans.ListPlacements(pb.ListPlacementsRequest(), timeout=10).placements
+    assert state.plan_version == 1                       # stored plans are not in force
+    assert c.plans.DeletePlacement(pb.DeletePlacementRequest(name="m"), timeout=10).deleted
+    assert not c.plans.DeletePlacement(pb.DeletePlacementRequest(name="m"), timeout=10).deleted
+
+
+@pytest.mark.parametrize("call, request_, code, field", [
+    ("ApplyPlacement", pb.Placement(name="m"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    ("ApplyPlacement", pb.Placement(name="UPPER"), grpc.StatusCode.INVALID_ARGUMENT, "name"),
+    ("GetPlan", pb.GetPlanRequest(placement="nope"), grpc.StatusCode.NOT_FOUND, "placement"),
+    ("GetPlan", pb.GetPlanRequest(placement="m", version=99), grpc.StatusCode.NOT_FOUND, "version"),
+    ("ListPlans", pb.ListPlansRequest(placement="m", page_token="x"),
+     grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
+    ("GetLoad", pb.GetLoadRequest(placement="nope"), grpc.StatusCode.NOT_FOUND, "placement"),
+])
+def test_plan_service_errors_name_the_field(server, call, request_, code, field):
+    srv, c = server
+    c.plans.ApplyPlacement(placement(), timeout=30)
+    got, details = code_of(getattr(c.plans, call), request_)
+    assert got == code and details.startswith(field)
+
+
+def test_planning_errors(server):
+    srv, c = server
+    c.plans.ApplyPlacement(placement(), timeout=30)
+    bad_shape = pb.ComputePlanRequest(placement="m", load=double_tensor(np.ones((3, 8))))
+    assert code_of(c.planning.ComputePlan, bad_shape) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                         "load: must have shape [2, 8], got [3, 8]")
+    neg = pb.ComputePlanRequest(placement="m", load=double_tensor(-np.ones((2, 8))))
+    assert code_of(c.planning.ComputePlan, neg)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    broken = pb.ComputePlanRequest(placement="m", load=pb.DoubleTensor(shape=[2, 8], values=[1.0]))
+    assert code_of(c.planning.ComputePlan, broken)[1].startswith("load: has 1 values")
+    inline = pb.ComputePlanRequest(spec=placement("inline"), store=True)
+    assert code_of(c.planning.ComputePlan, inline) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "store: only plans of registered placements can be stored")
+    assert code_of(c.planning.TriggerRebalance,
+                   pb.TriggerRebalanceRequest(placement="zzz"))[0] == grpc.StatusCode.NOT_FOUND
+    # an inline spec is planned without being stored
+    plan = c.planning.ComputePlan(pb.ComputePlanRequest(spec=placement("inline")), timeout=30)
+    assert plan.summary.version == 0 and list(plan.logcnt.shape) == [2, 8]
+    # nothing stored was lost by the bad calls
+    assert c.plans.GetPlan(pb.GetPlanRequest(placement="m"), timeout=10).summary.version == 1
+
+
+def test_load_reports_acked_in_order_and_mapped(server):
+    srv, c = server
+    c.plans.ApplyPlacement(placement(), timeout=30)
+    phy2log = to_numpy(c.plans.GetPlan(pb.GetPlanRequest(placement="m"), timeout=10).phy2log, "p")
+    counts = np.arange(6).reshape(2, 3) + 1
+    reports = [load_report("n0", 1, "m", 1, 1, counts),
+               load_report("n0", 1, "m", 1, 1, counts),                 # duplicate
+               load_report("n0", 1, "m", 5, 2, counts),                 # future version
+               load_report("n0", 1, "zzz", 1, 3, counts),               # unknown placement
+               load_report("n0", 2, "m", 1, 1, np.ones((2, 4), int))]   # wrong slots per GPU
+    acks = c.report(reports)
+    assert [a.status for a in acks] == [Ack.ACCEPTED, Ack.DUPLICATE, Ack.REJECTED, Ack.REJECTED,
+                                        Ack.REJECTED]
+    assert [a.message.split(":")[0] for a in acks[2:]] == ["plan_version", "placement", "slot_counts"]
+    assert [a.sequence for a in acks] == [1, 1, 2, 3, 1]
+    window = c.plans.GetLoad(pb.GetLoadRequest(placement="m"), timeout=10)
+    load = to_numpy(window.load, "load")
+    expected = np.zeros((2, 8))
+    for layer in range(2):
+        for j, slot in enumerate(range(3, 6)):                       # rank 1 holds slots 3..5
+            expected[layer, phy2log[layer, slot]] += counts[layer, j]
+    np.testing.assert_allclose(load, expected)
+    assert window.reports == 1
+    assert to_numpy(window.gpu_load, "g")[:, 1].tolist() == counts.sum(1).tolist()
+
+
+def test_overload_is_shed_with_acks(sqlite_url):
+    srv, port = start(sqlite_url, ingest_queue=0)
+    try:
+        c = Client(port)
+        c.plans.ApplyPlacement(placement(), timeout=30)
+        [ack] = c.report([load_report("n0", 0, "m", 1, 1, np.ones((2, 3), int))])
+        assert ack.status == Ack.OVERLOADED
+    finally:
+        srv.stop(0.5)
+
+
+def test_rollout_through_agents_and_watch(server):
+    srv, c = server
+    c.plans.ApplyPlacement(placement(mode=pb.RebalancePolicy.MANUAL), timeout=30)
+    watch = c.plans.WatchPlans(pb.WatchPlansRequest(placement="m"), timeout=60)
+    assert next(watch).version == 1                       # backlog
+    agents = [SimulatedAgent(c.channel, f"n{i}", "m", (2 * i, 2 * i + 1), plan_version=1).start()
+              for i in range(2)]
+    try:
+        _wait(lambda: len(srv.controller.rollouts.workers("m")) == 4)
+        skewed = np.ones((2, 8))
+        skewed[:, 0] = 100.0
+        counts = [load_report(f"n{r // 2}", r, "m", 1, 1, _counts_for(c, r, skewed))
+                  for r in range(4)]
+        assert {a.status for a in c.report(counts)} == {Ack.ACCEPTED}
+        d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m"), timeout=30)
+        assert d.rebalance and d.new_version == 2 and d.gain > 0, d
+        assert next(watch).version == 2                   # live
+        for a in agents:
+            assert a.wait_for(lambda ag: set(ag.versions().values()) == {2})
+        _wait(lambda: c.plans.ListPlacements(pb.ListPlacementsRequest(), timeout=5)
+              .placements[0].plan_version == 2)
+        [r] = [r for r in c.plans.ListRollouts(pb.ListRolloutsRequest(placement="m"),
+                                                timeout=10).rollouts if r.to_version == 2]
+        _wait(lambda: c.plans.ListRollouts(pb.ListRolloutsRequest(placement="m"), timeout=5)
+              .rollouts[0].state == "committed")
+        assert len(r.prepared) == 4
+        # a dry-run trigger decides but does not roll out
+        dry = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", dry_run=True,
+                                                                     force=True), timeout=30)
+        assert not dry.rebalance and dry.reason.startswith("dry run") and dry.new_version == 0
+    finally:
+        watch.cancel()
+        for a in agents:
+            a.stop()
+
+
+def test_failed_prepare_aborts_and_no_worker_switches(server):
+    srv, c = server
+    c.plans.ApplyPlacement(placement(mode=pb.RebalancePolicy.MANUAL), timeout=30)
+    agents = [SimulatedAgent(c.channel, f"n{i}", "m", (2 * i, 2 * i + 1), plan_version=1).start()
+              for i in range(2)]
+    agents[1].workers[3].fail_prepare = True
+    try:
+        _wait(lambda: len(srv.controller.rollouts.workers("m")) == 4)
+        d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", force=True),
+                                        timeout=30)
+        assert d.rebalance and d.new_version == 2
+        for a in agents:
+            assert a.wait_for(lambda ag: any(h.startswith("abort 2") for w in ag.workers.values()
+                                             for h in w.history))
+            assert set(a.versions().values()) == {1}
+        [r] = c.plans.ListRollouts(pb.ListRolloutsRequest(placement="m"), timeout=10).rollouts
+        assert r.state == "aborted" and "rank 3" in r.reason
+    finally:
+        for a in agents:
+            a.stop()
+
+
+def test_health_reflection_and_token(sqlite_url):
+    srv, port = start(sqlite_url, security=SecurityConfig(token="s3cret"))
+    try:
+        anon, authed = Client(port), Client(port, token="s3cret")
+        health = health_pb2_grpc.HealthStub(anon.channel)
+        for service in ("", "expertplane.v1.PlanService", "expertplane.v1.RolloutService"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status \
+                == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(anon.channel)
+        [resp] = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            list_services="")]), timeout=5)
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"expertplane.v1.LoadService", "expertplane.v1.PlanningService"} <= names
+        assert code_of(anon.plans.ListPlacements, pb.ListPlacementsRequest())[0] == \
+            grpc.StatusCode.UNAUTHENTICATED
+        assert authed.plans.ListPlacements(pb.ListPlacementsRequest(), timeout=5,
+                                           metadata=authed.md).placements == []
+    finally:
+        srv.stop(0.5)
+
+
+def test_state_survives_a_restart(db_url):
+    srv, port = start(db_url)
+    c = Client(port)
+    c.plans.ApplyPlacement(placement(), timeout=30)
+    c.planning.ComputePlan(pb.ComputePlanRequest(placement="m", rollout=True,
+                                                 load=double_tensor(np.arange(16.0).reshape(2, 8))),
+                           timeout=30)
+    srv.stop(0.5)
+    srv, port = start(db_url)
+    try:
+        c = Client(port)
+        [st] = c.plans.ListPlacements(pb.ListPlacementsRequest(), timeout=10).placements
+        assert st.plan_version == 2                    # no workers: committed at once
+        assert [p.version for p in c.plans.ListPlans(pb.ListPlansRequest(placement="m"),
+                                                     timeout=10).plans] == [1, 2]
+    finally:
+        srv.stop(0.5)
+
+
+def _counts_for(c, rank, load):
+    """Slot counts [L, 3] of ``rank`` for logical ``load`` [L, E] under the plan in force."""
+    plan = c.plans.GetPlan(pb.GetPlanRequest(placement="m"), timeout=10)
+    phy2log, logcnt = to_numpy(plan.phy2log, "p"), to_numpy(plan.logcnt, "c")
+    per_slot = np.take_along_axis(load / logcnt, phy2log, 1)
+    return np.rint(per_slot[:, 3 * rank:3 * rank + 3]).astype(np.int64)
+
+
+def _wait(predicate, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
