@@ -38,8 +38,10 @@ def world_of(group: dist.ProcessGroup | None) -> tuple[int, int]:
 class DispatchLayout:
     """Where every row goes. Built by :func:`plan_dispatch`, used by dispatch and combine.
 
-    order: [N] int64, the flat (token * k + j) row indices sorted by destination slot.
-    position: [T, k] int64, the position of row (t, j) in ``order`` (its inverse).
+    order: [N'] int64, the flat (token * k + j) row indices sorted by destination slot
+    (N' = N minus the rows without a slot).
+    position: [T, k] int64, the position of row (t, j) in ``order`` (0 for rows without a slot).
+    unplaced: [T, k] bool, rows without a slot (phys == -1, e.g. dropped by capacity).
     send_counts / recv_counts: [W] host ints, rows sent to / received from each rank.
     recv_order: [M] int64, received row (source-major) feeding each slot-major row.
     recv_position: [M] int64, its inverse (slot-major row of each received row).
@@ -49,6 +51,7 @@ class DispatchLayout:
 
     order: Tensor
     position: Tensor
+    unplaced: Tensor
     send_counts: list[int]
     recv_counts: list[int]
     recv_order: Tensor
@@ -59,17 +62,19 @@ class DispatchLayout:
 
 def plan_dispatch(phys: Tensor, num_slots: int, group: dist.ProcessGroup | None = None
                   ) -> DispatchLayout:
-    """Layout for physical slot ids ``phys`` [T, k] over R = ``num_slots`` slots."""
+    """Layout for physical slot ids ``phys`` [T, k] over R = ``num_slots`` slots; entries -1
+    (rows dropped before dispatch) are not sent and add nothing in :func:`combine`."""
     rank, world = world_of(group)
     if num_slots % world:
         raise ValueError(f"num_slots={num_slots} must be a multiple of the world size {world}")
     per_rank = num_slots // world
     tokens, k = phys.shape
-    flat = phys.reshape(-1)
+    unplaced = phys < 0
+    flat = torch.where(unplaced, num_slots, phys).reshape(-1)          # unplaced sort last
     order = torch.sort(flat, stable=True).indices
     position = torch.empty_like(order)
     position[order] = torch.arange(order.numel(), device=order.device)
-    sent_per_slot = histogram(flat, num_slots)                           # [R]
+    sent_per_slot = histogram(flat, num_slots + 1)[:num_slots]          # [R]
     recv_per_slot = _exchange_counts(sent_per_slot, world, group)       # [W * S], source-major
     host = torch.cat([sent_per_slot.view(world, per_rank).sum(1),
                       recv_per_slot.view(world, per_rank).sum(1),
@@ -82,7 +87,8 @@ def plan_dispatch(phys: Tensor, num_slots: int, group: dist.ProcessGroup | None 
     recv_order = torch.sort(slot_major, stable=True).indices
     recv_position = torch.empty_like(recv_order)
     recv_position[recv_order] = torch.arange(recv_order.numel(), device=recv_order.device)
-    return DispatchLayout(order=order, position=position.view(tokens, k),
+    position = torch.where(unplaced, 0, position.view(tokens, k))
+    return DispatchLayout(order=order[:sum(send_counts)], position=position, unplaced=unplaced,
                           send_counts=send_counts, recv_counts=recv_counts,
                           recv_order=recv_order, recv_position=recv_position,
                           tokens_per_slot=recv_per_slot.view(world, per_rank).sum(0),
@@ -100,9 +106,13 @@ def dispatch(x: Tensor, layout: DispatchLayout, k: int,
 def combine(y: Tensor, layout: DispatchLayout, weights: Tensor,
             group: dist.ProcessGroup | None = None) -> Tensor:
     """Expert outputs y [M, H] (slot-major) -> weighted sum per token [T, H] with
-    ``weights`` [T, k] (fp32 accumulation, output in y's dtype)."""
+    ``weights`` [T, k] (fp32 accumulation, output in y's dtype); unplaced rows add nothing."""
     recv = y.index_select(0, layout.recv_position)
     back = _all_to_all(recv, layout.send_counts, layout.recv_counts, group)
+    tokens = layout.position.shape[0]
+    if back.shape[0] == 0:
+        return back.new_zeros(tokens, back.shape[1])
+    weights = torch.where(layout.unplaced, 0.0, weights.float())
     return weighted_combine(back, layout.position, weights)
 
 

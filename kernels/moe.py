@@ -15,11 +15,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from expertplane.kernels.balancing import (BiasUpdate, CapacityConfig, enforce_capacity,
+                                           expert_load)
 from expertplane.kernels.counters import SlotCounters
 from expertplane.kernels.dispatch import combine, dispatch, plan_dispatch, world_of
 from expertplane.kernels.experts import ExpertWeightFn, LocalExperts, seeded_expert_weights
 from expertplane.kernels.replica_choice import choose_replicas
-from expertplane.kernels.routing import RouterConfig, route
+from expertplane.kernels.routing import RouterConfig, gating_weights, ranked_experts, route
 
 __all__ = ["EPMoELayer", "LayerPlacement", "PlacementError", "seeded_router_weight"]
 
@@ -107,6 +109,8 @@ class EPMoELayer(nn.Module):
     router_weight: [E, H] (default: :func:`seeded_router_weight`); expert_weights: logical
     expert id -> (w13 [H, 2I], w2 [I, H]) (default: :func:`seeded_expert_weights`), so any
     placement of the same (seed, layer) computes the same function.
+    capacity: optional per-slot capacity (``kernels.balancing``; drops counted per local slot,
+    :meth:`read_dropped`). bias_update: the rule :meth:`update_selection_bias` applies.
     """
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int,
@@ -116,7 +120,9 @@ class EPMoELayer(nn.Module):
                  normalize: bool = True, scaling: float = 1.0, layer: int = 0, seed: int = 0,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  router_weight: Tensor | None = None,
-                 expert_weights: ExpertWeightFn | None = None) -> None:
+                 expert_weights: ExpertWeightFn | None = None,
+                 capacity: CapacityConfig | None = None,
+                 bias_update: BiasUpdate | None = None) -> None:
         super().__init__()
         self.group = group
         self.rank, self.world_size = world_of(group)
@@ -138,11 +144,15 @@ class EPMoELayer(nn.Module):
             seed, layer, hidden, intermediate, dtype=dtype, device=self.device)
         self.hidden, self.intermediate = hidden, intermediate
         self.selection_bias: Tensor | None = None
+        self.capacity = capacity
+        self.bias_update = bias_update
+        self._selections = torch.zeros(num_experts, dtype=torch.int64, device=self.device)
         self._check_placement(placement)
         self.num_slots = placement.num_slots
         self.slots_per_rank = placement.num_slots // self.world_size
         self.slot_gpu = torch.arange(self.num_slots, device=self.device) // self.slots_per_rank
         self.counters = SlotCounters(self.slots_per_rank, self.device)
+        self.dropped = SlotCounters(self.slots_per_rank, self.device)
         self._set_placement(placement)
         self.experts = LocalExperts.from_logical(self.local_logical_ids(), self.expert_weights)
 
@@ -159,24 +169,64 @@ class EPMoELayer(nn.Module):
         self.selection_bias = None if bias is None else bias.to(self.device, torch.float32)
 
     def route_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Router and replica choice for x [T, H]: (physical slots [T, k] int64,
+        """Router and replica choice for x [T, H] (no capacity): (physical slots [T, k] int64,
         gating weights [T, k] fp32)."""
-        if x.dim() != 2 or x.shape[1] != self.hidden:
-            raise ValueError(f"x must be [T, {self.hidden}], got {list(x.shape)}")
-        logits = x.float() @ self.router_weight.t()
-        topk_ids, weights = route(logits, self.router, self.selection_bias)
-        phys = choose_replicas(topk_ids, self.rank, self._log2phy, self._logcnt, self.slot_gpu,
-                               self.gpus_per_node)
-        return phys, weights
+        topk_ids, weights = route(self._logits(x), self.router, self.selection_bias)
+        return self._replicas(topk_ids), weights
 
     def forward(self, x: Tensor) -> Tensor:
         """x [T, H] -> [T, H] (same dtype). Every rank of the group must call it."""
-        phys, weights = self.route_tokens(x)
+        phys, weights = self.assign(x)
         layout = plan_dispatch(phys, self.num_slots, self.group)
         x_local = dispatch(x.to(self.experts.w13.dtype), layout, self.router.top_k, self.group)
         self.counters.add(layout.tokens_per_slot)
         y_local = self.experts(x_local, layout.tokens_per_slot, layout.slot_counts)
         return combine(y_local, layout, weights, self.group).to(x.dtype)
+
+    def assign(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One step's routing of x [T, H]: router, replica choice and capacity. Returns
+        (physical slot [T, k] int64, -1 for dropped rows; gating weights [T, k] fp32, 0 there).
+        Records the selections (for :meth:`update_selection_bias`) and the drops (counters).
+        Collective when a capacity is set."""
+        logits = self._logits(x)
+        if self.capacity is not None and self.capacity.mode == "next_best":
+            count = self.router.top_k * (1 + self.capacity.max_reroutes)
+            ranked, eligible, scores = ranked_experts(logits, self.router, self.selection_bias,
+                                                      count)
+            topk_ids = ranked[:, :self.router.top_k]
+            weights = gating_weights(scores, topk_ids, self.router)
+        else:
+            topk_ids, weights = route(logits, self.router, self.selection_bias)
+        self._selections += expert_load(topk_ids, self.router.num_experts)
+        phys = self._replicas(topk_ids)
+        if self.capacity is None:
+            return phys, weights
+        reroute = None
+        if self.capacity.mode == "next_best":
+            reroute = self._rerouter(ranked, eligible, scores, topk_ids, weights)
+        result = enforce_capacity(phys, weights, self.capacity, self.num_slots, self.rank,
+                                  self.group, reroute)
+        start = self.rank * self.slots_per_rank
+        self.dropped.add(result.dropped_per_slot[start:start + self.slots_per_rank])
+        return result.phys, result.weights
+
+    def update_selection_bias(self, load: Tensor | None = None) -> Tensor:
+        """Apply ``bias_update`` once: with ``load`` [E] (e.g. the global load the controller
+        computed), or else this layer's own selections per logical expert since the last
+        update. Returns the new bias [E]."""
+        if self.bias_update is None:
+            raise ValueError("bias_update is not set on this layer")
+        if load is None:
+            load, self._selections = self._selections, torch.zeros_like(self._selections)
+        bias = self.selection_bias
+        if bias is None:
+            bias = torch.zeros(self.router.num_experts, device=self.device)
+        self.set_selection_bias(self.bias_update.step(bias, load.to(self.device)))
+        return self.selection_bias
+
+    def read_dropped(self, reset: bool = True) -> Tensor:
+        """Rows dropped by the capacity at each local slot: host LongTensor [S]."""
+        return self.dropped.read(reset)
 
     def read_counters(self, reset: bool = True) -> Tensor:
         """Tokens processed by each local slot since the last reset: host LongTensor [S]."""
@@ -195,6 +245,37 @@ class EPMoELayer(nn.Module):
             raise ValueError(f"experts.w13 must be {list(expected)}, got {list(experts.w13.shape)}")
         self._set_placement(placement)
         self.experts = experts
+
+    def _logits(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"x must be [T, {self.hidden}], got {list(x.shape)}")
+        return x.float() @ self.router_weight.t()
+
+    def _replicas(self, topk_ids: Tensor) -> Tensor:
+        return choose_replicas(topk_ids, self.rank, self._log2phy, self._logcnt, self.slot_gpu,
+                               self.gpus_per_node)
+
+    def _rerouter(self, ranked: Tensor, eligible: Tensor, scores: Tensor, topk_ids: Tensor,
+                  weights: Tensor):
+        """Next-best re-routing for :func:`enforce_capacity`: each refused row of a token takes
+        the token's next unused expert of ``ranked`` [T, C] (in column order); its replica is
+        chosen by the replica rule applied to the substitutes as one column; its gating weight
+        is its unbiased score times the token's normaliser (weights / scores of the top-k)."""
+        next_free = torch.full((ranked.shape[0],), self.router.top_k, device=ranked.device)
+        norm = weights[:, :1] / scores.gather(1, topk_ids[:, :1]).clamp_min(1e-20)   # [T, 1]
+        last = ranked.shape[1] - 1
+
+        def reroute(denied: Tensor) -> tuple[Tensor, Tensor]:
+            nonlocal next_free
+            index = next_free.unsqueeze(1) + torch.cumsum(denied.long(), dim=1) - 1
+            has = denied & (index <= last) & eligible.gather(1, index.clamp(max=last))
+            substitute = ranked.gather(1, index.clamp(max=last))
+            next_free = next_free + denied.sum(dim=1)
+            phys = torch.full_like(substitute, -1)
+            if bool(has.any()):
+                phys[has] = self._replicas(substitute[has].unsqueeze(1)).squeeze(1)
+            return phys, scores.gather(1, substitute) * norm
+        return reroute
 
     def _check_placement(self, placement: LayerPlacement) -> None:
         if placement.num_experts != self.router.num_experts:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RouterConfig", "RouterConfigError", "route", "router_scores"]
+__all__ = ["RouterConfig", "RouterConfigError", "gating_weights", "ranked_experts", "route", "router_scores"]
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 
@@ -80,6 +80,36 @@ def route(logits: Tensor, config: RouterConfig, bias: Tensor | None = None) -> t
     expert scores (its best score when a group holds one expert); the ``topk_groups`` best
     groups are kept and the k experts are the top-k (biased) scores inside them.
     """
+    scores, selection = _selection(logits, config, bias)
+    topk_ids = torch.topk(selection, config.top_k, dim=-1, sorted=True).indices
+    return topk_ids, gating_weights(scores, topk_ids, config)
+
+
+def gating_weights(scores: Tensor, topk_ids: Tensor, config: RouterConfig) -> Tensor:
+    """Gating weights [T, k] fp32: unbiased scores [T, E] of topk_ids [T, k], normalised to
+    sum 1 when ``config.normalize``, times ``config.scaling``."""
+    weights = scores.gather(1, topk_ids)
+    if config.normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    if config.scaling != 1.0:
+        weights = weights * config.scaling
+    return weights
+
+
+def ranked_experts(logits: Tensor, config: RouterConfig, bias: Tensor | None, count: int
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``count`` best experts per token by selection score (the first k are
+    :func:`route`'s choice, in the same order), for re-routing past the top-k.
+    Returns (ids [T, count] int64, eligible [T, count] bool: inside the token's kept groups,
+    scores [T, E] fp32 unbiased)."""
+    count = min(count, config.num_experts)
+    scores, selection = _selection(logits, config, bias)
+    top = torch.topk(selection, count, dim=-1, sorted=True)
+    return top.indices, torch.isfinite(top.values), scores
+
+
+def _selection(logits: Tensor, config: RouterConfig, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(unbiased scores [T, E], selection scores [T, E]: biased, -inf outside kept groups)."""
     if logits.dim() != 2 or logits.shape[1] != config.num_experts:
         raise RouterConfigError(
             f"logits must be [T, {config.num_experts}], got {list(logits.shape)}")
@@ -91,13 +121,7 @@ def route(logits: Tensor, config: RouterConfig, bias: Tensor | None = None) -> t
         selection = scores + bias.to(device=scores.device, dtype=scores.dtype)
     if config.topk_groups < config.num_groups:
         selection = _mask_groups(selection, config.num_groups, config.topk_groups)
-    topk_ids = torch.topk(selection, config.top_k, dim=-1, sorted=True).indices
-    weights = scores.gather(1, topk_ids)
-    if config.normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    if config.scaling != 1.0:
-        weights = weights * config.scaling
-    return topk_ids, weights
+    return scores, selection
 
 
 def _mask_groups(selection: Tensor, num_groups: int, topk_groups: int) -> Tensor:
