@@ -15,6 +15,7 @@ from expertplane.controller.config import ControllerConfig
 from expertplane.controller.server import ControllerServer
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
+from expertplane.rpc.security import SecurityConfig, call_metadata
 
 _spec = importlib.util.spec_from_file_location("agent_e2e_support",
                                                Path(__file__).with_name("test_agent_e2e.py"))
@@ -50,8 +51,9 @@ class Spy:
             return [r for r, s in self.answers if s == pb.LoadAck.ACCEPTED and r.worker_rank == rank]
 
 
-def start_controller(db: Path, port: int = 0) -> tuple[ControllerServer, Spy]:
+def start_controller(db: Path, port: int = 0, security=None) -> tuple[ControllerServer, Spy]:
     server = ControllerServer(ControllerConfig(listen=f"127.0.0.1:{port}", db_url=f"sqlite:///{db}",
+                                               security=security or SecurityConfig(),
                                                policy_interval_seconds=3600.0,
                                                snapshot_interval_seconds=3600.0,
                                                rollout_timeout_seconds=20.0))
@@ -138,5 +140,24 @@ def test_real_controller_rollout_is_relayed_to_worker_processes(tmp_path, make_a
                          what="reports under plan 2")
             assert sorted((h.info.rank, h.info.plan_version) for h in agent.registry.handles()) == \
                 [(0, 2), (1, 2)]
+    finally:
+        c.stop(grace=0)
+
+
+@pytest.mark.timeout(60)
+def test_bearer_token_is_sent_and_a_wrong_one_delivers_nothing(tmp_path, make_agent, workers):
+    c, spy = start_controller(tmp_path / "controller.db", security=SecurityConfig(token="s3cret"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{c.port}") as ch:
+            pb_grpc.PlanServiceStub(ch).ApplyPlacement(
+                PLACEMENT, timeout=30, metadata=call_metadata(SecurityConfig(token="s3cret")))
+        wrong = make_agent(c.port, security=SecurityConfig(token="guess"))
+        workers.append(e2e.start_worker(tmp_path, wrong.start(), 0))
+        good = make_agent(c.port, security=SecurityConfig(token="s3cret"))
+        workers.append(e2e.start_worker(tmp_path, good.start(), 1))
+        e2e.wait_for(lambda: len(spy.accepted(1)) >= 3, what="reports with the right token")
+        assert good.metrics.reports_acked.labels(status="ACCEPTED")._value.get() >= 3
+        assert spy.accepted(0) == [] and len(wrong.buffer) > 0    # refused: kept, not lost
+        assert wrong.stop(flush_timeout=0.2) is False
     finally:
         c.stop(grace=0)

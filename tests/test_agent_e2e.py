@@ -117,13 +117,16 @@ class TestController:
     """LoadService + RolloutService on a real loopback server; state survives ``restart``.
 
     Dedupes like the controller: (node, rank, agent_epoch, sequence) is counted once.
-    ``overload_first``: answer the first N reports OVERLOADED.
+    ``overload_first``: answer the first N reports OVERLOADED. ``swallow_first``: never answer
+    the first N reports (a controller that hangs).
     """
 
     __test__ = False
 
-    def __init__(self, overload_first: int = 0):
+    def __init__(self, overload_first: int = 0, swallow_first: int = 0):
         self.accepted: dict[tuple, pb.LoadReport] = {}
+        self.swallow_left = swallow_first
+        self.received: list[tuple[int, int]] = []
         self.duplicates = 0
         self.overload_left = overload_first
         self.events: list[pb.RolloutEvent] = []
@@ -139,6 +142,10 @@ class TestController:
         for r in request_iterator:
             key = (r.node, r.worker_rank, r.agent_epoch, r.sequence)
             with self.lock:
+                self.received.append((r.worker_rank, r.sequence))
+                if self.swallow_left > 0:
+                    self.swallow_left -= 1
+                    continue
                 if self.overload_left > 0:
                     self.overload_left -= 1
                     status = pb.LoadAck.OVERLOADED
@@ -357,6 +364,21 @@ def test_overloaded_reports_are_resent_not_lost(make_agent, workers, tmp_path):
         seqs = c.sequences(0)
         assert seqs == list(range(1, len(seqs) + 1)) and c.duplicates == 0
         assert agent.metrics.reports_acked.labels(status="OVERLOADED")._value.get() == 6
+    finally:
+        c.stop()
+
+
+@pytest.mark.timeout(60)
+def test_missing_ack_reopens_the_stream_and_resends_the_same_sequence(make_agent, workers, tmp_path):
+    c = TestController(swallow_first=1)
+    c.start()
+    try:
+        agent = make_agent(c.port, ack_timeout=0.5)
+        workers.append(start_worker(tmp_path, agent.start(), 0))
+        wait_for(lambda: len(c.sequences(0)) >= 5, what="reports after the stream was re-opened")
+        assert c.received[:2] == [(0, 1), (0, 1)]       # unanswered, then resent unchanged
+        assert c.sequences(0) == list(range(1, len(c.sequences(0)) + 1))
+        assert agent.metrics.reconnects.labels(stream="load")._value.get() >= 1
     finally:
         c.stop()
 
