@@ -20,6 +20,10 @@ def register(sub) -> None:
     g.add_argument("--gpus-per-node", type=int, default=None,
                    help="ranks per node for replica choice and transfer sources (default: all)")
     g.add_argument("--collective-timeout", type=float, default=120.0, metavar="SECONDS")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per worker (0 = torch's default)")
+    g.add_argument("--drain", type=float, default=5.0, metavar="SECONDS",
+                   help="after the last step, wait this long for a final counter pull")
 
     g = parser.add_argument_group("control plane")
     g.add_argument("--node", default="node-0", help="node name reported to the agent")
@@ -86,7 +90,8 @@ def config_from_args(args):
         device=args.device, backend=args.backend, gpus_per_node=args.gpus_per_node,
         step_interval=args.step_interval, max_steps=args.max_steps,
         verify_every=args.verify_every, collective_timeout=args.collective_timeout,
-        rollout_timeout=args.rollout_timeout, security=security_from_args(args))
+        rollout_timeout=args.rollout_timeout, threads=args.threads,
+        drain_seconds=args.drain, security=security_from_args(args))
 
 
 def _run(args) -> int:

@@ -59,8 +59,9 @@ class WorkerConfig:
     step_interval: seconds to sleep between steps (0 = flat out); max_steps: 0 = until stopped.
     verify_every: compare every N-th step with the dense reference (0 = never); a mismatch
     beyond the dtype's tolerance counts as a failed step.
-    drain_seconds: after the last step, keep serving until the counters are pulled once more
-    (so the last window reaches the agent), at most this long.
+    threads: torch intra-op threads (CPU; 0 = torch's default).
+    drain_seconds: after the last step, keep serving until the counters are pulled once
+    more (so the last window reaches the agent), at most this long.
     """
 
     rank: int
@@ -84,6 +85,7 @@ class WorkerConfig:
     collective_timeout: float = 120.0
     rollout_timeout: float = 120.0
     drain_seconds: float = 5.0
+    threads: int = 1
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
@@ -197,6 +199,8 @@ class _AgentLink:
 
 
 def _init_distributed(config: WorkerConfig) -> None:
+    if config.threads:
+        torch.set_num_threads(config.threads)
     if config.device == "cuda":
         local = config.rank % (config.gpus_per_node or torch.cuda.device_count())
         torch.cuda.set_device(local)
