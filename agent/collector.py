@@ -69,19 +69,24 @@ class Collector:
         return futures
 
     def _pull(self, handle: WorkerHandle) -> None:
+        try:
+            self._pull_once(handle)
+        finally:   # only now may the next pull of this worker start: its report is queued
+            with handle.lock:
+                handle.pulling = False
+
+    def _pull_once(self, handle: WorkerHandle) -> None:
         started = time.time()
         t0 = time.monotonic()
         try:
             snapshot = handle.stub.PullCounters(pb.PullCountersRequest(),
                                                 timeout=self._config.deadlines.pull)
         except grpc.RpcError as exc:
+            self._metrics.pull_latency.observe(time.monotonic() - t0)
             self._metrics.pull_failures.inc()
             self._missed(handle, exc)
             return
-        finally:
-            self._metrics.pull_latency.observe(time.monotonic() - t0)
-            with handle.lock:
-                handle.pulling = False
+        self._metrics.pull_latency.observe(time.monotonic() - t0)
         handle.missed_pulls = 0
         previous, handle.last_pull = handle.last_pull, started
         info = self._registry.update(handle, plan_version=snapshot.plan_version or None)
@@ -89,11 +94,12 @@ class Collector:
             snapshot.window_end.FromNanoseconds(time.time_ns())
         if not snapshot.HasField("window_start"):
             snapshot.window_start.FromNanoseconds(int((previous or started) * 1e9))
+        gpu = self._gpu.sample(info.rank)
         with self._seq_lock:
             sequence = self._sequences.get(info.rank, 0) + 1
             try:
-                report = build_report(snapshot, info, sequence=sequence, agent_epoch=self.agent_epoch,
-                                      gpu=self._gpu.sample(info.rank))
+                report = build_report(snapshot, info, sequence=sequence,
+                                      agent_epoch=self.agent_epoch, gpu=gpu)
             except SnapshotError as exc:
                 log.warning("rank %d sent a malformed counter snapshot, not reported: %s",
                             info.rank, exc)

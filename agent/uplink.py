@@ -98,16 +98,15 @@ class LoadUplink:
     def _requests(self, generation: int):
         """The request stream of one ReportLoad call: buffered reports, until the call ends."""
         while not self._stopping.is_set():
+            if self._buffer.oldest_in_flight_age() > self._config.ack_timeout:
+                log.warning("no ACK within %.1fs: re-opening the load stream", self._config.ack_timeout)
+                self._cancel()
+                return
             report = self._buffer.take(generation, self._config.max_in_flight, timeout=0.25)
             if report is not None:
                 self._metrics.reports_sent.inc()
                 yield report
-                continue
-            if not self._buffer.is_current(generation):
-                return
-            if self._buffer.oldest_in_flight_age() > self._config.ack_timeout:
-                log.warning("no ACK within %.1fs: re-opening the load stream", self._config.ack_timeout)
-                self._cancel()
+            elif not self._buffer.is_current(generation):
                 return
 
     def _on_ack(self, ack: pb.LoadAck) -> None:
