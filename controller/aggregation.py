@@ -3,7 +3,8 @@
 Each ``LoadReport`` carries token counts per local physical slot ``[L, R / num_gpus]`` counted
 under some plan version. The slots of worker ``rank`` are ``rank*S .. (rank+1)*S - 1`` of that
 plan's ``phy2log [L, R]``, so a report maps to logical experts exactly even when the plan in
-force has changed since. Reports land in time buckets (``window / BUCKETS`` seconds wide); the
+force has changed since. Reports land in time buckets as raw slot counts per plan version
+(cheap to ingest); the mapping to experts happens when the window is read. Buckets (``window / BUCKETS`` seconds wide); the
 window load is the sum of the buckets younger than the window, each weighted by
 ``2 ** (-age / half_life)`` (no decay when half_life is 0). Memory per placement is bounded:
 at most ``BUCKETS + 1`` buckets, ``MAX_CACHED_VERSIONS`` slot maps and ``MAX_SEQUENCES`` dedupe
@@ -52,12 +53,13 @@ class WindowView:
 
 
 class _Bucket:
-    __slots__ = ("start", "load", "gpu")
+    """Token counts received in one time bucket, per plan version as slots [G, L, S] float64."""
 
-    def __init__(self, start: float, layers: int, experts: int, gpus: int):
+    __slots__ = ("start", "slots")
+
+    def __init__(self, start: float):
         self.start = start
-        self.load = np.zeros(layers * experts)
-        self.gpu = np.zeros((layers, gpus))
+        self.slots: dict[int, np.ndarray] = {}
 
 
 class PlacementWindow:
@@ -79,14 +81,12 @@ class PlacementWindow:
         return self.spec.policy.window_seconds / BUCKETS
 
     def add_plan(self, version: int, phy2log: np.ndarray, *, in_force: bool = False) -> None:
-        """Make ``version`` known (and the plan in force if ``in_force``: GPU loads restart)."""
+        """Make ``version`` known (and the plan in force if ``in_force``)."""
         with self._lock:
             self._cache(version, phy2log)
             self.latest = max(self.latest, version)
-            if in_force and version != self.in_force:
+            if in_force:
                 self.in_force = version
-                for b in self._buckets:
-                    b.gpu[:] = 0
 
     def _cache(self, version: int, phy2log: np.ndarray) -> np.ndarray:
         """Flat index [G, L*S] into load[L*E] for every slot of every GPU under ``version``."""
@@ -124,59 +124,75 @@ class PlacementWindow:
             if r.plan_version > self.latest:
                 return IngestResult(Ack.REJECTED, f"plan_version: {r.plan_version} is from the "
                                                   f"future (latest is {self.latest})", lag)
-            last = self._seen.get(key)
-            if last is not None and r.sequence <= last:
-                return IngestResult(Ack.DUPLICATE, f"sequence: {r.sequence} already counted "
-                                                   f"(last {last})", lag)
-            idx = self._slot_maps.get(r.plan_version)
-        if idx is None:
-            phy2log = self._lookup(s.name, r.plan_version)
-            if phy2log is None:
-                return IngestResult(Ack.STALE, f"plan_version: {r.plan_version} is not stored", lag)
-            with self._lock:
-                idx = self._cache(r.plan_version, phy2log)
-        contribution = np.bincount(idx[r.worker_rank], weights=counts.ravel(),
-                                   minlength=s.num_layers * s.num_experts)
+            if r.plan_version in self._slot_maps:
+                return self._accept(r, key, counts, now, lag)
+        phy2log = self._lookup(s.name, r.plan_version)   # outside the lock: a store query
+        if phy2log is None:
+            return IngestResult(Ack.STALE, f"plan_version: {r.plan_version} is not stored", lag)
         with self._lock:
-            last = self._seen.get(key)
-            if last is not None and r.sequence <= last:  # a concurrent twin got in first
-                return IngestResult(Ack.DUPLICATE, f"sequence: {r.sequence} already counted", lag)
-            self._seen[key] = r.sequence
-            self._seen.move_to_end(key)
-            if len(self._seen) > MAX_SEQUENCES:
-                self._seen.popitem(last=False)
-            bucket = self._bucket(now)
-            bucket.load += contribution
-            if r.plan_version == self.in_force:
-                bucket.gpu[:, r.worker_rank] += counts.sum(axis=1)
-            self.reports += 1
+            self._cache(r.plan_version, phy2log)
+            return self._accept(r, key, counts, now, lag)
+
+    def _accept(self, r: pb.LoadReport, key: tuple, counts: np.ndarray, now: float,
+                lag: float) -> IngestResult:
+        """Dedupe and count (caller holds the lock)."""
+        last = self._seen.get(key)
+        if last is not None and r.sequence <= last:
+            return IngestResult(Ack.DUPLICATE, f"sequence: {r.sequence} already counted "
+                                               f"(last {last})", lag)
+        self._seen[key] = r.sequence
+        self._seen.move_to_end(key)
+        if len(self._seen) > MAX_SEQUENCES:
+            self._seen.popitem(last=False)
+        bucket = self._bucket(now)
+        slots = bucket.slots.get(r.plan_version)
+        if slots is None:
+            s = self.spec
+            slots = bucket.slots[r.plan_version] = np.zeros((s.num_gpus, s.num_layers,
+                                                             s.slots_per_gpu))
+        slots[r.worker_rank] += counts
+        self.reports += 1
         return IngestResult(Ack.ACCEPTED, "", lag)
 
     def _bucket(self, now: float) -> _Bucket:
         width = self.bucket_seconds
         if not self._buckets or now >= self._buckets[-1].start + width:
-            s = self.spec
-            self._buckets.append(_Bucket(now - (now % width), s.num_layers, s.num_experts, s.num_gpus))
+            self._buckets.append(_Bucket(now - (now % width)))
         horizon = now - self.spec.policy.window_seconds - width
         while self._buckets and self._buckets[0].start < horizon:
             self._buckets.popleft()
         return self._buckets[-1]
 
     def view(self, now: float) -> WindowView:
-        """The decayed window at ``now``."""
+        """The decayed window at ``now``: slot counts of each plan version mapped to experts."""
         s = self.spec
-        load = np.zeros(s.num_layers * s.num_experts)
-        gpu = np.zeros((s.num_layers, s.num_gpus))
         half = s.policy.half_life_seconds
+        totals: dict[int, np.ndarray] = {}
         with self._lock:
             for b in self._buckets:
                 age = now - (b.start + self.bucket_seconds / 2)
                 if age > s.policy.window_seconds:
                     continue
                 w = 2.0 ** (-max(age, 0.0) / half) if half > 0 else 1.0
-                load += w * b.load
-                gpu += w * b.gpu
-            reports = self.reports
+                for version, slots in b.slots.items():
+                    if version in totals:
+                        totals[version] += w * slots
+                    else:
+                        totals[version] = w * slots
+            reports, in_force = self.reports, self.in_force
+            maps = {v: self._slot_maps.get(v) for v in totals}
+        load = np.zeros(s.num_layers * s.num_experts)
+        for version, slots in totals.items():
+            idx = maps[version]
+            if idx is None:
+                phy2log = self._lookup(s.name, version)
+                if phy2log is None:
+                    continue  # the plan is gone (placement re-created): its counts are void
+                with self._lock:
+                    idx = self._cache(version, phy2log)
+            load += np.bincount(idx.ravel(), weights=slots.ravel(), minlength=load.size)
+        gpu = totals[in_force].sum(axis=2).T if in_force in totals else \
+            np.zeros((s.num_layers, s.num_gpus))
         return WindowView(load.reshape(s.num_layers, s.num_experts), gpu, reports, now)
 
 

@@ -31,11 +31,16 @@ def plan_summary(p: PlanRecord) -> pb.PlanSummary:
                           current_balance=p.current_balance)
 
 
-def plan_message(p: PlanRecord) -> pb.Plan:
-    return pb.Plan(summary=plan_summary(p),
-                   topology=pb.Topology(num_nodes=p.num_nodes, gpus_per_node=p.gpus_per_node),
-                   phy2log=int64_tensor(p.phy2log), log2phy=int64_tensor(p.log2phy),
-                   logcnt=int64_tensor(p.logcnt), load_snapshot=double_tensor(p.load_snapshot))
+def plan_message(p: PlanRecord, *, with_load: bool = True) -> pb.Plan:
+    """The wire Plan; ``with_load=False`` leaves out the load snapshot (workers do not need it,
+    and it is the bulkiest part of a prepare command)."""
+    msg = pb.Plan(summary=plan_summary(p),
+                  topology=pb.Topology(num_nodes=p.num_nodes, gpus_per_node=p.gpus_per_node),
+                  phy2log=int64_tensor(p.phy2log), log2phy=int64_tensor(p.log2phy),
+                  logcnt=int64_tensor(p.logcnt))
+    if with_load:
+        msg.load_snapshot.CopyFrom(double_tensor(p.load_snapshot))
+    return msg
 
 
 def rollout_message(r: RolloutRecord) -> pb.RolloutRecord:

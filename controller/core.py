@@ -97,6 +97,7 @@ class Controller:
         self._snapshotted: dict[str, int] = {}
         self._watches: set[PlanWatch] = set()
         self._gate = threading.Lock()
+        self._report_counters: dict[tuple[str, int], object] = {}
         self._inflight = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -121,7 +122,7 @@ class Controller:
             latest = self.store.latest_version(name)
             if sp.plan_version:
                 plan = self.store.get_plan(name, sp.plan_version)
-                self._in_force[name] = (plan, plan_message(plan))
+                self._in_force[name] = (plan, plan_message(plan, with_load=False))
                 win.add_plan(plan.version, plan.phy2log, in_force=True)
                 self.metrics.plan_version.labels(name, "in_force").set(plan.version)
             if latest > sp.plan_version:
@@ -194,6 +195,7 @@ class Controller:
         self.aggregator.remove(name)
         self.rollouts.forget(name)
         self.metrics.forget(name)
+        self._report_counters = {k: v for k, v in self._report_counters.items() if k[0] != name}
         return deleted
 
     def placement(self, name: str) -> StoredPlacement:
@@ -232,7 +234,7 @@ class Controller:
             win.add_plan(plan.version, plan.phy2log, in_force=in_force)
         if in_force:
             with self._lock:
-                self._in_force[spec.name] = (plan, plan_message(plan))
+                self._in_force[spec.name] = (plan, plan_message(plan, with_load=False))
             self.metrics.plan_version.labels(spec.name, "in_force").set(plan.version)
         self.metrics.plan_version.labels(spec.name, "latest").set(plan.version)
         for w in list(self._watches):
@@ -297,8 +299,12 @@ class Controller:
             self.metrics.ingest_seconds.observe(time.perf_counter() - t0)
             if res.lag_seconds:
                 self.metrics.report_lag.observe(res.lag_seconds)
-        self.metrics.reports.labels(report.placement if report.placement in self._placements
-                                    else "", Ack.Status.Name(res.status)).inc()
+        key = (report.placement if report.placement in self._placements else "", res.status)
+        counter = self._report_counters.get(key)
+        if counter is None:
+            counter = self._report_counters[key] = self.metrics.reports.labels(
+                key[0], Ack.Status.Name(res.status))
+        counter.inc()
         return res
 
     def load_window(self, name: str) -> tuple[WindowView, pb.RouterBias | None]:
@@ -358,7 +364,7 @@ class Controller:
             raise FailedPrecondition("rollout", f"placement {name!r} has a rollout in progress")
         plan = self._store_plan(spec, cand, "api", prev_version)
         if rollout:
-            self.rollouts.start(name, plan_message(plan), prev_version, spec.num_gpus)
+            self.rollouts.start(name, plan_message(plan, with_load=False), prev_version, spec.num_gpus)
         return plan
 
     def rebalance(self, name: str, *, manual: bool = False, force: bool = False,
@@ -399,7 +405,8 @@ class Controller:
         if decision.rebalance:
             reason = "manual" if manual or force else "auto"
             plan = self._store_plan(spec, cand, reason, in_force[0].version)
-            rollout = self.rollouts.start(name, plan_message(plan), in_force[0].version,
+            rollout = self.rollouts.start(name, plan_message(plan, with_load=False),
+                                          in_force[0].version,
                                           spec.num_gpus)
         record(state, decision, spec.policy, now, rolled_out=decision.rebalance)
         return RebalanceOutcome(decision, plan, rollout)
@@ -419,7 +426,7 @@ class Controller:
     def _rollout_committing(self, rec: RolloutRecord) -> None:
         plan = self.store.get_plan(rec.placement, rec.to_version)
         with self._lock:
-            self._in_force[rec.placement] = (plan, plan_message(plan))
+            self._in_force[rec.placement] = (plan, plan_message(plan, with_load=False))
         win = self.aggregator.get(rec.placement)
         if win is not None:
             win.add_plan(plan.version, plan.phy2log, in_force=True)

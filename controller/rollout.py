@@ -43,11 +43,12 @@ class AgentSession:
     def __init__(self, node: str = "", outbox_size: int = OUTBOX_SIZE):
         self.id = uuid.uuid4().hex[:12]
         self.node = node
-        self.outbox: queue.Queue[pb.RolloutCommand | None] = queue.Queue(outbox_size)
+        # commands, or bytes of a command serialized once for many agents; None ends the stream
+        self.outbox: queue.Queue[pb.RolloutCommand | bytes | None] = queue.Queue(outbox_size)
         self.workers: dict[tuple[str, int], pb.WorkerInfo] = {}
         self.closed = False
 
-    def send(self, cmd: pb.RolloutCommand) -> bool:
+    def send(self, cmd: pb.RolloutCommand | bytes) -> bool:
         """Queue ``cmd``; False (and the session closes) if the agent is too far behind."""
         if self.closed:
             return False
@@ -236,7 +237,9 @@ class RolloutCoordinator:
             elif missing:
                 self._abort(act, f"ranks {_ranges(missing)} not connected")
             else:
-                cmd = pb.RolloutCommand(rollout_id=rec.id, placement=placement, prepare=plan)
+                # serialized once for every agent (see servicers.serialize_command)
+                cmd = pb.RolloutCommand(rollout_id=rec.id, placement=placement,
+                                        prepare=plan).SerializeToString()
                 for s in act.sessions():
                     if not s.send(cmd):
                         self._abort(act, f"agent {s.node} unreachable")

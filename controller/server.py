@@ -18,7 +18,7 @@ from expertplane.controller.core import Controller
 from expertplane.controller.metrics import serve as serve_metrics
 from expertplane.controller.placement_files import load_placements
 from expertplane.controller.servicers import (LoadServicer, PlanningServicer, PlanServicer,
-                                              RolloutServicer)
+                                              RolloutServicer, add_rollout_servicer)
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import bind, make_server
@@ -53,7 +53,7 @@ class ControllerServer:
         pb_grpc.add_LoadServiceServicer_to_server(LoadServicer(c), server)
         pb_grpc.add_PlanServiceServicer_to_server(PlanServicer(c), server)
         pb_grpc.add_PlanningServiceServicer_to_server(PlanningServicer(c), server)
-        pb_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(c), server)
+        add_rollout_servicer(RolloutServicer(c), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in SERVICES]
         reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME],

@@ -191,6 +191,21 @@ class PlanningServicer(pb_grpc.PlanningServiceServicer):
             new_version=out.plan.version if out.plan else 0)
 
 
+def serialize_command(cmd: pb.RolloutCommand | bytes) -> bytes:
+    """Response serializer of Connect: commands fanned out to many agents arrive serialized."""
+    return cmd if isinstance(cmd, bytes) else cmd.SerializeToString()
+
+
+def add_rollout_servicer(servicer: "RolloutServicer", server: grpc.Server) -> None:
+    """Register RolloutService with ``serialize_command`` (the generated helper would
+    re-serialize a multi-megabyte prepare once per agent)."""
+    handler = grpc.method_handlers_generic_handler("expertplane.v1.RolloutService", {
+        "Connect": grpc.stream_stream_rpc_method_handler(
+            servicer.Connect, request_deserializer=pb.RolloutEvent.FromString,
+            response_serializer=serialize_command)})
+    server.add_generic_rpc_handlers((handler,))
+
+
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
     """One Connect stream per agent: a reader thread feeds events to the coordinator while this
     handler streams the agent's command queue."""

@@ -19,7 +19,7 @@ import numpy as np
 from alembic import command
 from alembic.config import Config
 from google.protobuf import json_format
-from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy import create_engine, delete, event, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -294,12 +294,17 @@ class Store:
 
     @staticmethod
     def _add_acks(s: Session, rec: RolloutRecord, kind: str) -> None:
+        """Insert the acks of ``kind`` not stored yet (one bulk INSERT)."""
+        acks = rec.acks.get(kind, {})
+        if not acks:
+            return
         have = set(s.scalars(select(RolloutAckRow.rank).where(
             RolloutAckRow.rollout_id == rec.id, RolloutAckRow.kind == kind)))
         now = utcnow()
-        s.add_all(RolloutAckRow(rollout_id=rec.id, rank=rank, kind=kind, node=node, message="",
-                                at=now)
-                  for rank, node in rec.acks.get(kind, {}).items() if rank not in have)
+        rows = [{"rollout_id": rec.id, "rank": rank, "kind": kind, "node": node, "message": "",
+                 "at": now} for rank, node in acks.items() if rank not in have]
+        if rows:
+            s.execute(insert(RolloutAckRow), rows)
 
     def active_rollouts(self) -> list[RolloutRecord]:
         """Rollouts that were preparing or committing (to resume after a restart)."""

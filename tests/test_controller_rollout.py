@@ -45,7 +45,8 @@ def agents(c: Controller, version=1):
 def drain(session) -> list[pb.RolloutCommand]:
     cmds = []
     while not session.outbox.empty():
-        cmds.append(session.outbox.get_nowait())
+        cmd = session.outbox.get_nowait()
+        cmds.append(pb.RolloutCommand.FromString(cmd) if isinstance(cmd, bytes) else cmd)
     return cmds
 
 

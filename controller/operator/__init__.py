@@ -5,8 +5,8 @@ plan in force in a ConfigMap in SGLang's expert-location format, writes a summar
 into each object's status, keeps them fresh with a timer, cleans up through a finalizer, and
 runs under a coordination.k8s.io Lease so that several replicas can be deployed.
 
-Run it with ``python -m expertplane.controller.operator --controller HOST:PORT`` or, from another
-process's CLI, ``run_operator_blocking(config_from_args(args))`` after ``add_operator_arguments``.
+Run it with ``python -m expertplane.controller.operator --controller HOST:PORT``; inside another
+process (the controller's CLI) with ``OperatorThread(OperatorConfig(...)).start()`` / ``.stop()``.
 """
 
 from expertplane.controller.operator.config import (
@@ -14,7 +14,11 @@ from expertplane.controller.operator.config import (
     add_operator_arguments,
     config_from_args,
 )
-from expertplane.controller.operator.runner import run_operator, run_operator_blocking
+from expertplane.controller.operator.runner import (
+    OperatorThread,
+    run_operator,
+    run_operator_blocking,
+)
 
-__all__ = ["OperatorConfig", "add_operator_arguments", "config_from_args", "run_operator",
-           "run_operator_blocking"]
+__all__ = ["OperatorConfig", "OperatorThread", "add_operator_arguments", "config_from_args",
+           "run_operator", "run_operator_blocking"]

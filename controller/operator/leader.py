@@ -119,11 +119,10 @@ class LeaseElector:
         when no renewal succeeded for ``renew_deadline`` seconds or someone else holds it."""
         last_ok = time.monotonic()
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), self.retry_period)
+            # Plain sleeps, no helper tasks: kopf waits for tasks spawned while it runs.
+            await asyncio.sleep(self.retry_period)
+            if stop.is_set():
                 return
-            except asyncio.TimeoutError:
-                pass
             try:
                 ok = await self._attempt()
             except Exception as exc:  # API unreachable: keep trying until the deadline
