@@ -112,3 +112,22 @@ def test_only_the_leader_reconciles_and_the_standby_takes_over(apiserver, operat
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_operator_thread_runs_in_process_and_stops(apiserver, operator_kubeconfig, controller):
+    from expertplane.controller.operator import OperatorConfig, OperatorThread
+
+    config = OperatorConfig(controller=f"127.0.0.1:{controller.port}", kubeconfig=operator_kubeconfig,
+                            namespaces=("default",), refresh_seconds=1, lease_namespace=NAMESPACE,
+                            identity="in-process", lease_duration_seconds=4,
+                            renew_deadline_seconds=3, retry_period_seconds=0.5)
+    thread = OperatorThread(config).start()
+    try:
+        apiserver.apply(_placement("threaded"))
+        wait_for(_reconciled(apiserver, "threaded"), timeout=60, what="reconciled in-process")
+        apiserver.kubectl("delete", "expertplacement", "threaded", "--wait=true", "--timeout=60s")
+    finally:
+        assert thread.stop(30) == 0 and thread.error is None
+    assert not thread.is_alive()
+    lease = apiserver.get("lease", "expertplane-operator", NAMESPACE)
+    assert not lease["spec"].get("holderIdentity")          # released on the way out
