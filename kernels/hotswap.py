@@ -356,19 +356,16 @@ class HotSwapEngine:
         return (e.w13[0].numel() * e.w13.element_size() + e.w2[0].numel() * e.w2.element_size())
 
     def _new_buffers(self, layer: int, mine: list[SlotFill]) -> LocalExperts:
-        """Fresh [S, ...] buffers holding the unchanged slots and the local copies."""
+        """Fresh [S, ...] buffers: a copy of the live layer with the local fills applied."""
         live = self.layers[layer].experts
-        w13, w2 = torch.empty_like(live.w13), torch.empty_like(live.w2)
-        changed = {f.slot: f for f in mine if f.layer == layer}
-        keep = [s for s in range(live.num_slots) if s not in changed]
-        local = [f for f in changed.values() if f.source == LOCAL]
-        dst = keep + [f.slot for f in local]
-        src = keep + [f.src_slot for f in local]
-        if dst:
-            index_dst = torch.tensor(dst, device=self.device)
-            index_src = torch.tensor(src, device=self.device)
-            w13.index_copy_(0, index_dst, live.w13.index_select(0, index_src))
-            w2.index_copy_(0, index_dst, live.w2.index_select(0, index_src))
+        # one straight copy of the layer (changed slots are overwritten below / by receives)
+        w13, w2 = live.w13.clone(), live.w2.clone()
+        local = [f for f in mine if f.layer == layer and f.source == LOCAL]
+        if local:
+            dst = torch.tensor([f.slot for f in local], device=self.device)
+            src = torch.tensor([f.src_slot for f in local], device=self.device)
+            w13.index_copy_(0, dst, live.w13.index_select(0, src))
+            w2.index_copy_(0, dst, live.w2.index_select(0, src))
         return LocalExperts(w13, w2)
 
     def _p2p_ops(self, plan: TransferPlan, experts: dict[int, LocalExperts]) -> list[dist.P2POp]:

@@ -1,0 +1,337 @@
+"""Benchmark 'hotswap': expert hot-swap bandwidth vs raw P2P, and step time during a swap.
+
+Every rank holds ``S`` local slots per layer, one logical expert each (``E = R = W * S``).
+Moving ``m`` experts per rank rotates the first ``m`` slots of every rank to the next rank
+(world size W >= 2: each rank receives m experts from rank r-1 and sends m to rank r+1), or
+shifts them among the rank's own slots (W = 1: local copies only). Measured in one run:
+
+1. raw baseline: ``batch_isend_irecv`` of the same m expert-sized buffers in the same pattern
+   (W >= 2), or a device copy of the same bytes (W = 1);
+2. hot-swap: :meth:`HotSwapEngine.prepare` until every copy is complete (``ready``), bytes
+   received per rank / time, as a ratio to (1);
+3. step time of the synthetic MoE model (W ranks, the same layer sizes) while swaps are being
+   staged and at the committing step, vs normal steps, through the real step-boundary
+   protocol (:class:`SwapCoordinator`); and after all swaps, the output vs the dense reference.
+
+``expertplane bench kernels`` runs it with the defaults (CUDA when present, else CPU/gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TARGETS = {"swap_vs_raw": 0.8, "step_during_swap_vs_normal": 1.1}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks (default: the GPU count on cuda, 2 on cpu)")
+    parser.add_argument("--hidden", type=int, default=None, help="default 7168 cuda / 256 cpu")
+    parser.add_argument("--intermediate", type=int, default=None,
+                        help="default 2048 cuda / 128 cpu")
+    parser.add_argument("--local-experts", type=int, default=None,
+                        help="slots per rank and layer S (default 32 cuda / 8 cpu)")
+    parser.add_argument("--layers", type=int, default=1, help="MoE layers of the model")
+    parser.add_argument("--moved", type=int, nargs="+", default=None,
+                        help="experts moved per rank (default 1 4 8 16 cuda / 1 2 4 cpu)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per rank and step (default 4096 cuda / 256 cpu)")
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="default bfloat16 cuda / float32 cpu")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement")
+    parser.add_argument("--steps", type=int, default=30, help="normal steps timed")
+    parser.add_argument("--swaps", type=int, default=4, help="swaps during the step-time part")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
+def _resolve(args) -> dict:
+    import torch
+
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        raise OSError("device: cuda asked for but torch.cuda.is_available() is False")
+    pick = (lambda gpu, cpu: gpu) if cuda else (lambda gpu, cpu: cpu)
+    cfg = {
+        "device": "cuda" if cuda else "cpu",
+        "backend": "nccl" if cuda else "gloo",
+        "world_size": args.world_size or (torch.cuda.device_count() if cuda else 2),
+        "hidden": args.hidden or pick(7168, 256),
+        "intermediate": args.intermediate or pick(2048, 128),
+        "local_experts": args.local_experts or pick(32, 8),
+        "layers": args.layers,
+        "moved": args.moved or pick([1, 4, 8, 16], [1, 2, 4]),
+        "tokens": args.tokens or pick(4096, 256),
+        "top_k": args.top_k,
+        "dtype": args.dtype or pick("bfloat16", "float32"),
+        "reps": args.reps, "steps": args.steps, "swaps": args.swaps,
+    }
+    if cfg["world_size"] < 1:
+        raise ValueError("world_size: need at least one rank")
+    if max(cfg["moved"]) > cfg["local_experts"]:
+        raise ValueError(f"moved: at most --local-experts ({cfg['local_experts']}) per rank")
+    if cfg["top_k"] > cfg["local_experts"] * cfg["world_size"]:
+        raise ValueError("top_k: exceeds the number of experts")
+    return cfg
+
+
+def run(args) -> int:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    cfg = _resolve(args)
+    results = measure(cfg)
+    _print(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0 if results["failed_steps"] == 0 else 1
+
+
+def measure(cfg: dict) -> dict:
+    """Run the benchmark on ``cfg['world_size']`` ranks (spawned processes when > 1)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "result.json")
+        if cfg["world_size"] == 1:
+            _rank_main(0, cfg, store, out)
+        else:
+            mp.spawn(_rank_main, args=(cfg, store, out), nprocs=cfg["world_size"], join=True)
+        return json.loads(Path(out).read_text())
+
+
+# ---------------------------------------------------------------- per rank
+
+def _rank_main(rank: int, cfg: dict, store: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if cfg["device"] == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg["world_size"]))
+    dist.init_process_group(cfg["backend"], init_method=f"file://{store}", rank=rank,
+                            world_size=cfg["world_size"])
+    try:
+        result = _bench(rank, cfg)
+        if rank == 0:
+            Path(out).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _placements(cfg: dict, moved: int, flip: bool):
+    """Layer placements: identity, or with the first ``moved`` slots of each rank rotated."""
+    import numpy as np
+
+    from expertplane.kernels.moe import LayerPlacement
+
+    w, s = cfg["world_size"], cfg["local_experts"]
+    phy2log = np.arange(w * s)
+    if flip and moved:
+        src = phy2log.reshape(w, s).copy()
+        new = src.copy()
+        if w > 1:
+            new[:, :moved] = np.roll(src[:, :moved], 1, axis=0)
+        else:
+            new[0, :moved] = np.roll(src[0, :moved], 1) if moved > 1 else src[0, :1]
+        phy2log = new.ravel()
+    return [LayerPlacement.from_phy2log(phy2log, w * s) for _ in range(cfg["layers"])]
+
+
+class _Clock:
+    def __init__(self, device) -> None:
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+
+    def __call__(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+
+def _bench(rank: int, cfg: dict) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator
+    from expertplane.kernels.synthetic import (
+        ModelConfig,
+        StreamConfig,
+        SyntheticMoEModel,
+        TokenStream,
+    )
+
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg["device"] == "cuda" \
+        else torch.device("cpu")
+    w, s = cfg["world_size"], cfg["local_experts"]
+    model_cfg = ModelConfig(num_layers=cfg["layers"], num_experts=w * s, hidden=cfg["hidden"],
+                            intermediate=cfg["intermediate"], top_k=cfg["top_k"],
+                            dtype=cfg["dtype"], seed=11)
+    stream_cfg = StreamConfig(tokens_per_step=cfg["tokens"], drift_period=0, seed=5)
+    model = SyntheticMoEModel(model_cfg, stream_cfg, _placements(cfg, 0, False), device=device)
+    swap_group = dist.new_group()
+    engine = HotSwapEngine(list(model.layers), group=swap_group)
+    clock = _Clock(device)
+    expert_bytes = model_cfg.expert_bytes
+    result: dict = {"config": cfg, "expert_bytes": expert_bytes,
+                    "device_name": torch.cuda.get_device_name() if clock.cuda else "cpu"}
+
+    # 1+2: raw transfer vs hot-swap staging, per number of experts moved
+    sweep = []
+    for moved in cfg["moved"]:
+        raw = _raw_times(model, moved, cfg, swap_group, clock)
+        swap = []
+        for _ in range(cfg["reps"]):
+            t0 = clock()
+            engine.prepare(1, _placements(cfg, moved, True))
+            engine.wait()
+            swap.append(clock() - t0)
+            engine.abort()
+        bytes_moved = moved * expert_bytes * cfg["layers"]
+        raw_s, swap_s = statistics.median(raw), statistics.median(swap)
+        sweep.append({"moved_per_rank": moved, "bytes_per_rank": bytes_moved,
+                      "raw_ms": raw_s * 1e3, "swap_ms": swap_s * 1e3,
+                      "raw_gbps": bytes_moved / raw_s / 1e9, "swap_gbps": bytes_moved / swap_s / 1e9,
+                      "swap_vs_raw": raw_s / swap_s,
+                      "staged_bytes_per_rank": s * expert_bytes * cfg["layers"]})
+    result["sweep"] = sweep
+
+    # 3: step time, normal vs while staging vs the committing step
+    coord = SwapCoordinator(engine, version=1)
+    stream = TokenStream(model_cfg, stream_cfg, rank, device)
+    moved = max(cfg["moved"])
+    plans = [_placements(cfg, moved, True), _placements(cfg, moved, False)]
+    for i in range(3):  # warm-up
+        coord.step_boundary()
+        model(stream.batch(i))
+    normal = []
+    for i in range(cfg["steps"]):
+        t0 = clock()
+        coord.step_boundary()
+        model(stream.batch(i))
+        normal.append(clock() - t0)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def control() -> None:
+        try:
+            for j in range(cfg["swaps"]):
+                coord.prepare(2 + j, plans[j % 2], timeout=300)
+                coord.commit(2 + j, timeout=300)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        done.set()
+
+    threading.Thread(target=control, daemon=True).start()
+    staging, commit, step = [], [], 0
+    while True:
+        flag = torch.tensor([int(done.is_set())], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item():
+            break
+        before, staged = coord.version, engine.staged_version
+        t0 = clock()
+        coord.step_boundary()
+        model(stream.batch(step))
+        dt = clock() - t0
+        if coord.version != before:
+            commit.append(dt)
+        elif staged or engine.staged_version:
+            staging.append(dt)
+        step += 1
+    if errors:
+        raise errors[0]
+    check = model(stream.batch(step), verify=True)
+    failed = [int(check.max_error > model.tolerance)]
+    totals = [None] * w
+    dist.all_gather_object(totals, failed[0])
+    med = statistics.median(normal)
+    result["steps"] = {
+        "normal_ms": med * 1e3,
+        "staging_ms": statistics.median(staging) * 1e3 if staging else None,
+        "staging_steps": len(staging),
+        "commit_ms": statistics.median(commit) * 1e3 if commit else None,
+        "commit_max_ms": max(commit) * 1e3 if commit else None,
+        "swaps": len(commit),
+        "staging_vs_normal": statistics.median(staging) / med if staging else None,
+        "commit_vs_normal": statistics.median(commit) / med if commit else None,
+        "moved_per_rank": moved,
+    }
+    result["rel_err_after_swaps"] = check.max_error
+    result["failed_steps"] = sum(totals)
+    return result
+
+
+def _raw_times(model, moved: int, cfg: dict, group, clock) -> list[float]:
+    """Seconds to move ``moved`` expert-sized buffers per layer the way a swap does, without
+    the engine: P2P ring (W >= 2) or a device copy (W = 1)."""
+    import torch
+    import torch.distributed as dist
+
+    w = cfg["world_size"]
+    rank = dist.get_rank()
+    live = [layer.experts for layer in model.layers]
+    recv = [(torch.empty_like(e.w13[:moved]), torch.empty_like(e.w2[:moved])) for e in live]
+    times = []
+    for _ in range(cfg["reps"] + 1):
+        t0 = clock()
+        if w == 1:
+            for e, (r13, r2) in zip(live, recv):
+                r13.copy_(e.w13[:moved])
+                r2.copy_(e.w2[:moved])
+        else:
+            ops = []
+            for e, (r13, r2) in zip(live, recv):
+                for i in range(moved):
+                    ops += [dist.P2POp(dist.isend, e.w13[i], (rank + 1) % w, group),
+                            dist.P2POp(dist.isend, e.w2[i], (rank + 1) % w, group),
+                            dist.P2POp(dist.irecv, r13[i], (rank - 1) % w, group),
+                            dist.P2POp(dist.irecv, r2[i], (rank - 1) % w, group)]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        times.append(clock() - t0)
+    return times[1:]  # first one warms up
+
+
+def _print(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = results["config"]
+    console = Console()
+    baseline = "raw batch_isend_irecv" if cfg["world_size"] > 1 else "raw device copy"
+    table = Table(title=f"hot-swap staging vs {baseline} ({cfg['world_size']} x "
+                        f"{results['device_name']}, {cfg['backend']}, expert "
+                        f"{results['expert_bytes'] / 1e6:.1f} MB, {cfg['layers']} layer(s))")
+    for col in ("experts moved/rank", "MB/rank", "raw ms", "swap ms", "raw GB/s", "swap GB/s",
+                "swap/raw", "target"):
+        table.add_column(col)
+    for r in results["sweep"]:
+        table.add_row(str(r["moved_per_rank"]), f"{r['bytes_per_rank'] / 1e6:.1f}",
+                      f"{r['raw_ms']:.3f}", f"{r['swap_ms']:.3f}", f"{r['raw_gbps']:.1f}",
+                      f"{r['swap_gbps']:.1f}", f"{r['swap_vs_raw']:.2f}",
+                      f">= {TARGETS['swap_vs_raw']}")
+    console.print(table)
+    st = results["steps"]
+
+    def fmt(x, spec=".3f"):
+        return "-" if x is None else format(x, spec)
+
+    console.print(
+        f"step time ({st['moved_per_rank']} experts/rank per swap, {st['swaps']} swaps): "
+        f"normal {fmt(st['normal_ms'])} ms; while staging {fmt(st['staging_ms'])} ms "
+        f"({st['staging_steps']} steps, x{fmt(st['staging_vs_normal'], '.2f')}); committing "
+        f"step {fmt(st['commit_ms'])} ms (max {fmt(st['commit_max_ms'])}, "
+        f"x{fmt(st['commit_vs_normal'], '.2f')}); target <= "
+        f"{TARGETS['step_during_swap_vs_normal']}x")
+    console.print(f"after the swaps: rel. error vs dense reference "
+                  f"{results['rel_err_after_swaps']:.2e}, failed steps {results['failed_steps']}")
