@@ -212,7 +212,7 @@ def _time_rollouts(server, name: str, gpus: int, args) -> dict:
             rec = PlanRecord(**{**base.__dict__, "version": 0, "reason": "api",
                                 "previous_version": cur, "created_at": utcnow(),
                                 "phy2log": np.roll(base.phy2log, i + 1, axis=1)})
-            msg = plan_message(c.store.add_plan(rec))
+            msg = plan_message(c.store.add_plan(rec), with_load=False)
             t0 = time.perf_counter()
             started = c.rollouts.start(name, msg, cur, gpus)
             if not c.rollouts.wait(started.id, 60):
