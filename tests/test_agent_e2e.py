@@ -424,6 +424,20 @@ def test_rollout_commands_are_relayed_and_answered_per_worker(controller, make_a
     controller.commands.put(pb.RolloutCommand(rollout_id="r2", placement="demo", abort=3))
     for rank in (0, 1):
         assert controller.wait_event(pb.RolloutEvent.ABORTED, rank).rollout_id == "r2"
+    bias = pb.RouterBias(placement="demo", sequence=9,
+                         bias=pb.DoubleTensor(shape=[LAYERS, 4], values=[0.0] * (LAYERS * 4)))
+    controller.commands.put(pb.RolloutCommand(bias=bias))          # placement from the bias
+    for rank in (0, 1):
+        e = controller.wait_event(pb.RolloutEvent.COMMITTED, rank)
+        assert (e.version, e.placement, e.rollout_id) == (9, "demo", "")
+    # a command for a placement no local worker serves reaches nobody (commands run in order,
+    # so once r4 is answered, r3 has been handled)
+    controller.commands.put(pb.RolloutCommand(rollout_id="r3", placement="other", commit=2))
+    controller.commands.put(pb.RolloutCommand(rollout_id="r4", placement="demo", abort=7))
+    for rank in (0, 1):
+        assert controller.wait_event(pb.RolloutEvent.ABORTED, rank).rollout_id == "r4"
+    assert agent.metrics.rollout_calls.labels(command="commit", outcome="ok")._value.get() == 2
+    assert not [e for e in controller.events if e.rollout_id == "r3"]
     # a reconnect sends HELLO with the workers' current versions
     controller.stop()
     controller.forget_events()
