@@ -201,7 +201,7 @@ def _two_tier_counts(w, num_gpus, counts, top, sq, order, item_load, item_expert
     by_load = np.argsort(-w, kind="mergesort")
     trial = counts.copy()
     best_split = -1
-    step = max(1, (hi - lo) // 16)
+    step = max(1, (hi - lo) // 8)
     split = lo
     while True:
         _tier_counts(w, by_load, split, num_gpus, trial)

@@ -13,8 +13,12 @@ Given the plan in force (``previous`` phy2log [L, R]) and new loads, per layer:
    replica counts change) or swap two slots between GPUs (2 slots changed), each chosen to take
    load off the most loaded GPU without pushing any touched GPU to that load. In hierarchical
    mode moves stay inside a node and experts only go to their group's node.
-3. Per layer, the repaired plan is used when it reached the balance target with fewer changed
-   slots than the aligned fresh plan; otherwise the aligned fresh plan (same balance as fresh).
+   Global policy also repairs a second start: ``previous`` changed to the fresh plan's replica
+   counts with as few slot changes as counts allow (surplus replicas freed on the most loaded
+   GPUs, missing ones put in the freed slots of the least loaded GPUs).
+3. Per layer, the repaired plan with the fewest changed slots that reached the balance target
+   is used if it changes fewer slots than the aligned fresh plan; otherwise the aligned fresh
+   plan (same balance as fresh).
 """
 
 from __future__ import annotations
@@ -282,14 +286,61 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget):
 
 
 @njit(cache=True, parallel=True)
-def _repair(weight, previous, num_gpus, slot_node, expert_node, target, budget):
+def _repair(weight, start, num_gpus, slot_node, expert_node, target, budget):
+    """Repair every layer of ``start`` [L, R] (copied); returns (plans, target reached [L])."""
     layers = weight.shape[0]
-    out = previous.copy()
+    out = start.copy()
     reached = np.zeros(layers, dtype=np.bool_)
     for layer in prange(layers):
         reached[layer] = _repair_row(weight[layer], out[layer], num_gpus, slot_node,
                                      expert_node[layer], target[layer], budget[layer])
     return out, reached
+
+
+@njit(cache=True)
+def _recount_row(w, row, new_counts, per_gpu):
+    """Change ``row`` [R] in place to the replica counts ``new_counts`` [E], re-using slots:
+    surplus replicas are freed on the most loaded GPUs first, and the missing replicas, heaviest
+    first, fill the freed slot on the least loaded GPU (loads under the new counts)."""
+    replicas = row.shape[0]
+    num_gpus = replicas // per_gpu
+    counts = np.zeros(w.shape[0], dtype=np.int64)
+    for x in row:
+        counts[x] += 1
+    gpu_load = np.zeros(num_gpus)
+    for i in range(replicas):
+        gpu_load[i // per_gpu] += w[row[i]] / new_counts[row[i]]
+    freed = np.zeros(replicas, dtype=np.bool_)
+    for i in np.argsort(-gpu_load[np.arange(replicas) // per_gpu], kind="mergesort"):
+        x = row[i]
+        if counts[x] > new_counts[x]:
+            counts[x] -= 1
+            freed[i] = True
+            gpu_load[i // per_gpu] -= w[x] / new_counts[x]
+    missing = np.empty(replicas, dtype=np.int64)
+    n = 0
+    for e in np.argsort(-(w / new_counts), kind="mergesort"):
+        for _ in range(new_counts[e] - counts[e]):
+            missing[n] = e
+            n += 1
+    for k in range(n):
+        best = -1
+        for i in range(replicas):
+            if freed[i] and (best < 0 or gpu_load[i // per_gpu] < gpu_load[best // per_gpu]):
+                best = i
+        freed[best] = False
+        row[best] = missing[k]
+        gpu_load[best // per_gpu] += w[missing[k]] / new_counts[missing[k]]
+
+
+@njit(cache=True, parallel=True)
+def _recount(weight, previous, new_counts, per_gpu):
+    """[L, R] ``previous`` changed to the replica counts ``new_counts`` [L, E] (see
+    ``_recount_row``)."""
+    out = previous.copy()
+    for layer in prange(previous.shape[0]):
+        _recount_row(weight[layer], out[layer], new_counts[layer], per_gpu)
+    return out
 
 
 def _expert_nodes(previous: np.ndarray, num_experts: int, num_groups: int, num_nodes: int):
@@ -331,10 +382,19 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
         expert_node = _expert_nodes(prev, experts, g, n)
         if (expert_node < 0).any():  # previous breaks groups-on-node: no repair from it
             return aligned
+        starts = [prev]
     else:
         slot_node = np.zeros(r, dtype=np.int64)
         expert_node = np.full((layers, experts), -1, dtype=np.int64)
-    repaired, reached = _repair(w, prev, p, slot_node, expert_node, target, budget)
-    use = reached & ((repaired != prev).sum(-1) < budget)
-    return np.where(use[:, None], repaired, aligned)
+        starts = [prev, _recount(w, prev, build_log2phy(fresh, experts)[1], r // p)]
+    best, best_moves = aligned, budget
+    for start in starts:
+        spent = (start != prev).sum(-1)
+        repaired, reached = _repair(w, start, p, slot_node, expert_node, target,
+                                    np.maximum(best_moves - spent, 0))
+        moves = (repaired != prev).sum(-1)
+        use = reached & (moves < best_moves)
+        best = np.where(use[:, None], repaired, best)
+        best_moves = np.where(use, moves, best_moves)
+    return best
 
