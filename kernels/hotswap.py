@@ -330,12 +330,14 @@ class HotSwapEngine:
                 experts.w13.record_stream(current)
                 experts.w2.record_stream(current)
         for i, layer in enumerate(self.layers):
+            mine = slice(self.rank * layer.experts.w13.shape[0],
+                         (self.rank + 1) * layer.experts.w13.shape[0])
             if i in s.experts:
                 layer.swap(s.placements[i], s.experts[i])
-            elif not torch.equal(layer.placement.phy2log, s.placements[i].phy2log):
-                raise SwapError(f"placements[{i}]: changed but has no staged weights")
+            elif not torch.equal(layer.placement.phy2log[mine], s.placements[i].phy2log[mine]):
+                raise SwapError(f"placements[{i}]: this rank's slots changed but have no staged weights")
             else:
-                layer.swap(s.placements[i], layer.experts)  # same slots; new log2phy order
+                layer.swap(s.placements[i], layer.experts)  # other ranks' slots changed: routing only
         self._staging = None
         done = s.finished or time.perf_counter()
         return dataclasses.replace(s.stats, seconds=done - s.started)
