@@ -273,3 +273,23 @@ def _wait(predicate, timeout=10.0):
             return
         time.sleep(0.02)
     raise AssertionError("condition not reached in time")
+
+
+def test_compute_pipeline(server):
+    srv, c = server
+    layers = [pb.LayerProfile(forward=1e-3 * (1 + i % 3), backward=2e-3, weight_grad=1e-3,
+                              activation_bytes=10 ** 8, param_bytes=10 ** 9) for i in range(12)]
+    part = c.planning.ComputePipeline(pb.ComputePipelineRequest(
+        layers=layers, num_stages=4, schedule="zb1p", micro_batches=8), timeout=60)
+    assert part.boundaries[0] == 0 and part.boundaries[-1] == 12 and len(part.boundaries) == 5
+    assert part.step_time > 0 and 0 <= part.bubble_fraction < 1 and len(part.stage_busy) == 4
+    from_yaml = c.planning.ComputePipeline(pb.ComputePipelineRequest(
+        profile_yaml="layers:\n  - {F: 1.0, B: 2.0, repeat: 8}\n", num_stages=2), timeout=60)
+    assert list(from_yaml.boundaries) == [0, 4, 8]
+    assert code_of(c.planning.ComputePipeline, pb.ComputePipelineRequest(num_stages=2)) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "layers: give layers or profile_yaml")
+    got = code_of(c.planning.ComputePipeline, pb.ComputePipelineRequest(
+        profile_yaml="layers:\n  - {F: 1.0, B: 2.0, W: 3.0}\n", num_stages=1))
+    assert got[0] == grpc.StatusCode.INVALID_ARGUMENT and got[1].startswith("profile_yaml.layers[0].W")
+    assert code_of(c.planning.ComputePipeline, pb.ComputePipelineRequest(
+        layers=layers, num_stages=20))[1].startswith("num_stages")
