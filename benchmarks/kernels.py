@@ -4,7 +4,7 @@ dispatch/combine, and (through ``benchmarks.hotswap``) expert hot-swap. Needs CU
 Every number is paired with a baseline measured in the same run:
 - grouped GEMM (the layer's SwiGLU expert FFN path, and the Triton grouped GEMM) vs
   ``torch._grouped_mm`` on the same rows, DeepSeek-V3 shapes (H 7168, I 2048, 32 local experts);
-- Triton weighted combine / histogram vs the torch ops, in GB/s;
+- Triton weighted combine / SwiGLU / histogram vs the torch ops, in GB/s;
 - the MoE layer step (world size 1 over NCCL) vs its expert GEMM alone;
 - dispatch+combine bus bandwidth vs a raw ``all_to_all_single`` of the same bytes (>= 2 GPUs).
 """
@@ -160,11 +160,14 @@ def _bench_tokens(args) -> dict:
     w = torch.rand(t, k, device="cuda")
     ids = torch.randint(0, 288, (t * k,), device="cuda")
     many_ids = torch.randint(0, 288, (1 << 26,), device="cuda")
+    act_in = torch.randn(t * k, 2 * args.intermediate, device="cuda", dtype=torch.bfloat16)
     elem = y.element_size()
     cases = {
         "weighted_combine": ((lambda: ops.weighted_combine(y, pos, w)),
                              (lambda: ops.weighted_combine_torch(y, pos, w)),
                              (t * k + t) * h * elem),
+        "swiglu": ((lambda: ops.swiglu(act_in)), (lambda: ops.swiglu_torch(act_in)),
+                   act_in.numel() * 3 // 2 * elem),
         f"histogram_{t * k}": ((lambda: ops.histogram(ids, 288)),
                                (lambda: ops.histogram_torch(ids, 288)), t * k * 8),
         "histogram_64M": ((lambda: ops.histogram(many_ids, 288)),

@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from expertplane.kernels.triton_ops import swiglu, swiglu_torch
 
 __all__ = ["ExpertWeightFn", "LocalExperts", "grouped_mm", "grouped_mm_loop", "make_expert_weights",
            "seeded_expert_weights", "swiglu_ffn"]
@@ -46,10 +47,9 @@ def seeded_expert_weights(seed: int, layer: int, hidden: int, intermediate: int,
 
 
 def swiglu_ffn(x: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
-    """One expert's SwiGLU FFN: silu(x @ W1) * (x @ W3) @ W2, x [N, H] -> [N, H]."""
-    h = x @ w13
-    gate, up = h.chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ w2
+    """One expert's SwiGLU FFN: silu(x @ W1) * (x @ W3) @ W2, x [N, H] -> [N, H] (plain torch
+    ops in x's dtype: the reference path)."""
+    return swiglu_torch(x @ w13) @ w2
 
 
 def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, counts: Sequence[int] | None = None) -> Tensor:
@@ -138,9 +138,7 @@ class LocalExperts:
                              f"got {list(tokens_per_slot.shape)}")
         offsets = torch.cumsum(tokens_per_slot, 0).to(torch.int32)
         x = x_sorted.to(self.w13.dtype)
-        h = grouped_mm(x, self.w13, offsets, counts)
-        gate, up = h.chunk(2, dim=-1)
-        act = (F.silu(gate) * up).contiguous()
-        return grouped_mm(act, self.w2, offsets, counts)
+        act = swiglu(grouped_mm(x, self.w13, offsets, counts))
+        return grouped_mm(act.contiguous(), self.w2, offsets, counts)
 
     __call__ = forward

@@ -54,28 +54,27 @@ def choose_replicas(topk_ids: Tensor, source_rank: int | Tensor, log2phy: Tensor
     num_experts = log2phy.shape[0]
     if tokens == 0:
         return torch.empty(0, k, dtype=torch.int64, device=device)
-    # one host sync for all the bounds
-    lo, hi, max_gpu, max_src = torch.stack([topk_ids.min(), topk_ids.max(), slot_gpu.max(),
-                                            src.max()]).tolist()
-    if lo < 0 or hi >= num_experts:
-        raise ReplicaChoiceError(f"topk_ids must be in [0, {num_experts})")
-    num_gpus = max_gpu + 1
-    per_node = gpus_per_node or num_gpus
+    per_node = gpus_per_node or slot_gpu.numel()        # one node: every GPU id is < R
     slot_node = slot_gpu // per_node
-    num_nodes = (num_gpus + per_node - 1) // per_node
-    num_keys = (max(num_gpus, max_src + 1)) * num_experts * 3
-
-    cand = log2phy[topk_ids]                                                   # [T, k, X]
-    valid = torch.arange(log2phy.shape[1], device=device) < logcnt[topk_ids].unsqueeze(-1)
-    cand_node = torch.where(valid, slot_node[cand.clamp_min(0)], num_nodes)
+    safe_ids = topk_ids.clamp(0, num_experts - 1)      # bounds are checked after the sync
+    cand = log2phy[safe_ids]                                                   # [T, k, X]
+    valid = torch.arange(log2phy.shape[1], device=device) < logcnt[safe_ids].unsqueeze(-1)
+    cand_node = torch.where(valid, slot_node[cand.clamp_min(0)], -1)
     local = valid & (cand_node == (src // per_node).view(tokens, 1, 1))
     has_local = local.any(dim=-1)                                              # [T, k]
+    # one host sync: bounds, and whether any pair needs tiers 1-2
+    lo, hi, max_gpu, max_src, remote = torch.stack([
+        topk_ids.min(), topk_ids.max(), slot_gpu.max(), src.max(), (~has_local).sum()]).tolist()
+    if lo < 0 or hi >= num_experts:
+        raise ReplicaChoiceError(f"topk_ids must be in [0, {num_experts})")
+    num_nodes = max_gpu // per_node + 1
+    num_keys = (max(max_gpu, max_src) + 1) * num_experts * 3
     key = (src.unsqueeze(1) * num_experts + topk_ids) * 3                      # tier 0 keys
-    key_cm = torch.where(has_local, key, num_keys).t().reshape(-1)            # (column, token)
+    key_cm = torch.where(has_local, key, -1).t().reshape(-1)                  # (column, token)
     occ = rank_among_equal(key_cm).view(k, tokens).t()
     out = _pick(cand, local, occ, src.unsqueeze(1))
-    remote_rows = torch.nonzero(~has_local.all(dim=1)).squeeze(1)
-    if remote_rows.numel():
+    if remote:
+        remote_rows = torch.nonzero(~has_local.all(dim=1)).squeeze(1)
         out[remote_rows] = _choose_remote(
             cand[remote_rows], valid[remote_rows], cand_node[remote_rows], has_local[remote_rows],
             key[remote_rows], src[remote_rows], out[remote_rows], slot_node, num_nodes, num_keys)
@@ -93,6 +92,7 @@ def _choose_remote(cand: Tensor, valid: Tensor, cand_node: Tensor, has_local: Te
     base = torch.zeros(num_keys + 1, dtype=torch.int64, device=cand.device)
     sent = torch.zeros(tokens, num_nodes + 1, dtype=torch.bool, device=cand.device)
     rows = torch.arange(tokens, device=cand.device)
+    cand_node = torch.where(cand_node < 0, num_nodes, cand_node)
     out = out.clone()
     for j in range(k):
         remote = ~has_local[:, j]
@@ -113,7 +113,9 @@ def _pick(cand: Tensor, mask: Tensor, occ: Tensor, src: Tensor) -> Tensor:
     where mask is all False the result is unspecified (a valid slot id of cand's row)."""
     size = mask.sum(dim=-1).clamp_min(1)
     pick = (occ + src) % size
-    rank_in_tier = torch.cumsum(mask.to(torch.int64), dim=-1) - 1
+    width = mask.shape[-1]
+    upper = torch.ones(width, width, device=mask.device).triu_()    # inclusive prefix sum
+    rank_in_tier = (mask.float() @ upper).long() - 1
     col = torch.argmax((mask & (rank_in_tier == pick.unsqueeze(-1))).to(torch.int8), dim=-1)
     return cand.gather(-1, col.unsqueeze(-1)).squeeze(-1)
 

@@ -3,6 +3,7 @@
 - :func:`weighted_combine`: ``out[t] = sum_j weights[t, j] * y[pos[t, j]]`` (unpermute and the
   top-k weighted sum in one pass; torch needs a gather, a multiply and a reduction).
 - :func:`histogram`: ``counts[b] = #{i: ids[i] == b}`` (per-slot token counts).
+- :func:`swiglu`: ``silu(h[:, :I]) * h[:, I:]`` in one pass (torch: a SiLU pass and a multiply).
 - :func:`triton_grouped_mm`: a grouped GEMM (rows of each group times that group's weight),
   a Triton alternative to ``torch._grouped_mm`` measured by ``expertplane bench kernels``.
 
@@ -15,6 +16,7 @@ the permutes use ``index_select``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:  # pragma: no cover - exercised on GPU machines only
@@ -25,7 +27,7 @@ except ImportError:
     HAVE_TRITON = False
 
 __all__ = ["HAVE_TRITON", "histogram", "histogram_torch",
-           "triton_grouped_mm", "use_triton", "weighted_combine", "weighted_combine_torch"]
+           "swiglu", "swiglu_torch", "triton_grouped_mm", "use_triton", "weighted_combine", "weighted_combine_torch"]
 
 
 def use_triton(t: Tensor) -> bool:
@@ -44,6 +46,23 @@ def weighted_combine_torch(y: Tensor, pos: Tensor, weights: Tensor) -> Tensor:
 def histogram_torch(ids: Tensor, num_bins: int) -> Tensor:
     """ids [N] int64 in [0, num_bins) -> counts [num_bins] int64."""
     return torch.bincount(ids, minlength=num_bins)
+
+
+def swiglu_torch(h: Tensor) -> Tensor:
+    """h [N, 2I] (gate | up) -> silu(gate) * up [N, I]."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu(h: Tensor) -> Tensor:
+    """h [N, 2I] (gate | up) -> silu(gate) * up [N, I], computed in fp32, stored in h's dtype."""
+    if not use_triton(h) or h.numel() == 0:
+        return swiglu_torch(h)
+    h = h.contiguous()
+    rows, inter = h.shape[0], h.shape[1] // 2
+    out = h.new_empty(rows, inter)
+    _swiglu_kernel[(rows,)](h, out, inter, BLOCK=_block(inter), num_warps=4)
+    return out
 
 
 def weighted_combine(y: Tensor, pos: Tensor, weights: Tensor) -> Tensor:
@@ -128,6 +147,17 @@ if HAVE_TRITON:  # pragma: no cover - compiled on GPU machines only
                 w = tl.load(w_ptr + tok * K + j)
                 acc += w * tl.load(y_ptr + src * hidden + offs, mask=mask).to(tl.float32)
             tl.store(out_ptr + tok * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_kernel(h_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        for start in range(0, inter, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < inter
+            gate = tl.load(h_ptr + row * 2 * inter + offs, mask=mask).to(tl.float32)
+            up = tl.load(h_ptr + row * 2 * inter + inter + offs, mask=mask).to(tl.float32)
+            act = gate * tl.sigmoid(gate) * up
+            tl.store(out_ptr + row * inter + offs, act.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _histogram_kernel(ids_ptr, counts_ptr, n, num_bins, BINS: tl.constexpr,

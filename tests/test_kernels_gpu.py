@@ -31,6 +31,8 @@ def test_triton_ops_match_torch(dtype):
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
     assert _rel(triton_ops.weighted_combine(x, pos, w),
                 triton_ops.weighted_combine_torch(x, pos, w)) < tol
+    h = torch.randn(999, 4096, device="cuda").to(dtype)
+    assert _rel(triton_ops.swiglu(h), triton_ops.swiglu_torch(h.double())) < tol
     ids = torch.randint(0, 300, (123_457,), device="cuda")
     assert torch.equal(triton_ops.histogram(ids, 300), torch.bincount(ids, minlength=300))
 
@@ -92,3 +94,24 @@ def test_counters_request_does_not_wait_for_the_stream():
     assert counters.poll() is None          # copy queued behind the matmuls, host not blocked
     torch.cuda.synchronize()
     assert counters.poll().tolist() == [2] * 8
+
+
+@pytest.mark.parametrize("mode", ["drop", "next_best"])
+def test_capacity_layer_on_cuda_matches_cpu(mode):
+    from expertplane.kernels.balancing import CapacityConfig
+    from expertplane.kernels.experts import seeded_expert_weights
+
+    cpu_weights = seeded_expert_weights(0, 0, 256, 128)
+    router = torch.randn(32, 256) / 16
+    router[:4] *= 3                                     # hot experts so the capacity binds
+    placement = LayerPlacement.from_phy2log(list(range(32)) + [0, 1, 2, 3], 32)
+    layers = [EPMoELayer(256, 128, 32, placement, top_k=4, scoring="sigmoid", device=device,
+                         router_weight=router,
+                         expert_weights=lambda e, d=device: tuple(w.to(d) for w in cpu_weights(e)),
+                         capacity=CapacityConfig(1.0, mode=mode))
+              for device in ("cpu", "cuda")]
+    x = torch.randn(512, 256)
+    out_cpu, out_gpu = layers[0](x), layers[1](x.cuda())
+    assert _rel(out_gpu.cpu(), out_cpu) < 1e-4
+    dropped = layers[1].read_dropped()
+    assert int(dropped.sum()) > 0 and torch.equal(dropped, layers[0].read_dropped())
