@@ -299,11 +299,16 @@ class HotSwapEngine:
         with ctx:
             if self._side is not None:
                 self._side.wait_stream(torch.cuda.current_stream(self.device))
-            experts = {layer: self._new_buffers(layer, mine) for layer in changed}
+            experts = {layer: LocalExperts(torch.empty_like(self.layers[layer].experts.w13),
+                                           torch.empty_like(self.layers[layer].experts.w2))
+                       for layer in changed}
             staging = _Staging(version, list(placements), experts, stats)
+            # receives first: they land in the changed slots while the local copies fill the
+            # others (NCCL's stream and the side stream overlap on GPU)
             ops = self._p2p_ops(plan, experts)
             works = dist.batch_isend_irecv(ops) if ops else []
             if self._side is not None:
+                self._local_copies(mine, experts)
                 for w in works:
                     w.wait()  # the side stream waits for the transfers
                 self._copy_dups(mine, experts)
@@ -357,18 +362,25 @@ class HotSwapEngine:
         e = self.layers[0].experts
         return (e.w13[0].numel() * e.w13.element_size() + e.w2[0].numel() * e.w2.element_size())
 
-    def _new_buffers(self, layer: int, mine: list[SlotFill]) -> LocalExperts:
-        """Fresh [S, ...] buffers: a copy of the live layer with the local fills applied."""
-        live = self.layers[layer].experts
-        # one straight copy of the layer (changed slots are overwritten below / by receives)
-        w13, w2 = live.w13.clone(), live.w2.clone()
-        local = [f for f in mine if f.layer == layer and f.source == LOCAL]
-        if local:
-            dst = torch.tensor([f.slot for f in local], device=self.device)
-            src = torch.tensor([f.src_slot for f in local], device=self.device)
-            w13.index_copy_(0, dst, live.w13.index_select(0, src))
-            w2.index_copy_(0, dst, live.w2.index_select(0, src))
-        return LocalExperts(w13, w2)
+    def _local_copies(self, mine: list[SlotFill], experts: dict[int, LocalExperts]) -> None:
+        """Fill the staged buffers' unchanged slots (contiguous runs, one copy each) and the
+        local fills from the live weights."""
+        for layer, buf in experts.items():
+            live = self.layers[layer].experts
+            changed = {f.slot: f for f in mine if f.layer == layer}
+            start = None
+            for slot in range(live.num_slots + 1):
+                kept = slot < live.num_slots and slot not in changed
+                if kept and start is None:
+                    start = slot
+                elif not kept and start is not None:
+                    buf.w13[start:slot].copy_(live.w13[start:slot])
+                    buf.w2[start:slot].copy_(live.w2[start:slot])
+                    start = None
+            for f in changed.values():
+                if f.source == LOCAL:
+                    buf.w13[f.slot].copy_(live.w13[f.src_slot])
+                    buf.w2[f.slot].copy_(live.w2[f.src_slot])
 
     def _p2p_ops(self, plan: TransferPlan, experts: dict[int, LocalExperts]) -> list[dist.P2POp]:
         """Matching send/recv operations of this rank, in the plan's global order."""
@@ -396,6 +408,7 @@ class HotSwapEngine:
 
     def _finish_cpu(self, staging: _Staging, works: list, mine: list[SlotFill]) -> None:
         try:
+            self._local_copies(mine, staging.experts)
             for w in works:
                 w.wait()
             self._copy_dups(mine, staging.experts)

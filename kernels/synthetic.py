@@ -146,16 +146,20 @@ class TokenStream:
                  device: str | torch.device = "cpu") -> None:
         self.model, self.config, self.rank = model, config, rank
         self.device = torch.device(device)
+        self._gen = torch.Generator(device=self.device)
         self.drift = PopularityDrift(model.num_layers, model.num_experts, config)
 
     def batch(self, step: int) -> SyntheticBatch:
+        """The batch of ``step``: preferred experts drawn on the host, the hidden states on
+        the device (a generator seeded by (seed, rank, step); equal across runs on one
+        device type)."""
         rng = np.random.default_rng([self.config.seed, 0x70C, self.rank, step])
         probs = self.drift.probabilities(step)
         t = self.config.tokens_per_step
         preferred = np.stack([rng.choice(self.model.num_experts, size=t, p=p) for p in probs])
-        hidden = rng.standard_normal((t, self.model.hidden), dtype=np.float32)
-        return SyntheticBatch(step, torch.from_numpy(hidden).to(self.device),
-                              torch.from_numpy(preferred).to(self.device))
+        self._gen.manual_seed(int(rng.integers(0, 2**63 - 1)))
+        hidden = torch.randn(t, self.model.hidden, generator=self._gen, device=self.device)
+        return SyntheticBatch(step, hidden, torch.from_numpy(preferred).to(self.device))
 
 
 @dataclass(frozen=True)
