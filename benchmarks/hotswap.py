@@ -43,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="slots per rank and layer S (default 32 cuda / 8 cpu)")
     parser.add_argument("--layers", type=int, default=1, help="MoE layers of the model")
     parser.add_argument("--moved", type=int, nargs="+", default=None,
-                        help="experts moved per rank (default 1 4 8 16 cuda / 1 2 4 cpu)")
+                        help="experts moved per rank (default 1 4 8 16 cuda / 1 2 4 cpu; "
+                             "a single rank starts at 2)")
+    parser.add_argument("--modes", nargs="+", choices=("double", "compact"),
+                        default=["double", "compact"], help="staging modes to measure")
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens per rank and step (default 4096 cuda / 256 cpu)")
     parser.add_argument("--top-k", type=int, default=8)
@@ -62,15 +65,17 @@ def _resolve(args) -> dict:
     if cuda and not torch.cuda.is_available():
         raise OSError("device: cuda asked for but torch.cuda.is_available() is False")
     pick = (lambda gpu, cpu: gpu) if cuda else (lambda gpu, cpu: cpu)
+    world = args.world_size or (torch.cuda.device_count() if cuda else 2)
     cfg = {
         "device": "cuda" if cuda else "cpu",
         "backend": "nccl" if cuda else "gloo",
-        "world_size": args.world_size or (torch.cuda.device_count() if cuda else 2),
+        "world_size": world,
         "hidden": args.hidden or pick(7168, 256),
         "intermediate": args.intermediate or pick(2048, 128),
         "local_experts": args.local_experts or pick(32, 8),
         "layers": args.layers,
-        "moved": args.moved or pick([1, 4, 8, 16], [1, 2, 4]),
+        "moved": args.moved or [m for m in pick([1, 4, 8, 16], [1, 2, 4]) if m > 1 or world > 1],
+        "modes": args.modes,
         "tokens": args.tokens or pick(4096, 256),
         "top_k": args.top_k,
         "dtype": args.dtype or pick("bfloat16", "float32"),
@@ -78,6 +83,8 @@ def _resolve(args) -> dict:
     }
     if cfg["world_size"] < 1:
         raise ValueError("world_size: need at least one rank")
+    if world == 1 and min(cfg["moved"]) < 2:
+        raise ValueError("moved: a single rank moves experts between its own slots: need >= 2")
     if max(cfg["moved"]) > cfg["local_experts"]:
         raise ValueError(f"moved: at most --local-experts ({cfg['local_experts']}) per rank")
     if cfg["top_k"] > cfg["local_experts"] * cfg["world_size"]:
@@ -163,7 +170,7 @@ def _bench(rank: int, cfg: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator
+    from expertplane.kernels.hotswap import HotSwapEngine
     from expertplane.kernels.synthetic import (
         ModelConfig,
         StreamConfig,
@@ -180,41 +187,63 @@ def _bench(rank: int, cfg: dict) -> dict:
     stream_cfg = StreamConfig(tokens_per_step=cfg["tokens"], drift_period=0, seed=5)
     model = SyntheticMoEModel(model_cfg, stream_cfg, _placements(cfg, 0, False), device=device)
     swap_group = dist.new_group()
-    engine = HotSwapEngine(list(model.layers), group=swap_group)
     clock = _Clock(device)
-    expert_bytes = model_cfg.expert_bytes
-    result: dict = {"config": cfg, "expert_bytes": expert_bytes,
-                    "device_name": torch.cuda.get_device_name() if clock.cuda else "cpu"}
+    result: dict = {"config": cfg, "expert_bytes": model_cfg.expert_bytes,
+                    "device_name": torch.cuda.get_device_name() if clock.cuda else "cpu",
+                    "modes": {}}
+    stream = TokenStream(model_cfg, stream_cfg, rank, device)
+    for i in range(3):  # warm-up
+        model(stream.batch(i))
+    failed = 0
+    for mode in cfg["modes"]:
+        engine = HotSwapEngine(list(model.layers), group=swap_group, mode=mode)
+        sweep = _sweep(model, engine, cfg, swap_group, clock)
+        steps, error = _step_times(model, engine, stream, cfg, clock)
+        failed += int(error > model.tolerance)
+        result["modes"][mode] = {"sweep": sweep, "steps": steps, "rel_err_after_swaps": error}
+    totals = [None] * w
+    dist.all_gather_object(totals, failed)
+    result["failed_steps"] = sum(totals)
+    return result
 
-    # 1+2: raw transfer vs hot-swap staging, per number of experts moved
-    sweep = []
+
+def _sweep(model, engine, cfg: dict, group, clock) -> list[dict]:
+    """Raw transfer vs hot-swap staging, per number of experts moved per rank."""
+    expert_bytes = model.config.expert_bytes
+    out = []
     for moved in cfg["moved"]:
-        raw = _raw_times(model, moved, cfg, swap_group, clock)
+        raw = _raw_times(model, moved, cfg, group, clock)
+        target = _placements(cfg, moved, True)
         swap = []
         for _ in range(cfg["reps"]):
             t0 = clock()
-            engine.prepare(1, _placements(cfg, moved, True))
+            engine.prepare(1, target)
             engine.wait()
             swap.append(clock() - t0)
             engine.abort()
-        bytes_moved = moved * expert_bytes * cfg["layers"]
-        staged = s * expert_bytes * cfg["layers"]
+        moved_bytes = moved * expert_bytes * cfg["layers"]
+        staged = (cfg["local_experts"] if engine.mode == "double" else moved) \
+            * expert_bytes * cfg["layers"]
         raw_s, swap_s = statistics.median(raw), statistics.median(swap)
-        sweep.append({"moved_per_rank": moved, "bytes_per_rank": bytes_moved,
-                      "raw_ms": raw_s * 1e3, "swap_ms": swap_s * 1e3,
-                      "raw_gbps": bytes_moved / raw_s / 1e9, "swap_gbps": bytes_moved / swap_s / 1e9,
-                      "swap_vs_raw": raw_s / swap_s, "staged_bytes_per_rank": staged,
-                      "staged_gbps": staged / swap_s / 1e9})
-    result["sweep"] = sweep
+        out.append({"moved_per_rank": moved, "bytes_per_rank": moved_bytes,
+                    "raw_ms": raw_s * 1e3, "swap_ms": swap_s * 1e3,
+                    "raw_gbps": moved_bytes / raw_s / 1e9, "swap_gbps": moved_bytes / swap_s / 1e9,
+                    "swap_vs_raw": raw_s / swap_s, "staged_bytes_per_rank": staged,
+                    "staged_gbps": staged / swap_s / 1e9})
+    return out
 
-    # 3: step time, normal vs while staging vs the committing step
+
+def _step_times(model, engine, stream, cfg: dict, clock) -> tuple[dict, float]:
+    """Step time normal / while staging / at the committing step, through the real
+    step-boundary protocol; then the relative error vs the dense reference."""
+    import torch
+    import torch.distributed as dist
+
+    from expertplane.kernels.hotswap import SwapCoordinator
+
     coord = SwapCoordinator(engine, version=1)
-    stream = TokenStream(model_cfg, stream_cfg, rank, device)
     moved = max(cfg["moved"])
     plans = [_placements(cfg, moved, True), _placements(cfg, moved, False)]
-    for i in range(3):  # warm-up
-        coord.step_boundary()
-        model(stream.batch(i))
     normal = []
     for i in range(cfg["steps"]):
         batch = stream.batch(i)
@@ -230,14 +259,14 @@ def _bench(rank: int, cfg: dict) -> dict:
             for j in range(cfg["swaps"]):
                 coord.prepare(2 + j, plans[j % 2], timeout=300)
                 coord.commit(2 + j, timeout=300)
-        except BaseException as exc:  # reported below
+        except BaseException as exc:  # re-raised in the serving thread below
             errors.append(exc)
         done.set()
 
     threading.Thread(target=control, daemon=True).start()
     staging, commit, step = [], [], 0
     while True:
-        flag = torch.tensor([int(done.is_set())], device=device)
+        flag = torch.tensor([int(done.is_set())], device=engine.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if flag.item():
             break
@@ -254,12 +283,9 @@ def _bench(rank: int, cfg: dict) -> dict:
         step += 1
     if errors:
         raise errors[0]
-    check = model(stream.batch(step), verify=True)
-    failed = [int(check.max_error > model.tolerance)]
-    totals = [None] * w
-    dist.all_gather_object(totals, failed[0])
+    error = model(stream.batch(step), verify=True).max_error
     med = statistics.median(normal)
-    result["steps"] = {
+    return {
         "normal_ms": med * 1e3,
         "staging_ms": statistics.median(staging) * 1e3 if staging else None,
         "staging_steps": len(staging),
@@ -269,10 +295,7 @@ def _bench(rank: int, cfg: dict) -> dict:
         "staging_vs_normal": statistics.median(staging) / med if staging else None,
         "commit_vs_normal": statistics.median(commit) / med if commit else None,
         "moved_per_rank": moved,
-    }
-    result["rel_err_after_swaps"] = check.max_error
-    result["failed_steps"] = sum(totals)
-    return result
+    }, error
 
 
 def _raw_times(model, moved: int, cfg: dict, group, clock) -> list[float]:
@@ -313,29 +336,31 @@ def _print(results: dict) -> None:
     cfg = results["config"]
     console = Console()
     baseline = "raw batch_isend_irecv" if cfg["world_size"] > 1 else "raw device copy"
-    table = Table(title=f"hot-swap staging vs {baseline} ({cfg['world_size']} x "
-                        f"{results['device_name']}, {cfg['backend']}, expert "
-                        f"{results['expert_bytes'] / 1e6:.1f} MB, {cfg['layers']} layer(s))")
-    for col in ("moved/rank", "MB moved", "raw ms", "swap ms", "raw GB/s", "swap GB/s",
-                "swap/raw", "target", "staged GB/s"):
-        table.add_column(col)
-    for r in results["sweep"]:
-        table.add_row(str(r["moved_per_rank"]), f"{r['bytes_per_rank'] / 1e6:.1f}",
-                      f"{r['raw_ms']:.3f}", f"{r['swap_ms']:.3f}", f"{r['raw_gbps']:.1f}",
-                      f"{r['swap_gbps']:.1f}", f"{r['swap_vs_raw']:.2f}",
-                      f">= {TARGETS['swap_vs_raw']}", f"{r['staged_gbps']:.1f}")
-    console.print(table)
-    st = results["steps"]
 
     def fmt(x, spec=".3f"):
         return "-" if x is None else format(x, spec)
 
-    console.print(
-        f"step time ({st['moved_per_rank']} experts/rank per swap, {st['swaps']} swaps): "
-        f"normal {fmt(st['normal_ms'])} ms; while staging {fmt(st['staging_ms'])} ms "
-        f"({st['staging_steps']} steps, x{fmt(st['staging_vs_normal'], '.2f')}); committing "
-        f"step {fmt(st['commit_ms'])} ms (max {fmt(st['commit_max_ms'])}, "
-        f"x{fmt(st['commit_vs_normal'], '.2f')}); target <= "
-        f"{TARGETS['step_during_swap_vs_normal']}x")
-    console.print(f"after the swaps: rel. error vs dense reference "
-                  f"{results['rel_err_after_swaps']:.2e}, failed steps {results['failed_steps']}")
+    for mode, r in results["modes"].items():
+        table = Table(title=f"hot-swap ({mode}) staging vs {baseline} ({cfg['world_size']} x "
+                            f"{results['device_name']}, {cfg['backend']}, expert "
+                            f"{results['expert_bytes'] / 1e6:.1f} MB, {cfg['layers']} layer(s))")
+        for col in ("moved/rank", "MB moved", "raw ms", "swap ms", "raw GB/s", "swap GB/s",
+                    "swap/raw", "target", "staged GB/s"):
+            table.add_column(col)
+        for row in r["sweep"]:
+            table.add_row(str(row["moved_per_rank"]), f"{row['bytes_per_rank'] / 1e6:.1f}",
+                          f"{row['raw_ms']:.3f}", f"{row['swap_ms']:.3f}",
+                          f"{row['raw_gbps']:.1f}", f"{row['swap_gbps']:.1f}",
+                          f"{row['swap_vs_raw']:.2f}", f">= {TARGETS['swap_vs_raw']}",
+                          f"{row['staged_gbps']:.1f}")
+        console.print(table)
+        st = r["steps"]
+        console.print(
+            f"{mode}: step time ({st['moved_per_rank']} experts/rank per swap, {st['swaps']} "
+            f"swaps): normal {fmt(st['normal_ms'])} ms; while staging {fmt(st['staging_ms'])} ms "
+            f"({st['staging_steps']} steps, x{fmt(st['staging_vs_normal'], '.2f')}); committing "
+            f"step {fmt(st['commit_ms'])} ms (max {fmt(st['commit_max_ms'])}, "
+            f"x{fmt(st['commit_vs_normal'], '.2f')}); target <= "
+            f"{TARGETS['step_during_swap_vs_normal']}x; rel. error vs dense reference after "
+            f"the swaps {r['rel_err_after_swaps']:.2e}")
+    console.print(f"failed steps: {results['failed_steps']}")

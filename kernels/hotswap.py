@@ -34,7 +34,7 @@ from torch import Tensor
 from expertplane.kernels.experts import LocalExperts
 from expertplane.kernels.moe import EPMoELayer, LayerPlacement
 
-__all__ = ["HotSwapEngine", "SlotFill", "SwapCoordinator", "SwapError", "SwapStats",
+__all__ = ["MODES", "HotSwapEngine", "SlotFill", "SwapCoordinator", "SwapError", "SwapStats",
            "TransferPlan", "plan_transfers"]
 
 LOCAL, REMOTE, DUP = "local", "remote", "dup"
@@ -183,14 +183,33 @@ class SwapStats:
     seconds: float = 0.0
 
 
+MODES = ("double", "compact")
+
+
+@dataclass
+class _LayerStage:
+    """Staged weights of one changed layer: ``buf`` rows, ``rows[slot]`` = the row that holds
+    local slot ``slot``'s new weights. Double mode: S rows (a full new buffer, rows[s] = s);
+    compact mode: one row per changed slot."""
+
+    buf: LocalExperts
+    rows: dict[int, int]
+
+    def w13(self, slot: int) -> Tensor:
+        return self.buf.w13[self.rows[slot]]
+
+    def w2(self, slot: int) -> Tensor:
+        return self.buf.w2[self.rows[slot]]
+
+
 class _Staging:
-    """One staged version on one rank: new placements, new expert buffers, in-flight work."""
+    """One staged version on one rank: new placements, staged layers, in-flight work."""
 
     def __init__(self, version: int, placements: list[LayerPlacement],
-                 experts: dict[int, LocalExperts], stats: SwapStats) -> None:
+                 layers: dict[int, _LayerStage], stats: SwapStats) -> None:
         self.version = version
         self.placements = placements
-        self.experts = experts
+        self.layers = layers
         self.stats = stats
         self.started = time.perf_counter()
         self.finished: float | None = None
@@ -208,14 +227,23 @@ class HotSwapEngine:
     rank), None for a single process. ``prepare`` and ``commit`` are collective: every rank
     calls them at the same step (use :class:`SwapCoordinator`).
 
-    Memory: a changed layer holds two [S, H, 2I] + [S, I, H] buffers between prepare and
-    commit (the live one and the staged one); unchanged layers hold nothing extra.
+    ``mode``:
+    - ``"double"`` (double buffering): each changed layer gets a full new [S, H, 2I] +
+      [S, I, H] buffer (unchanged slots copied on the device while the receives run); the
+      commit swaps references, so the committing step does no copy. Memory: twice the
+      changed layers' experts until commit.
+    - ``"compact"``: only the changed slots are staged (k rows per layer); the commit
+      scatters them into the live buffer in place on the serving stream at the step edge
+      (a device copy of the k experts). Memory: k experts per changed layer.
     """
 
     def __init__(self, layers: Sequence[EPMoELayer], group: dist.ProcessGroup | None = None,
-                 gpus_per_node: int | None = None) -> None:
+                 gpus_per_node: int | None = None, mode: str = "double") -> None:
         if not layers:
             raise SwapError("layers: need at least one MoE layer")
+        if mode not in MODES:
+            raise SwapError(f"mode: must be one of {MODES}, got {mode!r}")
+        self.mode = mode
         self.layers = list(layers)
         self.group = group
         first = self.layers[0]
@@ -299,19 +327,18 @@ class HotSwapEngine:
         with ctx:
             if self._side is not None:
                 self._side.wait_stream(torch.cuda.current_stream(self.device))
-            experts = {layer: LocalExperts(torch.empty_like(self.layers[layer].experts.w13),
-                                           torch.empty_like(self.layers[layer].experts.w2))
-                       for layer in changed}
-            staging = _Staging(version, list(placements), experts, stats)
+            stages = {layer: self._new_stage(layer, [f for f in mine if f.layer == layer])
+                      for layer in changed}
+            staging = _Staging(version, list(placements), stages, stats)
             # receives first: they land in the changed slots while the local copies fill the
             # others (NCCL's stream and the side stream overlap on GPU)
-            ops = self._p2p_ops(plan, experts)
+            ops = self._p2p_ops(plan, stages)
             works = dist.batch_isend_irecv(ops) if ops else []
             if self._side is not None:
-                self._local_copies(mine, experts)
+                self._local_copies(mine, stages)
                 for w in works:
                     w.wait()  # the side stream waits for the transfers
-                self._copy_dups(mine, experts)
+                self._copy_dups(mine, stages)
                 staging.cuda_event = torch.cuda.Event()
                 staging.cuda_event.record(self._side)
             else:
@@ -331,14 +358,14 @@ class HotSwapEngine:
         if self._side is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(s.cuda_event)
-            for experts in s.experts.values():
-                experts.w13.record_stream(current)
-                experts.w2.record_stream(current)
+            for stage in s.layers.values():
+                stage.buf.w13.record_stream(current)
+                stage.buf.w2.record_stream(current)
         for i, layer in enumerate(self.layers):
             mine = slice(self.rank * layer.experts.w13.shape[0],
                          (self.rank + 1) * layer.experts.w13.shape[0])
-            if i in s.experts:
-                layer.swap(s.placements[i], s.experts[i])
+            if i in s.layers:
+                layer.swap(s.placements[i], self._switched_experts(layer, s.layers[i]))
             elif not torch.equal(layer.placement.phy2log[mine], s.placements[i].phy2log[mine]):
                 raise SwapError(f"placements[{i}]: this rank's slots changed but have no staged weights")
             else:
@@ -362,36 +389,59 @@ class HotSwapEngine:
         e = self.layers[0].experts
         return (e.w13[0].numel() * e.w13.element_size() + e.w2[0].numel() * e.w2.element_size())
 
-    def _local_copies(self, mine: list[SlotFill], experts: dict[int, LocalExperts]) -> None:
-        """Fill the staged buffers' unchanged slots (contiguous runs, one copy each) and the
-        local fills from the live weights."""
-        for layer, buf in experts.items():
+    def _new_stage(self, layer: int, fills: list[SlotFill]) -> _LayerStage:
+        live = self.layers[layer].experts
+        if self.mode == "double":
+            return _LayerStage(LocalExperts(torch.empty_like(live.w13), torch.empty_like(live.w2)),
+                               {slot: slot for slot in range(live.num_slots)})
+        n = len(fills)
+        buf = LocalExperts(live.w13.new_empty(n, *live.w13.shape[1:]),
+                           live.w2.new_empty(n, *live.w2.shape[1:]))
+        return _LayerStage(buf, {f.slot: i for i, f in enumerate(fills)})
+
+    def _switched_experts(self, layer: EPMoELayer, stage: _LayerStage) -> LocalExperts:
+        """The layer's experts after the switch: the staged buffer (double), or the live one
+        with the staged rows scattered into their slots (compact; on the serving stream)."""
+        if self.mode == "double":
+            return stage.buf
+        live = layer.experts
+        slots = torch.tensor(list(stage.rows), device=self.device)
+        live.w13.index_copy_(0, slots, stage.buf.w13)
+        live.w2.index_copy_(0, slots, stage.buf.w2)
+        return live
+
+    def _local_copies(self, mine: list[SlotFill], stages: dict[int, _LayerStage]) -> None:
+        """Fill the staged layers' local fills and, in double mode, their unchanged slots
+        (contiguous runs, one copy each) from the live weights."""
+        for layer, stage in stages.items():
             live = self.layers[layer].experts
             changed = {f.slot: f for f in mine if f.layer == layer}
-            start = None
-            for slot in range(live.num_slots + 1):
-                kept = slot < live.num_slots and slot not in changed
-                if kept and start is None:
-                    start = slot
-                elif not kept and start is not None:
-                    buf.w13[start:slot].copy_(live.w13[start:slot])
-                    buf.w2[start:slot].copy_(live.w2[start:slot])
-                    start = None
+            if self.mode == "double":
+                start = None
+                for slot in range(live.num_slots + 1):
+                    kept = slot < live.num_slots and slot not in changed
+                    if kept and start is None:
+                        start = slot
+                    elif not kept and start is not None:
+                        stage.buf.w13[start:slot].copy_(live.w13[start:slot])
+                        stage.buf.w2[start:slot].copy_(live.w2[start:slot])
+                        start = None
             for f in changed.values():
                 if f.source == LOCAL:
-                    buf.w13[f.slot].copy_(live.w13[f.src_slot])
-                    buf.w2[f.slot].copy_(live.w2[f.src_slot])
+                    stage.w13(f.slot).copy_(live.w13[f.src_slot])
+                    stage.w2(f.slot).copy_(live.w2[f.src_slot])
 
-    def _p2p_ops(self, plan: TransferPlan, experts: dict[int, LocalExperts]) -> list[dist.P2POp]:
+    def _p2p_ops(self, plan: TransferPlan, stages: dict[int, _LayerStage]) -> list[dist.P2POp]:
         """Matching send/recv operations of this rank, in the plan's global order."""
         ops: list[dist.P2POp] = []
         for i, f in enumerate(plan.fills):
             if f.source != REMOTE:
                 continue
             if f.rank == self.rank:
-                buf = experts[f.layer]
-                ops.append(dist.P2POp(dist.irecv, buf.w13[f.slot], f.src_rank, self.group, 2 * i))
-                ops.append(dist.P2POp(dist.irecv, buf.w2[f.slot], f.src_rank, self.group, 2 * i + 1))
+                stage = stages[f.layer]
+                ops.append(dist.P2POp(dist.irecv, stage.w13(f.slot), f.src_rank, self.group, 2 * i))
+                ops.append(dist.P2POp(dist.irecv, stage.w2(f.slot), f.src_rank, self.group,
+                                      2 * i + 1))
             elif f.src_rank == self.rank:
                 live = self.layers[f.layer].experts
                 ops.append(dist.P2POp(dist.isend, live.w13[f.src_slot], f.rank, self.group, 2 * i))
@@ -399,19 +449,19 @@ class HotSwapEngine:
         return ops
 
     @staticmethod
-    def _copy_dups(mine: list[SlotFill], experts: dict[int, LocalExperts]) -> None:
+    def _copy_dups(mine: list[SlotFill], stages: dict[int, _LayerStage]) -> None:
         for f in mine:
             if f.source == DUP:
-                buf = experts[f.layer]
-                buf.w13[f.slot].copy_(buf.w13[f.src_slot])
-                buf.w2[f.slot].copy_(buf.w2[f.src_slot])
+                stage = stages[f.layer]
+                stage.w13(f.slot).copy_(stage.w13(f.src_slot))
+                stage.w2(f.slot).copy_(stage.w2(f.src_slot))
 
     def _finish_cpu(self, staging: _Staging, works: list, mine: list[SlotFill]) -> None:
         try:
-            self._local_copies(mine, staging.experts)
+            self._local_copies(mine, staging.layers)
             for w in works:
                 w.wait()
-            self._copy_dups(mine, staging.experts)
+            self._copy_dups(mine, staging.layers)
         except BaseException as exc:  # reported by ready()/wait() in the serving thread
             staging.error = exc
         staging.finished = time.perf_counter()

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
 
-from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator
+from expertplane.kernels.hotswap import MODES, HotSwapEngine, SwapCoordinator
 from expertplane.kernels.moe import LayerPlacement
 from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
 from expertplane.kernels.worker_service import (
@@ -60,6 +60,7 @@ class WorkerConfig:
     verify_every: compare every N-th step with the dense reference (0 = never); a mismatch
     beyond the dtype's tolerance counts as a failed step.
     threads: torch intra-op threads (CPU; 0 = torch's default).
+    swap_mode: staging of hot-swaps, ``double`` or ``compact`` (see :class:`HotSwapEngine`).
     drain_seconds: after the last step, keep serving until the counters are pulled once
     more (so the last window reaches the agent), at most this long.
     """
@@ -86,6 +87,7 @@ class WorkerConfig:
     rollout_timeout: float = 120.0
     drain_seconds: float = 5.0
     threads: int = 1
+    swap_mode: str = "double"
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
@@ -103,6 +105,8 @@ class WorkerConfig:
             raise ValueError("backend: nccl needs device cuda")
         if self.step_interval < 0 or self.max_steps < 0 or self.verify_every < 0:
             raise ValueError("step_interval/max_steps/verify_every: must be >= 0")
+        if self.swap_mode not in MODES:
+            raise ValueError(f"swap_mode: must be one of {MODES}, got {self.swap_mode!r}")
         gpn = self.gpus_per_node or self.world_size
         if self.world_size % gpn:
             raise ValueError(f"gpus_per_node: {gpn} must divide world_size {self.world_size}")
@@ -227,7 +231,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
     model = SyntheticMoEModel(config.model, config.stream, placements,
                               gpus_per_node=config.gpus_per_node, device=device)
     engine = HotSwapEngine(list(model.layers), group=swap_group,
-                           gpus_per_node=config.gpus_per_node)
+                           gpus_per_node=config.gpus_per_node, mode=config.swap_mode)
     coord = SwapCoordinator(engine, version)
     ledger = CounterLedger(config.model.num_layers, num_slots // config.world_size, version)
     stream = TokenStream(config.model, config.stream, config.rank, device)

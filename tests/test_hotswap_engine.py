@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from expertplane.kernels.experts import make_expert_weights
-from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator
+from expertplane.kernels.hotswap import MODES, HotSwapEngine, SwapCoordinator, SwapError
 from expertplane.kernels.moe import LayerPlacement
 from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
 
@@ -57,7 +57,9 @@ def _rank_main(rank: int, store: str) -> None:
 def _scenario(rank: int) -> None:
     a, b, c = _plan(1), _plan(2), _plan(3)
     model = SyntheticMoEModel(MODEL, STREAM, a, gpus_per_node=GPN)
-    engine = HotSwapEngine(list(model.layers), group=dist.new_group(), gpus_per_node=GPN)
+    # staging representation is rank-local: mix both modes over the same P2P exchange
+    engine = HotSwapEngine(list(model.layers), group=dist.new_group(), gpus_per_node=GPN,
+                           mode=MODES[rank % 2])
     coord = SwapCoordinator(engine, version=1)
     stream = TokenStream(MODEL, STREAM, rank)
     step = [0]
@@ -119,10 +121,11 @@ def test_swap_at_the_same_step_matches_reference_and_abort_keeps_old_plan(tmp_pa
     mp.spawn(_rank_main, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
 
 
-def test_single_rank_engine_stages_and_commits_local_copies():
+@pytest.mark.parametrize("mode", MODES)
+def test_single_rank_engine_stages_and_commits_local_copies(mode):
     a, b = _plan(4), _plan(5)
     model = SyntheticMoEModel(MODEL, STREAM, a)
-    engine = HotSwapEngine(list(model.layers))
+    engine = HotSwapEngine(list(model.layers), mode=mode)
     stats = engine.prepare(7, b)
     assert stats.remote_fills == 0 and stats.bytes_sent == 0
     assert engine.wait(10) and engine.staged_version == 7
@@ -132,3 +135,9 @@ def test_single_rank_engine_stages_and_commits_local_copies():
     engine.commit()
     _assert_weights_match(model, b, 0)
     assert model(x, verify=True).max_error < 1e-4
+
+
+def test_unknown_mode_is_rejected():
+    model = SyntheticMoEModel(MODEL, STREAM, _plan(4))
+    with pytest.raises(SwapError, match="mode"):
+        HotSwapEngine(list(model.layers), mode="triple")
