@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from expertplane.kernels.experts import make_expert_weights
-from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator
+from expertplane.kernels.hotswap import MODES, HotSwapEngine, SwapCoordinator
 from expertplane.kernels.moe import LayerPlacement
 from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
 
@@ -40,10 +40,11 @@ def nccl_group(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_cuda_swap_while_serving(nccl_group):
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_swap_while_serving(nccl_group, mode):
     a, b = _plan(1), _plan(2)
     model = SyntheticMoEModel(MODEL, STREAM, a, device="cuda")
-    engine = HotSwapEngine(list(model.layers), group=dist.new_group())
+    engine = HotSwapEngine(list(model.layers), group=dist.new_group(), mode=mode)
     coord = SwapCoordinator(engine, version=1)
     stream = TokenStream(MODEL, STREAM, 0, "cuda")
     done = threading.Event()
