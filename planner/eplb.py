@@ -27,7 +27,7 @@ ALGORITHMS = ("deepseek", "balanced", "topology")
 # algorithm -> (module, function, accepted keyword options)
 _ENTRY_POINTS = {
     "balanced": ("expertplane.planner.balanced", "rebalance_balanced", ()),
-    "topology": ("expertplane.planner.topology", "rebalance_topology", ("remote_cost",)),
+    "topology": ("expertplane.planner.topology", "rebalance_topology", ("remote_cost", "topk")),
 }
 
 
