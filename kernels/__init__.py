@@ -7,7 +7,8 @@
 - :mod:`experts`: local expert weights and the SwiGLU grouped GEMM.
 - :mod:`moe`: :class:`~expertplane.kernels.moe.EPMoELayer` and
   :class:`~expertplane.kernels.moe.LayerPlacement`.
+- :mod:`balancing`: selection-bias update rules and per-slot capacity (drop / next-best).
 - :mod:`counters`: device-side per-slot token counters read without stalling the stream.
-- :mod:`triton_ops`: Triton permute/combine/histogram kernels with torch fallbacks.
+- :mod:`triton_ops`: Triton combine/SwiGLU/histogram/grouped-GEMM kernels, torch fallbacks.
 - :mod:`reference`: dense single-process reference.
 """

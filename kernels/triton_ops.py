@@ -108,11 +108,10 @@ def triton_grouped_mm(x: Tensor, w: Tensor, counts: list[int], block_m: int = 12
     if block_m not in (64, 128, 256):
         raise ValueError(f"block_m must be 64, 128 or 256, got {block_m}")
     m_tiles = [-(-n // block_m) for n in counts]
-    tile_group = torch.repeat_interleave(torch.arange(groups), torch.tensor(m_tiles))
-    tile_m = torch.cat([torch.arange(t) for t in m_tiles])
-    meta = torch.cat([tile_group, tile_m, torch.tensor(starts)]).to(torch.int32)
-    meta = meta.to(x.device, non_blocking=True)
+    tile_group = [g for g, tiles in enumerate(m_tiles) for _ in range(tiles)]
+    tile_m = [j for tiles in m_tiles for j in range(tiles)]
     total = len(tile_group)
+    meta = torch.tensor(tile_group + tile_m + starts, dtype=torch.int32).to(x.device)
 
     def grid(cfg):
         return (total * (m_dim // cfg["BN"]),)
