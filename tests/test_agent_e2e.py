@@ -54,6 +54,9 @@ class _WorkerDouble(pb_grpc.WorkerServiceServicer):
         with self.lock:
             self.pulls += 1
             Path(self.args.totals).write_text(json.dumps({"pulls": self.pulls}))
+            if self.args.malformed_every and self.pulls % self.args.malformed_every == 0:
+                return pb.CounterSnapshot(rank=self.args.rank, plan_version=self.plan_version,
+                                          slot_counts=pb.Int64Tensor(shape=[LAYERS, SLOTS], values=[1]))
             return pb.CounterSnapshot(
                 rank=self.args.rank, placement=self.args.placement, plan_version=self.plan_version,
                 slot_counts=pb.Int64Tensor(shape=[LAYERS, SLOTS], values=slot_counts(self.args.rank)),
@@ -93,6 +96,7 @@ def _serve_worker(argv) -> None:
     p.add_argument("--pull-delay", type=float, default=0.0)
     p.add_argument("--prepare-delay", type=float, default=0.0)
     p.add_argument("--fail-prepare", action="store_true")
+    p.add_argument("--malformed-every", type=int, default=0, help="every N-th pull is malformed")
     args = p.parse_args(argv)
     servicer = _WorkerDouble(args)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -381,6 +385,20 @@ def test_missing_ack_reopens_the_stream_and_resends_the_same_sequence(make_agent
         assert agent.metrics.reconnects.labels(stream="load")._value.get() >= 1
     finally:
         c.stop()
+
+
+@pytest.mark.timeout(60)
+def test_malformed_snapshots_are_skipped_without_losing_the_worker(controller, make_agent, workers,
+                                                                   tmp_path, caplog):
+    agent = make_agent(controller.port)
+    workers.append(start_worker(tmp_path, agent.start(), 0, "--malformed-every", "2"))
+    wait_for(lambda: len(controller.sequences(0)) >= 6, what="good reports")
+    seqs = controller.sequences(0)
+    assert seqs == list(range(1, len(seqs) + 1))     # skipped snapshots use no sequence number
+    assert all(list(r.slot_counts.values) == slot_counts(0) for r in controller.reports(0))
+    assert [h.info.rank for h in agent.registry.handles()] == [0]     # not counted as missed
+    assert any("malformed counter snapshot" in r.getMessage() and "slot_counts" in r.getMessage()
+               for r in caplog.records)
 
 
 @pytest.mark.timeout(60)
