@@ -22,7 +22,8 @@ def register(sub) -> None:
                         help="expert loads [layers, experts]: .npy, .pt, .json, .csv, or an SGLang "
                              "expert-distribution dump (logical_count; window dims are summed)")
     parser.add_argument("--replicas", type=int, metavar="R",
-                        help="physical expert slots per layer (multiple of --gpus)")
+                        help="physical expert slots per layer (multiple of --gpus; required "
+                             "unless --sizing)")
     parser.add_argument("--groups", type=int, required=True, metavar="G", help="expert groups")
     parser.add_argument("--nodes", type=int, required=True, metavar="N", help="server nodes")
     parser.add_argument("--gpus", type=int, required=True, metavar="P",
@@ -41,7 +42,31 @@ def register(sub) -> None:
     parser.add_argument("--format", choices=("json", "yaml", "sglang"),
                         help="output format (default from the -o suffix; sglang writes "
                              "physical_to_logical_map for --init-expert-location)")
+    parser.add_argument("--sizing", action="store_true",
+                        help="instead of a plan, print balance against the number of redundant "
+                             "experts and recommend the smallest count reaching --target-balance")
+    parser.add_argument("--target-balance", type=float, default=1.05, metavar="B",
+                        help="--sizing: worst-layer max/mean GPU load to reach (default 1.05)")
+    parser.add_argument("--max-redundant", type=int, metavar="N",
+                        help="--sizing: largest redundant count to try (default: experts)")
     parser.set_defaults(func=_run)
+
+
+def _sizing(args, weight) -> int:
+    from expertplane.planner.sizing import (default_candidates, format_sizing_table,
+                                            recommend_redundancy)
+
+    candidates = default_candidates(weight.shape[1], args.gpus, args.max_redundant)
+    best, curve = recommend_redundancy(weight, args.groups, args.nodes, args.gpus,
+                                       args.target_balance, candidates, args.algorithm)
+    sys.stdout.write(format_sizing_table(curve, best))
+    if best is None:
+        print(f"no redundant count up to {candidates[-1]} reaches balance "
+              f"{args.target_balance} with {args.algorithm}")
+    else:
+        print(f"recommended: {best.num_redundant} redundant experts "
+              f"(--replicas {best.num_replicas}), worst-layer balance {best.balance_max:.4f}")
+    return 0
 
 
 def _run(args) -> int:
@@ -54,6 +79,8 @@ def _run(args) -> int:
                                         load_phy2log, plan_document, sglang_document)
 
     weight = load_loads(args.loads)
+    if args.sizing:
+        return _sizing(args, weight)
     if args.replicas is None:
         raise PlanInputError("--replicas", "is required")
     previous = load_phy2log(args.previous) if args.previous else None

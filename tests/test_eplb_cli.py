@@ -109,3 +109,37 @@ def test_cli_matches_api(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["policy"] == "global"
     assert doc["phy2log"] == rebalance_experts(w, 48, 8, 3, 12)[0].tolist()
+
+
+def test_previous_plan_reports_migration(tmp_path):
+    loads = _write_loads(tmp_path, "npy")
+    first = tmp_path / "first.json"
+    assert main(["plan", "--loads", str(loads), *ARGS, "--format", "sglang", "-o", str(first)]) == 0
+    drifted = np.array(README["weight"], dtype=np.float64)
+    drifted[:, 0] *= 3
+    np.save(tmp_path / "drift.npy", drifted)
+    out = tmp_path / "second.yaml"
+    assert main(["plan", "--loads", str(tmp_path / "drift.npy"), *ARGS, "--previous", str(first),
+                 "--expert-bytes", "100", "-o", str(out)]) == 0
+    doc = yaml.safe_load(out.read_text())
+    moved = (np.array(doc["phy2log"]) != np.array(README["phy2log"])).sum()
+    assert doc["migration"]["slots_moved"] == moved
+    assert doc["migration"]["bytes_moved"] == 100 * moved
+    assert sum(doc["migration"]["per_layer"]) == moved
+
+
+def test_sizing_prints_curve_and_recommendation(tmp_path, capsys):
+    loads = _write_loads(tmp_path, "npy")
+    assert main(["plan", "--loads", str(loads), "--groups", "4", "--nodes", "2", "--gpus", "4",
+                 "--sizing", "--target-balance", "1.5", "--max-redundant", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "redundancy sizing" in out and "recommended:" in out
+
+
+def test_topology_from_cli(tmp_path):
+    loads = _write_loads(tmp_path, "npy")
+    out = tmp_path / "topo.json"
+    assert main(["plan", "--loads", str(loads), *ARGS, "--algorithm", "topology",
+                 "--remote-cost", "0.5", "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["algorithm"] == "topology" and np.array(doc["phy2log"]).shape == (2, 16)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from expertplane.planner import ALGORITHMS, balance, build_log2phy, migration, rebalance_experts
+from expertplane.planner import ALGORITHMS, PlanInputError, balance, build_log2phy, migration, rebalance_experts
 from expertplane.planner.deepseek import is_hierarchical
 from expertplane.planner.validation import check_plan
 
@@ -44,6 +44,10 @@ def problems(draw):
 @given(problem=problems())
 def test_plans_are_valid(algorithm, problem):
     w, replicas, groups, nodes, gpus = problem
+    if algorithm == "topology" and not is_hierarchical(groups, nodes):
+        with pytest.raises(PlanInputError, match="^num_groups: topology placement starts"):
+            rebalance_experts(w, replicas, groups, nodes, gpus, algorithm=algorithm)
+        return
     phy2log, log2phy, logcnt = rebalance_experts(w, replicas, groups, nodes, gpus,
                                                  algorithm=algorithm)
     assert phy2log.dtype == log2phy.dtype == logcnt.dtype == torch.int64
