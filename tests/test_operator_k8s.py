@@ -370,3 +370,24 @@ def test_sample_pipeline_plan_is_computed(apiserver, operator):
     assert st["boundaries"] == sorted(st["boundaries"]) and st["layers"] == 63
     assert st["stepTime"] > 0 and 0 <= st["bubbleFraction"] < 1
     assert len(st["peakMemoryBytes"]) == 8 and max(st["peakMemoryBytes"]) <= 80 * 2**30
+
+
+def test_initial_load_from_a_configmap(apiserver, operator, stub):
+    load = [[50, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 30]]
+    apiserver.apply({"apiVersion": "v1", "kind": "ConfigMap",
+                     "metadata": {"name": "warm-load", "namespace": "default"},
+                     "data": {"load.json": json.dumps({"load": load})}})
+    apiserver.apply(placement_doc("warm", initialLoad={"configMapRef": {"name": "warm-load",
+                                                                        "key": "load.json"}}))
+    obj = wait_for(ready(apiserver, "warm"), what="warm Ready")
+    plan = stub[0].GetPlan(pb.GetPlanRequest(placement="default-warm"), timeout=10)
+    assert np.array_equal(to_numpy(plan.load_snapshot, "load_snapshot"), np.array(load, float))
+    _, phy2log = plan_configmap(apiserver, "warm-expert-location")
+    assert np.count_nonzero(phy2log[0] == 0) > 1 and np.count_nonzero(phy2log[1] == 7) > 1
+    assert obj["status"]["planBalance"] == obj["status"]["currentBalance"] > 1.0
+    apiserver.apply(placement_doc("cold", initialLoad={"configMapRef": {"name": "warm-load",
+                                                                        "key": "missing"}}))
+    c = wait_for(lambda: condition(apiserver.get("expertplacement", "cold"), "Ready"), what="condition")
+    assert c["reason"] == "InvalidSpec"
+    assert c["message"] == "spec.initialLoad.configMapRef: ConfigMap 'warm-load' has no key 'missing' " \
+                           "(keys: ['load.json'])"
