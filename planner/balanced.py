@@ -68,7 +68,7 @@ def _heap_down(key, ids, size, i):
 
 
 @njit(cache=True)
-def _pack(item_load, num_gpus, per_gpu, members, gpu_load):
+def pack_items(item_load, num_gpus, per_gpu, members, gpu_load):
     """Pack items (sorted by load, descending) onto GPUs of ``per_gpu`` slots.
 
     item_load float64 [k]; fills members int64 [p, s] (item indices) and gpu_load [p].
@@ -151,7 +151,7 @@ def _evaluate(w, counts, order, num_gpus, item_load, item_expert, members, gpu_l
     else:
         _sort_by_per_replica(w, counts, order)
     _items(w, counts, order, item_load, item_expert)
-    _pack(item_load, num_gpus, members.shape[1], members, gpu_load)
+    pack_items(item_load, num_gpus, members.shape[1], members, gpu_load)
     return gpu_load.max(), (gpu_load * gpu_load).sum()
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit, prange
 from scipy.optimize import linear_sum_assignment
 
+from expertplane.planner.balanced import pack_items
 from expertplane.planner.deepseek import is_hierarchical
 from expertplane.planner.metrics import gpu_loads
 from expertplane.planner.plan import build_log2phy
@@ -285,6 +286,75 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget):
     return gpu_load.max() <= target
 
 
+@njit(cache=True)
+def _revert_row(w, row, prev, num_gpus, slot_node, expert_node, target):
+    """Put slots of ``row`` [R] (in place) back to their expert in ``prev`` [R] while the max
+    GPU load stays <= ``target``: single slots (changes replica counts) and pairs of slots that
+    exchanged experts (counts unchanged). Three passes over the changed slots at most."""
+    replicas = row.shape[0]
+    per_gpu = replicas // num_gpus
+    counts = np.zeros(w.shape[0], dtype=np.int64)
+    for x in row:
+        counts[x] += 1
+    slot_load = np.empty(replicas)
+    gpu_load = np.zeros(num_gpus)
+    for i in range(replicas):
+        slot_load[i] = w[row[i]] / counts[row[i]]
+        gpu_load[i // per_gpu] += slot_load[i]
+    delta = np.zeros(num_gpus)
+    touched = np.empty(num_gpus, dtype=np.int64)
+    mark = np.zeros(num_gpus, dtype=np.bool_)
+    starts = np.zeros(w.shape[0] + 1, dtype=np.int64)
+    slots = np.empty(replicas, dtype=np.int64)
+    for _ in range(3):
+        changed = False
+        for j in range(replicas):
+            x, y = row[j], prev[j]
+            if x == y or (expert_node[y] >= 0 and expert_node[y] != slot_node[j]):
+                continue
+            partner = -1  # a slot that took y's place while j took x: swap them back
+            for k in range(replicas):
+                if row[k] == y and prev[k] == x and slot_node[k] == slot_node[j]:
+                    partner = k
+                    break
+            if partner >= 0:
+                gj, gk = j // per_gpu, partner // per_gpu
+                d = slot_load[partner] - slot_load[j]
+                if max(gpu_load[gj] + d, gpu_load[gk] - d) <= target:
+                    row[j], row[partner] = y, x
+                    slot_load[j], slot_load[partner] = slot_load[partner], slot_load[j]
+                    gpu_load[gj] += d
+                    gpu_load[gk] -= d
+                    changed = True
+                    continue
+            if counts[x] < 2:
+                continue
+            _index_slots(row, w.shape[0], starts, slots)
+            new_top, nt = _relabel_max(row, counts, w, slot_load, gpu_load, per_gpu, j, y,
+                                       starts, slots, delta, touched, mark)
+            rest = -np.inf
+            for g in range(num_gpus):
+                if not mark[g]:
+                    rest = max(rest, gpu_load[g])
+            for t in range(nt):
+                mark[touched[t]] = False
+            if max(new_top, rest) <= target:
+                _apply_relabel(row, counts, w, slot_load, gpu_load, per_gpu, j, y)
+                changed = True
+        if not changed:
+            break
+
+
+@njit(cache=True, parallel=True)
+def _revert(weight, plans, previous, num_gpus, slot_node, expert_node, target):
+    """``_revert_row`` on every layer of a copy of ``plans`` [L, R]."""
+    out = plans.copy()
+    for layer in prange(plans.shape[0]):
+        _revert_row(weight[layer], out[layer], previous[layer], num_gpus, slot_node,
+                    expert_node[layer], target[layer])
+    return out
+
+
 @njit(cache=True, parallel=True)
 def _repair(weight, start, num_gpus, slot_node, expert_node, target, budget):
     """Repair every layer of ``start`` [L, R] (copied); returns (plans, target reached [L])."""
@@ -343,6 +413,43 @@ def _recount(weight, previous, new_counts, per_gpu):
     return out
 
 
+def _repack_worst(w_row, plan_row, prev_row, num_gpus, target, best_moves):
+    """Re-pack the GPUs above ``target`` together with as many of the least loaded GPUs, then
+    25% more of them each time, until the re-packed set fits under ``target``.
+
+    The set's replicas are packed by ``balanced.pack_items`` (optimal for two slots per GPU)
+    and its new GPU contents matched to the old ones to keep slots (``align``'s matching).
+    Returns the plan [R] with fewer changed slots than ``best_moves``, or None.
+    """
+    per_gpu = plan_row.size // num_gpus
+    counts = np.bincount(plan_row, minlength=w_row.size)
+    gpus = plan_row.reshape(num_gpus, per_gpu)
+    slot_load = (w_row / np.maximum(counts, 1))[gpus]
+    load = slot_load.sum(-1)
+    by_load = np.argsort(load, kind="stable")
+    over = by_load[load[by_load] > target]
+    light = over.size
+    while over.size and over.size + light <= num_gpus:
+        chosen = np.concatenate([over, by_load[:light]])
+        order = np.argsort(-slot_load[chosen].ravel(), kind="stable")
+        item_load = slot_load[chosen].ravel()[order]
+        members = np.empty((chosen.size, per_gpu), dtype=np.int64)
+        packed = np.empty(chosen.size)
+        pack_items(item_load, chosen.size, per_gpu, members, packed)
+        if packed.max() <= target:
+            new_sets = gpus[chosen].ravel()[order][members]
+            old_sets = prev_row.reshape(num_gpus, per_gpu)[chosen]
+            target_of = _match(new_sets, old_sets, w_row.size)
+            placed = np.empty_like(new_sets)
+            placed[target_of] = new_sets
+            out = gpus.copy()
+            out[chosen] = _keep_slots_all(placed, old_sets)
+            out = out.ravel()
+            return out if (out != prev_row).sum() < best_moves else None
+        light = max(light + 1, light * 5 // 4)
+    return None
+
+
 def _expert_nodes(previous: np.ndarray, num_experts: int, num_groups: int, num_nodes: int):
     """[L, E] node of each expert's group in ``previous`` (-1 if its group spans nodes)."""
     layers, replicas = previous.shape
@@ -376,9 +483,10 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
         return aligned
     fresh_loads = gpu_loads(w, fresh, build_log2phy(fresh, experts)[1], p)
     target = fresh_loads.max(-1) * (1.0 + TOLERANCE)
-    budget = (aligned != prev).sum(-1)
     if hier:
         slot_node = np.arange(r) // (r // n)
+        aligned = _revert(w, aligned, prev, p, slot_node, _expert_nodes(aligned, experts, g, n),
+                          target)
         expert_node = _expert_nodes(prev, experts, g, n)
         if (expert_node < 0).any():  # previous breaks groups-on-node: no repair from it
             return aligned
@@ -386,12 +494,23 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
     else:
         slot_node = np.zeros(r, dtype=np.int64)
         expert_node = np.full((layers, experts), -1, dtype=np.int64)
+        aligned = _revert(w, aligned, prev, p, slot_node, expert_node, target)
         starts = [prev, _recount(w, prev, build_log2phy(fresh, experts)[1], r // p)]
+    budget = (aligned != prev).sum(-1)
     best, best_moves = aligned, budget
     for start in starts:
         spent = (start != prev).sum(-1)
         repaired, reached = _repair(w, start, p, slot_node, expert_node, target,
                                     np.maximum(best_moves - spent, 0))
+        if not hier:  # also re-pack the worst GPUs of the repaired plan or of the start
+            for layer in range(layers):
+                for plan in (repaired[layer], start[layer]):
+                    limit = (repaired[layer] != prev[layer]).sum() if reached[layer] \
+                        else best_moves[layer]
+                    fixed = _repack_worst(w[layer], plan, prev[layer], p, target[layer],
+                                          min(limit, best_moves[layer]))
+                    if fixed is not None:
+                        repaired[layer], reached[layer] = fixed, True
         moves = (repaired != prev).sum(-1)
         use = reached & (moves < best_moves)
         best = np.where(use[:, None], repaired, best)

@@ -18,14 +18,14 @@ def _balance(w, plan, gpus):
 
 
 # (algorithm, shape, loads, largest share of a fresh plan's moved slots). The target is
-# 20%; two cases miss it (documented in docs/planner-algorithms.md): the local repair stalls
-# just above the 2% balance target on some layers and those layers fall back to the relabelled
-# fresh plan (about half its slots kept).
+# 20%; "balanced" on 640/320 with Zipf 0.8 misses it (about 30%, documented in
+# docs/planner-algorithms.md): its fresh plans are so even (1.02) that the 2% band leaves
+# almost every GPU that the drift pushed up to fix.
 CASES = [("deepseek", (288, 8, 4, 32), "zipf1.2", 0.2),
          ("balanced", (288, 8, 4, 32), "zipf1.2", 0.2),
          ("deepseek", (288, 8, 18, 144), "zipf1.2", 0.2),
          ("balanced", (288, 8, 18, 144), "lognormal", 0.2),
-         ("deepseek", (288, 8, 18, 144), "lognormal", 0.3),
+         ("deepseek", (288, 8, 18, 144), "lognormal", 0.2),
          ("deepseek", (640, 8, 40, 320), "zipf0.8", 0.2),
          ("balanced", (640, 8, 40, 320), "zipf1.2", 0.2),
          ("balanced", (640, 8, 40, 320), "zipf0.8", 0.35)]
