@@ -12,10 +12,11 @@ def register(sub) -> None:
         "exits non-zero if a step failed or balance did not improve over the initial plan.")
     parser.add_argument("--config", type=pathlib.Path, metavar="FILE",
                         help="placement + workload YAML (default: the shipped examples/demo.yaml)")
-    parser.add_argument("--duration", type=float, default=60.0, metavar="SECONDS",
-                        help="seconds of traffic (default 60)")
-    parser.add_argument("--settle", type=float, default=15.0, metavar="SECONDS",
-                        help="initial seconds left out of the balance comparison (default 15)")
+    parser.add_argument("--duration", type=float, default=45.0, metavar="SECONDS",
+                        help="seconds of traffic after the workers start (default 45)")
+    parser.add_argument("--settle", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds after the first load report left out of the balance "
+                        "comparison (default 10)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo-out"),
                         help="output directory (default ./demo-out)")
     parser.add_argument("--seed", type=int, default=0)

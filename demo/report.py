@@ -60,8 +60,9 @@ def _normalised(gpu_load: np.ndarray) -> np.ndarray:
     return np.divide(gpu_load, mean, out=np.zeros_like(gpu_load, dtype=float), where=mean > 0)
 
 
-def summary_lines(timeline: Timeline, control: Timeline | None, settle: float) -> list[str]:
-    """One screen of results. ``settle``: seconds after start ignored when averaging."""
+def summary_lines(timeline: Timeline, settle: float) -> list[str]:
+    """One screen of results. ``settle``: seconds after the first load sample ignored when
+    averaging (the plan in force at the start has not seen any load yet)."""
     committed = [r for r in timeline.rollouts if r.state == "committed"]
     lines = [
         f"steps: {timeline.steps}, failed steps: {timeline.failed_steps}",
@@ -70,11 +71,9 @@ def summary_lines(timeline: Timeline, control: Timeline | None, settle: float) -
         f"{sum(r.state == 'aborted' for r in timeline.rollouts)}",
         f"slots moved: {sum(r.slots_moved for r in committed)}, "
         f"bytes moved: {sum(r.bytes_moved for r in committed) / 2**20:.1f} MiB",
-        f"mean balance after {settle:.0f}s: observed {timeline.mean_balance('balance', settle):.3f}, "
+        f"mean balance from {settle:.0f}s after the first load: observed {timeline.mean_balance('balance', settle):.3f}, "
         f"initial plan on the same load {timeline.mean_balance('control', settle):.3f}",
     ]
-    if control is not None:
-        lines.append(f"control run (--no-rebalance) observed: {control.mean_balance('balance', settle):.3f}")
     if committed:
         prep = [r.prepare_seconds for r in committed]
         comm = [r.commit_seconds for r in committed]

@@ -48,7 +48,11 @@ class Timeline:
     steps: int = 0
     failed_steps: int = 0
 
-    def mean_balance(self, attr: str, after: float = 0.0) -> float:
-        """Mean over samples with ``t >= after`` of the layer-mean of ``attr`` (balance/control)."""
-        values = [float(np.mean(getattr(s, attr))) for s in self.samples if s.t >= after]
+    def mean_balance(self, attr: str, settle: float = 0.0) -> float:
+        """Layer-mean of ``attr`` (balance/control) averaged over the samples taken at least
+        ``settle`` seconds after the first sample (the first load to reach the controller)."""
+        if not self.samples:
+            return float("nan")
+        start = self.samples[0].t + settle
+        values = [float(np.mean(getattr(s, attr))) for s in self.samples if s.t >= start]
         return float(np.mean(values)) if values else float("nan")
