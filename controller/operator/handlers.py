@@ -22,7 +22,6 @@ from expertplane.controller.operator.reconcile import (
     reconcile_placement,
 )
 
-log = logging.getLogger(__name__)
 FINALIZER = f"{GROUP}/finalizer"
 
 

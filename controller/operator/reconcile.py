@@ -5,7 +5,6 @@ return the complete status the object should have. Calling it again changes noth
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -35,7 +34,6 @@ from expertplane.controller.operator.crd import (
 from expertplane.controller.operator.kube import Kube, NoWorkers, Owner, plan_identity
 from expertplane.proto import expertplane_pb2 as pb
 
-log = logging.getLogger(__name__)
 _ROLLING = ("preparing", "committing")
 
 
@@ -55,6 +53,16 @@ class Outcome:
 
     status: dict
     events: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _health(conds: list[dict], gen: int, ready: bool | None, reason: str, message: str,
+            degraded: tuple[str, str] | None) -> list[dict]:
+    """Conditions with Ready set (left as is when ``ready`` is None and no ``reason``) and
+    Degraded True with ``degraded`` = (reason, message), or False when None."""
+    if ready is not None or reason:
+        conds = cond.set_condition(conds, cond.READY, ready, reason, message, gen)
+    d_reason, d_message = degraded or ("AsExpected", "operating normally")
+    return cond.set_condition(conds, cond.DEGRADED, degraded is not None, d_reason, d_message, gen)
 
 
 def _mean(values) -> float | None:
@@ -112,14 +120,8 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
     status = dict(old, placement=pname, observedGeneration=gen)
     events: list[tuple[str, str]] = []
 
-    def done(ready, reason, message, degraded=False, degraded_reason="AsExpected",
-             degraded_message="operating normally"):
-        nonlocal conds
-        if ready is not None or reason:
-            conds = cond.set_condition(conds, cond.READY, ready, reason, message, gen)
-        conds = cond.set_condition(conds, cond.DEGRADED, degraded, degraded_reason,
-                                   degraded_message, gen)
-        status["conditions"] = conds
+    def done(ready, reason="", message="", degraded=None):
+        status["conditions"] = _health(conds, gen, ready, reason, message, degraded)
         return Outcome(status, events)
 
     try:
@@ -129,6 +131,9 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
         return done(False, "InvalidSpec", str(exc))
     except NoWorkers as exc:
         return done(False, "NoWorkers", str(exc))
+    except ApiException as exc:
+        return done(None, degraded=("KubernetesError", f"reading the spec's references failed: "
+                                                       f"{exc.status} {exc.reason}"))
     status.update(numGPUs=placement.topology.num_nodes * placement.topology.gpus_per_node,
                   replicas=placement.num_replicas)
     try:
@@ -147,10 +152,10 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
     except Rejected as exc:
         return done(False, "InvalidSpec", f"rejected by the controller: {exc.details}")
     except ControllerError as exc:
-        return done(None, "", "", True, "ControllerUnavailable", str(exc))
+        return done(None, degraded=("ControllerUnavailable", str(exc)))
     except ApiException as exc:
-        return done(None, "", "", True, "PublishFailed",
-                    f"could not write ConfigMap {cm_name!r}: {exc.status} {exc.reason}")
+        return done(None, degraded=("PublishFailed", f"could not write ConfigMap {cm_name!r}: "
+                                                     f"{exc.status} {exc.reason}"))
     rolling = state.rollout_state in _ROLLING
     conds = cond.set_condition(
         conds, cond.REBALANCING, rolling, "RolloutInProgress" if rolling else "Idle",
@@ -226,14 +231,8 @@ def reconcile_pipeline(ctx: OperatorContext, obj: Mapping, *, force: bool) -> Ou
     conds = list(old.get("conditions") or [])
     status = dict(old, observedGeneration=gen)
 
-    def done(ready, reason, message, degraded=False, degraded_reason="AsExpected",
-             degraded_message="operating normally", clear=False):
-        nonlocal conds
-        if ready is not None or reason:
-            conds = cond.set_condition(conds, cond.READY, ready, reason, message, gen)
-        conds = cond.set_condition(conds, cond.DEGRADED, degraded, degraded_reason,
-                                   degraded_message, gen)
-        status["conditions"] = conds
+    def done(ready, reason="", message="", degraded=None, clear=False):
+        status["conditions"] = _health(conds, gen, ready, reason, message, degraded)
         if clear:
             status.update({k: None for k in _RESULT_FIELDS})
         return Outcome(status)
@@ -255,9 +254,9 @@ def reconcile_pipeline(ctx: OperatorContext, obj: Mapping, *, force: bool) -> Ou
     except Rejected as exc:
         return done(False, "InvalidSpec", f"rejected by the controller: {exc.details}", clear=True)
     except ControllerError as exc:
-        return done(None, "", "", True, "ControllerUnavailable", str(exc))
+        return done(None, degraded=("ControllerUnavailable", str(exc)))
     except ApiException as exc:
-        return done(None, "", "", True, "KubernetesError", f"{exc.status} {exc.reason}")
+        return done(None, degraded=("KubernetesError", f"{exc.status} {exc.reason}"))
     status.update(boundaries=list(part.boundaries), stepTime=round(part.step_time, 9),
                   bubbleFraction=round(part.bubble_fraction, 6),
                   peakMemoryBytes=list(part.peak_memory_bytes),
