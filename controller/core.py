@@ -176,8 +176,7 @@ class Controller:
         if stored.plan_version == 0 and self.store.latest_version(spec.name) == 0:
             cand = compute_candidate(spec, None)
             plan = self._store_plan(spec, cand, "initial", 0, in_force=True)
-            stored = dataclasses.replace(stored, plan_version=plan.version,
-                                         last_rebalance=plan.created_at)
+            stored = dataclasses.replace(stored, plan_version=plan.version)
             log.info("placement %s: initial plan v%d (balance %.3f)", spec.name, plan.version,
                      float(np.mean(plan.predicted_balance)))
         self._load(stored)

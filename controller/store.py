@@ -193,7 +193,8 @@ class Store:
 
     def add_plan(self, plan: PlanRecord, *, in_force: bool = False) -> PlanRecord:
         """Store ``plan`` as the next version (its ``version`` field is ignored); returns it with
-        the assigned version. ``in_force`` also makes it the placement's plan in force."""
+        the assigned version. ``in_force`` also makes it the placement's plan in force (used for
+        first plans; rollouts go through ``decide_commit``)."""
         for attempt in range(5):
             try:
                 with self._tx("add_plan") as s:
@@ -204,9 +205,8 @@ class Store:
                                       .where(PlanRow.placement == plan.placement)) or 0
                     stored = replace(plan, version=latest + 1)
                     s.add(_plan_row(stored))
-                    if in_force:
+                    if in_force:  # a first plan: not a rebalance, so no last_rebalance
                         owner.plan_version = stored.version
-                        owner.last_rebalance = stored.created_at
                     return stored
             except IntegrityError:  # a concurrent writer took the version: take the next one
                 if attempt == 4:

@@ -18,7 +18,9 @@ from expertplane.rpc.channels import make_channel
 from expertplane.rpc.security import SecurityConfig
 from expertplane.rpc.tensors import double_tensor, to_numpy
 
-pytestmark = pytest.mark.timeout(120)
+# the first movement-aware plan compiles the planner's numba kernels (cached afterwards)
+pytestmark = pytest.mark.timeout(300)
+PLAN_TIMEOUT = 180
 Ack = pb.LoadAck
 
 
@@ -42,8 +44,8 @@ class Client:
 
 
 def start(db_url, **kw):
-    cfg = ControllerConfig(listen="127.0.0.1:0", db_url=db_url, policy_interval_seconds=3600,
-                           tick_seconds=0.02, **kw)
+    kw.setdefault("policy_interval_seconds", 3600)
+    cfg = ControllerConfig(listen="127.0.0.1:0", db_url=db_url, tick_seconds=0.02, **kw)
     server = ControllerServer(cfg)
     return server, server.start()
 
@@ -73,7 +75,7 @@ def test_placements_and_plan_queries(server):
     for i in range(3):
         c.planning.ComputePlan(pb.ComputePlanRequest(
             placement="m", load=double_tensor(np.arange(16.0).reshape(2, 8) + i), store=True),
-            timeout=30)
+            timeout=PLAN_TIMEOUT)
     page1 = c.plans.ListPlans(pb.ListPlansRequest(placement="m", page_size=3), timeout=10)
     page2 = c.plans.ListPlans(pb.ListPlansRequest(placement="m", page_size=3,
                                                   page_token=page1.next_page_token), timeout=10)
@@ -174,7 +176,8 @@ def test_rollout_through_agents_and_watch(server):
         counts = [load_report(f"n{r // 2}", r, "m", 1, 1, _counts_for(c, r, skewed))
                   for r in range(4)]
         assert {a.status for a in c.report(counts)} == {Ack.ACCEPTED}
-        d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m"), timeout=30)
+        d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m"),
+                                        timeout=PLAN_TIMEOUT)
         assert d.rebalance and d.new_version == 2 and d.gain > 0, d
         assert next(watch).version == 2                   # live
         for a in agents:
@@ -205,7 +208,7 @@ def test_failed_prepare_aborts_and_no_worker_switches(server):
     try:
         _wait(lambda: len(srv.controller.rollouts.workers("m")) == 4)
         d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", force=True),
-                                        timeout=30)
+                                        timeout=PLAN_TIMEOUT)
         assert d.rebalance and d.new_version == 2
         for a in agents:
             assert a.wait_for(lambda ag: any(h.startswith("abort 2") for w in ag.workers.values()
@@ -245,7 +248,7 @@ def test_state_survives_a_restart(db_url):
     c.plans.ApplyPlacement(placement(), timeout=30)
     c.planning.ComputePlan(pb.ComputePlanRequest(placement="m", rollout=True,
                                                  load=double_tensor(np.arange(16.0).reshape(2, 8))),
-                           timeout=30)
+                           timeout=PLAN_TIMEOUT)
     srv.stop(0.5)
     srv, port = start(db_url)
     try:
@@ -293,3 +296,27 @@ def test_compute_pipeline(server):
     assert got[0] == grpc.StatusCode.INVALID_ARGUMENT and got[1].startswith("profile_yaml.layers[0].W")
     assert code_of(c.planning.ComputePipeline, pb.ComputePipelineRequest(
         layers=layers, num_stages=20))[1].startswith("num_stages")
+
+
+def test_auto_policy_rebalances_a_skewed_window(sqlite_url):
+    srv, port = start(sqlite_url, policy_interval_seconds=0.1)
+    try:
+        c = Client(port)
+        c.plans.ApplyPlacement(placement(threshold=0.05, cooldown_seconds=3600), timeout=30)
+        skewed = np.ones((2, 8))
+        skewed[:, 0] = 200.0
+        acks = c.report([load_report(f"n{r // 2}", r, "m", 1, 1, _counts_for(c, r, skewed))
+                         for r in range(4)])
+        assert {a.status for a in acks} == {Ack.ACCEPTED}
+        _wait(lambda: c.plans.ListPlacements(pb.ListPlacementsRequest(), timeout=5)
+              .placements[0].plan_version == 2, timeout=PLAN_TIMEOUT)
+        [st] = c.plans.ListPlacements(pb.ListPlacementsRequest(), timeout=5).placements
+        assert list(st.current_balance) == []    # nothing counted under v2 yet
+        plan = c.plans.GetPlan(pb.GetPlanRequest(placement="m"), timeout=5)
+        assert plan.summary.reason == "auto" and plan.summary.previous_version == 1
+        assert np.mean(plan.summary.current_balance) > np.mean(plan.summary.predicted_balance)
+        assert list(st.predicted_balance) == pytest.approx(list(plan.summary.predicted_balance))
+        time.sleep(0.5)                      # cooldown: no further plan
+        assert c.plans.GetPlan(pb.GetPlanRequest(placement="m"), timeout=5).summary.version == 2
+    finally:
+        srv.stop(0.5)
