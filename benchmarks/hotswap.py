@@ -65,7 +65,8 @@ def _resolve(args) -> dict:
     if cuda and not torch.cuda.is_available():
         raise OSError("device: cuda asked for but torch.cuda.is_available() is False")
     pick = (lambda gpu, cpu: gpu) if cuda else (lambda gpu, cpu: cpu)
-    world = args.world_size or (torch.cuda.device_count() if cuda else 2)
+    world = args.world_size if args.world_size is not None else \
+        (torch.cuda.device_count() if cuda else 2)
     cfg = {
         "device": "cuda" if cuda else "cpu",
         "backend": "nccl" if cuda else "gloo",
