@@ -392,3 +392,31 @@ def test_initial_load_from_a_configmap(apiserver, operator, stub):
     assert c["reason"] == "InvalidSpec"
     assert c["message"] == "spec.initialLoad.configMapRef: ConfigMap 'warm-load' has no key 'missing' " \
                            "(keys: ['load.json'])"
+
+
+def test_pipeline_plan_from_a_profile_configmap_follows_its_edits(apiserver, operator):
+    profile = (REPO / "planner" / "profiles" / "llama-like.yaml").read_text()
+
+    def put_profile(text):
+        apiserver.apply({"apiVersion": "v1", "kind": "ConfigMap",
+                         "metadata": {"name": "llama-profile", "namespace": "default"},
+                         "data": {"profile.yaml": text}})
+    put_profile(profile)
+    apiserver.apply({"apiVersion": "expertplane.io/v1alpha1", "kind": "PipelinePlan",
+                     "metadata": {"name": "llama-pp4", "namespace": "default"},
+                     "spec": {"stages": 4, "schedule": "1f1b", "microBatches": 8,
+                              "profile": {"configMapRef": {"name": "llama-profile", "key": "profile.yaml"}}}})
+
+    def computed(layers):
+        def check():
+            obj = apiserver.get("pipelineplan", "llama-pp4")
+            st = (obj or {}).get("status") or {}
+            return obj if st.get("layers") == layers and condition(obj, "Ready")["status"] == "True" else None
+        return check
+    obj = wait_for(computed(82), timeout=60, what="llama-like partition")
+    first_version = obj["status"]["profileVersion"]
+    assert len(obj["status"]["boundaries"]) == 5 and obj["status"]["bubbleFraction"] > 0
+    put_profile(profile.replace("repeat: 80", "repeat: 40"))      # level-triggered on the ConfigMap
+    obj = wait_for(computed(42), timeout=60, what="partition of the edited profile")
+    assert obj["status"]["profileVersion"] != first_version
+    assert obj["metadata"]["generation"] == obj["status"]["observedGeneration"] == 1
