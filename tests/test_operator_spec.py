@@ -161,3 +161,38 @@ def test_config_from_args_and_checks():
         OperatorConfig(controller="c:1", lease_duration_seconds=5, renew_deadline_seconds=6)
     with pytest.raises(ValueError, match="refresh_seconds"):
         OperatorConfig(controller="c:1", refresh_seconds=0)
+
+
+def _containers():
+    for path in sorted((REPO / "manifests").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] in ("Deployment", "DaemonSet"):
+                for c in doc["spec"]["template"]["spec"]["containers"]:
+                    yield doc["metadata"]["name"], c
+
+
+def test_manifest_commands_parse_with_the_real_clis():
+    """The container args in manifests/ are accepted by the CLIs they run (env vars substituted)."""
+    import re
+
+    from expertplane.cli.main import build_parser
+
+    seen = set()
+    for name, c in _containers():
+        argv = [re.sub(r"\$\((\w+)\)", "x", a) for a in c["command"][1:] + c["args"]]
+        if c["command"][0] == "expertplane":
+            args = build_parser().parse_args(argv)
+            assert args.func is not None
+        else:
+            assert c["command"][:3] == ["python", "-m", "expertplane.controller.operator"]
+            cfg = config_from_args(_operator_parser().parse_args(argv[2:]))
+            assert cfg.controller == "expertplane-controller.expertplane-system.svc:50051"
+        seen.add(name)
+    assert seen == {"expertplane-controller", "expertplane-operator", "expertplane-agent"}
+
+
+def _operator_parser():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--log-level")
+    add_operator_arguments(parser)
+    return parser
