@@ -156,8 +156,10 @@ def test_bearer_token_is_sent_and_a_wrong_one_delivers_nothing(tmp_path, make_ag
         good = make_agent(c.port, security=SecurityConfig(token="s3cret"))
         workers.append(e2e.start_worker(tmp_path, good.start(), 1))
         e2e.wait_for(lambda: len(spy.accepted(1)) >= 3, what="reports with the right token")
+        e2e.wait_for(lambda: len(wrong.buffer) >= 3, what="reports held by the refused agent")
         assert good.metrics.reports_acked.labels(status="ACCEPTED")._value.get() >= 3
-        assert spy.accepted(0) == [] and len(wrong.buffer) > 0    # refused: kept, not lost
+        assert spy.accepted(0) == []                               # refused: kept, not counted
+        assert wrong.metrics.reconnects.labels(stream="load")._value.get() >= 1
         assert wrong.stop(flush_timeout=0.2) is False
     finally:
         c.stop(grace=0)
