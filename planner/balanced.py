@@ -10,9 +10,10 @@ Per layer (and node) the problem "n experts, k slots, p GPUs of s = k/p slots" i
 2. packing replicas onto GPUs: longest-processing-time first with s slots per GPU (for s = 2 this
    is the optimal pairing, largest with smallest), then swap local search between the most
    loaded GPU and the others (s >= 3);
-3. count search against the packing: while it lowers (max GPU load, sum of squared GPU loads),
-   give one more replica to an expert on the most loaded GPU, taken from the expert whose
-   per-replica load stays smallest after losing one.
+3. for s = 2, "two-tier" counts: the h heaviest experts water-filled into one slot of every GPU,
+   the rest into the other slot, h searched on a coarse grid then by halving steps;
+4. count search against the packing: while it lowers (max GPU load, sum of squared GPU loads),
+   move one replica to or from an expert on the most loaded GPU.
 
 Hierarchical policy: the group-to-node assignment minimising the worst node's bound
 (``bounds.hierarchical_node_bounds``, exact enumeration for small group counts; ties broken by
@@ -280,9 +281,8 @@ def _solve_row(w, slots, num_gpus, max_moves, out):
                 counts[take] += 1
             if moved:
                 break
-        if not moved:
+        if not moved:  # (after an accepted move the buffers hold its packing)
             break
-        _evaluate(w, counts, order, num_gpus, item_load, item_expert, members, gpu_load)
     # re-evaluate the accepted counts (the last rejected trial overwrote the buffers)
     _evaluate(w, counts, order, num_gpus, item_load, item_expert, members, gpu_load, True)
     for g in range(num_gpus):
