@@ -4,10 +4,11 @@ Three parts, each usable alone:
 
 - :func:`plan_transfers` (pure): old and new ``phy2log [L, R]`` -> a :class:`TransferPlan`
   saying, for every physical slot whose expert changes, where its weights come from.
-- :class:`HotSwapEngine`: on every rank, stages the new weights of the changed layers into
-  fresh buffers (double buffering) with batched point-to-point operations on a dedicated
-  process group while serving continues, then switches weights and routing tables by
-  swapping references (:meth:`EPMoELayer.swap`) at a step boundary, or drops the staging.
+- :class:`HotSwapEngine`: on every rank, stages the new weights of the changed layers with
+  batched point-to-point operations on a dedicated process group while serving continues
+  (into fresh whole-layer buffers, "double" mode, or into rows for the changed slots only,
+  "compact" mode), then switches weights and routing tables (:meth:`EPMoELayer.swap`) at a
+  step boundary, or drops the staging.
 - :class:`SwapCoordinator`: the step-boundary protocol that makes every rank start the
   transfer, and switch, at the SAME step, whatever order the prepare/commit/abort requests
   (gRPC calls) reach the ranks in: one tiny MIN all_reduce per step.
