@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rate", type=float, default=5000.0, help="target reports/s in total")
     parser.add_argument("--seconds", type=float, default=8.0, help="ingest duration")
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
-    parser.add_argument("--streams", type=int, default=4, help="ReportLoad streams per process")
+    parser.add_argument("--streams", type=int, default=2, help="ReportLoad streams per process")
     parser.add_argument("--window", type=int, default=256, help="max un-acked reports per stream")
     parser.add_argument("--layers", type=int, default=58)
     parser.add_argument("--slots", type=int, default=9, help="slots per GPU")

@@ -108,10 +108,15 @@ class PlacementWindow:
                                               f"{s.name!r}), got {r.worker_rank}")
         if r.plan_version == 0:
             return IngestResult(Ack.REJECTED, "plan_version: must be >= 1")
-        try:
-            counts = to_numpy(r.slot_counts, "slot_counts", shape=(s.num_layers, s.slots_per_gpu))
-        except TensorError as exc:
-            return IngestResult(Ack.REJECTED, str(exc))
+        t = r.slot_counts
+        if len(t.shape) == 2 and t.shape[0] == s.num_layers and t.shape[1] == s.slots_per_gpu \
+                and len(t.values) == s.num_layers * s.slots_per_gpu:   # the common, valid case
+            counts = np.asarray(t.values, dtype=np.int64).reshape(s.num_layers, s.slots_per_gpu)
+        else:
+            try:  # the shared helper produces the error message naming the field
+                counts = to_numpy(t, "slot_counts", shape=(s.num_layers, s.slots_per_gpu))
+            except TensorError as exc:
+                return IngestResult(Ack.REJECTED, str(exc))
         if counts.size and counts.min() < 0:
             return IngestResult(Ack.REJECTED, "slot_counts: must be non-negative")
         end = r.window_end.seconds + r.window_end.nanos * 1e-9 if r.HasField("window_end") else 0.0
