@@ -249,7 +249,7 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
     return inv
 
 
-def _group_sums(weight32: np.ndarray, num_groups: int) -> np.ndarray:
+def group_sums(weight32: np.ndarray, num_groups: int) -> np.ndarray:
     """float32 [L, G] sum of each group's loads, summed by torch so the float32 bits match."""
     layers, experts = weight32.shape
     t = torch.from_numpy(weight32).view(layers, num_groups, experts // num_groups)
@@ -265,7 +265,7 @@ def _hierarchical(weight32: np.ndarray, num_phy: int, num_groups: int, num_nodes
     slots_per_gpu = num_phy // num_gpus
 
     # 1. groups -> nodes; "mlog" numbers experts node by node in packed order
-    group_pack, group_rank = balanced_packing(_group_sums(weight32, num_groups), num_nodes)
+    group_pack, group_rank = balanced_packing(group_sums(weight32, num_groups), num_nodes)
     group_start = (group_pack * groups_per_node + group_rank) * group_size  # [L, G]
     log2mlog = (group_start[:, :, None] + np.arange(group_size)).reshape(layers, num_log)
     mlog2log = _inverse(log2mlog)

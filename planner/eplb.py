@@ -88,7 +88,7 @@ def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, *,
     weight: [L, E] load per logical expert (torch tensor, numpy array or nested list);
     num_groups: expert groups (hierarchical policy when num_groups % num_nodes == 0);
     previous: optional phy2log [L, R] of the plan in force (movement-aware re-planning);
-    options: algorithm options (``remote_cost`` for "topology").
+    options: algorithm options ("topology": ``remote_cost``, ``topk``).
     Returns (phy2log [L, R], log2phy [L, E, X] -1 padded, logcnt [L, E]) as torch int64, with
     GPU g holding slots g*R/P .. (g+1)*R/P - 1. Raises ``PlanInputError`` on bad input.
     """

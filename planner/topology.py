@@ -8,14 +8,14 @@ node) pair that most lowers
     J = softmax_q(predicted GPU loads) / mean GPU load + remote_cost * remote sends per token
 
 where the prediction follows the workers' replica-choice rule (``kernels.replica_choice``):
-tokens start uniformly on all nodes; a token whose node holds a replica of its expert uses a
-local one (load split evenly over them); the others are spread over all the expert's replicas.
-So a replica of a hot expert on a foreign node takes that node's share of the expert's tokens
-off the home node *and* turns those remote sends into local ones, while a remote-origin token's
-spread over foreign replicas costs balance nothing. ``softmax_q`` is the q-norm over node loads
-per GPU and per-replica loads (q = 16, a smooth stand-in for the maximum, so every step sees a
-gradient). Finally each node's replicas are packed onto its GPUs (DeepSeek's balanced packing
-with the predicted replica loads).
+tokens start evenly on all nodes; a token whose node holds replicas of its expert uses those
+(split evenly), and the tokens of nodes without one are spread evenly over all the expert's
+replicas. A replica of a hot expert on a foreign node thus takes that node's share of the
+expert's tokens off the home node and turns those remote sends into local ones.
+``softmax_q`` is the q-norm (q = 16) over the node loads per GPU (weighted by GPUs per node)
+and the per-replica loads: a smooth stand-in for the maximum, so every step sees a gradient.
+Finally each node's replicas are packed onto its GPUs (DeepSeek's balanced packing with the
+predicted replica loads); phy2log lists node 0's slots first, as everywhere.
 
 ``remote_cost`` (>= 0) is the price of one predicted remote send per token in units of
 max/mean GPU load: 0 buys balance only; large values put redundant replicas where they save
@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from expertplane.planner.deepseek import _group_sums, balanced_packing, is_hierarchical
+from expertplane.planner.deepseek import group_sums, balanced_packing, is_hierarchical
 from expertplane.planner.errors import PlanInputError
 
 SOFTMAX_Q = 16.0
@@ -157,7 +157,7 @@ def rebalance_topology(weight: np.ndarray, num_replicas: int, num_groups: int, n
     slots_per_node = num_replicas // num_nodes
     free_per_node = slots_per_node - num_experts // num_nodes
 
-    group_node, _ = balanced_packing(_group_sums(weight.astype(np.float32), num_groups), num_nodes)
+    group_node, _ = balanced_packing(group_sums(weight.astype(np.float32), num_groups), num_nodes)
     home = np.repeat(group_node, group_size, axis=1)                      # [L, E]
     counts = np.stack([
         _fill_layer(weight[layer], home[layer], num_nodes, free_per_node, gpus_per_node,
