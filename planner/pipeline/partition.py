@@ -34,9 +34,13 @@ import numpy as np
 
 from expertplane.planner.errors import PlanInputError
 from expertplane.planner.pipeline.profile import Profile, profile_from_layers
-from expertplane.planner.pipeline.schedules import Layout, layout, rank_orders
-from expertplane.planner.pipeline.simulate import (_check_scalar, activation_counts, simulate,
-                                                   step_time)
+from expertplane.planner.pipeline.schedules import Layout, Op, layout, rank_orders
+from expertplane.planner.pipeline.baselines import balanced_boundaries, even_boundaries
+from expertplane.planner.pipeline.dag import compile_dag, finish_times, op_parts, part_durations
+from expertplane.planner.pipeline.simulate import _check_scalar, activation_counts, simulate
+
+
+DEFAULT_NODE_LIMIT = 500
 
 
 class MemoryLimitError(PlanInputError):
@@ -60,7 +64,9 @@ class PipelinePlan:
     ``boundaries``: ``S + 1`` layer indices; stage ``s`` is layers ``[boundaries[s],
     boundaries[s+1])``. ``stage_times``: ``[S, 3]`` seconds. Per-rank arrays (``[R]``, bytes):
     ``peak_memory = param_memory + activation_memory``. ``rank_stages[r]``: stages on rank r.
-    ``step_time`` seconds; ``bubble_fraction`` = idle share of all rank-seconds.
+    ``step_time`` seconds; ``bubble_fraction`` = idle share of all rank-seconds. ``explored``:
+    search nodes visited; ``optimal``: the search proved no contiguous partition is faster
+    (False for plans from ``evaluate``).
     """
 
     schedule: str
@@ -75,6 +81,7 @@ class PipelinePlan:
     param_memory: np.ndarray
     activation_memory: np.ndarray
     explored: int = 0
+    optimal: bool = False
 
 
 class _Problem:
@@ -87,96 +94,153 @@ class _Problem:
         self.act = np.concatenate([[0.0], np.cumsum(profile.activation_bytes)])   # [L+1]
         self.par = np.concatenate([[0.0], np.cumsum(profile.param_bytes)])        # [L+1]
         self.orders = rank_orders(lay)
+        self.dag = compile_dag(lay, self.orders)
         self.states = [np.unique(activation_counts(o, len(lay.stages_of(r))), axis=0)
                        for r, o in enumerate(self.orders)]
-        self.ops = [Counter((op.kind, op.chunk, op.split, op.b_chunk) for op in o)
-                    for o in self.orders]
-        self.coef = np.array([self._stage_coef(s) for s in range(lay.num_stages)])  # [S, 3]
-        self.hops = np.array([self._hops(s) for s in range(lay.num_stages)], dtype=float)
-        self.pending_w = np.array([self._pending_w(s) for s in range(lay.num_stages)])
+        self.classes = [sorted(set(map(self._class, o)), key=repr) for o in self.orders]
+        self.class_parts = [op_parts(c) for c in self.classes]
+        self.tot = self.cum[-1]
+        self.templates = [np.vstack([self._templates(s, r) for r in range(lay.num_ranks)
+                                     if s in lay.stages_of(r)]) for s in range(lay.num_stages)]
+        self.rank_paths = [self._rank_templates(r) if len(lay.stages_of(r)) > 1 else []
+                           for r in range(lay.num_ranks)]
 
-    def rank_of(self, s: int) -> tuple[int, int]:
-        """(rank, chunk) hosting stage ``s``'s weights (DualPipe: direction-0 copy)."""
-        for r in range(self.lay.num_ranks):
-            if s in self.lay.stages_of(r):
-                return r, self.lay.stages_of(r).index(s)
-        raise AssertionError(s)
+    def rank_of(self, s: int) -> int:
+        """The rank holding stage ``s`` (DualPipe: the copy used by direction 0)."""
+        return next(r for r in range(self.lay.num_ranks) if s in self.lay.stages_of(r))
 
-    def _stage_coef(self, s: int) -> tuple[float, float, float]:
-        """Seconds of stage-``s`` work on its rank per unit (F, B, W) of the stage."""
-        cf = cb = cw = 0.0
-        for r in range(self.lay.num_ranks):
-            for (kind, chunk, split, b_chunk), n in self.ops[r].items():
-                stages = self.lay.stages_of(r)
-                if kind in ("F", "FB") and stages[chunk] == s:
-                    cf += n
-                if kind == "FB" and stages[b_chunk] == s:
-                    cb += n
-                if kind == "B" and stages[chunk] == s:
-                    cb += n
-                    cw -= n if split else 0
-                if kind == "W" and stages[chunk] == s:
-                    cw += n
-        if self.lay.schedule == "dualpipe":  # both copies of a stage: count the busier rank only
-            cf, cb, cw = cf / 2, cb / 2, cw / 2
-        return cf, cb, cw
+    def _hops(self, chain: list[int], mb: int) -> int:
+        """Rank changes along the consecutive stages ``chain`` for micro-batch ``mb``."""
+        hosts = [self.lay.host(k, mb) for k in chain]
+        return sum(a != b for a, b in zip(hosts, hosts[1:]))
 
-    def _hops(self, s: int) -> int:
-        if self.lay.schedule == "dualpipev":
-            return s if s < self.lay.num_ranks else s - 1
-        return s
+    def _ends(self, s: int, r: int):
+        """Chains into the first and out of the last operations of stage ``s`` on rank ``r``.
 
-    def _pending_w(self, s: int) -> int:
-        """ZB1P: weight passes rank ``s`` still runs after its last backward."""
-        if self.lay.schedule != "zb1p":
-            return 0
-        order = self.orders[s]
-        last_b = max(i for i, op in enumerate(order) if op.kind == "B")
-        return len(order) - 1 - last_b
+        Returns ``(firsts, lasts, work)``: lists of ``(op index, row)`` where a row
+        ``(0,0,0 | cum[b] F,B,W | cum[e] F,B,W | total F,B,W | p2p)`` (``[b, e)`` = the stage)
+        gives the chain's length: into the first forward, the micro-batch's forward through the
+        stages before ``s``; into the first backward, the forward through all stages and the
+        backward back to ``s + 1``; out of the last backward, the backward down to stage 0; out
+        of the last forward, the forward to the last stage and the whole backward; out of the
+        rank's last operation, nothing. Other stages' backwards count ``B`` under 1F1B and
+        ``B - W`` otherwise. ``work[i]`` is op ``i``'s own ``(F, B, W)`` count for stage ``s``.
+        """
+        S = self.lay.num_stages
+        order = self.orders[r]
+        back = np.array([0.0, 1.0, 0.0 if self.lay.schedule == "1f1b" else -1.0])
+        fwd = np.array([1.0, 0.0, 0.0])
+        work = np.zeros((len(order), 3))
+        f_mb: dict[int, int] = {}
+        b_mb: dict[int, int] = {}
+        for i, op in enumerate(order):
+            if op.kind in ("F", "FB") and op.stage == s:
+                work[i, 0] += 1
+                f_mb[i] = op.micro_batch
+            if op.kind == "FB" and op.b_stage == s:
+                work[i, 1] += 1
+                b_mb[i] = op.b_micro_batch
+            if op.kind == "B" and op.stage == s:
+                work[i] += (0, 1, -1) if op.split else (0, 1, 0)
+                b_mb[i] = op.micro_batch
+            if op.kind == "W" and op.stage == s:
+                work[i, 2] += 1
+        xf, xb, yf, yb = min(f_mb), min(b_mb), max(f_mb), max(b_mb)
+        rows = np.zeros((4, 13))
+        rows[0, 3:6], rows[0, 12] = fwd, self._hops(list(range(s + 1)), f_mb[xf])
+        rows[1, 9:12], rows[1, 6:9] = fwd + back, -back
+        rows[1, 12] = self._hops(list(range(S)) + list(range(S - 1, s - 1, -1)), b_mb[xb])
+        rows[2, 3:6], rows[2, 12] = back, self._hops(list(range(s, -1, -1)), b_mb[yb])
+        rows[3, 9:12], rows[3, 6:9] = fwd + back, -fwd
+        rows[3, 12] = self._hops(list(range(s, S)) + list(range(S - 1, -1, -1)), f_mb[yf])
+        last = int(np.flatnonzero(work.any(axis=1))[-1])
+        return ([(xf, rows[0]), (xb, rows[1])],
+                [(yb, rows[2]), (yf, rows[3]), (last, np.zeros(13))], work)
+
+    def _templates(self, s: int, r: int) -> np.ndarray:
+        """Stage-local path bounds through stage ``s`` on rank ``r``: rows ``[n, 13]``.
+
+        Row ``(segment F,B,W | cum[b] F,B,W | cum[e] F,B,W | total F,B,W | p2p)``: a chain into
+        a first operation X of the stage (``_ends``), the stage's own work on the rank from X to
+        a later operation Y (work of the rank's other stage counted as zero, a lower bound since
+        an ``F&B`` pair lasts at least as long as either half), and a chain out of Y.
+        """
+        firsts, lasts, work = self._ends(s, r)
+        cum = np.vstack([np.zeros((1, 3)), np.cumsum(work, axis=0)])
+        rows = []
+        for x, into in firsts:
+            for y, out in lasts:
+                if y >= x:
+                    row = into + out
+                    row[0:3] += cum[y + 1] - cum[x]
+                    rows.append(row)
+        return np.array(rows)
+
+    def _rank_templates(self, r: int) -> tuple[np.ndarray, ...]:
+        """Whole-rank path bounds of a two-stage rank, with exact durations of both stages.
+
+        Returns ``(x_stage [n], in_rows [n, 13], y_stage [n], out_rows [n, 13], counts [n, C])``:
+        path ``i`` enters at an end of stage ``x_stage[i]`` (``_ends``), runs ``counts[i]``
+        operations of each of the rank's op classes (``classes[r]``) and leaves from stage
+        ``y_stage[i]``.
+        """
+        order = self.orders[r]
+        classes = {c: i for i, c in enumerate(self.classes[r])}
+        onehot = np.zeros((len(order) + 1, len(classes)))
+        for i, op in enumerate(order):
+            onehot[i + 1, classes[self._class(op)]] = 1
+        cum = np.cumsum(onehot, axis=0)
+        ends = {s: self._ends(s, r) for s in self.lay.stages_of(r)}
+        rows = [(sx, into, sy, tail, cum[y + 1] - cum[x])
+                for sx, (firsts, _, _) in ends.items() for x, into in firsts
+                for sy, (_, lasts, _) in ends.items() for y, tail in lasts if y >= x]
+        return tuple(np.array(col) for col in zip(*rows))
+
+    @staticmethod
+    def _class(op: Op) -> Op:
+        """The op with its micro-batch numbers erased: ops of one class last equally long."""
+        return Op(op.kind, -1, op.stage, op.chunk, op.split, -1, op.b_stage, op.b_chunk)
+
+    def _chains(self, rows: np.ndarray, stage: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+        """Chain lengths ``[K, n]`` of ``rows`` ``[n, 13]`` at stages ``stage`` ``[n]`` for
+        partitions ``cuts`` ``[K, S+1]``."""
+        cb, ce = self.cum[cuts[:, stage]], self.cum[cuts[:, stage + 1]]            # [K, n, 3]
+        return (np.einsum("knj,nj->kn", cb, rows[:, 3:6])
+                + np.einsum("knj,nj->kn", ce, rows[:, 6:9])
+                + rows[:, 9:12] @ self.tot + rows[:, 12] * self.p2p)
+
+    def rank_bound(self, r: int, cuts: np.ndarray) -> np.ndarray:
+        """Lower bounds ``[K]`` on the step time from two-stage rank ``r`` for partitions
+        ``cuts`` ``[K, S+1]`` whose stages on ``r`` are fixed."""
+        sx, into, sy, tail, counts = self.rank_paths[r]
+        times = self.cum[cuts[:, 1:]] - self.cum[cuts[:, :-1]]                    # [K, S, 3]
+        dur = part_durations(*self.class_parts[r], times, self.overlap)           # [K, C]
+        return (self._chains(into, sx, cuts) + dur @ counts.T
+                + self._chains(tail, sy, cuts)).max(axis=1)
 
     # ---- bounds -------------------------------------------------------------------------
-    def stage_bound(self, s: int, b: int | np.ndarray, e: int | np.ndarray) -> np.ndarray:
+    def stage_bound(self, s: int, b, e) -> np.ndarray:
         """Lower bound (seconds) on the step time from stage ``s`` = layers ``[b, e)``."""
-        seg = self.cum[e] - self.cum[b]
-        head = self.cum[b, ..., 0] + self.p2p * self.hops[s]
-        busy = seg @ self.coef[s] if np.ndim(seg) == 1 else np.einsum("...k,k->...", seg,
-                                                                        self.coef[s])
-        bound = head + busy
-        if self.lay.schedule == "1f1b":
-            bound = bound + self.cum[b, ..., 1] + self.p2p * self.hops[s]
-        elif self.lay.schedule == "zb1p":
-            back = self.cum[b, ..., 1] - self.cum[b, ..., 2] + self.p2p * self.hops[s]
-            bound = np.maximum(bound, bound - self.pending_w[s] * seg[..., 2] + back)
-        return bound
+        t = self.templates[s]
+        cb, ce = self.cum[b], self.cum[e]
+        base = t[:, 9:12] @ self.tot + t[:, 12] * self.p2p                    # [n]
+        vals = (np.tensordot(ce - cb, t[:, 0:3], axes=([-1], [1]))
+                + np.tensordot(cb, t[:, 3:6], axes=([-1], [1]))
+                + np.tensordot(ce, t[:, 6:9], axes=([-1], [1])) + base)       # [..., n]
+        return vals.max(axis=-1)
 
     def single_memory(self, s: int, b, e) -> np.ndarray:
         """Bytes of rank ``s`` for schedules with one stage per rank."""
         peak = self.states[s][:, 0].max()
         return (self.par[e] - self.par[b]) + peak * (self.act[e] - self.act[b])
 
-    def rank_memory(self, r: int, bounds: Sequence[int]) -> tuple[float, float]:
-        """(parameter bytes, activation peak bytes) of rank ``r`` for complete ``bounds``."""
-        stages = self.lay.stages_of(r)
-        par = sum(self.par[bounds[s + 1]] - self.par[bounds[s]] for s in stages)
-        act = np.array([self.act[bounds[s + 1]] - self.act[bounds[s]] for s in stages])
-        return float(par), float((self.states[r] @ act).max())
-
-    def rank_busy(self, r: int, times: np.ndarray) -> float:
-        """Exact busy seconds of rank ``r`` for stage times ``[S, 3]``."""
-        stages = self.lay.stages_of(r)
-        total = 0.0
-        for (kind, chunk, split, b_chunk), n in self.ops[r].items():
-            f, b, w = times[stages[chunk]]
-            if kind == "F":
-                total += n * f
-            elif kind == "B":
-                total += n * (b - w if split else b)
-            elif kind == "W":
-                total += n * w
-            else:
-                bb = times[stages[b_chunk]][1]
-                total += n * (max(f, bb) + (1 - self.overlap) * min(f, bb))
-        return total
+    def rank_memory(self, r: int, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(parameter bytes ``[K]``, activation peak bytes ``[K]``) of rank ``r`` for partitions
+        ``cuts`` ``[K, S+1]`` whose stages on ``r`` are fixed."""
+        stages = np.array(self.lay.stages_of(r))
+        par = (self.par[cuts[:, stages + 1]] - self.par[cuts[:, stages]]).sum(axis=1)
+        act = self.act[cuts[:, stages + 1]] - self.act[cuts[:, stages]]            # [K, chunks]
+        return par, (act @ self.states[r].T).max(axis=1)
 
 
 def _suffix_bounds(pb: _Problem, limit: float | None) -> np.ndarray:
@@ -199,7 +263,8 @@ def _suffix_bounds(pb: _Problem, limit: float | None) -> np.ndarray:
 
 def partition(layers, num_stages: int, *, schedule: str = "1f1b",
               micro_batches: int | None = None, memory_limit: float | None = None,
-              p2p: float = 0.0, overlap: float = 0.0) -> PipelinePlan:
+              p2p: float = 0.0, overlap: float = 0.0,
+              node_limit: int | None = DEFAULT_NODE_LIMIT) -> PipelinePlan:
     """Cut ``layers`` into ``num_stages`` contiguous stages minimising the simulated step time.
 
     ``layers``: a ``Profile`` or a sequence of mappings with keys ``F``, ``B``, ``W`` (seconds,
@@ -207,67 +272,174 @@ def partition(layers, num_stages: int, *, schedule: str = "1f1b",
     ``ep_imbalance``. ``num_stages``: model stages (ranks = stages, or stages / 2 for
     ``"dualpipev"``). ``micro_batches`` defaults to twice the ranks. ``memory_limit``: bytes per
     rank. ``p2p``/``overlap`` as in ``simulate``. Raises ``MemoryLimitError`` when nothing fits.
+
+    ``node_limit`` caps the branch-and-bound nodes (``None``: no cap). The plan's ``optimal`` is
+    True when the search finished, i.e. the partition is proven optimal; when the cap stopped it
+    (in practice only DualPipe/DualPipeV with 8+ stages), the plan is the best one found.
     """
     profile = profile_from_layers(layers)
     pb, lay = _setup(profile, num_stages, schedule, micro_batches, p2p, overlap, memory_limit)
-    S, L = lay.num_stages, len(profile)
-    suffix = _suffix_bounds(pb, memory_limit)
-    best = [np.inf, None]
-    explored = [0]
-    bounds = [0] * (S + 1)
-    bounds[S] = L
-    times = np.zeros((S, 3))
-    single = schedule in ("1f1b", "zb1p")
+    if lay.num_stages > len(profile):
+        raise PlanInputError("num_stages", f"must be <= the number of layers ({len(profile)}), "
+                                           f"got {lay.num_stages}")
+    if node_limit is not None and (isinstance(node_limit, bool) or not isinstance(node_limit, int)
+                                   or node_limit < 1):
+        raise PlanInputError("node_limit", f"must be an integer >= 1 or None, got {node_limit!r}")
+    search = _search_single if schedule in ("1f1b", "zb1p") else _search_dual
+    st = search(pb, memory_limit, node_limit, _seeds(pb, profile, memory_limit))
+    if st.found is None and st.complete:
+        raise _memory_error(pb, profile, memory_limit)
+    if st.found is None:
+        raise PlanInputError("node_limit", f"no partition found within {node_limit} search "
+                                           "nodes; raise it")
+    plan = evaluate(profile, st.found, schedule=schedule, micro_batches=lay.micro_batches,
+                    p2p=p2p, overlap=overlap)
+    return PipelinePlan(**{**plan.__dict__, "explored": st.explored, "optimal": st.complete})
 
-    def fits(s: int, e: int) -> bool:
-        if memory_limit is None or single or s < S - 1 - s:
-            return True
-        bounds[s + 1] = e
-        par, act = pb.rank_memory(pb.rank_of(s)[0], bounds)
-        return par + act <= memory_limit
+
+class _Search:
+    """Incumbent of a branch and bound and the partial boundaries of the current node."""
+
+    def __init__(self, pb: _Problem, node_limit: int | None):
+        self.pb, self.node_limit, self.complete = pb, node_limit, True
+        S, L = pb.lay.num_stages, len(pb.cum) - 1
+        self.bounds = np.zeros(S + 1, dtype=np.int64)
+        self.bounds[S] = L
+        self.best, self.found, self.explored = np.inf, None, 0
+
+    def enter(self) -> bool:
+        """Count a node; False (and the search marked incomplete) once over ``node_limit``."""
+        if self.node_limit is not None and self.explored >= self.node_limit:
+            self.complete = False
+            return False
+        self.explored += 1
+        return True
+
+    def children(self, fixed: dict[int, np.ndarray]) -> np.ndarray:
+        """Partitions ``[K, S+1]``: the current boundaries with ``fixed[index] = values [K]``."""
+        k = len(next(iter(fixed.values())))
+        cuts = np.repeat(self.bounds[None, :], k, axis=0)
+        for index, values in fixed.items():
+            cuts[:, index] = values
+        return cuts
+
+    def leaves(self, cuts: np.ndarray) -> None:
+        """Simulate complete partitions ``[K, S+1]`` in one batch; keep the best."""
+        if len(cuts) == 0:
+            return
+        cum = self.pb.cum
+        times = cum[cuts[:, 1:]] - cum[cuts[:, :-1]]                           # [K, S, 3]
+        _, end = finish_times(self.pb.dag, times, self.pb.p2p, self.pb.overlap)
+        steps = end.max(axis=1)
+        i = int(np.argmin(steps))
+        if steps[i] < self.best:
+            self.best, self.found = float(steps[i]), tuple(int(x) for x in cuts[i])
+
+
+def _seeds(pb: _Problem, profile: Profile, limit: float | None) -> np.ndarray:
+    """Starting incumbents ``[K, S+1]`` that fit the memory limit: the even split and splits
+    balancing ``F + B`` and parameter bytes (they only speed up pruning)."""
+    S = pb.lay.num_stages
+    times = profile.times
+    cands = np.array([even_boundaries(len(profile), S),
+                      balanced_boundaries(times[:, 0] + times[:, 1], S),
+                      balanced_boundaries(profile.param_bytes, S)])
+    if limit is not None:
+        need = np.max([sum(pb.rank_memory(r, cands)) for r in range(pb.lay.num_ranks)], axis=0)
+        cands = cands[need <= limit]
+    return cands
+
+
+def _search_single(pb: _Problem, limit: float | None, node_limit: int | None,
+                   seeds: np.ndarray) -> _Search:
+    """One stage per rank: fix stages left to right; prune with ``suffix`` bounds."""
+    S, L = pb.lay.num_stages, len(pb.cum) - 1
+    suffix = _suffix_bounds(pb, limit)
+    st = _Search(pb, node_limit)
+    st.leaves(seeds)
 
     def visit(s: int, b: int, reached: float) -> None:
-        explored[0] += 1
-        if s == S - 1:
-            if not fits(s, L):
-                return
-            times[s] = pb.cum[L] - pb.cum[b]
-            t = step_time(lay, pb.orders, times, p2p, overlap)
-            if t < best[0]:
-                best[0], best[1] = t, tuple(bounds)
+        if not st.enter():
             return
         ends = np.arange(b + 1, L - (S - s - 1) + 1)
         own = np.maximum(pb.stage_bound(s, b, ends), reached)
-        if single and memory_limit is not None:
-            own = np.where(pb.single_memory(s, b, ends) > memory_limit, np.inf, own)
+        if limit is not None:
+            own = np.where(pb.single_memory(s, b, ends) > limit, np.inf, own)
         key = np.maximum(own, suffix[S - s - 1][ends])
+        if s == S - 2:                                   # children are complete partitions
+            st.leaves(st.children({s + 1: ends[key < st.best]}))
+            return
         for i in np.argsort(key, kind="stable"):
-            if key[i] >= best[0]:
+            if key[i] >= st.best:
                 break
-            e = int(ends[i])
-            if not fits(s, e):
-                continue
-            bounds[s + 1] = e
-            times[s] = pb.cum[e] - pb.cum[b]
-            if not single and s >= S - 1 - s and _rank_bound(pb, s, bounds, times) >= best[0]:
-                continue
-            visit(s + 1, e, float(own[i]))
+            st.bounds[s + 1] = ends[i]
+            visit(s + 1, int(ends[i]), float(own[i]))
 
-    if S > L:
-        raise PlanInputError("num_stages", f"must be <= the number of layers ({L}), got {S}")
-    visit(0, 0, 0.0)
-    if best[1] is None:
-        raise _memory_error(pb, profile, memory_limit)
-    plan = evaluate(profile, best[1], schedule=schedule, micro_batches=lay.micro_batches,
-                    p2p=p2p, overlap=overlap)
-    return PipelinePlan(**{**plan.__dict__, "explored": explored[0]})
+    if S == 1:
+        st.leaves(st.bounds[None, :])
+    else:
+        visit(0, 0, 0.0)
+    return st
 
 
-def _rank_bound(pb: _Problem, s: int, bounds: list[int], times: np.ndarray) -> float:
-    """Two-stage ranks, once both stages are fixed: first stage's head + the rank's busy time."""
-    r = pb.rank_of(s)[0]
-    low = min(pb.lay.stages_of(r))
-    return pb.cum[bounds[low], 0] + pb.rank_busy(r, times)
+def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
+                 seeds: np.ndarray) -> _Search:
+    """Two stages per rank (``k`` and ``S-1-k``): fix the stage pairs from the outside in.
+
+    A pair is pruned by the stage bounds, the exact-duration path bounds of its ranks, memory,
+    and a bound on the stages still in the middle: after the first micro-batch's forward
+    reached them, their ranks share at least ``(1 - overlap/2) * M * (F + B)`` of their work
+    (an ``F&B`` pair lasts at least ``(1 - overlap/2)`` times the sum of its halves).
+    """
+    S, L = pb.lay.num_stages, len(pb.cum) - 1
+    lay, st = pb.lay, _Search(pb, node_limit)
+    st.leaves(seeds)
+    pair_ranks = [[r for r in range(lay.num_ranks) if min(lay.stages_of(r)) == k]
+                  for k in range(S // 2)]
+    share = (1 - pb.overlap / 2) * lay.micro_batches
+
+    def middle(k: int, e: np.ndarray, f: np.ndarray) -> np.ndarray:
+        """Bound from the stages k+1..S-2-k covering [e, f)."""
+        ranks = sum(len(x) for x in pair_ranks[k + 1:])
+        seg = pb.cum[f] - pb.cum[e]
+        return pb.cum[e, 0] + share * (seg[:, 0] + seg[:, 1]) / ranks
+
+    def screen(k: int, cuts: np.ndarray, key: np.ndarray) -> np.ndarray:
+        """Raise ``key`` by the rank bounds of pair ``k``; infinite where memory overflows."""
+        for r in pair_ranks[k]:
+            key = np.maximum(key, pb.rank_bound(r, cuts))
+            if limit is not None:
+                key = np.where(sum(pb.rank_memory(r, cuts)) > limit, np.inf, key)
+        return key
+
+    def visit(k: int, lo: int, hi: int, reached: float) -> None:
+        if not st.enter():
+            return
+        j = S - 1 - k
+        if k == j - 1:                                   # the two middle stages: one cut
+            cut = np.arange(lo + 1, hi)
+            key = np.maximum.reduce([pb.stage_bound(k, lo, cut), pb.stage_bound(j, cut, hi),
+                                     np.full(cut.shape, reached)])
+            cuts = st.children({k + 1: cut[key < st.best]})
+            key = screen(k, cuts, key[key < st.best])
+            st.leaves(cuts[key < st.best])
+            return
+        e, f = np.meshgrid(np.arange(lo + 1, hi), np.arange(lo + 1, hi), indexing="ij")
+        keep = f - e >= j - k - 1                        # room for the stages in between
+        e, f = e[keep], f[keep]
+        key = np.maximum.reduce([pb.stage_bound(k, lo, e), pb.stage_bound(j, f, hi),
+                                 middle(k, e, f), np.full(e.shape, reached)])
+        sel = key < st.best
+        cuts = st.children({k + 1: e[sel], j: f[sel]})
+        key = screen(k, cuts, key[sel])
+        for i in np.argsort(key, kind="stable"):
+            if key[i] >= st.best:
+                break
+            st.bounds[k + 1], st.bounds[j] = cuts[i, k + 1], cuts[i, j]
+            visit(k + 1, int(cuts[i, k + 1]), int(cuts[i, j]), float(key[i]))
+
+    visit(0, 0, L, 0.0)
+    return st
 
 
 def _setup(profile: Profile, num_stages, schedule, micro_batches, p2p, overlap, memory_limit):
@@ -291,7 +463,8 @@ def evaluate(layers, boundaries: Sequence[int], *, schedule: str = "1f1b",
     pb, lay = _setup(profile, len(bounds) - 1, schedule, micro_batches, p2p, overlap, None)
     times = np.array([pb.cum[bounds[s + 1]] - pb.cum[bounds[s]] for s in range(lay.num_stages)])
     result = simulate(times, schedule, lay.micro_batches, p2p=p2p, overlap=overlap)
-    mem = np.array([pb.rank_memory(r, bounds) for r in range(lay.num_ranks)])
+    mem = np.array([[x[0] for x in pb.rank_memory(r, np.array([bounds]))]
+                    for r in range(lay.num_ranks)])
     return PipelinePlan(schedule, tuple(bounds), lay.micro_batches, lay.num_ranks,
                         tuple(lay.stages_of(r) for r in range(lay.num_ranks)), result.step_time,
                         result.bubble_fraction, times, mem.sum(axis=1), mem[:, 0], mem[:, 1])

@@ -88,6 +88,11 @@ def _number(entry: Mapping, key: str, where: str, default: float | None = None,
             raise PlanInputError(f"{where}.{key}", "is required")
         return default
     value = entry[key]
+    if isinstance(value, str):  # PyYAML (YAML 1.1) reads exponents without a dot/sign, e.g. 1e9, as str
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < minimum:
         raise PlanInputError(f"{where}.{key}", f"must be a finite number >= {minimum:g}, "

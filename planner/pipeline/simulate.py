@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from expertplane.planner.errors import PlanInputError
-from expertplane.planner.pipeline.schedules import Layout, Op, layout, rank_orders
+from expertplane.planner.pipeline.dag import compile_dag, finish_times
+from expertplane.planner.pipeline.schedules import Op, layout, rank_orders
 
 
 @dataclass(frozen=True)
@@ -125,16 +126,18 @@ def simulate(stages: Sequence, schedule: str, micro_batches: int, *, p2p: float 
     overlap = _check_scalar("overlap", overlap, 1.0)
     lay = layout(schedule, len(times), micro_batches)
     orders = rank_orders(lay)
-    ends, events = _run(lay, orders, times, p2p, overlap)
-    step = max(ends) if ends else 0.0
-    busy = np.zeros(lay.num_ranks)
-    for e in events:
-        busy[e.stage] += e.end - e.start
+    dag = compile_dag(lay, orders)
+    start, end = finish_times(dag, times, p2p, overlap)
+    step = float(end.max())
+    busy = np.bincount(dag.rank, weights=end - start, minlength=lay.num_ranks)
+    events = [_event(int(r), op, float(a), float(b))
+              for r, op, a, b in zip(dag.rank, dag.ops, start, end)]
+    events.sort(key=lambda e: (e.stage, e.start))
     share = 0.5 if schedule == "dualpipev" else 1.0
     peaks = np.array([activation_counts(o, len(lay.stages_of(r))).sum(axis=1).max() * share
                       for r, o in enumerate(orders)])
     copies = sum(len(lay.stages_of(r)) for r in range(lay.num_ranks))
-    return SimulationResult(schedule, lay.num_ranks, micro_batches, float(step), busy, step - busy,
+    return SimulationResult(schedule, lay.num_ranks, micro_batches, step, busy, step - busy,
                             peaks, copies / lay.num_stages, events)
 
 
@@ -156,82 +159,6 @@ def activation_counts(order: Sequence[Op], chunks: int) -> np.ndarray:
         elif op.kind == "W":
             held[op.chunk] -= 1
     return rows
-
-
-def _duration(op: Op, times: np.ndarray, overlap: float) -> float:
-    f, b, w = times[op.stage]
-    if op.kind == "F":
-        return f
-    if op.kind == "B":
-        return b - w if op.split else b
-    if op.kind == "W":
-        return w
-    bb = times[op.b_stage][1]
-    return max(f, bb) + (1.0 - overlap) * min(f, bb)
-
-
-def _needs(op: Op, lay: Layout) -> list[tuple[str, int, int]]:
-    """Keys ``(kind, micro_batch, stage)`` of the results ``op`` waits for from other stages."""
-    last = lay.num_stages - 1
-    keys = []
-    if op.kind in ("F", "FB") and op.stage > 0:
-        keys.append(("F", op.micro_batch, op.stage - 1))
-    if op.kind in ("B", "FB"):
-        mb, st = (op.b_micro_batch, op.b_stage) if op.kind == "FB" else (op.micro_batch, op.stage)
-        keys.append(("B", mb, st + 1) if st < last else ("F", mb, st))
-    return keys
-
-
-def step_time(lay: Layout, orders: list[list[Op]], times: np.ndarray, p2p: float = 0.0,
-              overlap: float = 0.0) -> float:
-    """Step time only (no timeline) for already validated inputs; used by the partitioner."""
-    return max(_run(lay, orders, times, p2p, overlap, record=False)[0])
-
-
-def _run(lay: Layout, orders: list[list[Op]], times: np.ndarray, p2p: float, overlap: float,
-         record: bool = True) -> tuple[list[float], list[Event]]:
-    """Advance every rank through its order as far as its inputs allow, until all are done."""
-    done: dict[tuple[str, int, int], float] = {}
-    waiting: dict[tuple[str, int, int], int] = {}
-    pos = [0] * lay.num_ranks
-    free = [0.0] * lay.num_ranks
-    events: list[Event] = []
-    ready = list(range(lay.num_ranks))
-    while ready:
-        r = ready.pop()
-        order = orders[r]
-        while pos[r] < len(order):
-            op = order[pos[r]]
-            start = free[r]
-            blocked = None
-            for key in _needs(op, lay):
-                t = done.get(key)
-                if t is None:
-                    blocked = key
-                    break
-                src = lay.host(key[2], key[1])
-                start = max(start, t + (p2p if src != r else 0.0))
-            if blocked is not None:
-                waiting[blocked] = r
-                break
-            end = start + _duration(op, times, overlap)
-            free[r] = end
-            pos[r] += 1
-            if record:
-                events.append(_event(r, op, start, end))
-            for key in _produces(op):
-                done[key] = end
-                if key in waiting:
-                    ready.append(waiting.pop(key))
-    if any(p < len(o) for p, o in zip(pos, orders)):
-        raise RuntimeError(f"schedule {lay.schedule} deadlocked at positions {pos}")
-    return free, events
-
-
-def _produces(op: Op) -> list[tuple[str, int, int]]:
-    if op.kind == "FB":
-        return [("F", op.micro_batch, op.stage), ("B", op.b_micro_batch, op.b_stage)]
-    return [(op.kind, op.micro_batch, op.stage)]
 
 
 def _event(r: int, op: Op, start: float, end: float) -> Event:
