@@ -51,9 +51,10 @@ def test_single_process_any_placement_matches_reference(seed, extra, tokens, bia
 def test_bf16_layer_matches_reference_to_bf16_tolerance():
     placement = LayerPlacement.from_phy2log([0, 1, 2, 3, 4, 5, 6, 7, 1, 1, 6, 0], EXPERTS)
     layer = EPMoELayer(HIDDEN, INTER, EXPERTS, placement, dtype=torch.bfloat16, **ROUTING)
-    x = torch.randn(64, HIDDEN)
+    # the reference gets the same bf16 input, so both route identically (no near-tie flips)
+    x = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(8)).bfloat16()
     ref = dense_moe_reference(x, layer.router_weight, layer.router, layer.expert_weights)
-    assert _rel_err(layer(x.bfloat16()), ref) < 2e-2
+    assert _rel_err(layer(x), ref) < 2e-2
 
 
 def test_swap_switches_weights_and_tables():
