@@ -61,20 +61,24 @@ def _sift_down(key, ids, size, i):
 
 
 @njit(cache=True)
-def water_fill(w, slots):
+def water_fill(w, slots, shift=0.0):
     """Replica counts int64 [n] minimising max(w / counts) for float64 loads ``w`` [n] and
     ``slots >= n`` replicas (greedy: each extra replica to the largest load per replica, the
-    lowest index on ties; a binary max-heap, O(slots log n))."""
+    lowest index on ties; a binary max-heap, O(slots log n)).
+
+    ``shift`` > 0 gives the divisor method with priority w / (counts + shift) instead (0.5 is
+    Webster's rounding): counts closer to proportional, no longer minimising the max.
+    """
     n = w.shape[0]
     counts = np.ones(n, dtype=np.int64)
-    key = w.copy()
+    key = w / (1.0 + shift)
     ids = np.arange(n)
     for start in range(n // 2 - 1, -1, -1):  # heapify
         _sift_down(key, ids, n, start)
     for _ in range(slots - n):
         e = ids[0]
         counts[e] += 1
-        key[0] = w[e] / counts[e]
+        key[0] = w[e] / (counts[e] + shift)
         _sift_down(key, ids, n, 0)
     return counts
 
