@@ -67,7 +67,8 @@ def make_server(security: SecurityConfig | None = None, *, max_workers: int = 16
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=server_interceptors(security),
-        options=_COMMON_OPTIONS + [("grpc.keepalive_permit_without_calls", 1),
+        # so_reuseport off: a second server on a taken port must fail, not share it.
+        options=_COMMON_OPTIONS + [("grpc.so_reuseport", 0),
                                    ("grpc.http2.min_ping_interval_without_data_ms", 5_000)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
