@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from expertplane.planner.bounds import group_partitions, hierarchical_node_bounds, water_fill
+from expertplane.planner.bounds import (divisor_counts, group_partitions,
+                                        hierarchical_node_bounds, water_fill)
 from expertplane.planner.deepseek import balanced_packing, deepseek_plan, is_hierarchical
 from expertplane.planner.metrics import balance
 from expertplane.planner.plan import build_log2phy
@@ -253,7 +254,7 @@ def _solve_row(w, slots, num_gpus, max_moves, out):
     for shift in _DIVISOR_SHIFTS:
         if per_gpu != 2:
             break
-        trial[:] = water_fill(w, slots, shift)
+        trial[:] = divisor_counts(w, slots, shift)
         t, q = _evaluate(w, trial, order, num_gpus, item_load, item_expert, members, gpu_load,
                          True)
         if t < top * (1.0 - _REL) or (t <= top * (1.0 + _REL) and q < sq * (1.0 - _REL)):

@@ -61,14 +61,18 @@ def _sift_down(key, ids, size, i):
 
 
 @njit(cache=True)
-def water_fill(w, slots, shift=0.0):
+def water_fill(w, slots):
     """Replica counts int64 [n] minimising max(w / counts) for float64 loads ``w`` [n] and
     ``slots >= n`` replicas (greedy: each extra replica to the largest load per replica, the
-    lowest index on ties; a binary max-heap, O(slots log n)).
+    lowest index on ties; a binary max-heap, O(slots log n))."""
+    return divisor_counts(w, slots, 0.0)
 
-    ``shift`` > 0 gives the divisor method with priority w / (counts + shift) instead (0.5 is
-    Webster's rounding): counts closer to proportional, no longer minimising the max.
-    """
+
+@njit(cache=True)
+def divisor_counts(w, slots, shift):
+    """Replica counts int64 [n] by the divisor method: each extra replica to the largest
+    w / (counts + shift) (lowest index on ties). ``shift`` 0 is ``water_fill``; 0.5 is Webster's
+    rounding: counts closer to proportional, no longer minimising the max."""
     n = w.shape[0]
     counts = np.ones(n, dtype=np.int64)
     key = w / (1.0 + shift)
