@@ -16,11 +16,12 @@ full-backward part ``b`` -> ``max(f, b) + (1 - overlap) * min(f, b)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from dataclasses import dataclass
 
 import numpy as np
 
-from expertplane.planner.pipeline.schedules import Layout, Op
+from expertplane.planner.pipeline.schedules import Layout, Op, rank_orders
 
 Key = tuple[str, int, int]
 
@@ -104,10 +105,12 @@ def compile_dag(lay: Layout, orders: Sequence[Sequence[Op]]) -> Dag:
         p = [x if x >= 0 else n for x in p]
         pred_arr[i, :len(p)] = p
         rem_arr[i, :len(m)] = m
-    depth = np.zeros(n + 1, dtype=np.int64)
-    for i in range(n):                         # flat is already in dependency order
-        depth[i] = 1 + depth[pred_arr[i]].max()
-    levels = tuple(np.flatnonzero(depth[:n] == d) for d in range(1, int(depth.max()) + 1))
+    depth = [0] * (n + 1)
+    for i, p in enumerate(pred_arr.tolist()):  # flat is already in dependency order
+        depth[i] = 1 + max(depth[p[0]], depth[p[1]], depth[p[2]])
+    by_depth = np.argsort(depth[:n], kind="stable")
+    splits = np.flatnonzero(np.diff(np.sort(depth[:n]))) + 1
+    levels = tuple(np.split(by_depth, splits))
     f_stage, b_stage, b_coef = op_parts(flat)
     return Dag(lay, tuple(flat), np.array(ranks), f_stage, b_stage, b_coef, pred_arr, rem_arr,
                levels)
@@ -148,3 +151,9 @@ def finish_times(dag: Dag, times: np.ndarray, p2p: float, overlap: float
         start[..., ids] = s
         end[..., ids] = s + dur[..., ids]
     return start, end[..., :n]
+
+
+@lru_cache(maxsize=32)
+def schedule_dag(lay: Layout) -> Dag:
+    """``compile_dag(lay, rank_orders(lay))``, cached per layout (it depends on nothing else)."""
+    return compile_dag(lay, rank_orders(lay))

@@ -26,7 +26,7 @@ micro-batches are held when, does not depend on the times.
 
 from __future__ import annotations
 
-from collections import Counter
+from functools import cached_property
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ from expertplane.planner.errors import PlanInputError
 from expertplane.planner.pipeline.profile import Profile, profile_from_layers
 from expertplane.planner.pipeline.schedules import Layout, Op, layout, rank_orders
 from expertplane.planner.pipeline.baselines import balanced_boundaries, even_boundaries
-from expertplane.planner.pipeline.dag import compile_dag, finish_times, op_parts, part_durations
+from expertplane.planner.pipeline.dag import finish_times, op_parts, part_durations, schedule_dag
 from expertplane.planner.pipeline.simulate import _check_scalar, activation_counts, simulate
 
 
@@ -46,11 +46,13 @@ DEFAULT_NODE_LIMIT = 500
 class MemoryLimitError(PlanInputError):
     """No partition fits: ``stage``/``rank`` is the tightest one of the least-overflow plan."""
 
-    def __init__(self, rank: int, stages: tuple[int, ...], need: float, limit: float):
+    def __init__(self, rank: int, stages: tuple[int, ...], need: float, limit: float,
+                 qualifier: str = "at best"):
         self.rank, self.stages, self.need, self.limit = rank, stages, need, limit
-        super().__init__("memory_limit", f"no partition fits {_gib(limit)} per rank: at best "
-                                         f"rank {rank} (stages {', '.join(map(str, stages))}) needs "
-                                         f"{_gib(need)}, {_gib(need - limit)} over the limit")
+        super().__init__("memory_limit", f"no partition fits {_gib(limit)} per rank: {qualifier}, "
+                                         f"rank {rank} (stages {', '.join(map(str, stages))}) "
+                                         f"needs {_gib(need)}, {_gib(need - limit)} over "
+                                         f"the limit")
 
 
 def _gib(x: float) -> str:
@@ -94,16 +96,25 @@ class _Problem:
         self.act = np.concatenate([[0.0], np.cumsum(profile.activation_bytes)])   # [L+1]
         self.par = np.concatenate([[0.0], np.cumsum(profile.param_bytes)])        # [L+1]
         self.orders = rank_orders(lay)
-        self.dag = compile_dag(lay, self.orders)
+        self.dag = schedule_dag(lay)
         self.states = [np.unique(activation_counts(o, len(lay.stages_of(r))), axis=0)
                        for r, o in enumerate(self.orders)]
         self.classes = [sorted(set(map(self._class, o)), key=repr) for o in self.orders]
         self.class_parts = [op_parts(c) for c in self.classes]
         self.tot = self.cum[-1]
-        self.templates = [np.vstack([self._templates(s, r) for r in range(lay.num_ranks)
-                                     if s in lay.stages_of(r)]) for s in range(lay.num_stages)]
-        self.rank_paths = [self._rank_templates(r) if len(lay.stages_of(r)) > 1 else []
-                           for r in range(lay.num_ranks)]
+
+    @cached_property
+    def templates(self) -> list[np.ndarray]:
+        """Per stage: its path-bound rows (``_templates``) over the ranks holding it."""
+        lay = self.lay
+        return [np.vstack([self._templates(s, r) for r in range(lay.num_ranks)
+                           if s in lay.stages_of(r)]) for s in range(lay.num_stages)]
+
+    @cached_property
+    def rank_paths(self) -> list:
+        """Per two-stage rank: its whole-rank path bounds (``_rank_templates``)."""
+        return [self._rank_templates(r) if len(self.lay.stages_of(r)) > 1 else []
+                for r in range(self.lay.num_ranks)]
 
     def rank_of(self, s: int) -> int:
         """The rank holding stage ``s`` (DualPipe: the copy used by direction 0)."""
@@ -243,21 +254,30 @@ class _Problem:
         return par, (act @ self.states[r].T).max(axis=1)
 
 
-def _suffix_bounds(pb: _Problem, limit: float | None) -> np.ndarray:
-    """``suffix[k][b]``: least ``max stage_bound`` of the last ``k`` stages over ``[b, L)``."""
+def _suffix_bounds(pb: _Problem, limit: float | None, cap: float) -> np.ndarray:
+    """``suffix[k][b]``: least ``max stage_bound`` of the last ``k`` stages over ``[b, L)``.
+
+    Values at or above ``cap`` (a step time already reached) only matter as "too slow", so a
+    stage is never longer than the longest segment whose ``M * (F + B)`` stays under ``cap``.
+    """
     S, L = pb.lay.num_stages, len(pb.cum) - 1
-    idx = np.arange(L + 1)
-    b, e = np.meshgrid(idx, idx, indexing="ij")
-    valid = e > b
-    single = pb.lay.schedule in ("1f1b", "zb1p")
+    work = pb.lay.micro_batches * (pb.cum[:, 0] + pb.cum[:, 1]) * \
+        (1 if pb.lay.schedule in ("1f1b", "zb1p") else 0)
+    far = np.searchsorted(work, work + cap, side="right") if np.isfinite(cap) else \
+        np.full(L + 1, L + 1)
+    width = int(max(1, min(L, (far - np.arange(L + 1)).max())))
+    b = np.arange(L + 1)[:, None]
+    e = b + 1 + np.arange(width)[None, :]                                       # [L+1, W]
+    valid = e <= L
+    e = np.minimum(e, L)
     suffix = np.full((S + 1, L + 1), np.inf)
     suffix[0, L] = 0.0
     for k in range(1, S + 1):
         s = S - k
         cost = np.where(valid, pb.stage_bound(s, b, e), np.inf)
-        if single and limit is not None:
+        if limit is not None:
             cost = np.where(pb.single_memory(s, b, e) > limit, np.inf, cost)
-        suffix[k] = np.min(np.maximum(cost, suffix[k - 1][None, :]), axis=1)
+        suffix[k] = np.min(np.maximum(cost, suffix[k - 1][e]), axis=1)
     return suffix
 
 
@@ -354,9 +374,9 @@ def _search_single(pb: _Problem, limit: float | None, node_limit: int | None,
                    seeds: np.ndarray) -> _Search:
     """One stage per rank: fix stages left to right; prune with ``suffix`` bounds."""
     S, L = pb.lay.num_stages, len(pb.cum) - 1
-    suffix = _suffix_bounds(pb, limit)
     st = _Search(pb, node_limit)
     st.leaves(seeds)
+    suffix = _suffix_bounds(pb, limit, st.best)
 
     def visit(s: int, b: int, reached: float) -> None:
         if not st.enter():
@@ -480,32 +500,33 @@ def _check_boundaries(boundaries: Sequence[int], num_layers: int) -> list[int]:
 
 
 def _memory_error(pb: _Problem, profile: Profile, limit: float) -> MemoryLimitError:
-    """The partition with the least worst-rank memory, as an error naming its worst rank."""
+    """Name the rank that cannot fit and by how much.
+
+    One stage per rank: the partition minimising the largest rank memory, by dynamic
+    programming (exact). Two-stage ranks: the most frugal of the even and balanced splits.
+    """
     S, L = pb.lay.num_stages, len(profile)
-    best: list = [np.inf, None]
-    bounds = [0] * (S + 1)
-    bounds[S] = L
-
-    def worst(upto: int) -> tuple[float, int]:
-        top, arg = -np.inf, -1
-        for r in range(pb.lay.num_ranks):
-            if max(pb.lay.stages_of(r)) < upto:
-                need = sum(pb.rank_memory(r, bounds))
-                if need > top:
-                    top, arg = need, r
-        return top, arg
-
-    def visit(s: int, b: int) -> None:
-        for e in (range(b + 1, L - (S - s - 1) + 1) if s < S - 1 else (L,)):
-            bounds[s + 1] = e
-            need, _ = worst(s + 1)
-            if need < best[0]:
-                if s == S - 1:
-                    best[0], best[1] = need, tuple(bounds)
-                else:
-                    visit(s + 1, e)
-
-    visit(0, 0)
-    bounds[:] = best[1]
-    need, rank = worst(S)
-    return MemoryLimitError(rank, pb.lay.stages_of(rank), need, limit)
+    if pb.lay.schedule in ("1f1b", "zb1p"):
+        idx = np.arange(L + 1)
+        b, e = np.meshgrid(idx, idx, indexing="ij")
+        best = np.full((S + 1, L + 1), np.inf)
+        best[0, L] = 0.0
+        choice = np.zeros((S + 1, L + 1), dtype=np.int64)
+        for k in range(1, S + 1):
+            cost = np.where(e > b, pb.single_memory(S - k, b, e), np.inf)
+            total = np.maximum(cost, best[k - 1][None, :])
+            choice[k] = total.argmin(axis=1)
+            best[k] = total.min(axis=1)
+        cuts = [0]
+        for k in range(S, 0, -1):
+            cuts.append(int(choice[k][cuts[-1]]))
+        cands = np.array([cuts])
+        frugal = "at best"
+    else:
+        cands = np.array([even_boundaries(L, S), balanced_boundaries(profile.param_bytes, S),
+                          balanced_boundaries(profile.activation_bytes, S)])
+        frugal = "in the most frugal of the even and balanced splits"
+    need = np.array([sum(pb.rank_memory(r, cands)) for r in range(pb.lay.num_ranks)])  # [R, K]
+    k = int(need.max(axis=0).argmin())
+    r = int(need[:, k].argmax())
+    return MemoryLimitError(r, pb.lay.stages_of(r), float(need[r, k]), limit, frugal)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from expertplane.planner.errors import PlanInputError
-from expertplane.planner.pipeline.dag import compile_dag, finish_times
+from expertplane.planner.pipeline.dag import finish_times, schedule_dag
 from expertplane.planner.pipeline.schedules import Op, layout, rank_orders
 
 
@@ -125,8 +125,8 @@ def simulate(stages: Sequence, schedule: str, micro_batches: int, *, p2p: float 
     p2p = _check_scalar("p2p", p2p)
     overlap = _check_scalar("overlap", overlap, 1.0)
     lay = layout(schedule, len(times), micro_batches)
+    dag = schedule_dag(lay)
     orders = rank_orders(lay)
-    dag = compile_dag(lay, orders)
     start, end = finish_times(dag, times, p2p, overlap)
     step = float(end.max())
     busy = np.bincount(dag.rank, weights=end - start, minlength=lay.num_ranks)
