@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
-def _resolve(args) -> dict:
+def resolve_config(args) -> dict:
+    """The run's settings from parsed :func:`add_arguments` options (defaults filled in per
+    device); raises ValueError naming the option. Pass the result to :func:`measure`."""
     import torch
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -95,7 +97,7 @@ def _resolve(args) -> dict:
 
 def run(args) -> int:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    cfg = _resolve(args)
+    cfg = resolve_config(args)
     results = measure(cfg)
     _print(results)
     if args.json:

@@ -43,4 +43,4 @@ def _args(*argv):
 ])
 def test_bad_options_name_the_field(argv, field):
     with pytest.raises(ValueError, match=field):
-        hotswap._resolve(_args(*argv))
+        hotswap.resolve_config(_args(*argv))
