@@ -54,8 +54,19 @@ def _rank_main(rank: int, store: str) -> None:
         dist.destroy_process_group()
 
 
+def _swap_on_rank(p: LayerPlacement, rank: int) -> LayerPlacement:
+    """``p`` with two slots of ``rank`` exchanged: only that rank's weights change."""
+    phy = p.phy2log.clone()
+    s0 = rank * (SLOTS // WORLD)
+    j = next(j for j in range(s0 + 1, s0 + SLOTS // WORLD) if phy[j] != phy[s0])
+    phy[[s0, j]] = phy[[j, s0]]
+    return LayerPlacement.from_phy2log(phy, MODEL.num_experts)
+
+
 def _scenario(rank: int) -> None:
-    a, b, c = _plan(1), _plan(2), _plan(3)
+    a, c = _plan(1), _plan(3)
+    # layer 0 changes everywhere; layer 1 only on rank 2 (ranks 0, 1: routing tables only)
+    b = [_plan(2)[0], _swap_on_rank(a[1], WORLD - 1)]
     model = SyntheticMoEModel(MODEL, STREAM, a, gpus_per_node=GPN)
     # staging representation is rank-local: mix both modes over the same P2P exchange
     engine = HotSwapEngine(list(model.layers), group=dist.new_group(), gpus_per_node=GPN,
