@@ -147,6 +147,11 @@ class PlanServiceStub:
                 request_serializer=expertplane_dot_proto_dot_expertplane__pb2.ListRolloutsRequest.SerializeToString,
                 response_deserializer=expertplane_dot_proto_dot_expertplane__pb2.ListRolloutsResponse.FromString,
                 _registered_method=True)
+        self.GetBiasHistory = channel.unary_unary(
+                '/expertplane.v1.PlanService/GetBiasHistory',
+                request_serializer=expertplane_dot_proto_dot_expertplane__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=expertplane_dot_proto_dot_expertplane__pb2.BiasHistory.FromString,
+                _registered_method=True)
 
 
 class PlanServiceServicer:
@@ -201,6 +206,13 @@ class PlanServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBiasHistory(self, request, context):
+        """Router-bias updates of a placement (router_bias.enabled) with the load imbalance of each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlanServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -243,6 +255,11 @@ def add_PlanServiceServicer_to_server(servicer, server):
                     servicer.ListRollouts,
                     request_deserializer=expertplane_dot_proto_dot_expertplane__pb2.ListRolloutsRequest.FromString,
                     response_serializer=expertplane_dot_proto_dot_expertplane__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'GetBiasHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBiasHistory,
+                    request_deserializer=expertplane_dot_proto_dot_expertplane__pb2.GetLoadRequest.FromString,
+                    response_serializer=expertplane_dot_proto_dot_expertplane__pb2.BiasHistory.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -461,6 +478,33 @@ class PlanService:
             '/expertplane.v1.PlanService/ListRollouts',
             expertplane_dot_proto_dot_expertplane__pb2.ListRolloutsRequest.SerializeToString,
             expertplane_dot_proto_dot_expertplane__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBiasHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expertplane.v1.PlanService/GetBiasHistory',
+            expertplane_dot_proto_dot_expertplane__pb2.GetLoadRequest.SerializeToString,
+            expertplane_dot_proto_dot_expertplane__pb2.BiasHistory.FromString,
             options,
             channel_credentials,
             insecure,
