@@ -59,7 +59,7 @@ def build_report(snapshot: pb.CounterSnapshot, worker: pb.WorkerInfo, *, sequenc
     report = pb.LoadReport(
         node=worker.node, worker_rank=worker.rank, placement=worker.placement,
         plan_version=snapshot.plan_version, sequence=sequence, agent_epoch=agent_epoch,
-        slot_counts=snapshot.slot_counts,
+        slot_counts=snapshot.slot_counts, steps=snapshot.steps, failed_steps=snapshot.failed_steps,
     )
     report.window_start.CopyFrom(snapshot.window_start)
     report.window_end.CopyFrom(snapshot.window_end)
