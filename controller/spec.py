@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from expertplane.controller.bias import RouterBiasSpec, router_bias_from_proto, router_bias_to_proto
 from expertplane.controller.errors import InvalidArgument
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import TensorError, double_tensor, to_numpy
@@ -54,6 +55,7 @@ class PlacementSpec:
     policy: PolicySpec = field(default_factory=PolicySpec)
     initial_load: np.ndarray | None = None
     generation: int = 0
+    router_bias: RouterBiasSpec | None = None
 
     @property
     def num_gpus(self) -> int:
@@ -150,6 +152,8 @@ def spec_from_proto(msg: pb.Placement, prefix: str = "") -> PlacementSpec:
         expert_bytes=int(msg.model.expert_bytes), algorithm=algorithm,
         policy=policy_from_proto(msg.policy, f"{p}policy"), initial_load=initial,
         generation=int(msg.generation),
+        router_bias=router_bias_from_proto(msg.router_bias, f"{p}router_bias")
+        if msg.HasField("router_bias") else None,
     )
 
 
@@ -172,4 +176,6 @@ def spec_to_proto(spec: PlacementSpec) -> pb.Placement:
     )
     if spec.initial_load is not None:
         msg.initial_load.CopyFrom(double_tensor(spec.initial_load))
+    if spec.router_bias is not None:
+        msg.router_bias.CopyFrom(router_bias_to_proto(spec.router_bias))
     return msg
