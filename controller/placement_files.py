@@ -25,6 +25,11 @@ mirroring the ``Placement`` message (snake_case field names)::
       min_gain_per_gib: 0.0
       dry_run: false
     initial_load: [[...], ...]     # optional [num_layers][num_experts] token counts
+    router_bias:                   # optional: controller-driven aux-loss-free router bias
+      enabled: true
+      speed: 0.001                 # bias step per update (score units)
+      rule: sign                   # sign | proportional
+      interval_seconds: 10
 
 Errors name the file, the document and the field path.
 """
@@ -74,6 +79,11 @@ SCHEMA = {
                            "min_gain_per_gib": _NUM, "dry_run": {"type": "boolean"}},
         },
         "initial_load": {"type": "array", "items": {"type": "array", "items": _NUM}},
+        "router_bias": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"enabled": {"type": "boolean"}, "speed": _NUM,
+                           "rule": {"enum": ["sign", "proportional"]}, "interval_seconds": _NUM},
+        },
     },
 }
 
@@ -100,6 +110,8 @@ def placement_from_dict(doc: dict) -> pb.Placement:
             **{k: v for k, v in pol.items() if k != "mode"},
             mode=pb.RebalancePolicy.Mode.Value(pol.get("mode", "auto").upper())),
     )
+    if "router_bias" in doc:
+        msg.router_bias.CopyFrom(pb.RouterBiasPolicy(**doc["router_bias"]))
     if "initial_load" in doc:
         rows = doc["initial_load"]
         if len({len(r) for r in rows}) > 1:
