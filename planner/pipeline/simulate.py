@@ -18,14 +18,18 @@ The step time is the end of the last operation. A rank's *bubble* is its idle ti
 step, ``step_time - busy``; ``busy`` sums the durations of the rank's operations (an ``F&B``
 pair counts once, with its overlapped duration). With equal stages and ``p2p = 0`` this bubble
 reproduces DualPipe's table exactly (see ``tests/test_pipeline_simulate.py``):
-1F1B ``(R-1)(F+B)`` on every rank; ZB1P ``(R-1)(F+B-2W)`` on every rank when ``W <= F`` and
-``W <= B - W``; DualPipe ``(R/2-1)(F&B+B-3W)`` on rank 0 and rank ``R-1`` when ``W <= F`` and
-``W <= B - W`` (their idle time, not counting the ``F&B`` time saved by overlap).
+1F1B ``(R-1)(F+B)`` on every rank (any F, B, W); ZB1P ``(R-1)(F+B-2W)`` on every rank when
+``W <= F`` and ``W <= B - W``; DualPipe ``(R/2-1)(F&B+B-3W)`` on ranks 0 and ``R-1`` (DualPipeV:
+``(R-1)(F&B+B-3W)`` on rank 0) when ``F = B - W`` (the proportions of DualPipe's figure) and
+``overlap = 0`` (``F&B = F + B``). With ``overlap > 0`` the simulated DualPipe bubble is smaller
+than the table's formula: a rank's pairs then end earlier than its neighbours wait for.
 
 Activation memory is counted in micro-batches: a forward of a chunk holds one micro-batch of
 that chunk's activations until its backward (or its deferred ``W``) ends. DualPipeV chunks are
 half a rank's layers, so each counts 1/2; all other chunks count 1. With equal stages the first
-rank peaks at ``R`` (1F1B, ZB1P) and ``R + 1`` (DualPipe, DualPipeV) micro-batches.
+rank peaks at ``R`` (1F1B, ZB1P) and ``R + 1`` (DualPipe) micro-batches, as in DualPipe's table.
+DualPipeV's first rank holds ``2R + 1`` chunk activations, i.e. ``R + 1/2`` micro-batches of its
+layers: the same bytes as DualPipe on ``2R`` ranks holding ``2R + 1`` half-size stages.
 """
 
 from __future__ import annotations
