@@ -23,6 +23,7 @@ from expertplane.controller.metrics import ControllerMetrics
 from expertplane.controller.planning import Candidate, check_load, compute_candidate
 from expertplane.controller.policy import Decision, PolicyState, decide, record
 from expertplane.controller.rollout import RolloutCoordinator
+from expertplane.controller.router_balancer import ReportTotals, RouterBalancer
 from expertplane.controller.spec import PlacementSpec
 from expertplane.controller.store import PlanRecord, RolloutRecord, Store, StoredPlacement, utcnow
 from expertplane.planner.metrics import balance_of_gpu_loads
@@ -89,6 +90,8 @@ class Controller:
             self.store, timeout_seconds=config.rollout_timeout_seconds,
             in_force=self._in_force_plan, on_finished=self._rollout_finished,
             on_committing=self._rollout_committing)
+        self.router = RouterBalancer(self.aggregator.view, self.push_bias, self.metrics.registry)
+        self.totals = ReportTotals()
         self._lock = threading.RLock()
         self._placements: dict[str, StoredPlacement] = {}
         self._in_force: dict[str, tuple[PlanRecord, pb.Plan]] = {}
@@ -153,6 +156,7 @@ class Controller:
                 if now >= next_snapshot:
                     next_snapshot = now + self.config.snapshot_interval_seconds
                     self.snapshot_loads()
+                self.router.tick({n: sp.spec for n, sp in list(self._placements.items())})
             except Exception:  # keep the loop alive; the error is logged with its traceback
                 log.exception("controller background step failed")
 
@@ -192,6 +196,8 @@ class Controller:
             self._policy.pop(name, None)
             self._predicted.pop(name, None)
         self.aggregator.remove(name)
+        self.router.forget(name)
+        self.totals.forget(name)
         self.rollouts.forget(name)
         self.metrics.forget(name)
         self._report_counters = {k: v for k, v in self._report_counters.items() if k[0] != name}
@@ -295,6 +301,9 @@ class Controller:
             finally:
                 with self._gate:
                     self._inflight -= 1
+            sp = self._placements.get(report.placement)
+            if res.status == Ack.ACCEPTED and sp is not None:
+                self.totals.add(report, sp.spec)
             self.metrics.ingest_seconds.observe(time.perf_counter() - t0)
             if res.lag_seconds:
                 self.metrics.report_lag.observe(res.lag_seconds)
