@@ -138,7 +138,19 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
                             gpu_load=double_tensor(view.gpu_load))
         if bias is not None:
             msg.router_bias.CopyFrom(bias.bias)
+        totals = self._c.totals.get(request.placement)
+        msg.steps, msg.failed_steps = totals.steps, totals.failed_steps
+        if totals.dropped is not None:
+            msg.dropped_tokens.CopyFrom(double_tensor(totals.dropped))
         return msg
+
+    @unary
+    def GetBiasHistory(self, request, context):
+        self._c.placement(request.placement)
+        return pb.BiasHistory(placement=request.placement, points=[
+            pb.BiasPoint(at=timestamp(p.at), bias=double_tensor(p.bias),
+                         max_over_mean=p.max_over_mean.tolist(), sequence=p.sequence)
+            for p in self._c.router.history(request.placement)])
 
     @unary
     def ApplyPlacement(self, request, context):
