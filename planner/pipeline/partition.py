@@ -2,22 +2,24 @@
 
 ``partition`` cuts ``L`` layers into ``S`` stages (``boundaries[0] = 0 < ... < boundaries[S] =
 L``) minimising ``simulate(...).step_time`` over *all* contiguous partitions whose ranks fit the
-memory limit. Method: depth-first branch and bound over the boundaries, stage by stage:
+memory limit. Method: branch and bound over the boundaries.
 
-- Every stage ``s`` over layers ``[b, e)`` has a lower bound ``lb(s, b, e)`` on the step time
-  that depends only on the prefix sums up to ``b`` and the stage itself: all operations touching
-  the stage run after the first micro-batch's forward reached layer ``b`` and one after another on
-  the stage's rank (1F1B adds the backward of the last micro-batch travelling back to layer 0;
-  ZB1P its input-gradient part). Overlapped ``F&B`` pairs count only the stage's own part, which
-  is a lower bound because the pair time grows with both parts.
-- ``suffix[k][b]``, the least possible ``max lb`` over the last ``k`` stages covering ``[b, L)``,
-  is computed by dynamic programming (vectorised over all segments), so a partial partition is
-  pruned as soon as ``max(lb of its stages, suffix)`` reaches the best step time found so far.
-- Children are visited in increasing bound order, so the first complete partition is the one of
-  least bound; every complete partition reached is simulated exactly.
+- Incumbent: the even split and the splits balancing ``F + B`` and parameter bytes, simulated.
+- Stage bounds: every stage ``s`` over layers ``[b, e)`` has lower bounds on the step time that
+  depend only on the prefix sums at ``b``/``e`` and the stage itself (``_Problem._templates``:
+  a dependency chain into the stage's first forward or backward, the stage's own work on its
+  rank, a chain out of its last backward or forward). Two-stage ranks (DualPipe, DualPipeV) also
+  get whole-rank bounds with exact operation durations once both their stages are fixed.
+- One stage per rank (1F1B, ZB1P): stages are fixed left to right; ``suffix[k][b]``, the least
+  possible bound of the last ``k`` stages over ``[b, L)``, comes from a dynamic program.
+  Two-stage ranks: stage pairs ``(k, S-1-k)`` are fixed from the outside in.
+- Children are tried in increasing bound order and dropped once a bound reaches the incumbent;
+  complete partitions are simulated in batches on the compiled step DAG.
 
-The result is exact: a partition is only discarded when a valid lower bound of its step time is
-no better than a simulated one (tests check it against brute force for every schedule).
+A partition is only discarded when a valid lower bound of its step time is no better than a
+simulated one, so a finished search is exact (tests compare with brute force for every
+schedule). ``node_limit`` caps the nodes; a capped search returns the best plan found with
+``optimal=False``.
 
 Memory of a rank (bytes) = parameter bytes of its stages + the peak over its operation order of
 ``sum(chunk activations held x activation_bytes of the chunk's stage)``; the order, hence which

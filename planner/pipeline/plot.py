@@ -28,8 +28,8 @@ def timeline_figure(result: SimulationResult, title: str = ""):
     ax.set_xlabel("seconds")
     ax.set_xlim(0, result.step_time)
     ax.set_title(title or f"{result.schedule}: step {result.step_time:.4g} s, "
-                          f"bubble {result.bubble_fraction:.1%}")
+                          f"bubble {result.bubble_fraction:.1%}", loc="left")
     ax.legend(handles=[Patch(color=c, label=k if k != "FB" else "F&B") for k, c in COLOURS.items()],
-              loc="upper right", fontsize=7, ncol=4)
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, ncol=4, frameon=False)
     fig.tight_layout()
     return fig
