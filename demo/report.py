@@ -46,6 +46,7 @@ def write_png(timeline: Timeline, path: pathlib.Path, title: str) -> pathlib.Pat
         im = hax.imshow(_normalised(s.gpu_load), aspect="auto", cmap="magma", vmin=0, vmax=vmax)
         hax.set_title(f"per-GPU load / layer mean, {name} (t={s.t:.0f}s, plan v{s.plan_version})")
         hax.set_xlabel("GPU")
+        hax.set_xticks(range(s.gpu_load.shape[1]))
         hax.set_ylabel("MoE layer")
         fig.colorbar(im, ax=hax)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,7 @@ def summary_lines(timeline: Timeline, settle: float) -> list[str]:
     committed = [r for r in timeline.rollouts if r.state == "committed"]
     lines = [
         f"steps: {timeline.steps}, failed steps: {timeline.failed_steps}",
-        f"tokens routed: {timeline.samples[-1].tokens if timeline.samples else 0:,}",
+        f"tokens routed: {timeline.tokens:,}",
         f"rollouts committed: {len(committed)}, aborted: "
         f"{sum(r.state == 'aborted' for r in timeline.rollouts)}",
         f"slots moved: {sum(r.slots_moved for r in committed)}, "

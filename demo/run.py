@@ -142,9 +142,11 @@ class _Poller:
 
         pb = self.pb
         window = self.plans.GetLoad(pb.GetLoadRequest(placement=self.name), timeout=5)
+        timeline.steps, timeline.failed_steps = window.steps, window.failed_steps  # live, all ranks
         load = self.to_numpy(window.load, "load", ndim=2)
         gpu_load = self.to_numpy(window.gpu_load, "gpu_load", ndim=2)
-        if load.sum() > 0:
+        # right after a switch the window under the new plan is still empty: skip, don't plot 1.0
+        if load.sum() > 0 and gpu_load.sum(axis=1).all():
             state = next(p for p in self.plans.ListPlacements(pb.ListPlacementsRequest(), timeout=5)
                          .placements if p.spec.name == self.name)
             predicted = np.asarray(state.predicted_balance) if state.predicted_balance else \
@@ -152,7 +154,7 @@ class _Poller:
             timeline.samples.append(Sample(
                 t=t, plan_version=state.plan_version, balance=balance_of_gpu_loads(gpu_load),
                 control=balance(load, self.initial_phy2log, self.initial_logcnt, self.num_gpus),
-                predicted=predicted, gpu_load=gpu_load, tokens=int(load.sum())))
+                predicted=predicted, gpu_load=gpu_load))
         for rec in self.plans.ListRollouts(pb.ListRolloutsRequest(placement=self.name, limit=50),
                                            timeout=5).rollouts:
             known = self._rollouts.get(rec.rollout_id)
@@ -218,7 +220,7 @@ def run_demo(opts: DemoOptions) -> int:
         _warm_planner(placement)
     live_view = console.is_terminal if opts.live is None else opts.live
     mode = "rebalancing" if opts.rebalance else "control run: --no-rebalance"
-    timeline = Timeline()
+    timeline = Timeline(tokens_per_step=stream.tokens_per_step)
     results: dict[int, dict] = {}
     errors: list[str] = []
     sockets = tempfile.mkdtemp(prefix="ep-demo-")
@@ -278,7 +280,8 @@ def run_demo(opts: DemoOptions) -> int:
                     s = timeline.samples[-1]
                     console.print(f"t={elapsed:5.1f}s plan v{s.plan_version} balance now "
                                   f"{np.mean(s.balance):.3f}, initial plan {np.mean(s.control):.3f}, "
-                                  f"rollouts {sum(r.state == 'committed' for r in timeline.rollouts)}")
+                                  f"rollouts {sum(r.state == 'committed' for r in timeline.rollouts)}, "
+                                  f"steps {timeline.steps}, failed {timeline.failed_steps}")
                 time.sleep(1.0)
         for proc in procs:
             if proc.is_alive():
@@ -296,8 +299,10 @@ def run_demo(opts: DemoOptions) -> int:
             else:
                 results[rank] = result
         poller.poll(timeline, time.monotonic() - start)
-    timeline.steps = sum(r["steps"] for r in results.values())
-    timeline.failed_steps = sum(r["failed_steps"] for r in results.values())
+    if results:  # the workers' own totals include steps after their last counter pull
+        timeline.steps = sum(r["steps"] for r in results.values())
+        timeline.failed_steps = max(timeline.failed_steps,
+                                    sum(r["failed_steps"] for r in results.values()))
     if len(results) < world:
         errors.append(f"only {len(results)} of {world} workers reported a result")
     if not timeline.samples:
@@ -312,9 +317,10 @@ def _finish(timeline: Timeline, opts: DemoOptions, mode: str, out: pathlib.Path,
     (out / "timeline.json").write_text(json.dumps({
         "samples": [{"t": s.t, "plan_version": s.plan_version, "balance": s.balance.tolist(),
                      "control": s.control.tolist(), "predicted": s.predicted.tolist(),
-                     "gpu_load": s.gpu_load.tolist(), "tokens": s.tokens} for s in timeline.samples],
+                     "gpu_load": s.gpu_load.tolist()} for s in timeline.samples],
         "rollouts": [dataclasses.asdict(r) for r in timeline.rollouts],
-        "steps": timeline.steps, "failed_steps": timeline.failed_steps, "errors": errors,
+        "steps": timeline.steps, "failed_steps": timeline.failed_steps, "tokens": timeline.tokens,
+        "errors": errors,
     }, indent=1))
     if timeline.samples:
         png = write_png(timeline, out / "report.png", f"ExpertPlane demo ({mode})")

@@ -23,7 +23,6 @@ class Sample:
     control: np.ndarray
     predicted: np.ndarray
     gpu_load: np.ndarray
-    tokens: int
 
 
 @dataclass(frozen=True)
@@ -45,8 +44,14 @@ class RolloutEvent:
 class Timeline:
     samples: list[Sample] = field(default_factory=list)
     rollouts: list[RolloutEvent] = field(default_factory=list)
-    steps: int = 0
+    steps: int = 0            # model steps, summed over ranks
     failed_steps: int = 0
+    tokens_per_step: int = 0  # per rank and step
+
+    @property
+    def tokens(self) -> int:
+        """Tokens routed so far over all ranks."""
+        return self.steps * self.tokens_per_step
 
     def mean_balance(self, attr: str, settle: float = 0.0) -> float:
         """Layer-mean of ``attr`` (balance/control) averaged over the samples taken at least

@@ -18,7 +18,7 @@ def render(timeline: Timeline, elapsed: float, duration: float, mode: str):
     last = timeline.samples[-1] if timeline.samples else None
     header.add_row(
         f"[bold]ExpertPlane demo[/] ({mode})  t={elapsed:5.1f}s / {duration:.0f}s",
-        f"plan v{last.plan_version if last else '-'}  tokens {last.tokens if last else 0:,}  "
+        f"plan v{last.plan_version if last else '-'}  tokens {timeline.tokens:,}  "
         f"steps {timeline.steps:,}  [{'red' if timeline.failed_steps else 'green'}]failed steps "
         f"{timeline.failed_steps}[/]",
     )

@@ -14,8 +14,7 @@ from expertplane.demo.timeline import RolloutEvent, Sample, Timeline
 
 def _sample(t, balance, control):
     return Sample(t=t, plan_version=1, balance=np.array(balance), control=np.array(control),
-                  predicted=np.ones(len(balance)), gpu_load=np.arange(8.0).reshape(2, 4) + 1,
-                  tokens=100)
+                  predicted=np.ones(len(balance)), gpu_load=np.arange(8.0).reshape(2, 4) + 1)
 
 
 def test_mean_balance_skips_the_settle_window_after_the_first_sample():
@@ -30,11 +29,12 @@ def test_mean_balance_skips_the_settle_window_after_the_first_sample():
 def test_report_png_and_summary(tmp_path):
     tl = Timeline(samples=[_sample(0.0, [2.0, 1.8], [2.0, 1.8]), _sample(12.0, [1.1, 1.0], [2.0, 1.9])],
                   rollouts=[RolloutEvent(5.0, 1, 2, "committed", 12, 3 << 20, 0.4, 0.5, 0.02)],
-                  steps=40, failed_steps=0)
+                  steps=40, failed_steps=0, tokens_per_step=256)
     png = write_png(tl, tmp_path / "r.png", "t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = "\n".join(summary_lines(tl, settle=10.0))
     assert "failed steps: 0" in text and "rollouts committed: 1" in text
+    assert "tokens routed: 10,240" in text
     assert "slots moved: 12" in text and "3.0 MiB" in text
     assert "observed 1.050" in text and "initial plan on the same load 1.950" in text
 
@@ -59,5 +59,6 @@ def test_demo_runs_and_balances(tmp_path):
     assert "OK: no failed step" in proc.stdout
     timeline = json.loads((out / "timeline.json").read_text())
     assert timeline["failed_steps"] == 0 and timeline["steps"] > 0 and not timeline["errors"]
+    assert timeline["tokens"] == timeline["steps"] * 256
     assert any(r["state"] == "committed" for r in timeline["rollouts"])
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
