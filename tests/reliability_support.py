@@ -77,11 +77,12 @@ class ControllerProcess:
     port: int = 0
     extra: tuple[str, ...] = ()
     env: dict | None = None
+    log_level: str = "INFO"
     proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> "ControllerProcess":
         self.port = self.port or free_port()
-        argv = [EXPERTPLANE, "controller", "--listen", f"127.0.0.1:{self.port}", "--db", self.db_url,
+        argv = [EXPERTPLANE, "--log-level", self.log_level, "controller", "--listen", f"127.0.0.1:{self.port}", "--db", self.db_url,
                 "--policy-interval", "3600", "--snapshot-interval", "3600", *self.extra]
         out = open(self.log, "ab")
         self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
