@@ -90,7 +90,9 @@ class Controller:
             self.store, timeout_seconds=config.rollout_timeout_seconds,
             in_force=self._in_force_plan, on_finished=self._rollout_finished,
             on_committing=self._rollout_committing)
-        self.router = RouterBalancer(self.aggregator.view, self.push_bias, self.metrics.registry)
+        self.router = RouterBalancer(  # balances load per replica of the plan in force
+            self.aggregator.view, self.push_bias, self.metrics.registry,
+            replicas=lambda name: (e := self._in_force.get(name)) and e[0].logcnt)
         self.totals = ReportTotals()
         self._lock = threading.RLock()
         self._placements: dict[str, StoredPlacement] = {}
