@@ -11,7 +11,8 @@ The synthetic model (``kernels.synthetic``: drifting Zipf expert popularity) run
   new placement: expert weights are seeded per logical expert, so it is the same model);
 - ``bias``: every ``--bias-every`` steps the controller's update
   (``controller.bias.global_bias_step``) runs on the demand per logical expert of those steps
-  (processed + dropped tokens, mapped through the plan) and the bias is set on every layer;
+  (processed + dropped tokens, mapped through the plan) per replica of the plan in force
+  (``replicas=logcnt``, as the controller does) and the bias is set on every layer;
 - ``eplb+bias``: both.
 
 Per variant and capacity factor it reports, over the steps after ``--warmup``: max/mean GPU
@@ -120,6 +121,7 @@ def run_variant(args, variant: str, capacity: float) -> RunResult:
         return model
 
     phy2log = plan(np.ones((L, E)))
+    logcnt = np.stack([np.bincount(phy2log[l], minlength=E) for l in range(L)])
     bias = np.zeros((L, E))
     model = build(phy2log, bias)
     since_plan, since_bias = np.zeros((L, E)), np.zeros((L, E))
@@ -146,13 +148,14 @@ def run_variant(args, variant: str, capacity: float) -> RunResult:
             dropped_rows += int(dropped.sum())
             rows += int(demand.sum())
         if use_bias and (step + 1) % args.bias_every == 0:
-            bias = global_bias_step(bias, since_bias, update)
+            bias = global_bias_step(bias, since_bias, update, replicas=logcnt)
             since_bias[:] = 0
             for l, layer in enumerate(model.layers):
                 layer.set_selection_bias(torch.as_tensor(bias[l], dtype=torch.float32))
         if eplb and (step + 1) % args.rebalance_every == 0 and step + 1 < args.steps:
             phy2log = plan(since_plan)
             p2l = torch.as_tensor(phy2log)
+            logcnt = np.stack([np.bincount(phy2log[l], minlength=E) for l in range(L)])
             since_plan[:] = 0
             model = build(phy2log, bias)
             plans += 1

@@ -62,14 +62,26 @@ def router_bias_to_proto(spec: RouterBiasSpec) -> pb.RouterBiasPolicy:
                                interval_seconds=spec.interval_seconds)
 
 
-def global_bias_step(bias: np.ndarray, load: np.ndarray, update: BiasUpdate) -> np.ndarray:
+def global_bias_step(bias: np.ndarray, load: np.ndarray, update: BiasUpdate,
+                     replicas: np.ndarray | None = None) -> np.ndarray:
     """New bias [L, E] (float64) from the current bias [L, E] and the global window load
-    [L, E] (tokens per logical expert, all ranks). Layers without load keep their bias."""
+    [L, E] (tokens per logical expert, all ranks). Layers without load keep their bias.
+
+    ``replicas`` [L, E] (the plan's logcnt, >= 1): balance the load per replica
+    (``load / replicas``) instead of per expert, so an expert with two replicas is steered
+    towards twice the tokens of one with a single replica: what equalises physical slots and
+    GPUs (and capacity drops) under a replicated plan."""
     bias = np.asarray(bias, dtype=np.float64)
     load = np.asarray(load, dtype=np.float64)
     if bias.ndim != 2 or load.shape != bias.shape:
         raise InvalidArgument("load", f"must have the bias's shape {list(bias.shape)}, "
                                       f"got {list(load.shape)}")
+    if replicas is not None:
+        replicas = np.asarray(replicas, dtype=np.float64)
+        if replicas.shape != bias.shape or (replicas < 1).any():
+            raise InvalidArgument("replicas", f"must be >= 1 with shape {list(bias.shape)}, "
+                                              f"got shape {list(replicas.shape)}")
+        load = load / replicas
     out = bias.copy()
     for layer in range(bias.shape[0]):
         if load[layer].sum() > 0:

@@ -54,14 +54,17 @@ class _State:
 
 class RouterBalancer:
     """Per-placement bias state. ``view(name)`` gives the window (None if unknown), ``push``
-    sends a bias and returns the agents reached; ``clock`` is monotonic seconds for the
-    intervals, ``wall`` unix seconds for the history."""
+    sends a bias and returns the agents reached; ``replicas(name)`` the plan in force's logcnt
+    [L, E] (None: balance per expert); ``clock`` is monotonic seconds for the intervals,
+    ``wall`` unix seconds for the history."""
 
     def __init__(self, view: Callable[[str], WindowView | None],
                  push: Callable[[str, np.ndarray, int], int], registry: CollectorRegistry, *,
+                 replicas: Callable[[str], np.ndarray | None] = lambda name: None,
                  history: int = HISTORY, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time):
         self._view, self._push, self._clock, self._wall = view, push, clock, wall
+        self._replicas = replicas
         self._history = history
         self._lock = threading.Lock()
         self._states: dict[str, _State] = {}
@@ -100,7 +103,7 @@ class RouterBalancer:
             view = self._view(name)
             if view is None or view.reports == 0 or not view.load.sum():
                 continue
-            new = global_bias_step(state.bias, view.load, rb.update)
+            new = global_bias_step(state.bias, view.load, rb.update, self._replicas(name))
             ratio = max_over_mean(view.load)
             with self._lock:
                 sequence = self._sequence()

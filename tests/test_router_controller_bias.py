@@ -90,6 +90,12 @@ def test_global_step_rules_and_layers_without_load():
     assert np.allclose(max_over_mean(load), [2.0, 1.0])
     with pytest.raises(InvalidArgument, match="load"):
         global_bias_step(bias, load[:, :3], BiasUpdate())
+    # per replica: expert 0 has two replicas, so 4 tokens on it are 2 per replica
+    per_replica = global_bias_step(bias, load, BiasUpdate(0.1, "sign"),
+                                   replicas=np.array([[2, 1, 1, 1], [1, 1, 1, 1]]))
+    assert np.allclose(per_replica[0], [-0.1, -0.1, 0.1, 0.1])
+    with pytest.raises(InvalidArgument, match="replicas"):
+        global_bias_step(bias, load, BiasUpdate(), replicas=np.zeros((2, 4)))
 
 
 def test_router_bias_spec_validation_and_round_trip():
@@ -127,13 +133,15 @@ def test_router_balancer_interval_history_and_metrics():
     registry = CollectorRegistry()
     rb = RouterBalancer(lambda name: WindowView(load, np.zeros((2, 2)), 3, now[0]),
                         lambda name, bias, seq: pushed.append((name, bias, seq)) or 2, registry,
+                        replicas=lambda name: np.array([[2, 2, 1, 1], [2, 2, 1, 1]]),
                         history=3, clock=lambda: now[0], wall=lambda: now[0])
     specs = {"p": _spec(enabled=True, speed=0.5, interval_seconds=5), "off": _spec()}
     assert rb.tick(specs) == ["p"] and rb.tick(specs) == []        # not due again yet
     now[0] += 5
     assert rb.tick(specs) == ["p"]
     assert [p[0] for p in pushed] == ["p", "p"] and pushed[0][2] < pushed[1][2]
-    assert np.allclose(pushed[1][1][0], [-1.0, 1.0, 1.0, 1.0]) and not pushed[1][1][1].any()
+    # per replica of the plan (2, 2, 1, 1): layer 0 [3, .5, 1, 0], layer 1 [1, 1, 2, 2]
+    assert np.allclose(pushed[1][1], [[-1.0, 1.0, 1.0, 1.0], [1.0, 1.0, -1.0, -1.0]])
     for _ in range(3):
         now[0] += 5
         rb.tick(specs)
