@@ -101,7 +101,7 @@ class Cluster:
         self.snapshots: list[pb.CounterSnapshot] = []
 
     def pull(self, rank: int) -> pb.CounterSnapshot:
-        snap = self.stubs[rank].PullCounters(pb.PullCountersRequest(), timeout=5)
+        snap = self.stubs[rank].PullCounters(pb.PullCountersRequest(), timeout=20)
         self.snapshots.append(snap)
         return snap
 
