@@ -30,7 +30,8 @@ __all__ = ["CounterLedger", "CounterWindow", "WorkerIdentity", "WorkerServicer",
 @dataclass
 class CounterWindow:
     """Tokens per local slot ``counts`` [L, S] counted under ``version`` between ``start``
-    and ``end`` (ns since the epoch), over ``steps`` steps of which ``failed`` failed."""
+    and ``end`` (ns since the epoch), over ``steps`` steps of which ``failed`` failed;
+    ``dropped`` [L, S]: tokens dropped by the capacity (None when no step reported any)."""
 
     version: int
     start: int
@@ -38,6 +39,7 @@ class CounterWindow:
     counts: np.ndarray
     steps: int = 0
     failed: int = 0
+    dropped: np.ndarray | None = None
 
 
 class CounterLedger:
@@ -64,14 +66,17 @@ class CounterLedger:
     def _new(self, version: int, start: int) -> CounterWindow:
         return CounterWindow(version, start, start, np.zeros(self.shape, dtype=np.int64))
 
-    def add(self, version: int, counts: np.ndarray, failed: bool = False) -> None:
-        """Add one step's counts [L, S] taken under ``version``."""
+    def add(self, version: int, counts: np.ndarray, failed: bool = False,
+            dropped: np.ndarray | None = None) -> None:
+        """Add one step's counts [L, S] (and capacity drops [L, S]) taken under ``version``."""
         now = time.time_ns()
         with self._lock:
             if version != self._open.version:
                 self._close(now, version)
             w = self._open
             w.counts += counts
+            if dropped is not None:
+                w.dropped = dropped.astype(np.int64) if w.dropped is None else w.dropped + dropped
             w.steps += 1
             w.failed += int(failed)
             w.end = now
@@ -179,6 +184,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         snap = pb.CounterSnapshot(rank=self.ident.rank, placement=self.ident.placement,
                                   plan_version=w.version, slot_counts=int64_tensor(w.counts),
                                   steps=w.steps, failed_steps=w.failed)
+        if w.dropped is not None:
+            snap.dropped_tokens.CopyFrom(int64_tensor(w.dropped))
         snap.window_start.FromNanoseconds(w.start)
         snap.window_end.FromNanoseconds(w.end)
         return snap
