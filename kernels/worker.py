@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
 
+from expertplane.kernels.balancing import CapacityConfig
 from expertplane.kernels.hotswap import MODES, HotSwapEngine, SwapCoordinator
 from expertplane.kernels.moe import LayerPlacement
 from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
@@ -63,6 +64,8 @@ class WorkerConfig:
     swap_mode: staging of hot-swaps, ``double`` or ``compact`` (see :class:`HotSwapEngine`).
     drain_seconds: after the last step, keep serving until the counters are pulled once
     more (so the last window reaches the agent), at most this long.
+    capacity: per-slot capacity of every layer (None = none); its drops are reported in
+    ``CounterSnapshot.dropped_tokens``.
     """
 
     rank: int
@@ -89,6 +92,7 @@ class WorkerConfig:
     threads: int = 1
     swap_mode: str = "double"
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    capacity: CapacityConfig | None = None
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -230,6 +234,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
     swap_group = dist.new_group(backend=config.backend)
     model = SyntheticMoEModel(config.model, config.stream, placements,
                               gpus_per_node=config.gpus_per_node, device=device)
+    for layer in model.layers:
+        layer.capacity = config.capacity
     engine = HotSwapEngine(list(model.layers), group=swap_group,
                            gpus_per_node=config.gpus_per_node, mode=config.swap_mode)
     coord = SwapCoordinator(engine, version)
@@ -280,7 +286,9 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
             if failed:
                 log.error("rank %d step %d: output differs from the dense reference (rel. error "
                           "%.3g > %.3g)", config.rank, steps, result.max_error, model.tolerance)
-            ledger.add(coord.version, model.read_counters().numpy(), failed)
+            dropped = torch.stack([layer.read_dropped() for layer in model.layers]).numpy() \
+                if config.capacity is not None else None
+            ledger.add(coord.version, model.read_counters().numpy(), failed, dropped)
             steps += 1
             if config.max_steps and steps >= config.max_steps:
                 coord.request_stop()
