@@ -67,6 +67,10 @@ def register(sub) -> None:
     g.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0 = never)")
     g.add_argument("--verify-every", type=int, default=0,
                    help="check every N-th step against the dense reference (0 = never)")
+    g.add_argument("--capacity-factor", type=float, default=0.0,
+                   help="per-slot capacity: factor x mean rows per slot; excess rows are "
+                        "dropped and reported (0 = no capacity)")
+    g.add_argument("--capacity-mode", choices=("drop", "next_best"), default="drop")
 
     from expertplane.rpc.security import add_security_arguments
     add_security_arguments(parser.add_argument_group("controller TLS/auth"))
@@ -75,6 +79,7 @@ def register(sub) -> None:
 
 def config_from_args(args):
     """A :class:`WorkerConfig` from parsed arguments."""
+    from expertplane.kernels.balancing import CapacityConfig
     from expertplane.kernels.synthetic import ModelConfig, StreamConfig
     from expertplane.kernels.worker import WorkerConfig
     from expertplane.rpc.security import security_from_args
@@ -94,7 +99,9 @@ def config_from_args(args):
         step_interval=args.step_interval, max_steps=args.max_steps,
         verify_every=args.verify_every, collective_timeout=args.collective_timeout,
         rollout_timeout=args.rollout_timeout, threads=args.threads,
-        swap_mode=args.swap_mode, drain_seconds=args.drain, security=security_from_args(args))
+        swap_mode=args.swap_mode, drain_seconds=args.drain, security=security_from_args(args),
+        capacity=CapacityConfig(args.capacity_factor, args.capacity_mode)
+        if args.capacity_factor else None)
 
 
 def _run(args) -> int:
