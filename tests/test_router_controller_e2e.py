@@ -2,11 +2,13 @@
 `expertplane worker` processes (synthetic MoE model, gloo). Enabling ``router_bias`` on the
 placement makes the controller compute the bias from the global window and push it; the agent
 relays it (WorkerService.SetBias), the workers' routing changes, and GetLoad / GetBiasHistory
-show the bias; the workers' step counts reach GetLoad."""
+show the bias; the workers' step counts and capacity drops (workers run with a capacity factor)
+reach GetLoad."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import time
 from pathlib import Path
 
@@ -45,7 +47,11 @@ def _logical(reports: list[pb.LoadReport], phy2log: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.timeout(120)
-def test_enabling_router_bias_pushes_global_bias_to_real_workers(tmp_path, make_agent, workers):
+def test_enabling_router_bias_pushes_global_bias_to_real_workers(tmp_path, make_agent, workers,
+                                                                  monkeypatch):
+    popen = subprocess.Popen      # the shared launcher, with a capacity (drops to report)
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: popen(
+        [*cmd, "--capacity-factor", "1.0"], **kw))
     c, spy = support.start_controller(tmp_path / "controller.db")
     placement = pb.Placement()
     placement.CopyFrom(real.PLACEMENT)
@@ -92,3 +98,9 @@ def test_enabling_router_bias_pushes_global_bias_to_real_workers(tmp_path, make_
     # steps of every accepted report reach GetLoad (summed over both ranks)
     steps = sum(r.steps for rank in (0, 1) for r in spy.accepted(rank))
     assert window.steps > 0 and window.steps <= steps and window.failed_steps == 0
+    # capacity drops reported by the workers reach GetLoad per layer and GPU
+    dropped = to_numpy(window.dropped_tokens, "dropped_tokens")
+    assert dropped.shape == (real.LAYERS, real.WORLD) and dropped.sum() > 0
+    reported = sum(to_numpy(r.dropped_tokens, "dropped_tokens").sum()
+                   for rank in (0, 1) for r in spy.accepted(rank))
+    assert dropped.sum() <= reported
