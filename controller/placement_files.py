@@ -43,6 +43,7 @@ import yaml
 
 from expertplane.controller.errors import InvalidArgument
 from expertplane.controller.spec import ALGORITHMS, MODES, PlacementSpec, spec_from_proto
+from expertplane.kernels.balancing import BIAS_RULES
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor
 
@@ -82,7 +83,7 @@ SCHEMA = {
         "router_bias": {
             "type": "object", "additionalProperties": False,
             "properties": {"enabled": {"type": "boolean"}, "speed": _NUM,
-                           "rule": {"enum": ["sign", "proportional"]}, "interval_seconds": _NUM},
+                           "rule": {"enum": list(BIAS_RULES)}, "interval_seconds": _NUM},
         },
     },
 }
