@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -343,9 +344,10 @@ def test_fuzz_planning_service(fz):
 
 
 def test_oversized_message_is_refused_and_server_survives(fz):
-    """A 70 MiB load report (over the 64 MiB limit) is refused; the server keeps serving."""
+    """A ~72 MiB load report (over the 64 MiB limit) is refused; the server keeps serving."""
+    values = np.full(8 * 1024 * 1024, 2 ** 62, dtype=np.int64)         # 9 bytes per varint
     huge = pb.LoadReport(node="n0", placement="m", plan_version=1, sequence=1,
-                         slot_counts=pb.Int64Tensor(shape=[2, 3], values=[1] * (9 * 1024 * 1024)))
+                         slot_counts=pb.Int64Tensor(shape=[2, 3], values=values))
     with pytest.raises(grpc.RpcError) as exc:
         list(fz.load.ReportLoad(iter([huge]), timeout=30))
     assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
