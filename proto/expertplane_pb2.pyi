@@ -79,7 +79,7 @@ class RebalancePolicy(_message.Message):
     def __init__(self, mode: _Optional[_Union[RebalancePolicy.Mode, str]] = ..., window_seconds: _Optional[float] = ..., half_life_seconds: _Optional[float] = ..., threshold: _Optional[float] = ..., hysteresis: _Optional[float] = ..., cooldown_seconds: _Optional[float] = ..., move_budget_bytes: _Optional[int] = ..., min_gain_per_gib: _Optional[float] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("name", "model", "topology", "num_replicas", "algorithm", "policy", "initial_load", "generation")
+    __slots__ = ("name", "model", "topology", "num_replicas", "algorithm", "policy", "initial_load", "generation", "router_bias")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class Placement(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     INITIAL_LOAD_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_BIAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     topology: Topology
@@ -96,7 +97,20 @@ class Placement(_message.Message):
     policy: RebalancePolicy
     initial_load: DoubleTensor
     generation: int
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., num_replicas: _Optional[int] = ..., algorithm: _Optional[str] = ..., policy: _Optional[_Union[RebalancePolicy, _Mapping]] = ..., initial_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
+    router_bias: RouterBiasPolicy
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., num_replicas: _Optional[int] = ..., algorithm: _Optional[str] = ..., policy: _Optional[_Union[RebalancePolicy, _Mapping]] = ..., initial_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., generation: _Optional[int] = ..., router_bias: _Optional[_Union[RouterBiasPolicy, _Mapping]] = ...) -> None: ...
+
+class RouterBiasPolicy(_message.Message):
+    __slots__ = ("enabled", "speed", "rule", "interval_seconds")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    SPEED_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    speed: float
+    rule: str
+    interval_seconds: float
+    def __init__(self, enabled: _Optional[bool] = ..., speed: _Optional[float] = ..., rule: _Optional[str] = ..., interval_seconds: _Optional[float] = ...) -> None: ...
 
 class PlanSummary(_message.Message):
     __slots__ = ("placement", "version", "algorithm", "predicted_balance", "slots_moved", "bytes_moved", "previous_version", "created_at", "reason", "current_balance")
@@ -153,7 +167,7 @@ class GpuStats(_message.Message):
     def __init__(self, utilization: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., power_watts: _Optional[float] = ..., temperature_c: _Optional[float] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("node", "worker_rank", "placement", "plan_version", "sequence", "window_start", "window_end", "slot_counts", "gpu", "dropped_windows", "dropped_tokens", "agent_epoch")
+    __slots__ = ("node", "worker_rank", "placement", "plan_version", "sequence", "window_start", "window_end", "slot_counts", "gpu", "dropped_windows", "dropped_tokens", "agent_epoch", "steps", "failed_steps")
     NODE_FIELD_NUMBER: _ClassVar[int]
     WORKER_RANK_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +180,8 @@ class LoadReport(_message.Message):
     DROPPED_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AGENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_STEPS_FIELD_NUMBER: _ClassVar[int]
     node: str
     worker_rank: int
     placement: str
@@ -178,7 +194,9 @@ class LoadReport(_message.Message):
     dropped_windows: int
     dropped_tokens: Int64Tensor
     agent_epoch: int
-    def __init__(self, node: _Optional[str] = ..., worker_rank: _Optional[int] = ..., placement: _Optional[str] = ..., plan_version: _Optional[int] = ..., sequence: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slot_counts: _Optional[_Union[Int64Tensor, _Mapping]] = ..., gpu: _Optional[_Union[GpuStats, _Mapping]] = ..., dropped_windows: _Optional[int] = ..., dropped_tokens: _Optional[_Union[Int64Tensor, _Mapping]] = ..., agent_epoch: _Optional[int] = ...) -> None: ...
+    steps: int
+    failed_steps: int
+    def __init__(self, node: _Optional[str] = ..., worker_rank: _Optional[int] = ..., placement: _Optional[str] = ..., plan_version: _Optional[int] = ..., sequence: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slot_counts: _Optional[_Union[Int64Tensor, _Mapping]] = ..., gpu: _Optional[_Union[GpuStats, _Mapping]] = ..., dropped_windows: _Optional[int] = ..., dropped_tokens: _Optional[_Union[Int64Tensor, _Mapping]] = ..., agent_epoch: _Optional[int] = ..., steps: _Optional[int] = ..., failed_steps: _Optional[int] = ...) -> None: ...
 
 class LoadAck(_message.Message):
     __slots__ = ("node", "worker_rank", "sequence", "status", "message")
@@ -275,20 +293,46 @@ class GetLoadRequest(_message.Message):
     def __init__(self, placement: _Optional[str] = ...) -> None: ...
 
 class LoadWindow(_message.Message):
-    __slots__ = ("placement", "load", "reports", "as_of", "gpu_load", "router_bias")
+    __slots__ = ("placement", "load", "reports", "as_of", "gpu_load", "router_bias", "steps", "failed_steps", "dropped_tokens")
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     REPORTS_FIELD_NUMBER: _ClassVar[int]
     AS_OF_FIELD_NUMBER: _ClassVar[int]
     GPU_LOAD_FIELD_NUMBER: _ClassVar[int]
     ROUTER_BIAS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     placement: str
     load: DoubleTensor
     reports: int
     as_of: _timestamp_pb2.Timestamp
     gpu_load: DoubleTensor
     router_bias: DoubleTensor
-    def __init__(self, placement: _Optional[str] = ..., load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., reports: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpu_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., router_bias: _Optional[_Union[DoubleTensor, _Mapping]] = ...) -> None: ...
+    steps: int
+    failed_steps: int
+    dropped_tokens: DoubleTensor
+    def __init__(self, placement: _Optional[str] = ..., load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., reports: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpu_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., router_bias: _Optional[_Union[DoubleTensor, _Mapping]] = ..., steps: _Optional[int] = ..., failed_steps: _Optional[int] = ..., dropped_tokens: _Optional[_Union[DoubleTensor, _Mapping]] = ...) -> None: ...
+
+class BiasPoint(_message.Message):
+    __slots__ = ("at", "bias", "max_over_mean", "sequence")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OVER_MEAN_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    at: _timestamp_pb2.Timestamp
+    bias: DoubleTensor
+    max_over_mean: _containers.RepeatedScalarFieldContainer[float]
+    sequence: int
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bias: _Optional[_Union[DoubleTensor, _Mapping]] = ..., max_over_mean: _Optional[_Iterable[float]] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class BiasHistory(_message.Message):
+    __slots__ = ("placement", "points")
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    placement: str
+    points: _containers.RepeatedCompositeFieldContainer[BiasPoint]
+    def __init__(self, placement: _Optional[str] = ..., points: _Optional[_Iterable[_Union[BiasPoint, _Mapping]]] = ...) -> None: ...
 
 class DeletePlacementRequest(_message.Message):
     __slots__ = ("name",)
