@@ -288,14 +288,12 @@ def _a2a_rank(rank: int, world: int, tmp: str, args) -> None:
 
 
 def _bench_hotswap(args) -> dict:
-    try:
-        from expertplane.benchmarks import hotswap
-    except ImportError:
-        return {"not_run": "benchmarks/hotswap.py (helper 7b) is not there yet"}
+    """The hot-swap benchmark (``benchmarks/hotswap.py``) with its default settings."""
+    from expertplane.benchmarks import hotswap
+
     parser = argparse.ArgumentParser()
     hotswap.add_arguments(parser)
-    code = hotswap.run(parser.parse_args([]))
-    return {"exit_code": code}
+    return hotswap.measure(hotswap.resolve_config(parser.parse_args([])))
 
 
 def _print_part(name: str, result: object) -> None:
