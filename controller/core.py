@@ -30,6 +30,8 @@ from expertplane.planner.metrics import balance_of_gpu_loads
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor
 
+MAX_VERSION = 2 ** 63 - 1      # plan versions are stored as signed 64-bit integers
+
 log = logging.getLogger(__name__)
 Ack = pb.LoadAck
 
@@ -249,12 +251,16 @@ class Controller:
         return plan
 
     def get_plan(self, name: str, version: int = 0) -> PlanRecord:
+        if version > MAX_VERSION:            # a valid uint64 on the wire, beyond the store's BIGINT
+            self.placement(name)
+            raise NotFound("version", f"placement {name!r} has no plan version {version}")
         return self.store.get_plan(name, version)
 
     def list_plans(self, name: str, page_size: int, page_token: str) -> tuple[list[PlanRecord], str]:
         """A page of plan summaries in version order; the token is the last version returned."""
         self.placement(name)
-        if page_token and not page_token.isdigit():
+        if page_token and not (page_token.isascii() and page_token.isdigit()
+                               and int(page_token) <= MAX_VERSION):
             raise InvalidArgument("page_token", f"not a token from a previous page: {page_token!r}")
         size = min(page_size or 100, 1000)
         plans = self.store.list_plans(name, after_version=int(page_token or 0), limit=size + 1)
@@ -269,7 +275,8 @@ class Controller:
             self.placement(placement)
         w = PlanWatch(placement, self.config.watch_queue)
         self._watches.add(w)
-        return w, self.store.list_plans(placement, after_version=after_version, limit=10_000)
+        return w, self.store.list_plans(placement, after_version=min(after_version, MAX_VERSION),
+                                        limit=10_000)
 
     def unwatch(self, w: PlanWatch) -> None:
         self._watches.discard(w)
