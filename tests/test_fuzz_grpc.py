@@ -352,3 +352,20 @@ def test_oversized_message_is_refused_and_server_survives(fz):
         list(fz.load.ReportLoad(iter([huge]), timeout=30))
     assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     fz.check_intact()
+
+
+def test_versions_beyond_the_store_range_are_refused_cleanly(fz):
+    """Regression for what the fuzzing found: uint64 versions >= 2^63 crashed the store query
+    (UNKNOWN); now NOT_FOUND / INVALID_ARGUMENT naming the field, or simply nothing to watch."""
+    with pytest.raises(grpc.RpcError) as exc:
+        fz.plans.GetPlan(pb.GetPlanRequest(placement="m", version=U64), timeout=10)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND and exc.value.details().startswith("version")
+    for token in (str(2 ** 64), "\u00b2", "99999999999999999999"):
+        with pytest.raises(grpc.RpcError) as exc:
+            fz.plans.ListPlans(pb.ListPlansRequest(placement="m", page_token=token), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert exc.value.details().startswith("page_token")
+    with pytest.raises(grpc.RpcError) as exc:
+        list(fz.plans.WatchPlans(pb.WatchPlansRequest(placement="m", after_version=U64), timeout=0.5))
+    assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED       # nothing newer: waits
+    fz.check_intact()
