@@ -135,7 +135,8 @@ def load_placements(directory: str | pathlib.Path) -> list[PlacementSpec]:
         try:
             docs = list(yaml.safe_load_all(path.read_text()))
         except yaml.YAMLError as exc:
-            raise InvalidArgument(str(path), f"not valid YAML: {exc}") from None
+            # PyYAML's message spans lines (a caret diagram): keep the error to one line
+            raise InvalidArgument(str(path), f"not valid YAML: {' '.join(str(exc).split())}") from None
         for index, doc in enumerate(d for d in docs if d is not None):
             where = f"{path}#{index}"
             if not isinstance(doc, dict):
