@@ -135,8 +135,6 @@ placement_docs = st.one_of(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="controller.placement_files: invalid YAML gives a "
-                   "multi-line error (PyYAML's message)")
 def test_fuzz_controller_placement_yaml():
     """``load_placements`` (what ``expertplane controller --placements`` runs before serving)
     either returns specs or raises an error that the CLI turns into one line and exit 2."""
