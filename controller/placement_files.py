@@ -42,6 +42,7 @@ import jsonschema
 import yaml
 
 from expertplane.controller.errors import InvalidArgument
+from expertplane.planner.errors import one_line
 from expertplane.controller.spec import ALGORITHMS, MODES, PlacementSpec, spec_from_proto
 from expertplane.kernels.balancing import BIAS_RULES
 from expertplane.proto import expertplane_pb2 as pb
@@ -135,8 +136,7 @@ def load_placements(directory: str | pathlib.Path) -> list[PlacementSpec]:
         try:
             docs = list(yaml.safe_load_all(path.read_text()))
         except yaml.YAMLError as exc:
-            # PyYAML's message spans lines (a caret diagram): keep the error to one line
-            raise InvalidArgument(str(path), f"not valid YAML: {' '.join(str(exc).split())}") from None
+            raise InvalidArgument(str(path), f"not valid YAML: {one_line(exc)}") from None
         for index, doc in enumerate(d for d in docs if d is not None):
             where = f"{path}#{index}"
             if not isinstance(doc, dict):

@@ -13,3 +13,8 @@ class PlanInputError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+def one_line(exc: BaseException) -> str:
+    """A parser's message on one line (PyYAML's, for one, spans lines with a caret diagram)."""
+    return " ".join(str(exc).split())

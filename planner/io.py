@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expertplane.planner.errors import PlanInputError
+from expertplane.planner.errors import PlanInputError, one_line
 from expertplane.planner.plan import Migration
 from expertplane.planner.validation import as_array
 
@@ -30,29 +30,32 @@ def _read_container(path: Path, field: str):
     if not path.is_file():
         raise FileNotFoundError(f"{field}: no such file: {path}")
     if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:  # empty, truncated or pickled files
+            raise PlanInputError(field, f"cannot read {path} as a .npy array: {one_line(exc)}") from None
     if suffix == ".pt":
         import torch
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
-            raise PlanInputError(field, f"cannot read {path} as a torch file: {exc}") from None
+            raise PlanInputError(field, f"cannot read {path} as a torch file: {one_line(exc)}") from None
     if suffix == ".json":
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise PlanInputError(field, f"{path} is not valid JSON: {exc}") from None
+            raise PlanInputError(field, f"{path} is not valid JSON: {one_line(exc)}") from None
     if suffix in (".yaml", ".yml"):
         import yaml
         try:
             return yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise PlanInputError(field, f"{path} is not valid YAML: {exc}") from None
+            raise PlanInputError(field, f"{path} is not valid YAML: {one_line(exc)}") from None
     if suffix == ".csv":
         try:
             return np.loadtxt(path, delimiter=",", ndmin=2)
         except ValueError as exc:
-            raise PlanInputError(field, f"{path} is not a numeric CSV: {exc}") from None
+            raise PlanInputError(field, f"{path} is not a numeric CSV: {one_line(exc)}") from None
     raise PlanInputError(field, f"unsupported file type {suffix!r} for {path} "
                                 "(use .npy, .pt, .json, .csv, .yaml)")
 

@@ -71,8 +71,6 @@ loads_files = st.one_of(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="planner.io: an empty .npy raises EOFError (uncaught: "
-                   "traceback, exit 1); owner: planner")
 def test_fuzz_plan_loads_file(capsys):
     seen = []
 
@@ -100,8 +98,6 @@ profile_docs = st.one_of(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="planner.pipeline.profile: invalid YAML gives a multi-line "
-                   "error (PyYAML's message with its caret diagram); owner: planner")
 def test_fuzz_pipeline_profile_file(capsys):
     seen = []
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expertplane.planner.errors import PlanInputError
+from expertplane.planner.errors import PlanInputError, one_line
 
 KINDS = ("embedding", "dense", "moe", "head")
 _FIELDS = {"name", "kind", "F", "B", "W", "activation_bytes", "param_bytes", "ep_imbalance",
@@ -158,13 +158,13 @@ def load_profile(path: str | Path) -> Profile:
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise PlanInputError("profile", f"{path} is not valid JSON: {exc}") from None
+            raise PlanInputError("profile", f"{path} is not valid JSON: {one_line(exc)}") from None
     elif path.suffix.lower() in (".yaml", ".yml"):
         import yaml
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise PlanInputError("profile", f"{path} is not valid YAML: {exc}") from None
+            raise PlanInputError("profile", f"{path} is not valid YAML: {one_line(exc)}") from None
     else:
         raise PlanInputError("profile", f"unsupported file type {path.suffix!r} (use .yaml or .json)")
     if not isinstance(doc, Mapping) or "layers" not in doc:
