@@ -196,12 +196,9 @@ def _untouched_max(by_load, gpu_load, mark):
 
 
 @njit(cache=True)
-def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget):
-    """Repair one layer's plan ``row`` [R] (in place) towards max GPU load <= ``target``.
-
-    slot_node [R] node of each slot; expert_node [E] node an expert must stay on (-1: any).
-    At most ``budget`` slot changes are spent. Returns True if the target was reached.
-    """
+def _row_loads(w, row, num_gpus):
+    """One layer's loads under plan ``row`` [R]: (replica counts [E], load of each slot [R] (its
+    expert's load split evenly over its replicas), load of each GPU [num_gpus])."""
     replicas = row.shape[0]
     per_gpu = replicas // num_gpus
     counts = np.zeros(w.shape[0], dtype=np.int64)
@@ -212,6 +209,19 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget):
     for i in range(replicas):
         slot_load[i] = w[row[i]] / counts[row[i]]
         gpu_load[i // per_gpu] += slot_load[i]
+    return counts, slot_load, gpu_load
+
+
+@njit(cache=True)
+def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget):
+    """Repair one layer's plan ``row`` [R] (in place) towards max GPU load <= ``target``.
+
+    slot_node [R] node of each slot; expert_node [E] node an expert must stay on (-1: any).
+    At most ``budget`` slot changes are spent. Returns True if the target was reached.
+    """
+    replicas = row.shape[0]
+    per_gpu = replicas // num_gpus
+    counts, slot_load, gpu_load = _row_loads(w, row, num_gpus)
     delta = np.zeros(num_gpus)
     touched = np.empty(num_gpus, dtype=np.int64)
     mark = np.zeros(num_gpus, dtype=np.bool_)
@@ -293,14 +303,7 @@ def _revert_row(w, row, prev, num_gpus, slot_node, expert_node, target):
     exchanged experts (counts unchanged). Three passes over the changed slots at most."""
     replicas = row.shape[0]
     per_gpu = replicas // num_gpus
-    counts = np.zeros(w.shape[0], dtype=np.int64)
-    for x in row:
-        counts[x] += 1
-    slot_load = np.empty(replicas)
-    gpu_load = np.zeros(num_gpus)
-    for i in range(replicas):
-        slot_load[i] = w[row[i]] / counts[row[i]]
-        gpu_load[i // per_gpu] += slot_load[i]
+    counts, slot_load, gpu_load = _row_loads(w, row, num_gpus)
     delta = np.zeros(num_gpus)
     touched = np.empty(num_gpus, dtype=np.int64)
     mark = np.zeros(num_gpus, dtype=np.bool_)
