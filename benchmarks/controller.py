@@ -168,7 +168,6 @@ def bench_echo(args) -> dict:
 
 def bench_ingest(server, args) -> dict:
     from expertplane.controller.simagent import load_report
-    from expertplane.proto import expertplane_pb2 as pb
 
     c = server.controller
     spec = _ingest_spec(args)

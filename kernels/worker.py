@@ -29,7 +29,6 @@ from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wai
 
 from expertplane.kernels.balancing import CapacityConfig
 from expertplane.kernels.hotswap import MODES, HotSwapEngine, SwapCoordinator
-from expertplane.kernels.moe import LayerPlacement
 from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
 from expertplane.kernels.worker_service import (
     CounterLedger,
