@@ -1,7 +1,5 @@
 """Property tests: every algorithm's plans are valid on arbitrary loads and shapes."""
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -11,10 +9,6 @@ from hypothesis import strategies as st
 from expertplane.planner import ALGORITHMS, PlanInputError, balance, build_log2phy, migration, rebalance_experts
 from expertplane.planner.deepseek import is_hierarchical
 from expertplane.planner.validation import check_plan
-
-_MODULES = {"deepseek": "expertplane.planner.deepseek", "balanced": "expertplane.planner.balanced",
-            "topology": "expertplane.planner.topology"}
-AVAILABLE = [a for a in ALGORITHMS if importlib.util.find_spec(_MODULES[a]) is not None]
 
 
 @st.composite
@@ -39,7 +33,7 @@ def problems(draw):
     return w, replicas, groups, nodes, gpus
 
 
-@pytest.mark.parametrize("algorithm", AVAILABLE)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems())
 def test_plans_are_valid(algorithm, problem):
