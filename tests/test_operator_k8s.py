@@ -253,9 +253,6 @@ def test_divisibility_is_reported_in_a_condition(apiserver, operator, stub):
 
 
 def test_update_replans_and_rollout_is_reflected(apiserver, operator, stub):
-    # The controller re-plans movement-aware (previous plan given), which lives in the planner.
-    pytest.importorskip("expertplane.planner.movement",
-                        reason="expertplane.planner.movement (movement-aware EPLB) is not there yet")
     plans, planning, channel = stub
     apiserver.apply(placement_doc("small"))
     obj = wait_for(ready(apiserver, "small"), what="small Ready")
