@@ -579,11 +579,17 @@ class RegisterResponse(_message.Message):
     def __init__(self, node: _Optional[str] = ..., pull_interval_seconds: _Optional[float] = ...) -> None: ...
 
 class PullCountersRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("ack_epoch", "ack_sequence", "agent_epoch")
+    ACK_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ACK_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ack_epoch: int
+    ack_sequence: int
+    agent_epoch: int
+    def __init__(self, ack_epoch: _Optional[int] = ..., ack_sequence: _Optional[int] = ..., agent_epoch: _Optional[int] = ...) -> None: ...
 
 class CounterSnapshot(_message.Message):
-    __slots__ = ("rank", "placement", "plan_version", "window_start", "window_end", "slot_counts", "dropped_tokens", "steps", "failed_steps")
+    __slots__ = ("rank", "placement", "plan_version", "window_start", "window_end", "slot_counts", "dropped_tokens", "steps", "failed_steps", "epoch", "sequence")
     RANK_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -593,6 +599,8 @@ class CounterSnapshot(_message.Message):
     DROPPED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     FAILED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     placement: str
     plan_version: int
@@ -602,7 +610,9 @@ class CounterSnapshot(_message.Message):
     dropped_tokens: Int64Tensor
     steps: int
     failed_steps: int
-    def __init__(self, rank: _Optional[int] = ..., placement: _Optional[str] = ..., plan_version: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slot_counts: _Optional[_Union[Int64Tensor, _Mapping]] = ..., dropped_tokens: _Optional[_Union[Int64Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., failed_steps: _Optional[int] = ...) -> None: ...
+    epoch: int
+    sequence: int
+    def __init__(self, rank: _Optional[int] = ..., placement: _Optional[str] = ..., plan_version: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slot_counts: _Optional[_Union[Int64Tensor, _Mapping]] = ..., dropped_tokens: _Optional[_Union[Int64Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., failed_steps: _Optional[int] = ..., epoch: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("rollout_id", "plan")
