@@ -11,8 +11,6 @@ In-process use (the demo starts one per simulated node)::
 from __future__ import annotations
 
 import logging
-import os
-import stat
 import threading
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,8 +26,7 @@ from expertplane.agent.rollout import RolloutRelay
 from expertplane.agent.service import AgentServicer
 from expertplane.agent.uplink import LoadUplink
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
-from expertplane.rpc.channels import bind, make_channel, make_server
-from expertplane.rpc.security import call_metadata
+from expertplane.rpc.channels import bind_local, make_channel, make_server
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +44,8 @@ class Agent:
         self.metrics = AgentMetrics(config.node)
         self.buffer = ReportBuffer(config.buffer)
         self._relay: RolloutRelay | None = None
-        self.registry = WorkerRegistry(config.node, on_joined=self._joined, on_lost=self._lost)
+        self.registry = WorkerRegistry(config.node, on_joined=self._joined, on_lost=self._lost,
+                                       security=config.local_security)
         self._gpu: GpuSampler | None = None
         self._channel = None
         self._server = None
@@ -77,9 +75,8 @@ class Agent:
             raise
         self._gpu = GpuSampler()
         self._channel = make_channel(cfg.controller, cfg.security)
-        metadata = call_metadata(cfg.security)
-        self._relay = RolloutRelay(cfg, self._channel, self.registry, self.metrics, metadata)
-        self._uplink = LoadUplink(cfg, self._channel, self.buffer, self.metrics, metadata)
+        self._relay = RolloutRelay(cfg, self._channel, self.registry, self.metrics)
+        self._uplink = LoadUplink(cfg, self._channel, self.buffer, self.metrics)
         self._collector = Collector(cfg, self.registry, self.buffer, self._gpu, self.metrics, self.epoch)
         self._server.start()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -93,7 +90,7 @@ class Agent:
     def _serve_agent_service(self):
         """Build and bind (not start) the AgentService server; sets ``self.address``."""
         cfg = self.config
-        server = make_server(max_workers=8)
+        server = make_server(cfg.local_security, max_workers=8)
         pb_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.registry, cfg.interval,
                           on_registered=lambda: self.metrics.workers.set(len(self.registry))),
@@ -101,15 +98,7 @@ class Agent:
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         try:
-            if cfg.listen.startswith("unix:"):
-                path = cfg.listen[len("unix:"):]
-                if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
-                    os.unlink(path)    # a previous agent's socket: the address is ours to reuse
-                bind(server, cfg.listen)
-                self.address = cfg.listen
-            else:
-                port = bind(server, cfg.listen)
-                self.address = f"{cfg.listen.rpartition(':')[0]}:{port}"
+            self.address = bind_local(server, cfg.listen, cfg.local_security)
         except BaseException:
             with self._lock:
                 self._started = False

@@ -60,7 +60,11 @@ class AgentConfig:
     re-opened. ``backoff_initial``/``backoff_max``: reconnect backoff bounds in seconds
     (exponential with jitter). ``flush_timeout``: the most seconds ``stop`` waits for the buffer
     to drain. ``metrics``: ``host:port`` for the Prometheus endpoint, or None.
-    ``security``: TLS / bearer token for the controller connection.
+    ``security``: TLS / bearer token for the controller connection. ``local_security``: TLS / mTLS
+    / bearer token of the node-local side, both the AgentService server (``tls_cert``/``tls_key``
+    serve it, ``tls_ca`` requires client certs, ``token`` is required from workers) and the
+    agent's calls to its workers (``tls_ca`` verifies them, the same cert/key is presented as the
+    client certificate, ``token`` is sent).
     """
 
     controller: str
@@ -77,6 +81,7 @@ class AgentConfig:
     metrics: str | None = None
     deadlines: Deadlines = field(default_factory=Deadlines)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    local_security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if not self.controller:

@@ -12,6 +12,7 @@ import grpc
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import make_channel
+from expertplane.rpc.security import SecurityConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class WorkerHandle:
     channel: grpc.Channel
     stub: pb_grpc.WorkerServiceStub
     missed_pulls: int = 0
+    counted: tuple[int, int] = (0, 0)  # (epoch, sequence) of the last snapshot received: the ack
     pulling: bool = False
     last_pull: float = 0.0       # time.time() of the last successful pull (0 = none yet)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -51,13 +53,16 @@ class WorkerRegistry:
     """Thread-safe map of registered workers.
 
     ``on_joined(info)`` runs when a worker registers for the first time or with anything new
-    (address, world size, plan or prepared version: e.g. a restarted worker on an older plan); ``on_lost(info, reason)`` when it is dropped. Both run
-    outside the registry's lock.
+    (address, world size, plan or prepared version: e.g. a restarted worker on an older plan);
+    ``on_lost(info, reason)`` when it is dropped. Both run outside the registry's lock. Channels
+    to the workers use ``security`` (TLS / mTLS client cert / bearer token).
     """
 
     def __init__(self, node: str, *, on_joined: Callable[[pb.WorkerInfo], None],
-                 on_lost: Callable[[pb.WorkerInfo, str], None]):
+                 on_lost: Callable[[pb.WorkerInfo, str], None],
+                 security: SecurityConfig | None = None):
         self.node = node
+        self._security = security or SecurityConfig()
         self._on_joined = on_joined
         self._on_lost = on_lost
         self._workers: dict[WorkerKey, WorkerHandle] = {}
@@ -81,7 +86,7 @@ class WorkerRegistry:
             else:
                 if handle is not None:
                     old_channel = handle.channel
-                channel = make_channel(info.address)
+                channel = make_channel(info.address, self._security)
                 handle = WorkerHandle(info=info, channel=channel,
                                       stub=pb_grpc.WorkerServiceStub(channel))
                 self._workers[key] = handle

@@ -64,12 +64,11 @@ class RolloutRelay:
     """
 
     def __init__(self, config: AgentConfig, channel: grpc.Channel, registry: WorkerRegistry,
-                 metrics: AgentMetrics, metadata: tuple[tuple[str, str], ...]):
+                 metrics: AgentMetrics):
         self._config = config
         self._stub = pb_grpc.RolloutServiceStub(channel)
         self._registry = registry
         self._metrics = metrics
-        self._metadata = metadata
         self._outbox: deque[pb.RolloutEvent] = deque(maxlen=OUTBOX_LIMIT)
         self._cond = threading.Condition()
         self._stream_id = 0
@@ -121,7 +120,7 @@ class RolloutRelay:
         if self._opened:
             self._metrics.reconnects.labels(stream="rollout").inc()
         self._opened += 1
-        call = self._stub.Connect(self._events(stream_id), metadata=self._metadata)
+        call = self._stub.Connect(self._events(stream_id))
         with self._cond:
             self._call = call
         if self._stopping.is_set():

@@ -32,12 +32,11 @@ class LoadUplink:
     """
 
     def __init__(self, config: AgentConfig, channel: grpc.Channel, buffer: ReportBuffer,
-                 metrics: AgentMetrics, metadata: tuple[tuple[str, str], ...]):
+                 metrics: AgentMetrics):
         self._config = config
         self._stub = pb_grpc.LoadServiceStub(channel)
         self._buffer = buffer
         self._metrics = metrics
-        self._metadata = metadata
         self._stopping = threading.Event()
         self._call = None
         self._call_lock = threading.Lock()
@@ -70,7 +69,7 @@ class LoadUplink:
             self._metrics.reconnects.labels(stream="load").inc()
         self._opened += 1
         acked, opened_at = 0, time.monotonic()
-        call = self._stub.ReportLoad(self._requests(generation), metadata=self._metadata)
+        call = self._stub.ReportLoad(self._requests(generation))
         with self._call_lock:
             self._call = call
         if self._stopping.is_set():

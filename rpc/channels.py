@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from concurrent import futures
 
 import grpc
@@ -10,6 +12,7 @@ import grpc
 from expertplane.rpc.security import (
     SecurityConfig,
     channel_credentials,
+    client_interceptors,
     server_credentials,
     server_interceptors,
 )
@@ -44,7 +47,8 @@ _COMMON_OPTIONS = [
 
 
 def make_channel(target: str, security: SecurityConfig | None = None) -> grpc.Channel:
-    """A channel to ``target`` (host:port or unix:/path) with retries and keepalive."""
+    """A channel to ``target`` (host:port or unix:/path) with retries and keepalive; TLS (with a
+    client certificate for mTLS) and the bearer token on every call as ``security`` says."""
     security = security or SecurityConfig()
     options = _COMMON_OPTIONS + [
         ("grpc.service_config", _RETRY_SERVICE_CONFIG),
@@ -55,9 +59,9 @@ def make_channel(target: str, security: SecurityConfig | None = None) -> grpc.Ch
     if security.server_name:
         options.append(("grpc.ssl_target_name_override", security.server_name))
     creds = channel_credentials(security)
-    if creds is None:
-        return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, creds, options=options)
+    channel = grpc.insecure_channel(target, options=options) if creds is None \
+        else grpc.secure_channel(target, creds, options=options)
+    return grpc.intercept_channel(channel, *client_interceptors(security))
 
 
 def make_server(security: SecurityConfig | None = None, *, max_workers: int = 16,
@@ -81,3 +85,17 @@ def bind(server: grpc.Server, address: str, security: SecurityConfig | None = No
     if port == 0 and not address.startswith("unix:"):
         raise OSError(f"could not bind {address}")
     return port
+
+
+def bind_local(server: grpc.Server, address: str, security: SecurityConfig | None = None) -> str:
+    """Bind a node-local endpoint (``unix:/path`` or ``host:port``, port 0 = any free one) and
+    return the address to advertise (the real port filled in). A Unix socket file left by a
+    previous process at ``path`` is removed first: the address is ours to reuse."""
+    if address.startswith("unix:"):
+        path = address[len("unix:"):]
+        if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+        bind(server, address, security)
+        return address
+    port = bind(server, address, security)
+    return f"{address.rpartition(':')[0]}:{port}"
