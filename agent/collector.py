@@ -28,6 +28,10 @@ class Collector:
     twice at once. ``config.lost_after`` consecutive failed pulls, or an UNAVAILABLE answer, drop
     the worker from the registry (reported WORKER_LOST). Each good snapshot becomes a LoadReport
     with the next sequence of its rank (strictly increasing per rank, within ``agent_epoch``).
+
+    Pulls acknowledge the worker's last snapshot received (``WorkerHandle.counted``), so a worker
+    sends a snapshot again until it is known to have arrived (a lost answer loses nothing); a
+    snapshot whose (epoch, sequence) was already counted is not reported again.
     """
 
     def __init__(self, config: AgentConfig, registry: WorkerRegistry, buffer: ReportBuffer,
@@ -78,9 +82,11 @@ class Collector:
     def _pull_once(self, handle: WorkerHandle) -> None:
         started = time.time()
         t0 = time.monotonic()
+        epoch, sequence = handle.counted
+        request = pb.PullCountersRequest(agent_epoch=self.agent_epoch, ack_epoch=epoch,
+                                         ack_sequence=sequence)
         try:
-            snapshot = handle.stub.PullCounters(pb.PullCountersRequest(),
-                                                timeout=self._config.deadlines.pull)
+            snapshot = handle.stub.PullCounters(request, timeout=self._config.deadlines.pull)
         except grpc.RpcError as exc:
             self._metrics.pull_latency.observe(time.monotonic() - t0)
             self._metrics.pull_failures.inc()
@@ -88,6 +94,11 @@ class Collector:
             return
         self._metrics.pull_latency.observe(time.monotonic() - t0)
         handle.missed_pulls = 0
+        if _already_counted(snapshot, handle.counted):
+            log.info("rank %d sent snapshot %d again: already counted, not reported twice",
+                     snapshot.rank, snapshot.sequence)
+            self._metrics.snapshots_duplicate.inc()
+            return
         previous, handle.last_pull = handle.last_pull, started
         info = self._registry.update(handle, plan_version=snapshot.plan_version or None)
         if not snapshot.HasField("window_end"):
@@ -103,9 +114,11 @@ class Collector:
             except SnapshotError as exc:
                 log.warning("rank %d sent a malformed counter snapshot, not reported: %s",
                             info.rank, exc)
+                handle.counted = (snapshot.epoch, snapshot.sequence)   # acknowledged all the same
                 return
             self._sequences[info.rank] = sequence
             dropped = self._buffer.put(report)
+            handle.counted = (snapshot.epoch, snapshot.sequence)
         if dropped:
             self._metrics.reports_dropped.inc(dropped)
         self._metrics.buffer_depth.set(len(self._buffer))
@@ -133,3 +146,10 @@ class Collector:
             wait(self.collect(), timeout=self._config.deadlines.pull + 1.0)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+
+
+def _already_counted(snapshot: pb.CounterSnapshot, counted: tuple[int, int]) -> bool:
+    """True when ``snapshot`` was received before: same worker epoch, sequence not beyond the last
+    counted one. Snapshots without a sequence (workers that keep no pending window) are new."""
+    return bool(snapshot.sequence) and snapshot.epoch == counted[0] \
+        and snapshot.sequence <= counted[1]

@@ -29,6 +29,10 @@ class AgentMetrics:
                                                0.5, 1.0, 2.5), **labels)
         self.pull_failures = Counter("expertplane_agent_pull_failures",
                                      "PullCounters calls that failed or timed out", **labels)
+        self.snapshots_duplicate = Counter(
+            "expertplane_agent_snapshots_duplicate",
+            "counter snapshots a worker sent again that were already counted (not reported twice)",
+            **labels)
         self.workers_lost = Counter("expertplane_agent_workers_lost",
                                     "workers reported WORKER_LOST", **labels)
         self.rollout_calls = Counter("expertplane_agent_rollout_calls",

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub) -> None:
-    from expertplane.rpc.security import add_security_arguments
+    from expertplane.rpc.security import LOCAL_TOKEN_ENV, add_security_arguments
 
     parser = sub.add_parser(
         "agent", help="run the node agent: pull worker counters, stream load, relay rollouts",
@@ -33,14 +33,20 @@ def register(sub) -> None:
                         help="the longest shutdown waits for buffered reports to be acknowledged")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics here (e.g. 0.0.0.0:9101)")
-    add_security_arguments(parser)
+    add_security_arguments(parser.add_argument_group(
+        "controller uplink TLS/auth", "the agent's connection to the controller"))
+    add_security_arguments(parser.add_argument_group(
+        "node-local TLS/auth", "AgentService served to the workers (--local-tls-ca: require "
+        "client certs) and the agent's calls to them (--local-tls-ca verifies them, the same "
+        "cert/key is the client certificate); --local-token-file may name the same file as "
+        "--token-file"), prefix="local-", token_env=LOCAL_TOKEN_ENV)
     parser.set_defaults(func=_run)
 
 
 def config_from_args(args):
     """An ``AgentConfig`` from parsed options (raises ValueError naming a bad option)."""
     from expertplane.agent.config import AgentConfig, Deadlines, parse_duration
-    from expertplane.rpc.security import security_from_args
+    from expertplane.rpc.security import LOCAL_TOKEN_ENV, security_from_args
 
     deadlines = Deadlines(pull=parse_duration(args.pull_timeout, "--pull-timeout"),
                           prepare=parse_duration(args.prepare_timeout, "--prepare-timeout"),
@@ -51,7 +57,8 @@ def config_from_args(args):
         interval=parse_duration(args.interval, "--interval"),
         buffer=args.buffer, lost_after=args.lost_after,
         flush_timeout=parse_duration(args.flush_timeout, "--flush-timeout"),
-        metrics=args.metrics, deadlines=deadlines, security=security_from_args(args))
+        metrics=args.metrics, deadlines=deadlines, security=security_from_args(args),
+        local_security=security_from_args(args, "local-", LOCAL_TOKEN_ENV))
 
 
 def _run(args) -> int:

@@ -72,8 +72,14 @@ def register(sub) -> None:
                         "dropped and reported (0 = no capacity)")
     g.add_argument("--capacity-mode", choices=("drop", "next_best"), default="drop")
 
-    from expertplane.rpc.security import add_security_arguments
-    add_security_arguments(parser.add_argument_group("controller TLS/auth"))
+    from expertplane.rpc.security import LOCAL_TOKEN_ENV, add_security_arguments
+    add_security_arguments(parser.add_argument_group(
+        "controller TLS/auth", "the connection to the controller (--controller)"))
+    add_security_arguments(parser.add_argument_group(
+        "node-local TLS/auth", "WorkerService served to the agent (--local-tls-ca: require client "
+        "certs) and Register calls to it (--local-tls-ca verifies it, the same cert/key is the "
+        "client certificate); --local-token-file may name the same file as --token-file"),
+        prefix="local-", token_env=LOCAL_TOKEN_ENV)
     parser.set_defaults(func=_run)
 
 
@@ -82,7 +88,7 @@ def config_from_args(args):
     from expertplane.kernels.balancing import CapacityConfig
     from expertplane.kernels.synthetic import ModelConfig, StreamConfig
     from expertplane.kernels.worker import WorkerConfig
-    from expertplane.rpc.security import security_from_args
+    from expertplane.rpc.security import LOCAL_TOKEN_ENV, security_from_args
 
     return WorkerConfig(
         rank=args.rank, world_size=args.world_size, master=args.master, node=args.node,
@@ -100,6 +106,7 @@ def config_from_args(args):
         verify_every=args.verify_every, collective_timeout=args.collective_timeout,
         rollout_timeout=args.rollout_timeout, threads=args.threads,
         swap_mode=args.swap_mode, drain_seconds=args.drain, security=security_from_args(args),
+        local_security=security_from_args(args, "local-", LOCAL_TOKEN_ENV),
         capacity=CapacityConfig(args.capacity_factor, args.capacity_mode)
         if args.capacity_factor else None)
 

@@ -25,7 +25,14 @@ import grpc
 import numpy as np
 import torch
 import torch.distributed as dist
-from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_when_event_set,
+    wait_exponential_jitter,
+)
 
 from expertplane.kernels.balancing import CapacityConfig
 from expertplane.kernels.hotswap import MODES, HotSwapEngine, SwapCoordinator
@@ -38,7 +45,7 @@ from expertplane.kernels.worker_service import (
 )
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
-from expertplane.rpc.channels import bind, make_channel, make_server
+from expertplane.rpc.channels import bind_local, make_channel, make_server
 from expertplane.rpc.security import SecurityConfig
 
 __all__ = ["WorkerConfig", "WorkerResult", "initial_plan", "run_worker"]
@@ -65,6 +72,11 @@ class WorkerConfig:
     more (so the last window reaches the agent), at most this long.
     capacity: per-slot capacity of every layer (None = none); its drops are reported in
     ``CounterSnapshot.dropped_tokens``.
+    security: TLS / bearer token of the connection to the controller (initial plan).
+    local_security: TLS / mTLS / bearer token of the node-local side: the WorkerService server
+    (``tls_cert``/``tls_key`` serve it, ``tls_ca`` requires client certs, ``token`` is required
+    from the agent) and the Register calls to the agent (``tls_ca`` verifies it, the same
+    cert/key is the client certificate, ``token`` is sent).
     """
 
     rank: int
@@ -92,6 +104,7 @@ class WorkerConfig:
     swap_mode: str = "double"
     security: SecurityConfig = field(default_factory=SecurityConfig)
     capacity: CapacityConfig | None = None
+    local_security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -158,11 +171,12 @@ def initial_plan(config: WorkerConfig, stop: threading.Event | None = None) -> p
 
 
 class _AgentLink:
-    """Registers with the node agent, retrying with backoff, and registers again when the
-    agent stops pulling (it restarted and forgot us)."""
+    """Registers with the node agent (over ``security``), retrying with backoff, and registers
+    again when the agent stops pulling (it restarted and forgot us)."""
 
-    def __init__(self, target: str, info: Callable[[], pb.WorkerInfo], stop: threading.Event) -> None:
-        self.target, self._info, self._stop = target, info, stop
+    def __init__(self, target: str, info: Callable[[], pb.WorkerInfo], stop: threading.Event,
+                 security: SecurityConfig) -> None:
+        self.target, self._info, self._stop, self._security = target, info, stop, security
         self.last_contact = time.monotonic()
         self.interval = 1.0
         self.registrations = 0
@@ -178,7 +192,8 @@ class _AgentLink:
     def _register(self, stub) -> None:
         for attempt in Retrying(wait=wait_exponential_jitter(initial=0.2, max=5.0),
                                 retry=retry_if_exception_type(grpc.RpcError),
-                                stop=stop_when_event_set(self._stop), reraise=True):
+                                stop=stop_when_event_set(self._stop), reraise=True,
+                                before_sleep=before_sleep_log(log, logging.WARNING)):
             with attempt:
                 resp = stub.Register(pb.RegisterRequest(worker=self._info()), timeout=5.0)
         self.interval = resp.pull_interval_seconds or 1.0
@@ -188,7 +203,7 @@ class _AgentLink:
                  resp.node, self.interval)
 
     def _run(self) -> None:
-        channel = make_channel(self.target)
+        channel = make_channel(self.target, self._security)
         stub = pb_grpc.AgentServiceStub(channel)
         try:
             while not self._stop.is_set():
@@ -249,16 +264,17 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
                               on_bias=pending_bias.append,
                               on_pull=lambda: link.touched() if link else None,
                               max_wait=config.rollout_timeout)
-    server = make_server(max_workers=8)
+    server = make_server(config.local_security, max_workers=8)
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
-    port = bind(server, address[0])
-    if not address[0].startswith("unix:"):
-        address[0] = f"{address[0].rsplit(':', 1)[0]}:{port}"
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address[0] = bind_local(server, address[0], config.local_security)
     server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("rank %d/%d serving WorkerService on %s, plan v%d", config.rank,
              config.world_size, address[0], version)
     if config.agent:
-        link = _AgentLink(config.agent, servicer.info, link_stop)
+        link = _AgentLink(config.agent, servicer.info, link_stop, config.local_security)
         link.start()
     if ready is not None:
         ready.set()

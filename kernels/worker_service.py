@@ -8,6 +8,8 @@ failing RPC never stalls a step.
 
 from __future__ import annotations
 
+import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -26,12 +28,15 @@ from expertplane.rpc.tensors import TensorError, int64_tensor, to_numpy
 __all__ = ["CounterLedger", "CounterWindow", "WorkerIdentity", "WorkerServicer",
            "placements_from_plan"]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class CounterWindow:
     """Tokens per local slot ``counts`` [L, S] counted under ``version`` between ``start``
     and ``end`` (ns since the epoch), over ``steps`` steps of which ``failed`` failed;
-    ``dropped`` [L, S]: tokens dropped by the capacity (None when no step reported any)."""
+    ``dropped`` [L, S]: tokens dropped by the capacity (None when no step reported any);
+    ``sequence``: its number once handed to an acknowledging puller (0 = none)."""
 
     version: int
     start: int
@@ -40,6 +45,7 @@ class CounterWindow:
     steps: int = 0
     failed: int = 0
     dropped: np.ndarray | None = None
+    sequence: int = 0
 
 
 class CounterLedger:
@@ -50,6 +56,12 @@ class CounterLedger:
     and returns the open one, so counts never mix plan versions. At most ``max_windows``
     closed windows are kept; beyond that the oldest is dropped and counted in
     ``dropped_windows``.
+
+    Pulls by an agent are acknowledged (at-least-once delivery): a window handed out under a
+    ``sequence`` stays pending until the same agent names (``epoch``, sequence) in a later pull;
+    until then every pull of that agent gets the same window again (``resent`` counts these).
+    ``epoch`` is random per ledger (per worker process), so sequences of a restarted worker
+    never pass for its predecessor's.
     """
 
     def __init__(self, num_layers: int, slots_per_rank: int, version: int,
@@ -61,6 +73,11 @@ class CounterLedger:
         self.dropped_windows = 0
         self.total_steps = 0
         self.total_failed = 0
+        self.epoch = secrets.randbelow(2**63 - 1) + 1
+        self.resent = 0
+        self._sequence = 0
+        self._pending: CounterWindow | None = None
+        self._pending_agent = 0
         self._open = self._new(version, time.time_ns())
 
     def _new(self, version: int, start: int) -> CounterWindow:
@@ -91,12 +108,32 @@ class CounterLedger:
         self._closed.append(self._open)
         self._open = self._new(version, now)
 
-    def pull(self) -> CounterWindow:
-        """The oldest unread window (deltas since the previous pull)."""
+    def pull(self, agent_epoch: int = 0, ack: tuple[int, int] = (0, 0)) -> CounterWindow:
+        """The window to answer a pull by ``agent_epoch`` that acknowledges ``ack`` =
+        (epoch, sequence) of the last window it received.
+
+        The pending window again if this agent has not acknowledged it; else (acknowledged, or a
+        new agent: the previous one received it or lost it with its own reports) the oldest unread
+        window, numbered with the next sequence and kept pending. ``agent_epoch`` 0: a fresh
+        window every time, nothing kept (sequence 0).
+        """
         with self._lock:
+            pending = self._pending
+            if pending is not None and agent_epoch == self._pending_agent \
+                    and ack != (self.epoch, pending.sequence):
+                self.resent += 1
+                log.info("counter window %d not acknowledged (its answer was lost?): sent again",
+                         pending.sequence)
+                return pending
+            self._pending = None
             if not self._closed:
                 self._close(time.time_ns(), self._open.version)
-            return self._closed.popleft()
+            window = self._closed.popleft()
+            if agent_epoch:
+                self._sequence += 1
+                window.sequence = self._sequence
+                self._pending, self._pending_agent = window, agent_epoch
+            return window
 
 
 @dataclass(frozen=True)
@@ -176,14 +213,15 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     # -- RPCs
 
-    def PullCounters(self, request, context) -> pb.CounterSnapshot:
+    def PullCounters(self, request: pb.PullCountersRequest, context) -> pb.CounterSnapshot:
         self._on_pull()
-        w = self.ledger.pull()
+        w = self.ledger.pull(request.agent_epoch, (request.ack_epoch, request.ack_sequence))
         self.pulled = True
         self.drained.set()
         snap = pb.CounterSnapshot(rank=self.ident.rank, placement=self.ident.placement,
                                   plan_version=w.version, slot_counts=int64_tensor(w.counts),
-                                  steps=w.steps, failed_steps=w.failed)
+                                  steps=w.steps, failed_steps=w.failed, epoch=self.ledger.epoch,
+                                  sequence=w.sequence)
         if w.dropped is not None:
             snap.dropped_tokens.CopyFrom(int64_tensor(w.dropped))
         snap.window_start.FromNanoseconds(w.start)

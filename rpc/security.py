@@ -31,26 +31,32 @@ class SecurityConfig:
         return bool(self.tls_cert or self.tls_ca)
 
 
+# Where the agent's and the worker's node-local token comes from without --local-token-file (kept
+# apart from EXPERTPLANE_TOKEN, the controller's, so that setting one never turns on the other).
+LOCAL_TOKEN_ENV = "EXPERTPLANE_LOCAL_TOKEN"
+
+
 def _read(path: str | None) -> bytes | None:
     return pathlib.Path(path).read_bytes() if path else None
 
 
-def add_security_arguments(parser, prefix: str = "") -> None:
-    """Add --tls-cert/--tls-key/--tls-ca/--token(-file) options to an argparse parser."""
+def add_security_arguments(parser, prefix: str = "", token_env: str = "EXPERTPLANE_TOKEN") -> None:
+    """Add --{prefix}tls-cert/-key/-ca and --{prefix}token-file options to an argparse parser (or
+    argument group); without a token file the token is read from the ``token_env`` variable."""
     p = f"--{prefix}" if prefix else "--"
     parser.add_argument(f"{p}tls-cert", help="PEM certificate chain of this endpoint")
     parser.add_argument(f"{p}tls-key", help="PEM private key of this endpoint")
     parser.add_argument(f"{p}tls-ca", help="PEM CA bundle (server: require client certs = mTLS; client: verify server)")
-    parser.add_argument(f"{p}token-file", help="file holding the bearer token (or set EXPERTPLANE_TOKEN)")
+    parser.add_argument(f"{p}token-file", help=f"file holding the bearer token (or set {token_env})")
 
 
-def security_from_args(args, prefix: str = "") -> SecurityConfig:
-    """Build a SecurityConfig from options added by ``add_security_arguments``."""
+def security_from_args(args, prefix: str = "", token_env: str = "EXPERTPLANE_TOKEN") -> SecurityConfig:
+    """Build a SecurityConfig from options added by ``add_security_arguments`` (same arguments)."""
     import os
 
     p = prefix.replace("-", "_")
     token_file = getattr(args, f"{p}token_file")
-    token = pathlib.Path(token_file).read_text().strip() if token_file else os.environ.get("EXPERTPLANE_TOKEN")
+    token = pathlib.Path(token_file).read_text().strip() if token_file else os.environ.get(token_env)
     return SecurityConfig(
         tls_cert=getattr(args, f"{p}tls_cert"),
         tls_key=getattr(args, f"{p}tls_key"),
