@@ -2,11 +2,12 @@
 the lower bound on skewed loads; the lower bound never exceeds an achieved balance."""
 
 import itertools
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from expertplane.benchmarks.planner import make_loads
 from expertplane.planner import balance, rebalance_experts
@@ -15,29 +16,8 @@ from expertplane.planner.bounds import (group_partitions, lower_bound, partition
 from expertplane.planner.deepseek import is_hierarchical
 from expertplane.planner.validation import check_plan
 
-
-@st.composite
-def problems(draw):
-    groups = draw(st.sampled_from([1, 2, 4, 8]))
-    experts = groups * draw(st.integers(1, 8))
-    nodes = draw(st.sampled_from([1, 2, 4, 3]))
-    gpus = nodes * draw(st.integers(1, 4))
-    replicas = gpus * -(-experts // gpus) + gpus * draw(st.integers(0, 3))
-    layers = draw(st.integers(1, 3))
-    kind = draw(st.sampled_from(["zipf", "int", "float", "zeros", "hot"]))
-    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
-    if kind == "zipf":
-        w = np.minimum(rng.zipf(1.3, size=(layers, experts)), 1e5).astype(np.float64)
-    elif kind == "int":
-        w = rng.integers(0, 4, size=(layers, experts)).astype(np.float64)
-    elif kind == "float":
-        w = rng.random((layers, experts)) * 50
-    elif kind == "hot":
-        w = rng.random((layers, experts))
-        w[:, rng.integers(0, experts)] *= 100
-    else:
-        w = np.zeros((layers, experts))
-    return w, replicas, groups, nodes, gpus
+sys.path.insert(0, str(Path(__file__).parent))
+from strategies import problems  # noqa: E402
 
 
 def _balance(w, plan, gpus):
@@ -47,7 +27,8 @@ def _balance(w, plan, gpus):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems())
 def test_balanced_valid_never_worse_and_bound_below(problem):
-    w, replicas, groups, nodes, gpus = problem
+    w, shape = problem
+    replicas, groups, nodes, gpus = shape.args
     ours = rebalance_experts(w, replicas, groups, nodes, gpus, algorithm="balanced")
     theirs = rebalance_experts(w, replicas, groups, nodes, gpus)
     hier = is_hierarchical(groups, nodes)

@@ -1,6 +1,9 @@
 """Movement-aware re-planning (``previous=``): valid plans, balance within 2% of a fresh plan,
 few moved slots on a 10% load drift, nothing moved when nothing changed."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +14,9 @@ from expertplane.planner import balance, migration, rebalance_experts
 from expertplane.planner.deepseek import is_hierarchical
 from expertplane.planner.movement import TOLERANCE, align
 from expertplane.planner.validation import check_plan
+
+sys.path.insert(0, str(Path(__file__).parent))
+from strategies import problems  # noqa: E402
 
 
 def _balance(w, plan, gpus):
@@ -71,26 +77,21 @@ def test_align_relabels_without_changing_balance():
 
 @st.composite
 def re_plans(draw):
-    groups = draw(st.sampled_from([1, 2, 4]))
-    experts = groups * draw(st.integers(1, 6))
-    nodes = draw(st.sampled_from([1, 2, 3]))
-    gpus = nodes * draw(st.integers(1, 3))
-    replicas = gpus * -(-experts // gpus) + gpus * draw(st.integers(0, 2))
+    """(loads before [L, E], loads after a drift of 0, 10% or 100%, shape, algorithm)."""
+    w0, shape = draw(problems())
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
-    layers = draw(st.integers(1, 3))
-    w0 = np.minimum(rng.zipf(1.4, size=(layers, experts)), 1e4).astype(np.float64)
     w1 = drift(w0, draw(st.sampled_from([0.0, 0.1, 1.0])), rng)
-    return w0, w1, replicas, groups, nodes, gpus, draw(st.sampled_from(["deepseek", "balanced"]))
+    return w0, w1, shape, draw(st.sampled_from(["deepseek", "balanced"]))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=re_plans())
 def test_movement_aware_plans_are_valid(case):
-    w0, w1, replicas, groups, nodes, gpus, algorithm = case
-    shape = (replicas, groups, nodes, gpus)
-    previous = rebalance_experts(w0, *shape, algorithm=algorithm)[0]
-    aware = rebalance_experts(w1, *shape, algorithm=algorithm, previous=previous)
-    fresh = rebalance_experts(w1, *shape, algorithm=algorithm)
-    check_plan(aware[0], aware[2], aware[1], w1.shape[1], gpus, nodes, groups,
-               hierarchical=is_hierarchical(groups, nodes))
-    assert (_balance(w1, aware, gpus) <= _balance(w1, fresh, gpus) * (1 + TOLERANCE) + 1e-9).all()
+    w0, w1, shape, algorithm = case
+    previous = rebalance_experts(w0, *shape.args, algorithm=algorithm)[0]
+    aware = rebalance_experts(w1, *shape.args, algorithm=algorithm, previous=previous)
+    fresh = rebalance_experts(w1, *shape.args, algorithm=algorithm)
+    check_plan(aware[0], aware[2], aware[1], w1.shape[1], shape.gpus, shape.nodes, shape.groups,
+               hierarchical=is_hierarchical(shape.groups, shape.nodes))
+    assert (_balance(w1, aware, shape.gpus)
+            <= _balance(w1, fresh, shape.gpus) * (1 + TOLERANCE) + 1e-9).all()
