@@ -25,7 +25,6 @@ import grpc
 import numpy as np
 import torch
 import torch.distributed as dist
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tenacity import (
     Retrying,
     before_sleep_log,
@@ -42,10 +41,11 @@ from expertplane.kernels.worker_service import (
     WorkerIdentity,
     WorkerServicer,
     placements_from_plan,
+    serve_worker_service,
 )
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
-from expertplane.rpc.channels import bind_local, make_channel, make_server
+from expertplane.rpc.channels import make_channel
 from expertplane.rpc.security import SecurityConfig
 
 __all__ = ["WorkerConfig", "WorkerResult", "initial_plan", "run_worker"]
@@ -264,13 +264,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
                               on_bias=pending_bias.append,
                               on_pull=lambda: link.touched() if link else None,
                               max_wait=config.rollout_timeout)
-    server = make_server(config.local_security, max_workers=8)
-    pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    address[0] = bind_local(server, address[0], config.local_security)
-    server.start()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    server, address[0] = serve_worker_service(servicer, address[0], config.local_security)
     log.info("rank %d/%d serving WorkerService on %s, plan v%d", config.rank,
              config.world_size, address[0], version)
     if config.agent:

@@ -18,15 +18,18 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from expertplane.kernels.hotswap import SwapCoordinator, SwapError
 from expertplane.kernels.moe import LayerPlacement, PlacementError
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
+from expertplane.rpc.channels import bind_local, make_server
+from expertplane.rpc.security import SecurityConfig
 from expertplane.rpc.tensors import TensorError, int64_tensor, to_numpy
 
 __all__ = ["CounterLedger", "CounterWindow", "WorkerIdentity", "WorkerServicer",
-           "placements_from_plan"]
+           "placements_from_plan", "serve_worker_service"]
 
 log = logging.getLogger(__name__)
 
@@ -286,3 +289,19 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def Status(self, request, context) -> pb.WorkerInfo:
         return self.info()
 
+
+
+def serve_worker_service(servicer: WorkerServicer, address: str,
+                         security: SecurityConfig) -> tuple[grpc.Server, str]:
+    """Start ``servicer`` and gRPC health checking (open without a token, for probes) on the
+    node-local ``address`` (``unix:/path`` or ``host:port``, port 0 = any) with ``security``
+    (TLS, mTLS when ``tls_ca`` is set, bearer token). Returns the server and the address to
+    advertise to the agent."""
+    server = make_server(security, max_workers=8)
+    pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    advertised = bind_local(server, address, security)
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, advertised
