@@ -13,8 +13,9 @@ class ControllerConfig:
 
     listen: gRPC address (``HOST:PORT``; port 0 picks a free one). db_url: SQLAlchemy URL of the
     plan store. placements_dir: YAML placements applied at start. metrics: ``HOST:PORT`` for
-    Prometheus (None = off). ingest_queue: reports waiting or being ingested at once; more are
-    answered OVERLOADED. rollout_timeout_seconds: prepare (and commit) deadline of a rollout.
+    Prometheus (None = off). ingest_queue: load reports held at once (received, ack not yet sent;
+    see ``core.IngestGate``); more are answered OVERLOADED. rollout_timeout_seconds: prepare (and
+    commit) deadline of a rollout.
     policy_interval_seconds: how often AUTO placements are evaluated. snapshot_interval_seconds:
     how often load windows are written to the store.
     """

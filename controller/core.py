@@ -77,6 +77,34 @@ class PlanWatch:
             self.overflowed = True
 
 
+class IngestGate:
+    """Bounds the load reports the controller holds at once: received from a stream and not yet
+    answered (being validated and counted, or their ack waiting to be sent). A report that finds
+    ``limit`` reports held is answered OVERLOADED at once, without being counted: under a flood
+    the handlers of many streams hold reports while they wait for the CPU (the GIL), so the
+    count rises with the backlog and the excess is shed cheaply instead of queueing."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        """Take a place; False when ``limit`` reports are already held."""
+        with self._lock:
+            if self.held >= self.limit:
+                return False
+            self.held += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.held -= 1
+
+
+_SHED = IngestResult(Ack.OVERLOADED, "ingest queue full; retry later")
+
+
 class Controller:
     """Controller state over one plan store. Call ``open()`` once, then the operations;
     ``run_background()`` starts the policy/rollout-timeout thread, ``close()`` stops it."""
@@ -103,9 +131,9 @@ class Controller:
         self._predicted: dict[str, list[float]] = {}
         self._snapshotted: dict[str, int] = {}
         self._watches: set[PlanWatch] = set()
-        self._gate = threading.Lock()
+        self.gate = IngestGate(config.ingest_queue)
+        self.metrics.ingest_inflight.set_function(lambda: self.gate.held)
         self._report_counters: dict[tuple[str, int], object] = {}
-        self._inflight = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -294,35 +322,30 @@ class Controller:
     # ------------------------------------------------------------------ load
 
     def ingest(self, report: pb.LoadReport) -> IngestResult:
-        """Count one report; OVERLOADED when ``config.ingest_queue`` reports are already in."""
-        with self._gate:
-            if self._inflight >= self.config.ingest_queue:
-                full = True
-            else:
-                full = False
-                self._inflight += 1
-        if full:
-            res = IngestResult(Ack.OVERLOADED, "ingest queue full; retry later")
-        else:
-            t0 = time.perf_counter()
-            try:
-                res = self.aggregator.ingest(report)
-            finally:
-                with self._gate:
-                    self._inflight -= 1
-            sp = self._placements.get(report.placement)
-            if res.status == Ack.ACCEPTED and sp is not None:
-                self.totals.add(report, sp.spec)
-            self.metrics.ingest_seconds.observe(time.perf_counter() - t0)
-            if res.lag_seconds:
-                self.metrics.report_lag.observe(res.lag_seconds)
-        key = (report.placement if report.placement in self._placements else "", res.status)
+        """Count one report (callers hold a place in ``self.gate``, or shed with ``shed``)."""
+        t0 = time.perf_counter()
+        res = self.aggregator.ingest(report)
+        sp = self._placements.get(report.placement)
+        if res.status == Ack.ACCEPTED and sp is not None:
+            self.totals.add(report, sp.spec)
+        self.metrics.ingest_seconds.observe(time.perf_counter() - t0)
+        if res.lag_seconds:
+            self.metrics.report_lag.observe(res.lag_seconds)
+        self._count(report, res.status)
+        return res
+
+    def shed(self, report: pb.LoadReport) -> IngestResult:
+        """Answer a report that found the gate full: OVERLOADED, not counted."""
+        self._count(report, Ack.OVERLOADED)
+        return _SHED
+
+    def _count(self, report: pb.LoadReport, status: int) -> None:
+        key = (report.placement if report.placement in self._placements else "", status)
         counter = self._report_counters.get(key)
         if counter is None:
             counter = self._report_counters[key] = self.metrics.reports.labels(
-                key[0], Ack.Status.Name(res.status))
+                key[0], Ack.Status.Name(status))
         counter.inc()
-        return res
 
     def load_window(self, name: str) -> tuple[WindowView, pb.RouterBias | None]:
         self.placement(name)

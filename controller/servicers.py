@@ -77,10 +77,22 @@ class LoadServicer(pb_grpc.LoadServiceServicer):
         self._c = controller
 
     def ReportLoad(self, request_iterator, context):
+        """Every report is answered in order. A report holds a place in the controller's ingest
+        gate until its ack has been handed to gRPC (the generator resumes after the send)."""
+        c, gate = self._c, self._c.gate
         for report in request_iterator:
-            res = self._c.ingest(report)
-            yield pb.LoadAck(node=report.node, worker_rank=report.worker_rank,
-                             sequence=report.sequence, status=res.status, message=res.message)
+            if not gate.enter():
+                yield _ack(report, c.shed(report))
+                continue
+            try:
+                yield _ack(report, c.ingest(report))
+            finally:
+                gate.leave()
+
+
+def _ack(report: pb.LoadReport, res) -> pb.LoadAck:
+    return pb.LoadAck(node=report.node, worker_rank=report.worker_rank, sequence=report.sequence,
+                      status=res.status, message=res.message)
 
 
 class PlanServicer(pb_grpc.PlanServiceServicer):
