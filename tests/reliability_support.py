@@ -1,6 +1,6 @@
 """Helpers shared by the reliability, security and fuzz tests: a controller in a subprocess that
-can be killed with SIGKILL, test certificates made with the ``openssl`` CLI, polling, and the
-"error names a field" check."""
+can be killed with SIGKILL, child processes in their own process group (agents, workers), test
+certificates made with the ``openssl`` CLI, polling, and the "error names a field" check."""
 
 from __future__ import annotations
 
@@ -62,6 +62,24 @@ def serving(channel: grpc.Channel, service: str = "", timeout: float = 3.0) -> b
     except grpc.RpcError:
         return False
     return status == health_pb2.HealthCheckResponse.SERVING
+
+
+def spawn(argv: list[str], log: Path) -> subprocess.Popen:
+    """Start ``argv`` in a new session (its own process group, so :func:`signal_group` reaches
+    every process it starts), stdout+stderr appended to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def signal_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to ``proc``'s whole process group (nothing if it is gone); after SIGKILL,
+    reap it (waits at most 10 s)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    if sig == signal.SIGKILL:
+        proc.wait(10)
 
 
 @dataclass
