@@ -21,7 +21,6 @@ import importlib.util
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
