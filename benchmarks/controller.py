@@ -14,8 +14,10 @@ them. Baseline: the same rollout to one agent of ``--gpus-per-node`` workers.
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
+import os
 import tempfile
 import threading
 import time
@@ -27,9 +29,11 @@ import numpy as np
 def add_arguments(parser) -> None:
     parser.add_argument("--rate", type=float, default=5000.0, help="target reports/s in total")
     parser.add_argument("--seconds", type=float, default=8.0, help="ingest duration")
-    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
-    parser.add_argument("--streams", type=int, default=2, help="ReportLoad streams per process")
-    parser.add_argument("--window", type=int, default=256, help="max un-acked reports per stream")
+    parser.add_argument("--processes", type=int, default=1, help="load generator processes")
+    parser.add_argument("--streams", type=int, default=4,
+                        help="simulated agents (one ReportLoad stream each) per process")
+    parser.add_argument("--window", type=int, default=8,
+                        help="max un-acked reports per stream (one per worker of the agent)")
     parser.add_argument("--layers", type=int, default=58)
     parser.add_argument("--slots", type=int, default=9, help="slots per GPU")
     parser.add_argument("--experts", type=int, default=256)
@@ -41,65 +45,102 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--skip-rollout", action="store_true")
     parser.add_argument("--skip-ingest", action="store_true")
+    parser.add_argument("--flood", type=float, default=0.0, metavar="SECONDS",
+                        help="also run twice the ingest load (twice the agents, each at the same "
+                             "rate) for SECONDS, sampling the controller's RSS and GetPlan latency")
+    parser.add_argument("--flood-window", type=int, default=64,
+                        help="max un-acked reports per flood stream (the agent's max_in_flight)")
+    parser.add_argument("--ingest-queue", type=int,
+                        help="the controller's ingest gate (default: ControllerConfig's)")
 
 
 # ---------------------------------------------------------------------------- ingest
 
 
-def _generator(port: int, proc: int, streams: int, rate: float, seconds: float, window: int,
-               layers: int, slots: int, gpus: int, out) -> None:
-    """One load-generator process: ``streams`` paced ReportLoad streams; puts
-    (latencies seconds, status counts) on ``out``."""
+def _report_prefixes(node: str, ranks: range, counts: np.ndarray, epoch: int) -> list[bytes]:
+    """Serialized LoadReports of ``counts`` [L, S] for each rank, without sequence and
+    window_end: a generator appends those per report (protobuf merges concatenated messages),
+    so it never re-serializes the 58 x 9 counts."""
     from expertplane.controller.simagent import load_report
-    from expertplane.proto import expertplane_pb2_grpc as pb_grpc
-    from expertplane.rpc.channels import make_channel
 
-    rng = np.random.default_rng(proc)
-    counts = rng.integers(0, 4096, (layers, slots))
+    prefixes = []
+    for rank in ranks:
+        report = load_report(node, rank, "bench", 1, 0, counts, epoch=epoch)
+        report.ClearField("window_end")
+        prefixes.append(report.SerializeToString())
+    return prefixes
+
+
+def _generator(port: int, proc: int, streams: int, rate: float, seconds: float, window: int,
+               layers: int, slots: int, gpus_per_node: int, nodes: int, out) -> None:
+    """One load-generator process of ``streams`` simulated agents (grpc.aio, one ReportLoad
+    stream each), paced at ``rate`` reports/s in total, at most ``window`` un-acked reports per
+    stream. Agent ``i`` is node ``i % nodes`` with ``gpus_per_node`` workers whose reports it
+    sends in turn, each with its own increasing sequence. All agents start sending at one
+    instant ``t0`` and stop at ``t0 + seconds`` even if behind schedule; puts (latencies s, status counts, seconds from ``t0`` to the last ack) on
+    ``out``."""
+    import asyncio
+
+    import grpc
+
+    from expertplane.proto import expertplane_pb2 as pb
+
+    counts = np.random.default_rng(proc).integers(0, 4096, (layers, slots))
     per_stream = rate / streams
-    results: list = []
 
-    def stream(i: int) -> None:
-        channel = make_channel(f"127.0.0.1:{port}")
-        stub = pb_grpc.LoadServiceStub(channel)
-        rank = (proc * streams + i) % gpus
-        template = load_report(f"bench-{proc}-{i}", rank, "bench", 1, 0, counts,
-                               epoch=proc * 1000 + i + 1)
-        sent: dict[int, float] = {}
-        credit = threading.Semaphore(window)
-        total = int(per_stream * seconds)
-        t0 = time.perf_counter() + 0.2
+    async def agent(channel, i: int, t0: float, results: list) -> None:
+        index = proc * streams + i
+        node = index % nodes
+        prefixes = _report_prefixes(f"bench-{index}", range(node * gpus_per_node,
+                                                            (node + 1) * gpus_per_node),
+                                    counts, epoch=index + 1)
+        call = channel.stream_stream("/expertplane.v1.LoadService/ReportLoad",
+                                     request_serializer=bytes,
+                                     response_deserializer=pb.LoadAck.FromString)(
+            timeout=seconds + 120)
+        credit = asyncio.Semaphore(window)
+        sent: dict[tuple[int, int], float] = {}
+        total, end = int(per_stream * seconds), t0 + seconds
 
-        def requests():
-            for seq in range(1, total + 1):
-                due = t0 + seq / per_stream
-                delay = due - time.perf_counter()
+        async def send() -> None:
+            suffix = pb.LoadReport()
+            for n in range(total):
+                delay = t0 + n / per_stream - time.perf_counter()
                 if delay > 0:
-                    time.sleep(delay)
-                credit.acquire()
-                template.sequence = seq
-                template.window_end.GetCurrentTime()
-                sent[seq] = time.perf_counter()
-                yield template
+                    await asyncio.sleep(delay)
+                await credit.acquire()
+                if time.perf_counter() > end:      # behind schedule at the end: stop sending
+                    credit.release()
+                    break
+                worker, seq = n % gpus_per_node, n // gpus_per_node + 1
+                suffix.sequence = seq
+                suffix.window_end.GetCurrentTime()
+                sent[(node * gpus_per_node + worker, seq)] = time.perf_counter()
+                await call.write(prefixes[worker] + suffix.SerializeToString())
+            await call.done_writing()
 
+        writer = asyncio.ensure_future(send())
         lat, status = [], {}
-        for ack in stub.ReportLoad(requests(), timeout=seconds + 120):
-            lat.append(time.perf_counter() - sent.pop(ack.sequence))
+        async for ack in call:
+            lat.append(time.perf_counter() - sent.pop((ack.worker_rank, ack.sequence)))
             status[ack.status] = status.get(ack.status, 0) + 1
             credit.release()
-        results.append((lat, status))
-        channel.close()
+        await writer
+        results.append((lat, status, time.perf_counter() - t0))
 
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
-    t_start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t_start
+    async def main() -> list:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        results: list = []
+        t0 = time.perf_counter() + 0.5
+        await asyncio.gather(*(agent(channel, i, t0, results) for i in range(streams)))
+        await channel.close()
+        return results
+
+    results = asyncio.run(main())
     lat = [x for r in results for x in r[0]]
+    elapsed = max(r[2] for r in results)
     status: dict = {}
-    for _, st in results:
+    for _, st, _ in results:
         for k, v in st.items():
             status[k] = status.get(k, 0) + v
     out.put((lat, status, elapsed))
@@ -126,7 +167,7 @@ class _EchoLoad:
                              status=pb.LoadAck.ACCEPTED)
 
 
-def _drive(port: int, args, gpus: int) -> dict:
+def _drive(port: int, args, nodes: int) -> dict:
     """Run the load generators against ``port``; latency and rate figures."""
     from expertplane.proto import expertplane_pb2 as pb
 
@@ -134,7 +175,7 @@ def _drive(port: int, args, gpus: int) -> dict:
     out = ctx.Queue()
     procs = [ctx.Process(target=_generator, args=(
         port, p, args.streams, args.rate / args.processes, args.seconds, args.window,
-        args.layers, args.slots, gpus, out)) for p in range(args.processes)]
+        args.layers, args.slots, args.gpus_per_node, nodes, out)) for p in range(args.processes)]
     for p in procs:
         p.start()
     parts = [out.get(timeout=args.seconds + 300) for _ in procs]
@@ -161,7 +202,7 @@ def bench_echo(args) -> dict:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        return _drive(port, args, args.ingest_gpus)
+        return _drive(port, args, _ingest_spec(args).num_nodes)
     finally:
         server.stop(1).wait()
 
@@ -181,7 +222,7 @@ def bench_ingest(server, args) -> dict:
         c.ingest(m)
     base_rate = len(msgs) / (time.perf_counter() - t0)
 
-    res = _drive(server.port, args, spec.num_gpus)
+    res = _drive(server.port, args, spec.num_nodes)
     rate = res["rate"]
     return {
         "reports": res["reports"], "target_rate": args.rate, "achieved_rate": rate,
@@ -191,6 +232,78 @@ def bench_ingest(server, args) -> dict:
         "meets_target": bool(rate >= 0.98 * args.rate and res["p99_ms"] < 50
                              and res["status"].get("ACCEPTED", 0) == res["reports"]),
     }
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _sample(stop: threading.Event, every: float, probe, out: list) -> None:
+    """Append (seconds since start, probe()) to ``out`` every ``every`` seconds until ``stop``."""
+    t0 = time.perf_counter()
+    while not stop.wait(every):
+        out.append((time.perf_counter() - t0, probe()))
+
+
+def _timed_get_plan(stub, placement: str):
+    """One GetPlan with a 1 s deadline: (latency s, status code name)."""
+    import grpc
+
+    from expertplane.proto import expertplane_pb2 as pb
+
+    t0 = time.perf_counter()
+    try:
+        stub.GetPlan(pb.GetPlanRequest(placement=placement), timeout=1.0)
+        code = "OK"
+    except grpc.RpcError as exc:
+        code = exc.code().name
+    return time.perf_counter() - t0, code
+
+
+def bench_flood(server, args) -> dict:
+    """Twice the ingest load for ``--flood`` seconds: twice the agents at the same per-agent
+    rate, each with up to ``--flood-window`` un-acked reports (offered load beyond what the
+    controller can take). Samples the controller process's RSS every 0.5 s and times GetPlan
+    calls (1 s deadline) made throughout."""
+    from expertplane.proto import expertplane_pb2_grpc as pb_grpc
+    from expertplane.rpc.channels import make_channel
+
+    flood = argparse.Namespace(**{**vars(args), "streams": 2 * args.streams, "rate": 2 * args.rate,
+                                  "seconds": args.flood, "window": args.flood_window})
+    stop = threading.Event()
+    rss: list = [(0.0, _rss_bytes())]
+    queries: list = []
+    channel = make_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.PlanServiceStub(channel)
+    threads = [threading.Thread(target=_sample, args=(stop, 0.5, _rss_bytes, rss)),
+               threading.Thread(target=_sample, args=(stop, 0.1, lambda: _timed_get_plan(
+                   stub, "bench"), queries))]
+    for t in threads:
+        t.start()
+    try:
+        res = _drive(server.port, flood, _ingest_spec(args).num_nodes)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        channel.close()
+    mib = np.array([v for _, v in rss]) / 2 ** 20
+    half = len(mib) // 2
+    lat = np.array([q[1][0] for q in queries])
+    codes: dict = {}
+    for _, (_, code) in queries:
+        codes[code] = codes.get(code, 0) + 1
+    return {**res, "offered_rate": flood.rate, "agents": flood.streams * args.processes,
+            "window": flood.window, "ingest_queue": server.config.ingest_queue,
+            "rss_mib": {"start": float(mib[0]), "max_first_half": float(mib[:half].max()),
+                        "max_second_half": float(mib[half:].max()), "end": float(mib[-1]),
+                        "samples": [round(float(x), 1) for x in mib]},
+            "get_plan": {"calls": len(queries), "codes": codes,
+                         "p50_ms": float(np.percentile(lat, 50) * 1e3),
+                         "p99_ms": float(np.percentile(lat, 99) * 1e3),
+                         "max_ms": float(lat.max() * 1e3)},
+            "window_state": server.controller.aggregator.get("bench").sizes()}
 
 
 # ---------------------------------------------------------------------------- rollout
@@ -282,10 +395,11 @@ def run(args) -> int:
 
     tmp = tempfile.TemporaryDirectory()
     db = args.db or f"sqlite:///{tmp.name}/bench.db"
+    gate = {} if args.ingest_queue is None else {"ingest_queue": args.ingest_queue}
     server = ControllerServer(ControllerConfig(
         listen="127.0.0.1:0", db_url=db, max_workers=max(64, args.workers // args.gpus_per_node + 32),
-        max_concurrent_rpcs=4096, ingest_queue=4096, policy_interval_seconds=3600,
-        snapshot_interval_seconds=3600, rollout_timeout_seconds=60))
+        max_concurrent_rpcs=4096, policy_interval_seconds=3600, snapshot_interval_seconds=3600,
+        rollout_timeout_seconds=60, **gate))
     server.start()
     results: dict = {"db": db.split("///")[0] + "///..." if db.startswith("sqlite") else db}
     try:
@@ -301,6 +415,20 @@ def run(args) -> int:
                   f"statuses {ing['status']}")
             print(f"  = {ing['ratio_to_echo']:.2f}x the bare echo; in-process ingest alone "
                   f"{ing['baseline_inprocess_rate']:.0f}/s; target met: {ing['meets_target']}")
+        if args.flood:
+            if args.skip_ingest:
+                server.controller.apply_placement(_ingest_spec(args))
+            results["flood"] = fl = bench_flood(server, args)
+            r, q = fl["rss_mib"], fl["get_plan"]
+            print(f"flood ({fl['agents']} agents offering {fl['offered_rate']:.0f}/s, <= "
+                  f"{fl['window']} un-acked each, ingest gate {fl['ingest_queue']}, "
+                  f"{args.flood:.0f} s): {fl['rate']:.0f} reports/s answered, p50 "
+                  f"{fl['p50_ms']:.1f} ms, p99 {fl['p99_ms']:.1f} ms; statuses {fl['status']}")
+            print(f"  controller RSS MiB: start {r['start']:.0f}, max first half "
+                  f"{r['max_first_half']:.0f}, max second half {r['max_second_half']:.0f}, end "
+                  f"{r['end']:.0f}; GetPlan during the flood: {q['calls']} calls {q['codes']}, "
+                  f"p50 {q['p50_ms']:.1f} ms, p99 {q['p99_ms']:.1f} ms, max {q['max_ms']:.0f} ms; "
+                  f"window state {fl['window_state']}")
         if not args.skip_rollout:
             results["rollout"] = ro = bench_rollout(server, args)
             b, f = ro["baseline"], ro["fanout"]

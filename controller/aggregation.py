@@ -76,6 +76,13 @@ class PlacementWindow:
         self._seen: collections.OrderedDict[tuple, int] = collections.OrderedDict()
         self.reports = 0
 
+    def sizes(self) -> dict[str, int]:
+        """How full the bounded state is: time buckets (<= BUCKETS + 1), cached slot maps
+        (<= MAX_CACHED_VERSIONS) and dedupe entries (<= MAX_SEQUENCES)."""
+        with self._lock:
+            return {"buckets": len(self._buckets), "slot_maps": len(self._slot_maps),
+                    "sequences": len(self._seen)}
+
     @property
     def bucket_seconds(self) -> float:
         return self.spec.policy.window_seconds / BUCKETS
