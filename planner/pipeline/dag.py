@@ -4,9 +4,10 @@ Every rank runs its operations in the schedule's fixed order, so the step is a f
 operation waits for the previous operation on its rank and for the results it consumes from
 other stages (``p2p`` seconds later when those ran on another rank). ``compile_dag`` finds the
 order in which the operations can run (a dependency-driven pass over the ranks; a schedule whose
-orders wait on each other in a cycle raises ``RuntimeError``) and groups the operations into
-levels whose predecessors all lie in earlier levels. ``finish_times`` then computes start and end
-times level by level with numpy, for one set of stage times or a whole batch of them at once.
+orders wait on each other in a cycle raises ``RuntimeError``) and stores the operations in that
+order, so every operation comes after its predecessors. ``finish_times`` then computes start and
+end times in one pass over that order (a numba kernel), for one set of stage times or a whole
+batch of them at once.
 
 Operation durations (stage times ``(F, B, W)``): F -> ``F``; B -> ``B`` (``B - W`` when its
 weight gradient is deferred); W -> ``W``; an overlapped F&B pair with forward part ``f`` and
@@ -20,6 +21,7 @@ from functools import lru_cache
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from expertplane.planner.pipeline.schedules import Layout, Op, rank_orders
 
@@ -33,7 +35,7 @@ class Dag:
     ``rank[i]``; forward part: stage ``f_stage[i]`` (-1 if none); backward part: stage
     ``b_stage[i]`` (-1 if none) weighted ``b_coef[i]`` on ``(B, W)``; ``preds[i]``: up to three
     predecessor ops (``N`` = none, a sentinel ending at 0) with ``remote[i]`` marking those on
-    another rank (they add ``p2p``); ``levels``: arrays of op indices in dependency order.
+    another rank (they add ``p2p``). Ops are in dependency order: ``preds[i] < i`` or ``N``.
     """
 
     layout: Layout
@@ -44,7 +46,6 @@ class Dag:
     b_coef: np.ndarray
     preds: np.ndarray
     remote: np.ndarray
-    levels: tuple[np.ndarray, ...]
 
 
 def _needs(op: Op, last: int) -> list[Key]:
@@ -105,15 +106,8 @@ def compile_dag(lay: Layout, orders: Sequence[Sequence[Op]]) -> Dag:
         p = [x if x >= 0 else n for x in p]
         pred_arr[i, :len(p)] = p
         rem_arr[i, :len(m)] = m
-    depth = [0] * (n + 1)
-    for i, p in enumerate(pred_arr.tolist()):  # flat is already in dependency order
-        depth[i] = 1 + max(depth[p[0]], depth[p[1]], depth[p[2]])
-    by_depth = np.argsort(depth[:n], kind="stable")
-    splits = np.flatnonzero(np.diff(np.sort(depth[:n]))) + 1
-    levels = tuple(np.split(by_depth, splits))
     f_stage, b_stage, b_coef = op_parts(flat)
-    return Dag(lay, tuple(flat), np.array(ranks), f_stage, b_stage, b_coef, pred_arr, rem_arr,
-               levels)
+    return Dag(lay, tuple(flat), np.array(ranks), f_stage, b_stage, b_coef, pred_arr, rem_arr)
 
 
 def op_parts(ops: Sequence[Op]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,15 +136,28 @@ def finish_times(dag: Dag, times: np.ndarray, p2p: float, overlap: float
                  ) -> tuple[np.ndarray, np.ndarray]:
     """``(start, end)`` of every op, each ``[..., N]`` seconds, for stage times ``[..., S, 3]``."""
     dur = part_durations(dag.f_stage, dag.b_stage, dag.b_coef, times, overlap)
-    n = len(dag.ops)
-    end = np.zeros(dur.shape[:-1] + (n + 1,))
-    start = np.zeros(dur.shape)
-    lag = dag.remote * p2p
-    for ids in dag.levels:
-        s = (end[..., dag.preds[ids]] + lag[ids]).max(axis=-1)
-        start[..., ids] = s
-        end[..., ids] = s + dur[..., ids]
-    return start, end[..., :n]
+    flat = np.ascontiguousarray(dur.reshape(-1, dur.shape[-1]))
+    start, end = _longest_paths(flat, dag.preds, dag.remote * p2p)
+    return start.reshape(dur.shape), end.reshape(dur.shape)
+
+
+@njit(cache=True)
+def _longest_paths(dur, preds, lag):
+    """Start and end ``[K, N]`` of ops in dependency order: an op starts when its rank's
+    previous op and its inputs (plus ``lag`` ``[N, 3]`` seconds) are done."""
+    k_count, n = dur.shape
+    start = np.empty((k_count, n))
+    end = np.empty((k_count, n))
+    for k in range(k_count):
+        for i in range(n):
+            s = 0.0
+            for j in range(3):
+                p = preds[i, j]
+                if p < n:
+                    s = max(s, end[k, p] + lag[i, j])
+            start[k, i] = s
+            end[k, i] = s + dur[k, i]
+    return start, end
 
 
 @lru_cache(maxsize=32)

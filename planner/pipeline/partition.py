@@ -28,7 +28,7 @@ micro-batches are held when, does not depend on the times.
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,22 +88,17 @@ class PipelinePlan:
     optimal: bool = False
 
 
-class _Problem:
-    """Prefix sums of a profile and the schedule's time-independent tables."""
+class _Tables:
+    """The time-independent tables of one layout (cached per layout by ``_tables``)."""
 
-    def __init__(self, profile: Profile, lay: Layout, p2p: float, overlap: float):
-        self.lay, self.p2p, self.overlap = lay, p2p, overlap
-        zero = np.zeros((1, 3))
-        self.cum = np.vstack([zero, np.cumsum(profile.times, axis=0)])            # [L+1, 3]
-        self.act = np.concatenate([[0.0], np.cumsum(profile.activation_bytes)])   # [L+1]
-        self.par = np.concatenate([[0.0], np.cumsum(profile.param_bytes)])        # [L+1]
+    def __init__(self, lay: Layout):
+        self.lay = lay
         self.orders = rank_orders(lay)
         self.dag = schedule_dag(lay)
         self.states = [np.unique(activation_counts(o, len(lay.stages_of(r))), axis=0)
                        for r, o in enumerate(self.orders)]
         self.classes = [sorted(set(map(self._class, o)), key=repr) for o in self.orders]
         self.class_parts = [op_parts(c) for c in self.classes]
-        self.tot = self.cum[-1]
 
     @cached_property
     def templates(self) -> list[np.ndarray]:
@@ -117,10 +112,6 @@ class _Problem:
         """Per two-stage rank: its whole-rank path bounds (``_rank_templates``)."""
         return [self._rank_templates(r) if len(self.lay.stages_of(r)) > 1 else []
                 for r in range(self.lay.num_ranks)]
-
-    def rank_of(self, s: int) -> int:
-        """The rank holding stage ``s`` (DualPipe: the copy used by direction 0)."""
-        return next(r for r in range(self.lay.num_ranks) if s in self.lay.stages_of(r))
 
     def _hops(self, chain: list[int], mb: int) -> int:
         """Rank changes along the consecutive stages ``chain`` for micro-batch ``mb``."""
@@ -214,6 +205,25 @@ class _Problem:
         """The op with its micro-batch numbers erased: ops of one class last equally long."""
         return Op(op.kind, -1, op.stage, op.chunk, op.split, -1, op.b_stage, op.b_chunk)
 
+
+@lru_cache(maxsize=32)
+def _tables(lay: Layout) -> _Tables:
+    return _Tables(lay)
+
+
+class _Problem:
+    """Prefix sums of a profile, ``p2p``/``overlap`` and the layout's tables."""
+
+    def __init__(self, profile: Profile, lay: Layout, p2p: float, overlap: float):
+        self.lay, self.p2p, self.overlap = lay, p2p, overlap
+        self.tables = _tables(lay)
+        self.dag = self.tables.dag
+        zero = np.zeros((1, 3))
+        self.cum = np.vstack([zero, np.cumsum(profile.times, axis=0)])            # [L+1, 3]
+        self.act = np.concatenate([[0.0], np.cumsum(profile.activation_bytes)])   # [L+1]
+        self.par = np.concatenate([[0.0], np.cumsum(profile.param_bytes)])        # [L+1]
+        self.tot = self.cum[-1]
+
     def _chains(self, rows: np.ndarray, stage: np.ndarray, cuts: np.ndarray) -> np.ndarray:
         """Chain lengths ``[K, n]`` of ``rows`` ``[n, 13]`` at stages ``stage`` ``[n]`` for
         partitions ``cuts`` ``[K, S+1]``."""
@@ -225,16 +235,16 @@ class _Problem:
     def rank_bound(self, r: int, cuts: np.ndarray) -> np.ndarray:
         """Lower bounds ``[K]`` on the step time from two-stage rank ``r`` for partitions
         ``cuts`` ``[K, S+1]`` whose stages on ``r`` are fixed."""
-        sx, into, sy, tail, counts = self.rank_paths[r]
+        sx, into, sy, tail, counts = self.tables.rank_paths[r]
         times = self.cum[cuts[:, 1:]] - self.cum[cuts[:, :-1]]                    # [K, S, 3]
-        dur = part_durations(*self.class_parts[r], times, self.overlap)           # [K, C]
+        dur = part_durations(*self.tables.class_parts[r], times, self.overlap)           # [K, C]
         return (self._chains(into, sx, cuts) + dur @ counts.T
                 + self._chains(tail, sy, cuts)).max(axis=1)
 
     # ---- bounds -------------------------------------------------------------------------
     def stage_bound(self, s: int, b, e) -> np.ndarray:
         """Lower bound (seconds) on the step time from stage ``s`` = layers ``[b, e)``."""
-        t = self.templates[s]
+        t = self.tables.templates[s]
         cb, ce = self.cum[b], self.cum[e]
         base = t[:, 9:12] @ self.tot + t[:, 12] * self.p2p                    # [n]
         vals = (np.tensordot(ce - cb, t[:, 0:3], axes=([-1], [1]))
@@ -244,7 +254,7 @@ class _Problem:
 
     def single_memory(self, s: int, b, e) -> np.ndarray:
         """Bytes of rank ``s`` for schedules with one stage per rank."""
-        peak = self.states[s][:, 0].max()
+        peak = self.tables.states[s][:, 0].max()
         return (self.par[e] - self.par[b]) + peak * (self.act[e] - self.act[b])
 
     def rank_memory(self, r: int, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -253,7 +263,7 @@ class _Problem:
         stages = np.array(self.lay.stages_of(r))
         par = (self.par[cuts[:, stages + 1]] - self.par[cuts[:, stages]]).sum(axis=1)
         act = self.act[cuts[:, stages + 1]] - self.act[cuts[:, stages]]            # [K, chunks]
-        return par, (act @ self.states[r].T).max(axis=1)
+        return par, (act @ self.tables.states[r].T).max(axis=1)
 
 
 def _suffix_bounds(pb: _Problem, limit: float | None, cap: float) -> np.ndarray:
@@ -484,7 +494,8 @@ def evaluate(layers, boundaries: Sequence[int], *, schedule: str = "1f1b",
     bounds = _check_boundaries(boundaries, len(profile))
     pb, lay = _setup(profile, len(bounds) - 1, schedule, micro_batches, p2p, overlap, None)
     times = np.array([pb.cum[bounds[s + 1]] - pb.cum[bounds[s]] for s in range(lay.num_stages)])
-    result = simulate(times, schedule, lay.micro_batches, p2p=p2p, overlap=overlap)
+    result = simulate(times, schedule, lay.micro_batches, p2p=p2p, overlap=overlap,
+                      timeline=False)
     mem = np.array([[x[0] for x in pb.rank_memory(r, np.array([bounds]))]
                     for r in range(lay.num_ranks)])
     return PipelinePlan(schedule, tuple(bounds), lay.micro_batches, lay.num_ranks,

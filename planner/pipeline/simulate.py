@@ -37,12 +37,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 from expertplane.planner.errors import PlanInputError
 from expertplane.planner.pipeline.dag import finish_times, schedule_dag
-from expertplane.planner.pipeline.schedules import Op, layout, rank_orders
+from expertplane.planner.pipeline.schedules import Layout, Op, layout, rank_orders
 
 
 @dataclass(frozen=True)
@@ -117,32 +118,37 @@ def _check_scalar(field: str, value: float, upper: float | None = None) -> float
 
 
 def simulate(stages: Sequence, schedule: str, micro_batches: int, *, p2p: float = 0.0,
-             overlap: float = 0.0) -> SimulationResult:
+             overlap: float = 0.0, timeline: bool = True) -> SimulationResult:
     """Simulate one training step of ``micro_batches`` micro-batches.
 
     ``stages``: per model stage ``(F, B, W)`` seconds, in model order (``len(stages)`` stages; R
     ranks = stages, or stages / 2 for ``"dualpipev"``). ``p2p``: seconds to send an activation
     or gradient to another rank. ``overlap``: share in [0, 1] of the shorter half of an ``F&B``
-    pair hidden under the longer one.
+    pair hidden under the longer one. ``timeline=False`` leaves the result's timeline empty
+    (same step time, busy/idle and memory; no per-operation events built).
     """
     times = stage_times(stages)
     p2p = _check_scalar("p2p", p2p)
     overlap = _check_scalar("overlap", overlap, 1.0)
     lay = layout(schedule, len(times), micro_batches)
     dag = schedule_dag(lay)
-    orders = rank_orders(lay)
     start, end = finish_times(dag, times, p2p, overlap)
     step = float(end.max())
     busy = np.bincount(dag.rank, weights=end - start, minlength=lay.num_ranks)
     events = [_event(int(r), op, float(a), float(b))
-              for r, op, a, b in zip(dag.rank, dag.ops, start, end)]
+              for r, op, a, b in zip(dag.rank, dag.ops, start, end)] if timeline else []
     events.sort(key=lambda e: (e.stage, e.start))
-    share = 0.5 if schedule == "dualpipev" else 1.0
-    peaks = np.array([activation_counts(o, len(lay.stages_of(r))).sum(axis=1).max() * share
-                      for r, o in enumerate(orders)])
     copies = sum(len(lay.stages_of(r)) for r in range(lay.num_ranks))
     return SimulationResult(schedule, lay.num_ranks, micro_batches, step, busy, step - busy,
-                            peaks, copies / lay.num_stages, events)
+                            activation_peaks(lay).copy(), copies / lay.num_stages, events)
+
+
+@lru_cache(maxsize=32)
+def activation_peaks(lay: Layout) -> np.ndarray:
+    """Peak activations ``[R]`` (micro-batches, see the module docstring) of every rank."""
+    share = 0.5 if lay.schedule == "dualpipev" else 1.0
+    return np.array([activation_counts(o, len(lay.stages_of(r))).sum(axis=1).max() * share
+                     for r, o in enumerate(rank_orders(lay))])
 
 
 def activation_counts(order: Sequence[Op], chunks: int) -> np.ndarray:
