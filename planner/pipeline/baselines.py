@@ -27,26 +27,26 @@ def even_boundaries(num_layers: int, num_stages: int) -> tuple[int, ...]:
 def balanced_boundaries(weights, num_stages: int) -> tuple[int, ...]:
     """Contiguous split of ``weights`` ``[L]`` (>= 0) minimising the largest stage sum.
 
-    Bisects the largest stage sum; a greedy pass checks each threshold. Stages left empty by
+    Bisects the largest stage sum; a greedy pass (each stage takes the longest run of layers
+    within the threshold, found on the prefix sums) checks each threshold. Stages left empty by
     the greedy pass are made by splitting off single layers, which never raises the maximum.
     """
     w = np.asarray(weights, dtype=float)
     _check(len(w), num_stages)
     if (w < 0).any() or not np.isfinite(w).all():
         raise PlanInputError("weights", "must be finite and >= 0")
+    cum = np.concatenate([[0.0], np.cumsum(w)])
 
     def greedy(limit: float) -> list[int] | None:
-        cuts, acc = [0], 0.0
-        for i, x in enumerate(w):
-            if acc + x > limit and i > cuts[-1]:
-                cuts.append(i)
-                acc = 0.0
-            acc += x
-            if acc > limit:
+        cuts = [0]
+        while cuts[-1] < len(w) and len(cuts) <= num_stages:
+            end = int(np.searchsorted(cum, cum[cuts[-1]] + limit, side="right")) - 1
+            if end == cuts[-1]:
                 return None
-        return cuts + [len(w)] if len(cuts) <= num_stages else None
+            cuts.append(end)
+        return cuts if cuts[-1] == len(w) else None
 
-    lo, hi = float(w.max(initial=0.0)), float(w.sum())
+    lo, hi = float(w.max(initial=0.0)), float(cum[-1])
     for _ in range(100):
         mid = (lo + hi) / 2
         if greedy(mid) is None:

@@ -43,6 +43,9 @@ from expertplane.planner.pipeline.simulate import _check_scalar, activation_coun
 
 
 DEFAULT_NODE_LIMIT = 500
+#: Nodes are pruned when their bound is within this relative distance of the incumbent, so that
+#: bounds equal to the optimum up to floating-point rounding of the prefix sums prune.
+RELATIVE_TOLERANCE = 1e-12
 
 
 class MemoryLimitError(PlanInputError):
@@ -242,15 +245,23 @@ class _Problem:
                 + self._chains(tail, sy, cuts)).max(axis=1)
 
     # ---- bounds -------------------------------------------------------------------------
+    @cached_property
+    def stage_terms(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per stage ``s``: ``(start [L+1, n], end [L+1, n])`` with ``start[b] + end[e]`` the
+        values of its ``n`` template rows for the stage ``[b, e)`` (the rows are linear in
+        ``cum[b]`` and ``cum[e]``)."""
+        terms = []
+        for t in self.tables.templates:
+            base = t[:, 9:12] @ self.tot + t[:, 12] * self.p2p                # [n]
+            terms.append((self.cum @ (t[:, 3:6] - t[:, 0:3]).T,
+                          self.cum @ (t[:, 0:3] + t[:, 6:9]).T + base))
+        return terms
+
     def stage_bound(self, s: int, b, e) -> np.ndarray:
-        """Lower bound (seconds) on the step time from stage ``s`` = layers ``[b, e)``."""
-        t = self.tables.templates[s]
-        cb, ce = self.cum[b], self.cum[e]
-        base = t[:, 9:12] @ self.tot + t[:, 12] * self.p2p                    # [n]
-        vals = (np.tensordot(ce - cb, t[:, 0:3], axes=([-1], [1]))
-                + np.tensordot(cb, t[:, 3:6], axes=([-1], [1]))
-                + np.tensordot(ce, t[:, 6:9], axes=([-1], [1])) + base)       # [..., n]
-        return vals.max(axis=-1)
+        """Lower bound (seconds) on the step time from stage ``s`` = layers ``[b, e)``
+        (``b``, ``e`` broadcastable index arrays)."""
+        start, end = self.stage_terms[s]
+        return (start[b] + end[e]).max(axis=-1)
 
     def single_memory(self, s: int, b, e) -> np.ndarray:
         """Bytes of rank ``s`` for schedules with one stage per rank."""
@@ -338,6 +349,7 @@ class _Search:
         self.bounds = np.zeros(S + 1, dtype=np.int64)
         self.bounds[S] = L
         self.best, self.found, self.explored = np.inf, None, 0
+        self.cutoff = np.inf
 
     def enter(self) -> bool:
         """Count a node; False (and the search marked incomplete) once over ``node_limit``."""
@@ -366,6 +378,7 @@ class _Search:
         i = int(np.argmin(steps))
         if steps[i] < self.best:
             self.best, self.found = float(steps[i]), tuple(int(x) for x in cuts[i])
+            self.cutoff = self.best * (1.0 - RELATIVE_TOLERANCE)
 
 
 def _seeds(pb: _Problem, profile: Profile, limit: float | None) -> np.ndarray:
@@ -399,10 +412,10 @@ def _search_single(pb: _Problem, limit: float | None, node_limit: int | None,
             own = np.where(pb.single_memory(s, b, ends) > limit, np.inf, own)
         key = np.maximum(own, suffix[S - s - 1][ends])
         if s == S - 2:                                   # children are complete partitions
-            st.leaves(st.children({s + 1: ends[key < st.best]}))
+            st.leaves(st.children({s + 1: ends[key < st.cutoff]}))
             return
         for i in np.argsort(key, kind="stable"):
-            if key[i] >= st.best:
+            if key[i] >= st.cutoff:
                 break
             st.bounds[s + 1] = ends[i]
             visit(s + 1, int(ends[i]), float(own[i]))
@@ -452,20 +465,20 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
             cut = np.arange(lo + 1, hi)
             key = np.maximum.reduce([pb.stage_bound(k, lo, cut), pb.stage_bound(j, cut, hi),
                                      np.full(cut.shape, reached)])
-            cuts = st.children({k + 1: cut[key < st.best]})
-            key = screen(k, cuts, key[key < st.best])
-            st.leaves(cuts[key < st.best])
+            cuts = st.children({k + 1: cut[key < st.cutoff]})
+            key = screen(k, cuts, key[key < st.cutoff])
+            st.leaves(cuts[key < st.cutoff])
             return
         e, f = np.meshgrid(np.arange(lo + 1, hi), np.arange(lo + 1, hi), indexing="ij")
         keep = f - e >= j - k - 1                        # room for the stages in between
         e, f = e[keep], f[keep]
         key = np.maximum.reduce([pb.stage_bound(k, lo, e), pb.stage_bound(j, f, hi),
                                  middle(k, e, f), np.full(e.shape, reached)])
-        sel = key < st.best
+        sel = key < st.cutoff
         cuts = st.children({k + 1: e[sel], j: f[sel]})
         key = screen(k, cuts, key[sel])
         for i in np.argsort(key, kind="stable"):
-            if key[i] >= st.best:
+            if key[i] >= st.cutoff:
                 break
             st.bounds[k + 1], st.bounds[j] = cuts[i, k + 1], cuts[i, j]
             visit(k + 1, int(cuts[i, k + 1]), int(cuts[i, j]), float(key[i]))
