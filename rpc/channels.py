@@ -18,6 +18,7 @@ from expertplane.rpc.security import (
 )
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+UNIX_SOCKET_SERVER_NAME = "localhost"   # the TLS name expected of servers on unix:/path targets
 
 # Idempotent unary calls are retried by gRPC itself on UNAVAILABLE with exponential backoff.
 _RETRY_SERVICE_CONFIG = json.dumps({
@@ -48,7 +49,9 @@ _COMMON_OPTIONS = [
 
 def make_channel(target: str, security: SecurityConfig | None = None) -> grpc.Channel:
     """A channel to ``target`` (host:port or unix:/path) with retries and keepalive; TLS (with a
-    client certificate for mTLS) and the bearer token on every call as ``security`` says."""
+    client certificate for mTLS) and the bearer token on every call as ``security`` says. Over
+    TLS a Unix socket's server must present a certificate for ``localhost`` (gRPC would check
+    the socket path) unless ``security.server_name`` names another."""
     security = security or SecurityConfig()
     options = _COMMON_OPTIONS + [
         ("grpc.service_config", _RETRY_SERVICE_CONFIG),
@@ -56,8 +59,10 @@ def make_channel(target: str, security: SecurityConfig | None = None) -> grpc.Ch
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 5_000),
     ]
-    if security.server_name:
-        options.append(("grpc.ssl_target_name_override", security.server_name))
+    server_name = security.server_name or (UNIX_SOCKET_SERVER_NAME if target.startswith("unix:")
+                                           and security.tls else None)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
     creds = channel_credentials(security)
     channel = grpc.insecure_channel(target, options=options) if creds is None \
         else grpc.secure_channel(target, creds, options=options)
