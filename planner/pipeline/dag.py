@@ -135,29 +135,52 @@ def part_durations(f_stage: np.ndarray, b_stage: np.ndarray, b_coef: np.ndarray,
 def finish_times(dag: Dag, times: np.ndarray, p2p: float, overlap: float
                  ) -> tuple[np.ndarray, np.ndarray]:
     """``(start, end)`` of every op, each ``[..., N]`` seconds, for stage times ``[..., S, 3]``."""
-    dur = part_durations(dag.f_stage, dag.b_stage, dag.b_coef, times, overlap)
-    flat = np.ascontiguousarray(dur.reshape(-1, dur.shape[-1]))
-    start, end = _longest_paths(flat, dag.preds, dag.remote * p2p)
-    return start.reshape(dur.shape), end.reshape(dur.shape)
+    batch = np.ascontiguousarray(times, dtype=float).reshape(-1, *times.shape[-2:])
+    start = np.empty((len(batch), len(dag.ops)))
+    end = np.empty((len(batch), len(dag.ops)))
+    _longest_paths(batch, dag.f_stage, dag.b_stage, dag.b_coef, dag.preds, dag.remote * p2p,
+                   overlap, start, end, np.empty(len(batch)))
+    shape = times.shape[:-2] + (len(dag.ops),)
+    return start.reshape(shape), end.reshape(shape)
+
+
+def step_times(dag: Dag, times: np.ndarray, p2p: float, overlap: float) -> np.ndarray:
+    """Step times ``[K]`` (seconds, the last op's end) for stage times ``[K, S, 3]``; the
+    same numbers as ``finish_times(...)[1].max(axis=-1)`` without keeping every op's times."""
+    batch = np.ascontiguousarray(times, dtype=float)
+    row = np.empty((1, len(dag.ops)))
+    steps = np.empty(len(batch))
+    _longest_paths(batch, dag.f_stage, dag.b_stage, dag.b_coef, dag.preds, dag.remote * p2p,
+                   overlap, row, row, steps)
+    return steps
 
 
 @njit(cache=True)
-def _longest_paths(dur, preds, lag):
-    """Start and end ``[K, N]`` of ops in dependency order: an op starts when its rank's
-    previous op and its inputs (plus ``lag`` ``[N, 3]`` seconds) are done."""
-    k_count, n = dur.shape
-    start = np.empty((k_count, n))
-    end = np.empty((k_count, n))
-    for k in range(k_count):
+def _longest_paths(times, f_stage, b_stage, b_coef, preds, lag, overlap, start, end, steps):
+    """Run the ops (in dependency order) for each stage-time set ``times[k]`` ``[S, 3]``.
+
+    An op starts when its rank's previous op and its inputs (``lag`` ``[N, 3]`` seconds later)
+    are done; its duration follows ``part_durations``. Writes ``start``/``end`` row ``k`` (row
+    0 when they have one row, i.e. are scratch) and ``steps[k]`` = the last end.
+    """
+    n = len(f_stage)
+    for k in range(times.shape[0]):
+        row = k if start.shape[0] > 1 else 0
+        last = 0.0
         for i in range(n):
             s = 0.0
             for j in range(3):
                 p = preds[i, j]
                 if p < n:
-                    s = max(s, end[k, p] + lag[i, j])
-            start[k, i] = s
-            end[k, i] = s + dur[k, i]
-    return start, end
+                    s = max(s, end[row, p] + lag[i, j])
+            f = times[k, f_stage[i], 0] if f_stage[i] >= 0 else 0.0
+            b = 0.0
+            if b_stage[i] >= 0:
+                b = times[k, b_stage[i], 1] * b_coef[i, 0] + times[k, b_stage[i], 2] * b_coef[i, 1]
+            start[row, i] = s
+            end[row, i] = s + max(f, b) + (1.0 - overlap) * min(f, b)
+            last = max(last, end[row, i])
+        steps[k] = last
 
 
 @lru_cache(maxsize=32)

@@ -38,7 +38,7 @@ from expertplane.planner.errors import PlanInputError
 from expertplane.planner.pipeline.profile import Profile, profile_from_layers
 from expertplane.planner.pipeline.schedules import Layout, Op, layout, rank_orders
 from expertplane.planner.pipeline.baselines import balanced_boundaries, even_boundaries
-from expertplane.planner.pipeline.dag import finish_times, op_parts, part_durations, schedule_dag
+from expertplane.planner.pipeline.dag import op_parts, part_durations, schedule_dag, step_times
 from expertplane.planner.pipeline.simulate import _check_scalar, activation_counts, simulate
 
 
@@ -373,8 +373,7 @@ class _Search:
             return
         cum = self.pb.cum
         times = cum[cuts[:, 1:]] - cum[cuts[:, :-1]]                           # [K, S, 3]
-        _, end = finish_times(self.pb.dag, times, self.pb.p2p, self.pb.overlap)
-        steps = end.max(axis=1)
+        steps = step_times(self.pb.dag, times, self.pb.p2p, self.pb.overlap)
         i = int(np.argmin(steps))
         if steps[i] < self.best:
             self.best, self.found = float(steps[i]), tuple(int(x) for x in cuts[i])
@@ -415,7 +414,7 @@ def _search_single(pb: _Problem, limit: float | None, node_limit: int | None,
             st.leaves(st.children({s + 1: ends[key < st.cutoff]}))
             return
         for i in np.argsort(key, kind="stable"):
-            if key[i] >= st.cutoff:
+            if key[i] >= st.cutoff or not st.complete:
                 break
             st.bounds[s + 1] = ends[i]
             visit(s + 1, int(ends[i]), float(own[i]))
@@ -469,16 +468,19 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
             key = screen(k, cuts, key[key < st.cutoff])
             st.leaves(cuts[key < st.cutoff])
             return
-        e, f = np.meshgrid(np.arange(lo + 1, hi), np.arange(lo + 1, hi), indexing="ij")
+        cut = np.arange(lo + 1, hi)
+        outer_k, outer_j = pb.stage_bound(k, lo, cut), pb.stage_bound(j, cut, hi)
+        ends, starts = cut[outer_k < st.cutoff], cut[outer_j < st.cutoff]
+        e, f = np.meshgrid(ends, starts, indexing="ij")
         keep = f - e >= j - k - 1                        # room for the stages in between
         e, f = e[keep], f[keep]
-        key = np.maximum.reduce([pb.stage_bound(k, lo, e), pb.stage_bound(j, f, hi),
-                                 middle(k, e, f), np.full(e.shape, reached)])
+        key = np.maximum.reduce([outer_k[e - lo - 1], outer_j[f - lo - 1], middle(k, e, f),
+                                 np.full(e.shape, reached)])
         sel = key < st.cutoff
         cuts = st.children({k + 1: e[sel], j: f[sel]})
         key = screen(k, cuts, key[sel])
         for i in np.argsort(key, kind="stable"):
-            if key[i] >= st.cutoff:
+            if key[i] >= st.cutoff or not st.complete:
                 break
             st.bounds[k + 1], st.bounds[j] = cuts[i, k + 1], cuts[i, j]
             visit(k + 1, int(cuts[i, k + 1]), int(cuts[i, j]), float(key[i]))
