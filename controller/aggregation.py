@@ -7,8 +7,8 @@ force has changed since. Reports land in time buckets as raw slot counts per pla
 (cheap to ingest); the mapping to experts happens when the window is read. Buckets (``window / BUCKETS`` seconds wide); the
 window load is the sum of the buckets younger than the window, each weighted by
 ``2 ** (-age / half_life)`` (no decay when half_life is 0). Memory per placement is bounded:
-at most ``BUCKETS + 1`` buckets, ``MAX_CACHED_VERSIONS`` slot maps and ``MAX_SEQUENCES`` dedupe
-entries, and fewer than ``FOLD_EVERY`` reports per bucket not yet folded into its counts.
+at most ``BUCKETS + 2`` buckets, ``MAX_CACHED_VERSIONS`` slot maps and ``MAX_SEQUENCES`` dedupe
+entries, and fewer than ``FOLD_EVERY`` reports per plan version not yet folded into the newest bucket.
 """
 
 from __future__ import annotations
@@ -100,11 +100,13 @@ class PlacementWindow:
         self.reports = 0
 
     def sizes(self) -> dict[str, int]:
-        """How full the bounded state is: time buckets (<= BUCKETS + 1), cached slot maps
-        (<= MAX_CACHED_VERSIONS) and dedupe entries (<= MAX_SEQUENCES)."""
+        """How full the bounded state is: time buckets (<= BUCKETS + 2), cached slot maps
+        (<= MAX_CACHED_VERSIONS), dedupe entries (<= MAX_SEQUENCES) and reports not yet folded
+        into the newest bucket (< FOLD_EVERY per plan version)."""
         with self._lock:
             return {"buckets": len(self._buckets), "slot_maps": len(self._slot_maps),
-                    "sequences": len(self._seen)}
+                    "sequences": len(self._seen),
+                    "pending": sum(len(v) for b in self._buckets for v in b.pending.values())}
 
     @property
     def bucket_seconds(self) -> float:
@@ -186,6 +188,8 @@ class PlacementWindow:
     def _bucket(self, now: float) -> _Bucket:
         width = self.bucket_seconds
         if not self._buckets or now >= self._buckets[-1].start + width:
+            if self._buckets:
+                self._buckets[-1].fold()         # only the newest bucket has pending reports
             s = self.spec
             self._buckets.append(_Bucket(now - (now % width),
                                          (s.num_gpus, s.num_layers, s.slots_per_gpu)))

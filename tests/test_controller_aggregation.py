@@ -1,9 +1,10 @@
 """Load aggregation: slot counts mapped through the plan they were counted under, dedupe,
-staleness, bad input, window expiry and decay."""
+staleness, bad input, window expiry and decay, and bounded state under an endless stream."""
 
 import numpy as np
 import pytest
 
+from expertplane.controller import aggregation
 from expertplane.controller.aggregation import BUCKETS, LoadAggregator
 from expertplane.controller.simagent import load_report
 from expertplane.controller.spec import PlacementSpec, PolicySpec
@@ -116,7 +117,7 @@ def test_window_expiry_and_decay():
     assert agg.view("m").load.sum() == 0
     # buckets older than the window are dropped when new reports land
     assert agg.ingest(report(agg, 0, 1, 2, [[1, 0], [0, 0]])).status == Ack.ACCEPTED
-    assert len(agg.get("m")._buckets) == 1
+    assert agg.get("m").sizes()["buckets"] == 1
 
 
 def test_plan_change_restarts_gpu_loads_but_keeps_expert_loads(agg):
@@ -124,3 +125,35 @@ def test_plan_change_restarts_gpu_loads_but_keeps_expert_loads(agg):
     agg.get("m").add_plan(2, V2, in_force=True)
     view = agg.view("m")
     assert view.load.sum() == 20 and view.gpu_load.sum() == 0
+
+
+def test_state_stays_bounded_under_an_endless_stream(monkeypatch):
+    """Many agents (epochs), many plan versions and hours of reports: dedupe entries, cached
+    slot maps, buckets and unfolded reports stay within their limits, and every accepted count
+    inside the window is in the view (folded or not)."""
+    monkeypatch.setattr(aggregation, "MAX_SEQUENCES", 50)
+    monkeypatch.setattr(aggregation, "MAX_CACHED_VERSIONS", 3)
+    monkeypatch.setattr(aggregation, "FOLD_EVERY", 7)
+    clock = Clock()
+    plans = {v: np.roll(V1, v, axis=1) for v in range(1, 11)}
+    agg = LoadAggregator(lambda n, v: plans.get(v), clock)
+    win = agg.register(SPEC, 1)
+    for v in plans:
+        win.add_plan(v, plans[v], in_force=v == 1)
+    agg.clock = clock
+    highest = {"buckets": 0, "slot_maps": 0, "sequences": 0, "pending": 0}
+    recent = []
+    for n in range(3000):
+        clock.t += 0.25                            # 750 s: more than 11 windows of 64 s
+        version = 1 + n % 10
+        msg = report(agg, n % 4, version, 1, [[1, 2], [3, 4]], epoch=n)
+        assert agg.ingest(msg).status == Ack.ACCEPTED
+        recent.append(clock.t)
+        highest = {k: max(highest[k], v) for k, v in win.sizes().items()}
+    assert highest["sequences"] == 50 and highest["slot_maps"] == 3
+    assert highest["buckets"] <= BUCKETS + 2 and highest["pending"] <= 6 * 10
+    # no decay: the view holds the reports of the buckets whose middle is within the 64 s
+    # window (2 s buckets), i.e. all from the last 63 s and none from before the last 65 s
+    total = agg.view("m").load.sum()
+    assert 10 * sum(t > clock.t - 63 for t in recent) <= total
+    assert total <= 10 * sum(t >= clock.t - 65 for t in recent) and total % 10 == 0

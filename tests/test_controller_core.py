@@ -68,3 +68,20 @@ def test_delete_forgets_everything(ctl):
         pb.LoadAck.REJECTED
     view = ctl.apply_placement(SPEC)                              # re-created from scratch
     assert view.stored.plan_version == 1 and ctl.load_window("m")[0].reports == 0
+
+
+def test_ingest_gate_holds_at_most_its_limit():
+    from expertplane.controller.core import IngestGate
+
+    gate = IngestGate(2)
+    assert gate.enter() and gate.enter() and not gate.enter() and gate.held == 2
+    gate.leave()
+    assert gate.enter() and not gate.enter()
+    assert not IngestGate(0).enter()
+
+
+def test_shed_reports_are_counted_as_overloaded_not_ingested(ctl):
+    r = load_report("n0", 0, "m", 1, 1, np.full((2, 3), 5))
+    assert ctl.shed(r).status == pb.LoadAck.OVERLOADED
+    assert ctl.aggregator.view("m").reports == 0
+    assert ctl.metrics.reports.labels("m", "OVERLOADED")._value.get() == 1
