@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from expertplane.planner.errors import PlanInputError
 
@@ -28,33 +29,48 @@ def balanced_boundaries(weights, num_stages: int) -> tuple[int, ...]:
     """Contiguous split of ``weights`` ``[L]`` (>= 0) minimising the largest stage sum.
 
     Bisects the largest stage sum; a greedy pass (each stage takes the longest run of layers
-    within the threshold, found on the prefix sums) checks each threshold. Stages left empty by
-    the greedy pass are made by splitting off single layers, which never raises the maximum.
+    within the threshold, found on the prefix sums; numba) checks each threshold. Stages left
+    empty by the greedy pass are made by splitting off single layers, which never raises the
+    maximum.
     """
     w = np.asarray(weights, dtype=float)
     _check(len(w), num_stages)
     if (w < 0).any() or not np.isfinite(w).all():
         raise PlanInputError("weights", "must be finite and >= 0")
-    cum = np.concatenate([[0.0], np.cumsum(w)])
-
-    def greedy(limit: float) -> list[int] | None:
-        cuts = [0]
-        while cuts[-1] < len(w) and len(cuts) <= num_stages:
-            end = int(np.searchsorted(cum, cum[cuts[-1]] + limit, side="right")) - 1
-            if end == cuts[-1]:
-                return None
-            cuts.append(end)
-        return cuts if cuts[-1] == len(w) else None
-
-    lo, hi = float(w.max(initial=0.0)), float(cum[-1])
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if greedy(mid) is None:
-            lo = mid
-        else:
-            hi = mid
-    cuts = greedy(hi)
+    cuts = list(_bisect_cuts(np.concatenate([[0.0], np.cumsum(w)]), num_stages))
     while len(cuts) < num_stages + 1:             # split the first multi-layer stage
         s = next(i for i in range(len(cuts) - 1) if cuts[i + 1] - cuts[i] > 1)
         cuts.insert(s + 1, cuts[s] + 1)
     return tuple(int(x) for x in cuts)
+
+
+@njit(cache=True)
+def _greedy(cum, num_stages, limit, cuts):
+    """Greedy cuts of prefix sums ``cum`` ``[L+1]`` into at most ``num_stages`` runs of sum
+    ``<= limit`` (each run as long as possible); returns the cut count, or 0 if impossible."""
+    n, count = len(cum) - 1, 1
+    cuts[0] = 0
+    while cuts[count - 1] < n:
+        if count > num_stages:
+            return 0
+        end = np.searchsorted(cum, cum[cuts[count - 1]] + limit, side="right") - 1
+        if end == cuts[count - 1]:
+            return 0
+        cuts[count] = end
+        count += 1
+    return count
+
+
+@njit(cache=True)
+def _bisect_cuts(cum, num_stages):
+    """Cuts (``0 .. L``, at most ``num_stages`` runs) of the least feasible greedy limit,
+    bisected 100 times between the largest weight and the total."""
+    cuts = np.zeros(num_stages + 1, dtype=np.int64)
+    lo, hi = np.max(np.diff(cum)), cum[-1]
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if _greedy(cum, num_stages, mid, cuts) == 0:
+            lo = mid
+        else:
+            hi = mid
+    return cuts[:_greedy(cum, num_stages, hi, cuts)].copy()
