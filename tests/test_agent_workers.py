@@ -38,20 +38,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_real_workers(tmp_path, agent_address: str, controller_port: int) -> list[subprocess.Popen]:
+def start_real_workers(tmp_path, agent_address: str, controller_port: int, extra: tuple = (),
+                       log_level: str = "INFO") -> list[subprocess.Popen]:
+    """``expertplane worker`` ranks of PLACEMENT logging to ``tmp_path/worker{rank}.log``;
+    ``extra``: more worker options."""
     master = f"127.0.0.1:{_free_port()}"
     procs = []
     for rank in range(WORLD):
         log = open(tmp_path / f"worker{rank}.log", "w")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "expertplane.cli.main", "worker", "--rank", str(rank),
+            [sys.executable, "-m", "expertplane.cli.main", "--log-level", log_level, "worker",
+             "--rank", str(rank),
              "--world-size", str(WORLD), "--master", master, "--node", "node-a",
              "--placement", "demo", "--agent", agent_address,
              "--controller", f"127.0.0.1:{controller_port}",
              "--listen", f"unix:{tmp_path / f'worker{rank}.sock'}",
              "--layers", str(LAYERS), "--experts", str(EXPERTS), "--top-k", "2",
              "--hidden", "16", "--intermediate", "32", "--tokens-per-step", "32",
-             "--step-interval", "0.02"],
+             "--step-interval", "0.02", *extra],
             stdout=log, stderr=subprocess.STDOUT))
     return procs
 

@@ -6,6 +6,7 @@ health stays open), the agent <-> worker loop with mTLS and tokens on, and no to
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import subprocess
 import sys
@@ -148,27 +149,10 @@ def test_cli_node_local_options_are_apart_from_the_controller_ones(tmp_path, mon
 
 
 # ------------------------------------------------------------ the loop, with real worker processes
-LAYERS, EXPERTS, REPLICAS, WORLD = 2, 4, 6, 2
-PLACEMENT = pb.Placement(
-    name="demo", model=pb.ModelSpec(num_layers=LAYERS, num_experts=EXPERTS, num_groups=1),
-    topology=pb.Topology(num_nodes=1, gpus_per_node=WORLD), num_replicas=REPLICAS,
-    algorithm="deepseek",
-    policy=pb.RebalancePolicy(mode=pb.RebalancePolicy.MANUAL, window_seconds=300))
-
-
-def start_workers(tmp_path, agent_address: str, controller_port: int, local: list[str],
-                  ) -> list[subprocess.Popen]:
-    """``expertplane worker`` ranks at DEBUG level, node-local options ``local``."""
-    master = f"127.0.0.1:{rs.free_port()}"
-    return [rs.spawn(
-        [sys.executable, "-m", "expertplane.cli.main", "--log-level", "DEBUG", "worker",
-         "--rank", str(rank), "--world-size", str(WORLD), "--master", master, "--node", "node-a",
-         "--placement", "demo", "--agent", agent_address,
-         "--controller", f"127.0.0.1:{controller_port}",
-         "--listen", f"unix:{tmp_path / f'worker{rank}.sock'}", "--layers", str(LAYERS),
-         "--experts", str(EXPERTS), "--top-k", "2", "--hidden", "16", "--intermediate", "32",
-         "--tokens-per-step", "32", "--step-interval", "0.02", *local],
-        tmp_path / f"worker{rank}.log") for rank in range(WORLD)]
+_spec = importlib.util.spec_from_file_location("agent_workers_support",
+                                               Path(__file__).with_name("test_agent_workers.py"))
+real = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(real)
 
 
 @pytest.mark.timeout(240)
@@ -194,12 +178,14 @@ def test_agent_and_workers_loop_with_mtls_and_tokens(tmp_path, certs, caplog):
     try:
         with make_channel(f"127.0.0.1:{port}") as ch:
             plans = pb_grpc.PlanServiceStub(ch)
-            plans.ApplyPlacement(PLACEMENT, timeout=30)
+            plans.ApplyPlacement(real.PLACEMENT, timeout=30)
             address = agent.start()
             # workers with the client cert but without the node-local token are refused
             (tmp_path / "untrusted").mkdir()
-            workers += start_workers(tmp_path / "untrusted", address, port, local_args[:-2])
-            workers += start_workers(tmp_path, address, port, local_args)
+            workers += real.start_real_workers(tmp_path / "untrusted", address, port,
+                                               tuple(local_args[:-2]), log_level="DEBUG")
+            workers += real.start_real_workers(tmp_path, address, port, tuple(local_args),
+                                               log_level="DEBUG")
             rs.wait_until(lambda: sorted(h.info.rank for h in agent.registry.handles()) == [0, 1]
                           and all(h.last_pull for h in agent.registry.handles()), 40,
                           "both workers registered over mTLS + token and pulled (see worker*.log)")
@@ -220,10 +206,11 @@ def test_agent_and_workers_loop_with_mtls_and_tokens(tmp_path, certs, caplog):
             assert len(agent.registry) == 2                  # the untrusted ranks never joined
     finally:
         for p in workers:
-            rs.signal_group(p)
+            p.kill()
+            p.wait(10)
         agent.stop(0)
         controller.stop(0.2)
     assert "registered with agent" not in untrusted.read_text()
     assert "registered with agent" in (tmp_path / "worker0.log").read_text()
     logs = [caplog.text] + [p.read_text() for p in tmp_path.rglob("worker*.log")]
-    assert len(logs) == 1 + 2 * WORLD and all(TOKEN not in text for text in logs)
+    assert len(logs) == 1 + 2 * real.WORLD and all(TOKEN not in text for text in logs)
