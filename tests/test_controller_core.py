@@ -84,4 +84,5 @@ def test_shed_reports_are_counted_as_overloaded_not_ingested(ctl):
     r = load_report("n0", 0, "m", 1, 1, np.full((2, 3), 5))
     assert ctl.shed(r).status == pb.LoadAck.OVERLOADED
     assert ctl.aggregator.view("m").reports == 0
-    assert ctl.metrics.reports.labels("m", "OVERLOADED")._value.get() == 1
+    assert ctl.metrics.registry.get_sample_value(
+        "expertplane_controller_reports_total", {"placement": "m", "status": "OVERLOADED"}) == 1
