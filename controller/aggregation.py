@@ -8,7 +8,7 @@ force has changed since. Reports land in time buckets as raw slot counts per pla
 window load is the sum of the buckets younger than the window, each weighted by
 ``2 ** (-age / half_life)`` (no decay when half_life is 0). Memory per placement is bounded:
 at most ``BUCKETS + 2`` buckets, ``MAX_CACHED_VERSIONS`` slot maps and ``MAX_SEQUENCES`` dedupe
-entries, and fewer than ``FOLD_EVERY`` reports per plan version not yet folded into the newest bucket.
+entries.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from expertplane.rpc.tensors import TensorError, to_numpy
 BUCKETS = 32
 MAX_CACHED_VERSIONS = 16
 MAX_SEQUENCES = 65536
-FOLD_EVERY = 256
 Ack = pb.LoadAck
 
 # (placement, version) -> phy2log [L, R] of a stored plan, or None if there is none.
@@ -54,35 +53,13 @@ class WindowView:
 
 
 class _Bucket:
-    """Token counts received in one time bucket, per plan version as slots [G, L, S] float64.
+    """Token counts received in one time bucket, per plan version as slots [G, L, S] float64."""
 
-    A report's counts [L, S] are appended to ``pending`` and folded into ``slots`` FOLD_EVERY at
-    a time (or when the window is read): one vectorised add per batch instead of one per report.
-    """
+    __slots__ = ("start", "slots")
 
-    __slots__ = ("start", "shape", "slots", "pending")
-
-    def __init__(self, start: float, shape: tuple[int, int, int]):
+    def __init__(self, start: float):
         self.start = start
-        self.shape = shape
         self.slots: dict[int, np.ndarray] = {}
-        self.pending: dict[int, list[tuple[int, np.ndarray]]] = {}
-
-    def add(self, version: int, rank: int, counts: np.ndarray) -> None:
-        batch = self.pending.setdefault(version, [])
-        batch.append((rank, counts))
-        if len(batch) >= FOLD_EVERY:
-            self.fold()
-
-    def fold(self) -> None:
-        """Add every pending report to ``slots``."""
-        for version, batch in self.pending.items():
-            slots = self.slots.get(version)
-            if slots is None:
-                slots = self.slots[version] = np.zeros(self.shape)
-            np.add.at(slots, np.array([rank for rank, _ in batch]),
-                      np.stack([counts for _, counts in batch]))
-        self.pending.clear()
 
 
 class PlacementWindow:
@@ -101,12 +78,10 @@ class PlacementWindow:
 
     def sizes(self) -> dict[str, int]:
         """How full the bounded state is: time buckets (<= BUCKETS + 2), cached slot maps
-        (<= MAX_CACHED_VERSIONS), dedupe entries (<= MAX_SEQUENCES) and reports not yet folded
-        into the newest bucket (< FOLD_EVERY per plan version)."""
+        (<= MAX_CACHED_VERSIONS), and dedupe entries (<= MAX_SEQUENCES)."""
         with self._lock:
             return {"buckets": len(self._buckets), "slot_maps": len(self._slot_maps),
-                    "sequences": len(self._seen),
-                    "pending": sum(len(v) for b in self._buckets for v in b.pending.values())}
+                    "sequences": len(self._seen)}
 
     @property
     def bucket_seconds(self) -> float:
@@ -181,18 +156,20 @@ class PlacementWindow:
         self._seen.move_to_end(key)
         if len(self._seen) > MAX_SEQUENCES:
             self._seen.popitem(last=False)
-        self._bucket(now).add(r.plan_version, r.worker_rank, counts)
+        bucket = self._bucket(now)
+        slots = bucket.slots.get(r.plan_version)
+        if slots is None:
+            s = self.spec
+            slots = bucket.slots[r.plan_version] = np.zeros((s.num_gpus, s.num_layers,
+                                                             s.slots_per_gpu))
+        slots[r.worker_rank] += counts
         self.reports += 1
         return IngestResult(Ack.ACCEPTED, "", lag)
 
     def _bucket(self, now: float) -> _Bucket:
         width = self.bucket_seconds
         if not self._buckets or now >= self._buckets[-1].start + width:
-            if self._buckets:
-                self._buckets[-1].fold()         # only the newest bucket has pending reports
-            s = self.spec
-            self._buckets.append(_Bucket(now - (now % width),
-                                         (s.num_gpus, s.num_layers, s.slots_per_gpu)))
+            self._buckets.append(_Bucket(now - (now % width)))
         horizon = now - self.spec.policy.window_seconds - width
         while self._buckets and self._buckets[0].start < horizon:
             self._buckets.popleft()
@@ -209,7 +186,6 @@ class PlacementWindow:
                 if age > s.policy.window_seconds:
                     continue
                 w = 2.0 ** (-max(age, 0.0) / half) if half > 0 else 1.0
-                b.fold()
                 for version, slots in b.slots.items():
                     if version in totals:
                         totals[version] += w * slots
