@@ -227,6 +227,14 @@ class _Problem:
         self.par = np.concatenate([[0.0], np.cumsum(profile.param_bytes)])        # [L+1]
         self.tot = self.cum[-1]
 
+    def stage_times(self, cuts: np.ndarray) -> np.ndarray:
+        """Stage ``(F, B, W)`` seconds ``[K, S, 3]`` of partitions ``cuts`` ``[K, S+1]``, from
+        the prefix sums; ``W`` is clipped to ``B`` (layers with ``W = B`` can otherwise give a
+        stage ``W`` one rounding step above its ``B``)."""
+        times = self.cum[cuts[:, 1:]] - self.cum[cuts[:, :-1]]
+        times[..., 2] = np.minimum(times[..., 2], times[..., 1])
+        return times
+
     def _chains(self, rows: np.ndarray, stage: np.ndarray, cuts: np.ndarray) -> np.ndarray:
         """Chain lengths ``[K, n]`` of ``rows`` ``[n, 13]`` at stages ``stage`` ``[n]`` for
         partitions ``cuts`` ``[K, S+1]``."""
@@ -239,7 +247,7 @@ class _Problem:
         """Lower bounds ``[K]`` on the step time from two-stage rank ``r`` for partitions
         ``cuts`` ``[K, S+1]`` whose stages on ``r`` are fixed."""
         sx, into, sy, tail, counts = self.tables.rank_paths[r]
-        times = self.cum[cuts[:, 1:]] - self.cum[cuts[:, :-1]]                    # [K, S, 3]
+        times = self.stage_times(cuts)
         dur = part_durations(*self.tables.class_parts[r], times, self.overlap)           # [K, C]
         return (self._chains(into, sx, cuts) + dur @ counts.T
                 + self._chains(tail, sy, cuts)).max(axis=1)
@@ -371,8 +379,7 @@ class _Search:
         """Simulate complete partitions ``[K, S+1]`` in one batch; keep the best."""
         if len(cuts) == 0:
             return
-        cum = self.pb.cum
-        times = cum[cuts[:, 1:]] - cum[cuts[:, :-1]]                           # [K, S, 3]
+        times = self.pb.stage_times(cuts)
         steps = step_times(self.pb.dag, times, self.pb.p2p, self.pb.overlap)
         i = int(np.argmin(steps))
         if steps[i] < self.best:
@@ -508,7 +515,7 @@ def evaluate(layers, boundaries: Sequence[int], *, schedule: str = "1f1b",
     profile = profile_from_layers(layers)
     bounds = _check_boundaries(boundaries, len(profile))
     pb, lay = _setup(profile, len(bounds) - 1, schedule, micro_batches, p2p, overlap, None)
-    times = np.array([pb.cum[bounds[s + 1]] - pb.cum[bounds[s]] for s in range(lay.num_stages)])
+    times = pb.stage_times(np.array([bounds]))[0]
     result = simulate(times, schedule, lay.micro_batches, p2p=p2p, overlap=overlap,
                       timeline=False)
     mem = np.array([[x[0] for x in pb.rank_memory(r, np.array([bounds]))]
