@@ -13,7 +13,7 @@ from expertplane.agent.buffer import ReportBuffer
 from expertplane.agent.config import AgentConfig
 from expertplane.agent.gpu import GpuSampler
 from expertplane.agent.metrics import AgentMetrics
-from expertplane.agent.registry import WorkerHandle, WorkerRegistry
+from expertplane.agent.registry import WorkerHandle, WorkerKey, WorkerRegistry
 from expertplane.agent.reports import SnapshotError, build_report
 from expertplane.proto import expertplane_pb2 as pb
 
@@ -29,9 +29,10 @@ class Collector:
     the worker from the registry (reported WORKER_LOST). Each good snapshot becomes a LoadReport
     with the next sequence of its rank (strictly increasing per rank, within ``agent_epoch``).
 
-    Pulls acknowledge the worker's last snapshot received (``WorkerHandle.counted``), so a worker
-    sends a snapshot again until it is known to have arrived (a lost answer loses nothing); a
-    snapshot whose (epoch, sequence) was already counted is not reported again.
+    Pulls acknowledge the (epoch, sequence) of the last snapshot received from that worker (kept
+    per (placement, rank), so across a re-registration too), so a worker sends a snapshot again
+    until it is known to have arrived (a lost answer loses nothing); a snapshot whose (epoch,
+    sequence) was already counted is not reported again.
     """
 
     def __init__(self, config: AgentConfig, registry: WorkerRegistry, buffer: ReportBuffer,
@@ -43,6 +44,7 @@ class Collector:
         self._metrics = metrics
         self.agent_epoch = agent_epoch
         self._sequences: dict[int, int] = {}
+        self._counted: dict[WorkerKey, tuple[int, int]] = {}
         self._seq_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="agent-pull")
         self._stopping = threading.Event()
@@ -82,7 +84,8 @@ class Collector:
     def _pull_once(self, handle: WorkerHandle) -> None:
         started = time.time()
         t0 = time.monotonic()
-        epoch, sequence = handle.counted
+        with self._seq_lock:
+            epoch, sequence = self._counted.get(handle.key, (0, 0))
         request = pb.PullCountersRequest(agent_epoch=self.agent_epoch, ack_epoch=epoch,
                                          ack_sequence=sequence)
         try:
@@ -94,11 +97,6 @@ class Collector:
             return
         self._metrics.pull_latency.observe(time.monotonic() - t0)
         handle.missed_pulls = 0
-        if _already_counted(snapshot, handle.counted):
-            log.info("rank %d sent snapshot %d again: already counted, not reported twice",
-                     snapshot.rank, snapshot.sequence)
-            self._metrics.snapshots_duplicate.inc()
-            return
         previous, handle.last_pull = handle.last_pull, started
         info = self._registry.update(handle, plan_version=snapshot.plan_version or None)
         if not snapshot.HasField("window_end"):
@@ -107,18 +105,22 @@ class Collector:
             snapshot.window_start.FromNanoseconds(int((previous or started) * 1e9))
         gpu = self._gpu.sample(info.rank)
         with self._seq_lock:
+            if _already_counted(snapshot, self._counted.get(handle.key, (0, 0))):
+                log.info("rank %d sent snapshot %d again: already counted, not reported twice",
+                         info.rank, snapshot.sequence)
+                self._metrics.snapshots_duplicate.inc()
+                return
+            self._counted[handle.key] = (snapshot.epoch, snapshot.sequence)  # the next pull's ack
             sequence = self._sequences.get(info.rank, 0) + 1
             try:
                 report = build_report(snapshot, info, sequence=sequence,
                                       agent_epoch=self.agent_epoch, gpu=gpu)
-            except SnapshotError as exc:
+            except SnapshotError as exc:   # acknowledged all the same: sent again, still malformed
                 log.warning("rank %d sent a malformed counter snapshot, not reported: %s",
                             info.rank, exc)
-                handle.counted = (snapshot.epoch, snapshot.sequence)   # acknowledged all the same
                 return
             self._sequences[info.rank] = sequence
             dropped = self._buffer.put(report)
-            handle.counted = (snapshot.epoch, snapshot.sequence)
         if dropped:
             self._metrics.reports_dropped.inc(dropped)
         self._metrics.buffer_depth.set(len(self._buffer))

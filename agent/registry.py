@@ -35,7 +35,6 @@ class WorkerHandle:
     channel: grpc.Channel
     stub: pb_grpc.WorkerServiceStub
     missed_pulls: int = 0
-    counted: tuple[int, int] = (0, 0)  # (epoch, sequence) of the last snapshot received: the ack
     pulling: bool = False
     last_pull: float = 0.0       # time.time() of the last successful pull (0 = none yet)
     lock: threading.Lock = field(default_factory=threading.Lock)

@@ -138,9 +138,15 @@ def test_lost_answers_and_replayed_snapshots_lose_and_double_count_nothing(make_
     server, address[0] = serve_worker_service(servicer, address[0], SecurityConfig())
     try:
         agent = make_agent(controller.port, interval=0.05, lost_after=3)
-        with make_channel(agent.start()) as ch:
-            pb_grpc.AgentServiceStub(ch).Register(pb.RegisterRequest(worker=servicer.info()),
-                                                  timeout=5)
+        agent_address = agent.start()
+
+        def register() -> None:
+            with make_channel(agent_address) as ch:
+                pb_grpc.AgentServiceStub(ch).Register(pb.RegisterRequest(worker=servicer.info()),
+                                                      timeout=5)
+
+        register()
+        rejoined = False
         rng = np.random.default_rng(0)
         added = np.zeros((LAYERS, SLOTS), dtype=np.int64)
         deadline = time.monotonic() + 2.0
@@ -149,15 +155,21 @@ def test_lost_answers_and_replayed_snapshots_lose_and_double_count_nothing(make_
             ledger.add(1, step)
             added += step
             time.sleep(0.005)
+            if faults.pulls >= 20 and not rejoined:
+                # dropped and registered again (the same worker process, its last snapshot
+                # counted but not yet acknowledged): the new handle must not count it again
+                agent.registry.lose(agent.registry.handles()[0], "dropped by the test")
+                register()
+                rejoined = True
 
         def reported() -> np.ndarray:
             return sum((np.array(r.slot_counts.values).reshape(LAYERS, SLOTS)
                         for r in controller.reports(0)), np.zeros((LAYERS, SLOTS), dtype=np.int64))
 
-        e2e.wait_for(lambda: (reported() == added).all(), timeout=15,
+        e2e.wait_for(lambda: (reported() >= added).all(), timeout=15,
                      what="every token counted at the controller")
         time.sleep(0.5)                                  # ~10 more pulls: nothing counted twice
-        assert (reported() == added).all()
+        assert (reported() == added).all(), reported() - added
         # each lost answer was sent again; a stale pull right after a good one got a duplicate
         # (right after a lost one it got the missing snapshot instead, new to the agent)
         duplicates = agent.metrics.snapshots_duplicate._value.get()
