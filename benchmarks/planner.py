@@ -7,7 +7,8 @@ For each shape x load family it measures, in one run:
 * balance (max / mean GPU load, mean over layers) of "deepseek" and "balanced", the lower bound
   (``planner.bounds``) and the share of the deepseek-to-bound gap that "balanced" closes;
 * movement-aware re-planning after a 10% load drift (``--drift``): slots a fresh "balanced"
-  plan changes vs slots the movement-aware plan changes, and its balance against the fresh one.
+  plan changes vs slots the movement-aware plan changes, its balance against the fresh one and
+  its time.
 
 Times are the best of ``--repeat`` runs after one warm-up run (numba compilation excluded).
 """
@@ -95,6 +96,7 @@ class Row:
     moved_fresh: int | None
     moved_aware: int | None
     aware_vs_fresh: float | None
+    t_aware: float | None
 
 
 def bench_case(shape: Shape, family: str, layers: int, repeat: int, with_reference: bool,
@@ -120,18 +122,19 @@ def bench_case(shape: Shape, family: str, layers: int, repeat: int, with_referen
     bound = lower_bound(w, *args, is_hierarchical(shape.num_groups, shape.num_nodes))
     gap = b_ds.mean() - bound.mean()
     closed = (b_ds.mean() - b_bal.mean()) / gap if gap > 1e-9 else 1.0
-    moved_fresh = moved_aware = ratio = None
+    moved_fresh = moved_aware = ratio = t_aware = None
     if with_movement:
         w2 = drift(w, drift_amount, rng)
         fresh = rebalance_experts(w2, *args, algorithm="balanced")
-        aware = rebalance_experts(w2, *args, algorithm="balanced", previous=bal[0])
+        t_aware, aware = _best_time(
+            lambda: rebalance_experts(w2, *args, algorithm="balanced", previous=bal[0]), repeat)
         moved_fresh = migration(bal[0], fresh[0]).slots_moved
         moved_aware = migration(bal[0], aware[0]).slots_moved
         ratio = float((balance(w2, aware[0].numpy(), aware[2].numpy(), shape.num_gpus)
                        / balance(w2, fresh[0].numpy(), fresh[2].numpy(), shape.num_gpus)).max())
     return Row(shape.name, family, t_ref, t_ds, t_bal, float(b_ds.mean()), float(b_bal.mean()),
                float(b_ds.max()), float(b_bal.max()), float(bound.mean()), float(closed),
-               moved_fresh, moved_aware, ratio)
+               moved_fresh, moved_aware, ratio, t_aware)
 
 
 def _table(rows: list[Row]):
@@ -141,7 +144,7 @@ def _table(rows: list[Row]):
                         "layers; speed-up vs DeepSeek eplb.py)")
     for col in ("shape", "loads", "eplb.py", "deepseek", "balanced", "bal deepseek",
                 "bal balanced", "bound", "gap closed", "moves fresh", "moves aware",
-                "aware/fresh bal"):
+                "aware/fresh bal", "aware time"):
         table.add_column(col, justify="right")
     for r in rows:
         def speed(t):
@@ -154,7 +157,8 @@ def _table(rows: list[Row]):
             "-" if r.moved_fresh is None else str(r.moved_fresh),
             "-" if r.moved_aware is None else
             f"{r.moved_aware} ({r.moved_aware / max(r.moved_fresh, 1):.1%})",
-            "-" if r.aware_vs_fresh is None else f"{r.aware_vs_fresh:.4f}")
+            "-" if r.aware_vs_fresh is None else f"{r.aware_vs_fresh:.4f}",
+            "-" if r.t_aware is None else f"{r.t_aware * 1e3:.0f} ms")
     return table
 
 

@@ -10,8 +10,11 @@ Given the plan in force (``previous`` phy2log [L, R]) and new loads, per layer:
 2. **Repair of the old plan** (algorithms "deepseek" and "balanced"). Starting from
    ``previous`` itself, apply the best move per changed slot until the layer's balance is within
    ``tolerance`` (2%) of the fresh plan's: re-assign one slot to another expert (1 slot changed,
-   replica counts change) or swap two slots between GPUs (2 slots changed), each chosen to take
-   load off the most loaded GPU without pushing any touched GPU to that load. In hierarchical
+   replica counts change) or swap two slots between GPUs (2 slots changed), each touching the
+   most loaded GPU and chosen to remove the most excess per changed slot, excess being the
+   load of every touched GPU above ``1 - slack`` of the target (so moves leave headroom on the
+   GPUs they fill rather than packing them to the brim for later moves; run once per slack in
+   ``SLACKS``, since which headroom pays varies by layer). In hierarchical
    mode moves stay inside a node and experts only go to their group's node.
    Global policy also repairs a second start: ``previous`` changed to the fresh plan's replica
    counts with as few slot changes as counts allow (surplus replicas freed on the most loaded
@@ -23,6 +26,8 @@ Given the plan in force (``previous`` phy2log [L, R]) and new loads, per layer:
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from numba import njit, prange
 from scipy.optimize import linear_sum_assignment
@@ -33,6 +38,8 @@ from expertplane.planner.metrics import gpu_loads
 from expertplane.planner.plan import build_log2phy
 
 TOLERANCE = 0.02  # allowed relative balance loss against a fresh plan
+# the repair counts GPU loads above (1 - slack) x target as excess; it runs once per slack
+SLACKS = (0.01, 0.04)
 _REL = 1e-12
 _REPAIRABLE = ("deepseek", "balanced")
 
@@ -187,12 +194,10 @@ def _relabel_max(row, counts, w, slot_load, gpu_load, per_gpu, j, e, starts, slo
     return top, nt
 
 
-@njit(cache=True)
-def _untouched_max(by_load, gpu_load, mark):
-    for g in by_load:
-        if not mark[g]:
-            return gpu_load[g]
-    return -np.inf
+@njit(cache=True, inline="always")
+def _excess(load, level):
+    """How far a GPU load lies above ``level`` (0 below it)."""
+    return max(load - level, 0.0)
 
 
 @njit(cache=True)
@@ -213,15 +218,19 @@ def _row_loads(w, row, num_gpus):
 
 
 @njit(cache=True)
-def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget):
+def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack):
     """Repair one layer's plan ``row`` [R] (in place) towards max GPU load <= ``target``.
 
-    slot_node [R] node of each slot; expert_node [E] node an expert must stay on (-1: any).
-    At most ``budget`` slot changes are spent. Returns True if the target was reached.
+    Each step changes the most loaded GPU's slots or counts by the move that removes the most
+    excess (GPU load above ``(1 - slack) * target``, summed over the touched GPUs) per changed
+    slot; it stops when no move removes any. slot_node [R] node of each slot; expert_node [E]
+    node an expert must stay on (-1: any). At most ``budget`` slot changes are spent. Returns
+    True if the target was reached.
     """
     replicas = row.shape[0]
     per_gpu = replicas // num_gpus
     counts, slot_load, gpu_load = _row_loads(w, row, num_gpus)
+    level = target * (1.0 - slack)
     delta = np.zeros(num_gpus)
     touched = np.empty(num_gpus, dtype=np.int64)
     mark = np.zeros(num_gpus, dtype=np.bool_)
@@ -230,8 +239,7 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget):
     slots = np.empty(replicas, dtype=np.int64)
     spent = 0
     while spent < budget:
-        by_load = np.argsort(-gpu_load)
-        g = by_load[0]
+        g = np.argmax(gpu_load)
         top = gpu_load[g]
         if top <= target:
             return True
@@ -252,9 +260,12 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget):
                     continue
                 new_top, nt = _relabel_max(row, counts, w, slot_load, gpu_load, per_gpu, j, e,
                                            starts, slots, delta, touched, mark)
-                if new_top < top * (1.0 - _REL):
-                    rest = _untouched_max(by_load, gpu_load, mark)
-                    score = top - max(new_top, rest) + 1e-3 * (top - new_top)
+                gain = 0.0
+                for t in range(nt):
+                    h = touched[t]
+                    gain += _excess(gpu_load[h], level) - _excess(gpu_load[h] + delta[h], level)
+                if gain > top * _REL:
+                    score = gain + 1e-3 * (top - new_top)
                     if score > best_score:
                         best_score, best_kind, best_a, best_b = score, 1, j, e
                 for t in range(nt):
@@ -269,13 +280,10 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget):
                 if d <= 0.0:
                     continue
                 new_top = max(top - d, gpu_load[h] + d)
-                if new_top < top * (1.0 - _REL):
-                    mark[g] = True
-                    mark[h] = True
-                    rest = _untouched_max(by_load, gpu_load, mark)
-                    mark[g] = False
-                    mark[h] = False
-                    score = (top - max(new_top, rest) + 1e-3 * (top - new_top)) / 2.0
+                gain = (_excess(top, level) + _excess(gpu_load[h], level)
+                        - _excess(top - d, level) - _excess(gpu_load[h] + d, level))
+                if gain > top * _REL:
+                    score = (gain + 1e-3 * (top - new_top)) / 2.0
                     if score > best_score:
                         best_score, best_kind, best_a, best_b = score, 2, a, b
         for i in range(g * per_gpu, (g + 1) * per_gpu):
@@ -359,14 +367,14 @@ def _revert(weight, plans, previous, num_gpus, slot_node, expert_node, target):
 
 
 @njit(cache=True, parallel=True)
-def _repair(weight, start, num_gpus, slot_node, expert_node, target, budget):
+def _repair(weight, start, num_gpus, slot_node, expert_node, target, budget, slack):
     """Repair every layer of ``start`` [L, R] (copied); returns (plans, target reached [L])."""
     layers = weight.shape[0]
     out = start.copy()
     reached = np.zeros(layers, dtype=np.bool_)
     for layer in prange(layers):
         reached[layer] = _repair_row(weight[layer], out[layer], num_gpus, slot_node,
-                                     expert_node[layer], target[layer], budget[layer])
+                                     expert_node[layer], target[layer], budget[layer], slack)
     return out, reached
 
 
@@ -501,10 +509,10 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
         starts = [prev, _recount(w, prev, build_log2phy(fresh, experts)[1], r // p)]
     budget = (aligned != prev).sum(-1)
     best, best_moves = aligned, budget
-    for start in starts:
+    for start, slack in itertools.product(starts, SLACKS):
         spent = (start != prev).sum(-1)
         repaired, reached = _repair(w, start, p, slot_node, expert_node, target,
-                                    np.maximum(best_moves - spent, 0))
+                                    np.maximum(best_moves - spent, 0), slack)
         if not hier:  # also re-pack the worst GPUs of the repaired plan or of the start
             for layer in range(layers):
                 for plan in (repaired[layer], start[layer]):

@@ -23,22 +23,20 @@ def _balance(w, plan, gpus):
     return balance(w, plan[0].numpy(), plan[2].numpy(), gpus)
 
 
-# (algorithm, shape, loads, largest share of a fresh plan's moved slots). The target is
-# 20%; "balanced" on 640/320 with Zipf 0.8 misses it (about 30%, documented in
-# docs/planner-algorithms.md): its fresh plans are so even (1.02) that the 2% band leaves
-# almost every GPU that the drift pushed up to fix.
-CASES = [("deepseek", (288, 8, 4, 32), "zipf1.2", 0.2),
-         ("balanced", (288, 8, 4, 32), "zipf1.2", 0.2),
-         ("deepseek", (288, 8, 18, 144), "zipf1.2", 0.2),
-         ("balanced", (288, 8, 18, 144), "lognormal", 0.2),
-         ("deepseek", (288, 8, 18, 144), "lognormal", 0.2),
-         ("deepseek", (640, 8, 40, 320), "zipf0.8", 0.2),
-         ("balanced", (640, 8, 40, 320), "zipf1.2", 0.2),
-         ("balanced", (640, 8, 40, 320), "zipf0.8", 0.35)]
+# (algorithm, shape, loads): the movement-aware plan changes at most 20% of the slots a fresh
+# plan changes (the target), with balance within 2% of the fresh plan's.
+CASES = [("deepseek", (288, 8, 4, 32), "zipf1.2"),
+         ("balanced", (288, 8, 4, 32), "zipf1.2"),
+         ("deepseek", (288, 8, 18, 144), "zipf1.2"),
+         ("balanced", (288, 8, 18, 144), "lognormal"),
+         ("deepseek", (288, 8, 18, 144), "lognormal"),
+         ("deepseek", (640, 8, 40, 320), "zipf0.8"),
+         ("balanced", (640, 8, 40, 320), "zipf1.2"),
+         ("balanced", (640, 8, 40, 320), "zipf0.8")]
 
 
-@pytest.mark.parametrize("algorithm,shape,family,share", CASES)
-def test_drift_moves_few_slots_and_keeps_balance(algorithm, shape, family, share):
+@pytest.mark.parametrize("algorithm,shape,family", CASES)
+def test_drift_moves_few_slots_and_keeps_balance(algorithm, shape, family):
     rng = np.random.default_rng(11)
     w0 = make_loads(family, 4, 256, rng)
     w1 = drift(w0, 0.1, rng)
@@ -51,7 +49,7 @@ def test_drift_moves_few_slots_and_keeps_balance(algorithm, shape, family, share
     assert (_balance(w1, aware, gpus) <= _balance(w1, fresh, gpus) * (1 + TOLERANCE) + 1e-12).all()
     moved_fresh = migration(previous, fresh[0]).slots_moved
     moved_aware = migration(previous, aware[0]).slots_moved
-    assert moved_aware <= share * moved_fresh
+    assert moved_aware <= 0.2 * moved_fresh
 
 
 @pytest.mark.parametrize("algorithm", ["deepseek", "balanced"])
