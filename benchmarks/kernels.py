@@ -2,8 +2,9 @@
 dispatch/combine, and (through ``benchmarks.hotswap``) expert hot-swap. Needs CUDA.
 
 Every number is paired with a baseline measured in the same run:
-- grouped GEMM (the layer's SwiGLU expert FFN path, and the Triton grouped GEMM) vs
-  ``torch._grouped_mm`` on the same rows, DeepSeek-V3 shapes (H 7168, I 2048, 32 local experts);
+- grouped GEMM: the layer's expert FFN (Triton, SwiGLU fused) vs ``torch._grouped_mm`` + torch
+  SwiGLU, and each Triton GEMM alone vs ``torch._grouped_mm``, on the same rows, DeepSeek-V3
+  shapes (H 7168, I 2048, 32 local experts);
 - Triton weighted combine / SwiGLU / histogram vs the torch ops, in GB/s;
 - the MoE layer step (world size 1 over NCCL) vs its expert GEMM alone;
 - dispatch+combine bus bandwidth vs a raw ``all_to_all_single`` of the same bytes (>= 2 GPUs).
@@ -84,6 +85,20 @@ def _random_counts(total: int, groups: int, seed: int) -> list[int]:
 
 
 def _bench_gemm(args) -> dict:
+    """Each variant against its own baseline, same rows, same run (best of two interleaved
+    passes of medians):
+
+    - ``ffn_*``: the whole expert FFN (gate/up GEMM, SwiGLU, down GEMM). Baseline
+      ``ffn_torch_grouped_mm`` = ``torch._grouped_mm`` + torch SwiGLU + ``torch._grouped_mm``;
+      ``ffn_layer`` = ``LocalExperts.forward`` (CUDA: the Triton grouped GEMM with the SwiGLU
+      fused into the gate/up epilogue, then the Triton down GEMM): GEMM+activation fused vs
+      GEMMs + activation (from GROUPED_MM_MIN_ROWS rows per slot on, the layer runs
+      ``torch._grouped_mm`` + Triton SwiGLU instead); ``ffn_layer_swapped`` = the same
+      weights after a hot-swap (not one stacked buffer: always the Triton kernel);
+      ``ffn_loop`` = the per-expert matmul fallback.
+    - ``gemm_up_*`` / ``gemm_down_*``: one GEMM alone, Triton ``grouped_gemm`` vs
+      ``torch._grouped_mm`` (gate/up: K = H, N = 2I; down: K = I, N = H).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -94,59 +109,72 @@ def _bench_gemm(args) -> dict:
     w13 = torch.randn(s, h, 2 * i, device="cuda", dtype=torch.bfloat16) / h ** 0.5
     w2 = torch.randn(s, i, h, device="cuda", dtype=torch.bfloat16) / i ** 0.5
     experts = LocalExperts(w13, w2)
+    # as after a hot-swap: slot 0 reads a second buffer, so the weights are not one stack and
+    # the Triton kernel runs at every size
+    swapped = LocalExperts.from_segments([(w13, w2), (w13[:1].clone(), w2[:1].clone())],
+                                         [(1, 0)] + [(0, e) for e in range(1, s)])
+    (base13, offs13), (base2, offs2) = experts.weight_tables()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     dense_ms = time_ms(lambda: a @ b, args.iters)
-    out = {"dense_8192_tflops": 2 * 8192 ** 3 / dense_ms / 1e9, "rows": {}}
+    weight_bytes = (w13.numel() + w2.numel()) * w13.element_size()
+    out = {"dense_8192_tflops": 2 * 8192 ** 3 / dense_ms / 1e9, "weight_bytes": weight_bytes,
+           "rows": {}}
     del a, b
     for n in args.tokens:
         counts = _random_counts(n, s, seed=n)
         tokens_per_slot = torch.tensor(counts, device="cuda")
         offs = torch.cumsum(tokens_per_slot, 0).to(torch.int32)
         x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+        act = torch.randn(n, i, device="cuda", dtype=torch.bfloat16)
 
-        def torch_grouped():
+        def ffn_torch():
             gate, up = torch._grouped_mm(x, w13, offs=offs).chunk(2, dim=-1)
             return torch._grouped_mm((F.silu(gate) * up).contiguous(), w2, offs=offs)
 
-        def layer_path():
-            return experts(x, tokens_per_slot, counts)
-
-        def loop():
+        def ffn_loop():
             gate, up = grouped_mm_loop(x, w13, counts).chunk(2, dim=-1)
             return grouped_mm_loop((F.silu(gate) * up).contiguous(), w2, counts)
 
-        flops = 6 * n * h * i
-        ref = loop().float()
+        flops_ffn, flops_up, flops_down = 6 * n * h * i, 4 * n * h * i, 2 * n * h * i
+        # name: (fn, baseline name, flops, reference fn for the error)
+        variants = {
+            "ffn_torch_grouped_mm": (ffn_torch, "ffn_torch_grouped_mm", flops_ffn, ffn_loop),
+            "ffn_layer": (lambda: experts(x, tokens_per_slot, counts), "ffn_torch_grouped_mm",
+                          flops_ffn, ffn_loop),
+            "ffn_layer_swapped": (lambda: swapped(x, tokens_per_slot, counts),
+                                  "ffn_torch_grouped_mm", flops_ffn, ffn_loop),
+            "ffn_loop": (ffn_loop, "ffn_torch_grouped_mm", flops_ffn, ffn_loop),
+            "gemm_up_torch_grouped_mm": (lambda: torch._grouped_mm(x, w13, offs=offs),
+                                         "gemm_up_torch_grouped_mm", flops_up,
+                                         lambda: grouped_mm_loop(x, w13, counts)),
+            "gemm_up_triton": (lambda: triton_ops.grouped_gemm(x, base13, offs13, offs, 2 * i,
+                                                                 2 * i),
+                               "gemm_up_torch_grouped_mm", flops_up,
+                               lambda: grouped_mm_loop(x, w13, counts)),
+            "gemm_down_torch_grouped_mm": (lambda: torch._grouped_mm(act, w2, offs=offs),
+                                           "gemm_down_torch_grouped_mm", flops_down,
+                                           lambda: grouped_mm_loop(act, w2, counts)),
+            "gemm_down_triton": (lambda: triton_ops.grouped_gemm(act, base2, offs2, offs, h, h),
+                                 "gemm_down_torch_grouped_mm", flops_down,
+                                 lambda: grouped_mm_loop(act, w2, counts)),
+        }
         row = {}
-        variants = {"torch_grouped_mm": torch_grouped, "layer_experts": layer_path, "loop": loop}
-        if triton_ops.HAVE_TRITON:
-            for block_m in (64, 128, 256):
-                variants[f"triton_bm{block_m}"] = _triton_ffn(x, w13, w2, counts, block_m)
-        for name, fn in variants.items():
+        for name, (fn, _, _, ref_fn) in variants.items():
+            ref = ref_fn().float()
             err = float((fn().float() - ref).norm() / ref.norm())
             row[name] = {"rel_err_vs_loop": err, "ms": float("inf")}
         for _ in range(2):       # two interleaved passes; the faster of each variant counts
-            for name, fn in variants.items():
+            for name, (fn, _, _, _) in variants.items():
                 row[name]["ms"] = min(row[name]["ms"], time_ms(fn, args.iters))
-        for name in row:
+        for name, (_, base, flops, _) in variants.items():
             row[name]["tflops"] = flops / row[name]["ms"] / 1e9
-        base = row["torch_grouped_mm"]["ms"]
-        for name in row:
-            row[name]["x_vs_torch_grouped_mm"] = base / row[name]["ms"]
+            row[name]["baseline"] = base
+            row[name]["x_vs_baseline"] = row[base]["ms"] / row[name]["ms"]
         out["rows"][str(n)] = row
+    out["tuned_configs"] = {str(key): str(cfg) for key, cfg in
+                            triton_ops.tuned_configs().items()}
     return out
-
-
-def _triton_ffn(x, w13, w2, counts, block_m):
-    import torch.nn.functional as F
-
-    from expertplane.kernels.triton_ops import triton_grouped_mm
-
-    def ffn():
-        gate, up = triton_grouped_mm(x, w13, counts, block_m).chunk(2, dim=-1)
-        return triton_grouped_mm((F.silu(gate) * up).contiguous(), w2, counts, block_m)
-    return ffn
 
 
 def _bench_tokens(args) -> dict:
@@ -306,14 +334,16 @@ def _print_part(name: str, result: object) -> None:
         return
     if name == "gemm":
         table = Table(title=f"grouped expert GEMM (dense 8192^3 bf16: "
-                            f"{result['dense_8192_tflops']:.0f} TFLOP/s)")
-        for col in ("rows", "variant", "ms", "TFLOP/s", "x torch._grouped_mm", "target", "rel err"):
+                            f"{result['dense_8192_tflops']:.0f} TFLOP/s; weights "
+                            f"{result['weight_bytes'] / 1e9:.2f} GB)")
+        for col in ("rows", "variant", "ms", "TFLOP/s", "x baseline", "baseline", "target",
+                    "rel err"):
             table.add_column(col)
         for rows, variants in result["rows"].items():
             for variant, r in variants.items():
-                target = ISSUE_TARGETS.get(f"gemm_{rows}", "")
+                target = ISSUE_TARGETS.get(f"gemm_{rows}", "") if variant == "ffn_layer" else ""
                 table.add_row(rows, variant, f"{r['ms']:.3f}", f"{r['tflops']:.0f}",
-                              f"{r['x_vs_torch_grouped_mm']:.2f}", str(target),
+                              f"{r['x_vs_baseline']:.2f}", r["baseline"], str(target),
                               f"{r['rel_err_vs_loop']:.1e}")
         console.print(table)
     elif name == "tokens":

@@ -7,14 +7,13 @@ Shapes: ``S`` physical slots on this rank, ``H`` hidden size, ``I`` expert inter
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from expertplane.kernels.triton_ops import swiglu, swiglu_torch
+from expertplane.kernels.triton_ops import (grouped_gemm, swiglu, swiglu_torch, use_triton,
+                                            weight_table)
 
-__all__ = ["ExpertWeightFn", "LocalExperts", "grouped_mm", "grouped_mm_loop", "make_expert_weights",
+__all__ = ["GROUPED_MM_MIN_ROWS", "ExpertWeightFn", "LocalExperts", "Segment", "grouped_mm", "grouped_mm_loop", "make_expert_weights",
            "seeded_expert_weights", "swiglu_ffn"]
 
 # logical expert id -> (w13 [H, 2I], w2 [I, H])
@@ -68,9 +67,11 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, counts: Sequence[int] | No
     return grouped_mm_loop(x, w, counts)
 
 
-def grouped_mm_loop(x: Tensor, w: Tensor, counts: Sequence[int]) -> Tensor:
-    """The fallback of :func:`grouped_mm`: one matmul per non-empty group; counts [S] host ints."""
-    out = x.new_empty(x.shape[0], w.shape[-1])
+def grouped_mm_loop(x: Tensor, w: Tensor | Sequence[Tensor], counts: Sequence[int]) -> Tensor:
+    """The fallback of :func:`grouped_mm`: one matmul per non-empty group; ``w[s]`` [K, M] is
+    group s's weight (a stacked [S, K, M] tensor or a sequence of matrices); counts [S] host
+    ints."""
+    out = x.new_empty(x.shape[0], w[0].shape[-1])
     start = 0
     for s, n in enumerate(counts):
         if n:
@@ -90,37 +91,93 @@ def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-@dataclass
-class LocalExperts:
-    """The experts of this rank's physical slots.
+# Mean rows per slot from which the stacked layout uses torch._grouped_mm rather than the
+# Triton kernel: on an H200 Triton measured 1.38x _grouped_mm (+ SwiGLU) at 128 rows per slot
+# and 0.95x at 1,024 (benchmarks/kernels.md); 512 lies between the two measured points.
+GROUPED_MM_MIN_ROWS = 512
 
-    w13: [S, H, 2I] gate and up projections fused (gate = first I columns); w2: [S, I, H].
-    Slot s of rank r is physical slot ``r * S + s``.
+Segment = tuple[Tensor, Tensor]   # (w13 [n, H, 2I], w2 [n, I, H]): n experts' weights
+
+
+class LocalExperts:
+    """The experts of this rank's S physical slots (slot s of rank r is physical slot
+    ``r * S + s``).
+
+    Weights live in *segments* (w13 [n, H, 2I] gate and up projections fused, gate = first I
+    columns; w2 [n, I, H]); slot s reads row ``rows[s] = (segment, row)``. ``LocalExperts(w13,
+    w2)`` is one stacked segment [S, ...] with slot s in row s. A hot-swap stages the experts
+    that move into rows no slot reads (or a new segment of exactly the missing rows) and
+    commits by pointing slots at them (:meth:`from_segments`): no weight is copied at the
+    switch. On CUDA the FFN finds each slot's weights through a device table of offsets.
     """
 
-    w13: Tensor
-    w2: Tensor
+    def __init__(self, w13: Tensor, w2: Tensor) -> None:
+        self._set(((w13, w2),), tuple((0, s) for s in range(w13.shape[0])))
 
-    def __post_init__(self) -> None:
-        if self.w13.dim() != 3 or self.w2.dim() != 3:
+    @classmethod
+    def from_segments(cls, segments: Sequence[Segment],
+                      rows: Sequence[tuple[int, int]]) -> LocalExperts:
+        """Slots reading ``rows[s] = (segment index, row)`` of ``segments``."""
+        out = cls.__new__(cls)
+        out._set(tuple(segments), tuple((int(g), int(r)) for g, r in rows))
+        return out
+
+    def _set(self, segments: tuple[Segment, ...], rows: tuple[tuple[int, int], ...]) -> None:
+        w13, w2 = segments[0]
+        if w13.dim() != 3 or w2.dim() != 3:
             raise ValueError(f"w13 must be [S, H, 2I] and w2 [S, I, H], got "
-                             f"{list(self.w13.shape)} and {list(self.w2.shape)}")
-        slots, hidden, two_i = self.w13.shape
-        if two_i % 2 or self.w2.shape != (slots, two_i // 2, hidden):
-            raise ValueError(f"w2 must be [{slots}, {two_i // 2}, {hidden}] to match w13 "
-                             f"{list(self.w13.shape)}, got {list(self.w2.shape)}")
+                             f"{list(w13.shape)} and {list(w2.shape)}")
+        _, hidden, two_i = w13.shape
+        for g13, g2 in segments:
+            if two_i % 2 or g13.shape[1:] != w13.shape[1:] or g2.shape != (
+                    g13.shape[0], two_i // 2, hidden) or g13.dtype != w13.dtype:
+                raise ValueError(f"w2 must be [{g13.shape[0]}, {two_i // 2}, {hidden}] to match "
+                                 f"w13 {list(g13.shape)}, got {list(g2.shape)}")
+        for g, r in rows:
+            if not (0 <= g < len(segments) and 0 <= r < segments[g][0].shape[0]):
+                raise ValueError(f"rows: ({g}, {r}) is not a row of the segments")
+        self.segments, self.rows = segments, rows
+        self._tables: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     @property
     def num_slots(self) -> int:
-        return self.w13.shape[0]
+        return len(self.rows)
 
     @property
     def hidden(self) -> int:
-        return self.w13.shape[1]
+        return self.segments[0][0].shape[1]
 
     @property
     def intermediate(self) -> int:
-        return self.w2.shape[1]
+        return self.segments[0][1].shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.segments[0][0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.segments[0][0].device
+
+    def weights(self, slot: int) -> Segment:
+        """(w13 [H, 2I], w2 [I, H]) of local slot ``slot`` (views)."""
+        g, r = self.rows[slot]
+        return self.segments[g][0][r], self.segments[g][1][r]
+
+    def free_rows(self) -> list[tuple[int, int]]:
+        """(segment, row) pairs no slot reads, segment by segment."""
+        used = set(self.rows)
+        return [(g, r) for g, (w13, _) in enumerate(self.segments)
+                for r in range(w13.shape[0]) if (g, r) not in used]
+
+    @property
+    def stacked(self) -> Segment | None:
+        """(w13 [S, H, 2I], w2 [S, I, H]) when the slots are one segment's rows in order,
+        else None."""
+        w13, w2 = self.segments[0]
+        if len(self.segments) == 1 and self.rows == tuple((0, s) for s in range(w13.shape[0])):
+            return w13, w2
+        return None
 
     @classmethod
     def from_logical(cls, logical_ids: Sequence[int], weights: ExpertWeightFn) -> LocalExperts:
@@ -131,14 +188,46 @@ class LocalExperts:
     def forward(self, x_sorted: Tensor, tokens_per_slot: Tensor,
                 counts: Sequence[int] | None = None) -> Tensor:
         """SwiGLU of each slot's rows: x_sorted [N, H] (rows grouped by slot, slot 0 first),
-        tokens_per_slot [S] int -> [N, H] in x_sorted's dtype. ``counts``: the same counts as
-        host ints when the caller has them."""
+        tokens_per_slot [S] int -> [N, H] in the weights' dtype. ``counts``: the same counts as
+        host ints when the caller has them.
+
+        Paths: CUDA + Triton + bf16/fp16 + H, I multiples of 128: two persistent Triton
+        grouped GEMMs through the slots' weight tables, SwiGLU fused into the first — except
+        for one stacked segment with >= :data:`GROUPED_MM_MIN_ROWS` rows per slot on average
+        where ``torch._grouped_mm`` runs; else, one stacked segment: :func:`grouped_mm` +
+        SwiGLU; else a matmul loop over the slots."""
         if tokens_per_slot.shape != (self.num_slots,):
             raise ValueError(f"tokens_per_slot must be [{self.num_slots}], "
                              f"got {list(tokens_per_slot.shape)}")
         offsets = torch.cumsum(tokens_per_slot, 0).to(torch.int32)
-        x = x_sorted.to(self.w13.dtype)
-        act = swiglu(grouped_mm(x, self.w13, offsets, counts))
-        return grouped_mm(act.contiguous(), self.w2, offsets, counts)
+        x = x_sorted.to(self.dtype)
+        hidden, inter = self.hidden, self.intermediate
+        stacked = self.stacked
+        large = stacked is not None and _grouped_mm_supported(x, stacked[0]) \
+            and x.shape[0] >= GROUPED_MM_MIN_ROWS * self.num_slots
+        if use_triton(x) and self.dtype in (torch.bfloat16, torch.float16) \
+                and hidden % 128 == 0 and inter % 128 == 0 and not large:
+            (base13, offs13), (base2, offs2) = self.weight_tables()
+            act = grouped_gemm(x, base13, offs13, offsets, inter, 2 * inter, swiglu=True)
+            return grouped_gemm(act, base2, offs2, offsets, hidden, hidden)
+        if stacked is not None:
+            w13, w2 = stacked
+            act = swiglu(grouped_mm(x, w13, offsets, counts))
+            return grouped_mm(act.contiguous(), w2, offsets, counts)
+        if counts is None:
+            counts = tokens_per_slot.tolist()
+        slots = [self.weights(s) for s in range(self.num_slots)]
+        act = swiglu(grouped_mm_loop(x, [w13 for w13, _ in slots], counts))
+        return grouped_mm_loop(act.contiguous(), [w2 for _, w2 in slots], counts)
 
     __call__ = forward
+
+    def weight_tables(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """:func:`~expertplane.kernels.triton_ops.weight_table` of the slots' w13 and of their
+        w2, on the weights' device (built once; this object keeps the segments alive, so the
+        addresses stay valid)."""
+        if self._tables is None:
+            slots = [self.weights(s) for s in range(self.num_slots)]
+            self._tables = (weight_table([w13 for w13, _ in slots]),
+                            weight_table([w2 for _, w2 in slots]))
+        return self._tables

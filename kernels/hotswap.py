@@ -4,11 +4,11 @@ Three parts, each usable alone:
 
 - :func:`plan_transfers` (pure): old and new ``phy2log [L, R]`` -> a :class:`TransferPlan`
   saying, for every physical slot whose expert changes, where its weights come from.
-- :class:`HotSwapEngine`: on every rank, stages the new weights of the changed layers with
-  batched point-to-point operations on a dedicated process group while serving continues
-  (into fresh whole-layer buffers, "double" mode, or into rows for the changed slots only,
-  "compact" mode), then switches weights and routing tables (:meth:`EPMoELayer.swap`) at a
-  step boundary, or drops the staging.
+- :class:`HotSwapEngine`: on every rank, stages exactly the experts the new plan brings to
+  its slots (rows no slot reads, or a new buffer of the missing rows) with batched
+  point-to-point operations on a dedicated process group and device copies on a side stream
+  while serving continues, then switches the slots' weight pointers and the routing tables
+  (:meth:`EPMoELayer.swap`) at a step boundary, copying no weight there; or drops the staging.
 - :class:`SwapCoordinator`: the step-boundary protocol that makes every rank start the
   transfer, and switch, at the SAME step, whatever order the prepare/commit/abort requests
   (gRPC calls) reach the ranks in: one tiny MIN all_reduce per step.
@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from expertplane.kernels.experts import LocalExperts
+from expertplane.kernels.experts import LocalExperts, Segment
 from expertplane.kernels.moe import EPMoELayer, LayerPlacement
 
-__all__ = ["MODES", "HotSwapEngine", "SlotFill", "SwapCoordinator", "SwapError", "SwapStats",
+__all__ = ["HotSwapEngine", "SlotFill", "SwapCoordinator", "SwapError", "SwapStats",
            "TransferPlan", "plan_transfers"]
 
 LOCAL, REMOTE, DUP = "local", "remote", "dup"
@@ -184,23 +184,18 @@ class SwapStats:
     seconds: float = 0.0
 
 
-MODES = ("double", "compact")
-
-
 @dataclass
 class _LayerStage:
-    """Staged weights of one changed layer: ``buf`` rows, ``rows[slot]`` = the row that holds
-    local slot ``slot``'s new weights. Double mode: S rows (a full new buffer, rows[s] = s);
-    compact mode: one row per changed slot."""
+    """Staged weights of one changed layer: ``segments`` = the live layer's segments plus, when
+    they lacked free rows, one new segment of exactly the missing rows; ``rows[slot]`` =
+    (segment, row) that holds changed local slot ``slot``'s new weights."""
 
-    buf: LocalExperts
-    rows: dict[int, int]
+    segments: tuple[Segment, ...]
+    rows: dict[int, tuple[int, int]]
 
-    def w13(self, slot: int) -> Tensor:
-        return self.buf.w13[self.rows[slot]]
-
-    def w2(self, slot: int) -> Tensor:
-        return self.buf.w2[self.rows[slot]]
+    def weights(self, slot: int) -> Segment:
+        g, r = self.rows[slot]
+        return self.segments[g][0][r], self.segments[g][1][r]
 
 
 class _Staging:
@@ -217,6 +212,7 @@ class _Staging:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.cuda_event: torch.cuda.Event | None = None
+        self.copy_start: torch.cuda.Event | None = None
 
 
 class HotSwapEngine:
@@ -228,23 +224,19 @@ class HotSwapEngine:
     rank), None for a single process. ``prepare`` and ``commit`` are collective: every rank
     calls them at the same step (use :class:`SwapCoordinator`).
 
-    ``mode``:
-    - ``"double"`` (double buffering): each changed layer gets a full new [S, H, 2I] +
-      [S, I, H] buffer (unchanged slots copied on the device while the receives run); the
-      commit swaps references, so the committing step does no copy. Memory: twice the
-      changed layers' experts until commit.
-    - ``"compact"``: only the changed slots are staged (k rows per layer); the commit
-      scatters them into the live buffer in place on the serving stream at the step edge
-      (a device copy of the k experts). Memory: k experts per changed layer.
+    Staging holds exactly the k experts that move to this rank per changed layer: they land in
+    rows of the layer's weight segments that no slot reads (the rows a previous swap
+    released) and, for the rest, in one new buffer of exactly the missing rows. The commit
+    points the changed slots at their staged rows (a new :class:`LocalExperts` over the same
+    buffers, no weight copied) and drops buffers no slot reads any more, so a layer holds at
+    most S + (largest k so far) experts. Device copies run on a side stream (priority 0, the
+    lowest) and NCCL's stream, never on the serving stream.
     """
 
     def __init__(self, layers: Sequence[EPMoELayer], group: dist.ProcessGroup | None = None,
-                 gpus_per_node: int | None = None, mode: str = "double") -> None:
+                 gpus_per_node: int | None = None) -> None:
         if not layers:
             raise SwapError("layers: need at least one MoE layer")
-        if mode not in MODES:
-            raise SwapError(f"mode: must be one of {MODES}, got {mode!r}")
-        self.mode = mode
         self.layers = list(layers)
         self.group = group
         first = self.layers[0]
@@ -294,6 +286,15 @@ class HotSwapEngine:
             return None
         return dataclasses.replace(s.stats, seconds=(s.finished or time.perf_counter()) - s.started)
 
+    def staged_copy_ms(self) -> float | None:
+        """GPU: milliseconds from the first staging copy issued to the last one done on the side
+        stream (the transfer alone, without the planning before it), once :meth:`ready`;
+        None on CPU or before."""
+        s = self._staging
+        if s is None or s.copy_start is None or not self.ready():
+            return None
+        return s.copy_start.elapsed_time(s.cuda_event)
+
     def current_phy2log(self) -> Tensor:
         """The plan in force on this rank: [L, R]."""
         return torch.stack([layer.placement.phy2log for layer in self.layers])
@@ -331,6 +332,9 @@ class HotSwapEngine:
             stages = {layer: self._new_stage(layer, [f for f in mine if f.layer == layer])
                       for layer in changed}
             staging = _Staging(version, list(placements), stages, stats)
+            if self._side is not None:
+                staging.copy_start = torch.cuda.Event(enable_timing=True)
+                staging.copy_start.record(self._side)
             # receives first: they land in the changed slots while the local copies fill the
             # others (NCCL's stream and the side stream overlap on GPU)
             ops = self._p2p_ops(plan, stages)
@@ -340,7 +344,7 @@ class HotSwapEngine:
                 for w in works:
                     w.wait()  # the side stream waits for the transfers
                 self._copy_dups(mine, stages)
-                staging.cuda_event = torch.cuda.Event()
+                staging.cuda_event = torch.cuda.Event(enable_timing=True)
                 staging.cuda_event.record(self._side)
             else:
                 threading.Thread(target=self._finish_cpu, args=(staging, works, mine),
@@ -360,13 +364,14 @@ class HotSwapEngine:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(s.cuda_event)
             for stage in s.layers.values():
-                stage.buf.w13.record_stream(current)
-                stage.buf.w2.record_stream(current)
+                for w13, w2 in stage.segments:
+                    w13.record_stream(current)
+                    w2.record_stream(current)
         for i, layer in enumerate(self.layers):
-            mine = slice(self.rank * layer.experts.w13.shape[0],
-                         (self.rank + 1) * layer.experts.w13.shape[0])
+            mine = slice(self.rank * layer.experts.num_slots,
+                         (self.rank + 1) * layer.experts.num_slots)
             if i in s.layers:
-                layer.swap(s.placements[i], self._switched_experts(layer, s.layers[i]))
+                layer.swap(s.placements[i], _switched_experts(layer.experts, s.layers[i]))
             elif not torch.equal(layer.placement.phy2log[mine], s.placements[i].phy2log[mine]):
                 raise SwapError(f"placements[{i}]: this rank's slots changed but have no staged weights")
             else:
@@ -387,50 +392,29 @@ class HotSwapEngine:
     # -- helpers
 
     def _expert_bytes(self) -> int:
-        e = self.layers[0].experts
-        return (e.w13[0].numel() * e.w13.element_size() + e.w2[0].numel() * e.w2.element_size())
+        return sum(t.numel() * t.element_size() for t in self.layers[0].experts.weights(0))
 
     def _new_stage(self, layer: int, fills: list[SlotFill]) -> _LayerStage:
+        """Rows for the ``fills`` of one layer: free rows of its segments first, then one new
+        segment of exactly the missing rows."""
         live = self.layers[layer].experts
-        if self.mode == "double":
-            return _LayerStage(LocalExperts(torch.empty_like(live.w13), torch.empty_like(live.w2)),
-                               {slot: slot for slot in range(live.num_slots)})
-        n = len(fills)
-        buf = LocalExperts(live.w13.new_empty(n, *live.w13.shape[1:]),
-                           live.w2.new_empty(n, *live.w2.shape[1:]))
-        return _LayerStage(buf, {f.slot: i for i, f in enumerate(fills)})
-
-    def _switched_experts(self, layer: EPMoELayer, stage: _LayerStage) -> LocalExperts:
-        """The layer's experts after the switch: the staged buffer (double), or the live one
-        with the staged rows scattered into their slots (compact; on the serving stream)."""
-        if self.mode == "double":
-            return stage.buf
-        live = layer.experts
-        slots = torch.tensor(list(stage.rows), device=self.device)
-        live.w13.index_copy_(0, slots, stage.buf.w13)
-        live.w2.index_copy_(0, slots, stage.buf.w2)
-        return live
+        segments = list(live.segments)
+        free = live.free_rows()
+        missing = len(fills) - len(free)
+        if missing > 0:
+            w13, w2 = segments[0]
+            segments.append((w13.new_empty(missing, *w13.shape[1:]),
+                             w2.new_empty(missing, *w2.shape[1:])))
+            free += [(len(segments) - 1, r) for r in range(missing)]
+        return _LayerStage(tuple(segments), {f.slot: free[i] for i, f in enumerate(fills)})
 
     def _local_copies(self, mine: list[SlotFill], stages: dict[int, _LayerStage]) -> None:
-        """Fill the staged layers' local fills and, in double mode, their unchanged slots
-        (contiguous runs, one copy each) from the live weights."""
-        for layer, stage in stages.items():
-            live = self.layers[layer].experts
-            changed = {f.slot: f for f in mine if f.layer == layer}
-            if self.mode == "double":
-                start = None
-                for slot in range(live.num_slots + 1):
-                    kept = slot < live.num_slots and slot not in changed
-                    if kept and start is None:
-                        start = slot
-                    elif not kept and start is not None:
-                        stage.buf.w13[start:slot].copy_(live.w13[start:slot])
-                        stage.buf.w2[start:slot].copy_(live.w2[start:slot])
-                        start = None
-            for f in changed.values():
-                if f.source == LOCAL:
-                    stage.w13(f.slot).copy_(live.w13[f.src_slot])
-                    stage.w2(f.slot).copy_(live.w2[f.src_slot])
+        """Copy the local fills (experts this rank already holds in another slot) into their
+        staged rows (device copies, on the side stream on GPU)."""
+        for f in mine:
+            if f.source == LOCAL:
+                _copy_pair(stages[f.layer].weights(f.slot),
+                           self.layers[f.layer].experts.weights(f.src_slot))
 
     def _p2p_ops(self, plan: TransferPlan, stages: dict[int, _LayerStage]) -> list[dist.P2POp]:
         """Matching send/recv operations of this rank, in the plan's global order."""
@@ -439,23 +423,20 @@ class HotSwapEngine:
             if f.source != REMOTE:
                 continue
             if f.rank == self.rank:
-                stage = stages[f.layer]
-                ops.append(dist.P2POp(dist.irecv, stage.w13(f.slot), f.src_rank, self.group, 2 * i))
-                ops.append(dist.P2POp(dist.irecv, stage.w2(f.slot), f.src_rank, self.group,
-                                      2 * i + 1))
+                w13, w2 = stages[f.layer].weights(f.slot)
+                ops.append(dist.P2POp(dist.irecv, w13, f.src_rank, self.group, 2 * i))
+                ops.append(dist.P2POp(dist.irecv, w2, f.src_rank, self.group, 2 * i + 1))
             elif f.src_rank == self.rank:
-                live = self.layers[f.layer].experts
-                ops.append(dist.P2POp(dist.isend, live.w13[f.src_slot], f.rank, self.group, 2 * i))
-                ops.append(dist.P2POp(dist.isend, live.w2[f.src_slot], f.rank, self.group, 2 * i + 1))
+                w13, w2 = self.layers[f.layer].experts.weights(f.src_slot)
+                ops.append(dist.P2POp(dist.isend, w13, f.rank, self.group, 2 * i))
+                ops.append(dist.P2POp(dist.isend, w2, f.rank, self.group, 2 * i + 1))
         return ops
 
     @staticmethod
     def _copy_dups(mine: list[SlotFill], stages: dict[int, _LayerStage]) -> None:
         for f in mine:
             if f.source == DUP:
-                stage = stages[f.layer]
-                stage.w13(f.slot).copy_(stage.w13(f.src_slot))
-                stage.w2(f.slot).copy_(stage.w2(f.src_slot))
+                _copy_pair(stages[f.layer].weights(f.slot), stages[f.layer].weights(f.src_slot))
 
     def _finish_cpu(self, staging: _Staging, works: list, mine: list[SlotFill]) -> None:
         try:
@@ -467,6 +448,24 @@ class HotSwapEngine:
             staging.error = exc
         staging.finished = time.perf_counter()
         staging.done.set()
+
+
+def _copy_pair(dst: Segment, src: Segment) -> None:
+    """One expert's (w13, w2) copied into another's: two device-to-device copies."""
+    dst[0].copy_(src[0])
+    dst[1].copy_(src[1])
+
+
+def _switched_experts(live: LocalExperts, stage: _LayerStage) -> LocalExperts:
+    """``live`` with the changed slots pointed at their staged rows; segments no slot reads
+    any more are dropped (freed once the serving stream is past them)."""
+    rows = list(live.rows)
+    for slot, ref in stage.rows.items():
+        rows[slot] = ref
+    kept = sorted({g for g, _ in rows})
+    index = {g: i for i, g in enumerate(kept)}
+    return LocalExperts.from_segments([stage.segments[g] for g in kept],
+                                      [(index[g], r) for g, r in rows])
 
 
 # ---------------------------------------------------------------- step-boundary protocol

@@ -178,7 +178,7 @@ class EPMoELayer(nn.Module):
         """x [T, H] -> [T, H] (same dtype). Every rank of the group must call it."""
         phys, weights = self.assign(x)
         layout = plan_dispatch(phys, self.num_slots, self.group)
-        x_local = dispatch(x.to(self.experts.w13.dtype), layout, self.router.top_k, self.group)
+        x_local = dispatch(x.to(self.experts.dtype), layout, self.router.top_k, self.group)
         self.counters.add(layout.tokens_per_slot)
         y_local = self.experts(x_local, layout.tokens_per_slot, layout.slot_counts)
         return combine(y_local, layout, weights, self.group).to(x.dtype)
@@ -240,9 +240,11 @@ class EPMoELayer(nn.Module):
         if placement.num_slots != self.num_slots:
             raise PlacementError(f"phy2log must keep R={self.num_slots} slots, "
                                  f"got {placement.num_slots}")
-        expected = (self.slots_per_rank, self.hidden, 2 * self.intermediate)
-        if tuple(experts.w13.shape) != expected:
-            raise ValueError(f"experts.w13 must be {list(expected)}, got {list(experts.w13.shape)}")
+        expected = (self.slots_per_rank, self.hidden, self.intermediate)
+        got = (experts.num_slots, experts.hidden, experts.intermediate)
+        if got != expected:
+            raise ValueError(f"experts must have (slots, hidden, intermediate) {expected}, "
+                             f"got {got}")
         self._set_placement(placement)
         self.experts = experts
 

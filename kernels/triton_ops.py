@@ -4,8 +4,10 @@
   top-k weighted sum in one pass; torch needs a gather, a multiply and a reduction).
 - :func:`histogram`: ``counts[b] = #{i: ids[i] == b}`` (per-slot token counts).
 - :func:`swiglu`: ``silu(h[:, :I]) * h[:, I:]`` in one pass (torch: a SiLU pass and a multiply).
-- :func:`triton_grouped_mm`: a grouped GEMM (rows of each group times that group's weight),
-  a Triton alternative to ``torch._grouped_mm`` measured by ``expertplane bench kernels``.
+- :func:`grouped_gemm`: a persistent grouped GEMM whose groups' weights are found through a
+  pointer table (so they may live in different buffers), optionally with the SwiGLU fused
+  into its epilogue; the CUDA path of the experts' FFN (``expertplane bench kernels``
+  compares it with ``torch._grouped_mm``).
 
 Triton is import-guarded: CPU builds have no Triton GPU backend, and each function falls back
 to its ``*_torch`` twin there (those stay public: the benchmark's baseline). A Triton row
@@ -26,8 +28,9 @@ try:  # pragma: no cover - exercised on GPU machines only
 except ImportError:
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "histogram", "histogram_torch",
-           "swiglu", "swiglu_torch", "triton_grouped_mm", "use_triton", "weighted_combine", "weighted_combine_torch"]
+__all__ = ["HAVE_TRITON", "grouped_gemm", "histogram", "histogram_torch", "swiglu",
+           "swiglu_torch", "tile_fits", "tuned_configs", "use_triton", "weight_table", "weighted_combine",
+           "weighted_combine_torch"]
 
 
 def use_triton(t: Tensor) -> bool:
@@ -89,46 +92,116 @@ def histogram(ids: Tensor, num_bins: int) -> Tensor:
     return counts.to(torch.int64)
 
 
-def triton_grouped_mm(x: Tensor, w: Tensor, counts: list[int], block_m: int = 128) -> Tensor:
-    """Grouped GEMM on CUDA: rows of group s of x [N, K] (groups consecutive, ``counts`` [S]
-    host ints) times w[s] [K, M] -> [N, M] in x's dtype, fp32 accumulation. ``block_m``: rows
-    per tile (64, 128 or 256). Needs K % 64 == 0 and M % 128 == 0."""
-    if not use_triton(x):
-        raise RuntimeError("triton_grouped_mm needs Triton and a CUDA tensor")
-    groups, k_dim, m_dim = w.shape
-    if k_dim % 64 or m_dim % 128 or x.shape[1] != k_dim or len(counts) != groups:
-        raise ValueError(f"x {list(x.shape)} / w {list(w.shape)} / counts [{len(counts)}] "
-                         "must satisfy K % 64 == 0, M % 128 == 0, len(counts) == S")
-    out = x.new_empty(x.shape[0], m_dim)
-    if x.shape[0] == 0:
+def grouped_gemm(x: Tensor, w_base: Tensor, w_offsets: Tensor, offsets: Tensor, n_out: int,
+                 w_cols: int, *,
+                 swiglu: bool = False, config: dict | None = None,
+                 out: Tensor | None = None) -> Tensor:
+    """Grouped GEMM over weights addressed through a table (one persistent Triton kernel).
+
+    x [N, K]: rows of group g are ``offsets[g-1]:offsets[g]`` (offsets int32 [S] cumulative,
+    on x's device: no host sync). Group g's weight is the row-major [K, w_cols] matrix in x's
+    dtype at element ``w_offsets[g]`` (int64 [S], a multiple of 16) from ``w_base``'s first
+    element: the groups' weights may live in different buffers (hot-swap points a slot at
+    its staged weights by rewriting the table; see :func:`weight_table`). Offsets rather
+    than raw pointers keep the compiler's 16-byte alignment knowledge (vector loads).
+    Plain (``swiglu=False``, w_cols == n_out): out = x_g @ w_g -> [N, n_out].
+    Fused (``swiglu=True``, w_cols == 2 * n_out): gate = cols [0, n_out), up = cols
+    [n_out, 2 n_out); out = silu(x_g @ gate) * (x_g @ up) -> [N, n_out], computed from the two
+    fp32 accumulators in the epilogue (the [N, 2 n_out] activation is never written).
+    fp32 accumulation, out in x's dtype. Needs K % 64 == 0 and n_out % 128 == 0. Tile
+    configs are autotuned per (mean rows per group rounded to a power of 2, n_out, K, fused);
+    ``config``: a fixed one instead (keys BM, BN, BK, num_warps, num_stages; tests, the
+    interpreter). ``out``: [N, n_out] to write into (default: a new tensor).
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("grouped_gemm needs Triton")
+    groups = w_offsets.shape[0]
+    k_dim = x.shape[1]
+    if (k_dim % 64 or n_out % 128 or w_cols != (2 if swiglu else 1) * n_out
+            or offsets.shape != (groups,)):
+        raise ValueError(f"x {list(x.shape)} / n_out {n_out} / w_cols {w_cols} / offsets "
+                         f"{list(offsets.shape)} / S {groups}: need K % 64 == 0, "
+                         "n_out % 128 == 0, w_cols == (2 if swiglu else 1) * n_out, offsets [S]")
+    if out is None:
+        out = x.new_empty(x.shape[0], n_out)
+    elif out.shape != (x.shape[0], n_out) or not out.is_contiguous() or out.dtype != x.dtype:
+        raise ValueError(f"out must be a contiguous [{x.shape[0]}, {n_out}] {x.dtype} tensor")
+    if x.shape[0] == 0 or groups == 0:
         return out
-    starts = [0]
-    for n in counts:
-        starts.append(starts[-1] + n)
-    if block_m not in (64, 128, 256):
-        raise ValueError(f"block_m must be 64, 128 or 256, got {block_m}")
-    m_tiles = [-(-n // block_m) for n in counts]
-    tile_group = [g for g, tiles in enumerate(m_tiles) for _ in range(tiles)]
-    tile_m = [j for tiles in m_tiles for j in range(tiles)]
-    total = len(tile_group)
-    meta = torch.tensor(tile_group + tile_m + starts, dtype=torch.int32).to(x.device)
-
-    def grid(cfg):
-        return (total * (m_dim // cfg["BN"]),)
-
-    _grouped_mm_kernel[grid](x.contiguous(), w.contiguous(), out, meta, total, m_dim, k_dim,
-                             BM=block_m)
+    x = x.contiguous()
+    common = {"N_OUT": n_out, "K_DIM": k_dim, "GROUPS": triton.next_power_of_2(groups),
+              "SWIGLU": swiglu}
+    programs = _programs(x.device)
+    if config is None:
+        bucket = triton.next_power_of_2(max(1, x.shape[0] // groups))
+        _grouped_gemm_tuned[(programs,)](x, w_base, w_offsets, out, offsets, groups, bucket,
+                                         **common)
+    else:
+        cfg = dict(config)
+        if n_out % cfg["BN"] or k_dim % cfg["BK"]:
+            raise ValueError(f"config: BN {cfg['BN']} must divide n_out {n_out} and BK "
+                             f"{cfg['BK']} must divide K {k_dim}")
+        launch = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 2)}
+        _grouped_gemm_kernel[(programs,)](x, w_base, w_offsets, out, offsets, groups, 0,
+                                          **common, **cfg, **launch)
     return out
+
+
+def weight_table(weights: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(w_base, w_offsets) for :func:`grouped_gemm`: matrices of one dtype and device (any
+    buffers) -> the first one and int64 [S] element offsets of each from it, on the device.
+    The caller keeps the matrices alive while the table is in use."""
+    base = weights[0]
+    size = base.element_size()
+    offs = [(w.data_ptr() - base.data_ptr()) // size for w in weights]
+    if any(w.dtype != base.dtype or not w.is_contiguous() or (w.data_ptr() - base.data_ptr())
+           % (16 * size) for w in weights):
+        raise ValueError("weights must be contiguous, of one dtype, 16-element aligned")
+    return base, torch.tensor(offs, dtype=torch.int64).to(base.device)
+
+
+def tuned_configs() -> dict:
+    """The autotuner's choice so far: {(key values...): config} of :func:`grouped_gemm`."""
+    return dict(_grouped_gemm_tuned.cache) if HAVE_TRITON else {}
+
+
+def _programs(device: torch.device) -> int:
+    """Persistent grid: one program per multiprocessor (the interpreter: a few)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _block(hidden: int) -> int:
     return min(2048, triton.next_power_of_2(hidden))
 
 
+def tile_fits(bm: int, bn: int, bk: int, stages: int, *, n_out: int, k_dim: int, fused: bool,
+              smem_bytes: int) -> bool:
+    """A tile config runs for this GEMM: BN divides n_out, BK divides K, the fp32
+    accumulators fit in 128x256 per program (two when fused: no register spills) and the
+    pipelined A and B tiles (2-byte elements) fit in ``smem_bytes`` of shared memory."""
+    b_tiles = 2 if fused else 1
+    return (n_out % bn == 0 and k_dim % bk == 0 and bm * bn * b_tiles <= 128 * 256
+            and stages * (bm * bk + b_tiles * bk * bn) * 2 <= smem_bytes)
+
+
 def _prune_tiles(configs, named_args, **kwargs):
-    """Keep accumulators within 256x128 fp32 per program (no register spills)."""
-    block_m = kwargs.get("BM", named_args.get("BM", 128))
-    return [c for c in configs if block_m * c.kwargs["BN"] <= 256 * 128]
+    """The autotuner's configs that :func:`tile_fits` this call on the current device."""
+    def arg(name):
+        return kwargs[name] if name in kwargs else named_args[name]
+    smem = torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    return [c for c in configs
+            if tile_fits(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_stages,
+                         n_out=arg("N_OUT"), k_dim=arg("K_DIM"), fused=arg("SWIGLU"),
+                         smem_bytes=smem)]
+
+
+_TILE_CONFIGS = [  # (BM, BN, BK, num_stages, num_warps); small BM for ~100-row groups
+    (64, 128, 64, 4, 4), (64, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
+    (128, 256, 64, 3, 8), (64, 64, 64, 5, 4), (128, 64, 64, 4, 4), (128, 128, 128, 3, 8),
+    (64, 128, 128, 3, 4),
+]
 
 
 if HAVE_TRITON:  # pragma: no cover - compiled on GPU machines only
@@ -167,36 +240,59 @@ if HAVE_TRITON:  # pragma: no cover - compiled on GPU machines only
         bins = tl.arange(0, BINS)
         tl.atomic_add(counts_ptr + bins, hist, mask=(bins < num_bins) & (hist > 0))
 
-    @triton.autotune(
-        configs=[triton.Config({"BN": bn, "BK": bk}, num_stages=st, num_warps=wp)
-                 for bn, bk, st, wp in [(128, 64, 4, 8), (256, 64, 3, 8), (128, 128, 3, 8),
-                                        (256, 64, 4, 8), (128, 64, 3, 4)]],
-        key=["n_out", "k_dim", "BM"],
-        prune_configs_by={"early_config_prune": _prune_tiles})
     @triton.jit
-    def _grouped_mm_kernel(x_ptr, w_ptr, out_ptr, meta_ptr, total_tiles, n_out, k_dim,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        pid = tl.program_id(0)
-        n_tiles = n_out // BN
-        tile = pid // n_tiles
-        col_tile = pid % n_tiles
-        group = tl.load(meta_ptr + tile).to(tl.int64)
-        m_tile = tl.load(meta_ptr + total_tiles + tile)
-        start = tl.load(meta_ptr + 2 * total_tiles + group)
-        end = tl.load(meta_ptr + 2 * total_tiles + group + 1)
-        rows = start + m_tile * BM + tl.arange(0, BM)
-        row_ok = rows < end
-        rows64 = rows.to(tl.int64)
-        cols = col_tile * BN + tl.arange(0, BN)
-        ks = tl.arange(0, BK)
-        a_ptrs = x_ptr + rows64[:, None] * k_dim + ks[None, :]
-        b_ptrs = w_ptr + group * k_dim * n_out + ks[:, None] * n_out + cols[None, :]
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for _ in range(0, k_dim, BK):
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs)
-            acc = tl.dot(a, b, acc)
-            a_ptrs += BK
-            b_ptrs += BK * n_out
-        out_ptrs = out_ptr + rows64[:, None] * n_out + cols[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    def _grouped_gemm_kernel(x_ptr, w_base, w_offsets, out_ptr, offsets_ptr, num_groups,
+                             rows_bucket,
+                             N_OUT: tl.constexpr, K_DIM: tl.constexpr, GROUPS: tl.constexpr,
+                             SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             BK: tl.constexpr):
+        """Persistent: program p takes work items p, p + P, ...; item = (group, N tile,
+        M tile) with the M tiles of one (group, N tile) adjacent, so they run together and
+        the weight tile is read from HBM once (the others hit L2). Groups and item counts
+        come from ``offsets`` on the device."""
+        gs = tl.arange(0, GROUPS)
+        valid = gs < num_groups
+        ends = tl.load(offsets_ptr + gs, mask=valid, other=0)
+        starts = tl.load(offsets_ptr + gs - 1, mask=valid & (gs > 0), other=0)
+        m_tiles = tl.where(valid, (ends - starts + BM - 1) // BM, 0)
+        n_tiles: tl.constexpr = N_OUT // BN
+        w_cols: tl.constexpr = 2 * N_OUT if SWIGLU else N_OUT
+        item_end = tl.cumsum(m_tiles * n_tiles, 0)
+        total = tl.sum(m_tiles * n_tiles)
+        dtype = x_ptr.dtype.element_ty
+        item = tl.program_id(0)
+        while item < total:   # a while loop: the interpreter cannot range() over tensors
+            group = tl.sum((item_end <= item).to(tl.int32))
+            here = gs == group
+            g_mt = tl.sum(tl.where(here, m_tiles, 0))
+            local = item - (tl.sum(tl.where(here, item_end, 0)) - g_mt * n_tiles)
+            n_tile = local // g_mt
+            row0 = tl.sum(tl.where(here, starts, 0)) + (local % g_mt) * BM
+            rows = row0 + tl.arange(0, BM)
+            row_ok = rows < tl.sum(tl.where(here, ends, 0))
+            w_ptr = w_base + tl.multiple_of(tl.load(w_offsets + group), 16)
+            cols = n_tile * BN + tl.arange(0, BN)
+            ks = tl.arange(0, BK)
+            a_ptrs = x_ptr + rows.to(tl.int64)[:, None] * K_DIM + ks[None, :]
+            b_ptrs = w_ptr + ks.to(tl.int64)[:, None] * w_cols + cols[None, :]
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            if SWIGLU:
+                acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+            for _ in range(0, K_DIM, BK):
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                acc = tl.dot(a, tl.load(b_ptrs), acc)
+                if SWIGLU:
+                    acc_up = tl.dot(a, tl.load(b_ptrs + N_OUT), acc_up)
+                a_ptrs += BK
+                b_ptrs += BK * w_cols
+            if SWIGLU:
+                acc = acc * tl.sigmoid(acc) * acc_up
+            out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N_OUT + cols[None, :]
+            tl.store(out_ptrs, acc.to(dtype), mask=row_ok[:, None])
+            item += tl.num_programs(0)
+
+    _grouped_gemm_tuned = triton.autotune(
+        configs=[triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_stages=st, num_warps=wp)
+                 for bm, bn, bk, st, wp in _TILE_CONFIGS],
+        key=["rows_bucket", "N_OUT", "K_DIM", "SWIGLU"],
+        prune_configs_by={"early_config_prune": _prune_tiles})(_grouped_gemm_kernel)

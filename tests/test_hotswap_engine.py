@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from expertplane.kernels.experts import make_expert_weights
-from expertplane.kernels.hotswap import MODES, HotSwapEngine, SwapCoordinator, SwapError
+from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator, SwapError, plan_transfers
 from expertplane.kernels.moe import LayerPlacement
 from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
 
@@ -42,7 +42,8 @@ def _assert_weights_match(model: SyntheticMoEModel, placements, rank: int) -> No
         for s in range(spr):
             e = int(placements[l].phy2log[rank * spr + s])
             w13, w2 = make_expert_weights(MODEL.seed, l, e, MODEL.hidden, MODEL.intermediate)
-            assert torch.equal(layer.experts.w13[s], w13) and torch.equal(layer.experts.w2[s], w2)
+            got13, got2 = layer.experts.weights(s)
+            assert torch.equal(got13, w13) and torch.equal(got2, w2)
 
 
 def _rank_main(rank: int, store: str) -> None:
@@ -68,9 +69,7 @@ def _scenario(rank: int) -> None:
     # layer 0 changes everywhere; layer 1 only on rank 2 (ranks 0, 1: routing tables only)
     b = [_plan(2)[0], _swap_on_rank(a[1], WORLD - 1)]
     model = SyntheticMoEModel(MODEL, STREAM, a, gpus_per_node=GPN)
-    # staging representation is rank-local: mix both modes over the same P2P exchange
-    engine = HotSwapEngine(list(model.layers), group=dist.new_group(), gpus_per_node=GPN,
-                           mode=MODES[rank % 2])
+    engine = HotSwapEngine(list(model.layers), group=dist.new_group(), gpus_per_node=GPN)
     coord = SwapCoordinator(engine, version=1)
     stream = TokenStream(MODEL, STREAM, rank)
     step = [0]
@@ -132,23 +131,33 @@ def test_swap_at_the_same_step_matches_reference_and_abort_keeps_old_plan(tmp_pa
     mp.spawn(_rank_main, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_single_rank_engine_stages_and_commits_local_copies(mode):
+def test_single_rank_engine_stages_only_moved_experts_and_reuses_released_rows():
     a, b = _plan(4), _plan(5)
     model = SyntheticMoEModel(MODEL, STREAM, a)
-    engine = HotSwapEngine(list(model.layers), mode=mode)
+    engine = HotSwapEngine(list(model.layers))
+    slots = model.layers[0].experts.num_slots
+    moved = [len(plan_transfers(torch.stack([p.phy2log for p in old]),
+                                torch.stack([p.phy2log for p in new]), 1).for_rank(0))
+             for old, new in ((a, b), (b, a))]
+    assert moved[0] > 0
     stats = engine.prepare(7, b)
     assert stats.remote_fills == 0 and stats.bytes_sent == 0
     assert engine.wait(10) and engine.staged_version == 7
     x = TokenStream(MODEL, STREAM, 0).batch(0)
-    assert model(x, verify=True).max_error < 1e-4  # still serving a while staged
+    assert model(x, verify=True).max_error < 1e-4  # still serving while staged
     _assert_weights_match(model, a, 0)
     engine.commit()
     _assert_weights_match(model, b, 0)
     assert model(x, verify=True).max_error < 1e-4
+    def held() -> int:
+        return sum(w13.shape[0] for layer in model.layers for w13, _ in layer.experts.segments)
 
-
-def test_unknown_mode_is_rejected():
-    model = SyntheticMoEModel(MODEL, STREAM, _plan(4))
-    with pytest.raises(SwapError, match="mode"):
-        HotSwapEngine(list(model.layers), mode="triple")
+    # nothing was free: the staging was exactly the moved experts (fewer once a layer's old
+    # buffer lost its last slot and was dropped)
+    assert len(model.layers) * slots < held() <= len(model.layers) * slots + moved[0]
+    engine.prepare(8, a)   # back: the released rows take the staged experts, nothing new
+    engine.wait(10)
+    engine.commit()
+    _assert_weights_match(model, a, 0)
+    assert model(x, verify=True).max_error < 1e-4
+    assert held() <= len(model.layers) * slots + max(moved)

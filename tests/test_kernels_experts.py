@@ -82,3 +82,19 @@ def test_slot_counters_accumulate_read_and_poll():
     assert counters.read().tolist() == [0, 0, 0, 0]
     with pytest.raises(RuntimeError, match="request"):
         counters.poll()
+
+
+def test_experts_in_several_buffers_compute_what_the_stacked_ones_do():
+    gen = torch.Generator().manual_seed(5)
+    w13, w2 = torch.randn(5, 16, 12, generator=gen), torch.randn(5, 6, 16, generator=gen)
+    extra = (w13[[4, 0]].clone(), w2[[4, 0]].clone())
+    perm = [4, 2, 0, 3, 1]
+    split = LocalExperts.from_segments([(w13, w2), extra], [(1, 0), (0, 2), (1, 1), (0, 3), (0, 1)])
+    assert split.stacked is None and split.free_rows() == [(0, 0), (0, 4)]
+    assert torch.equal(split.weights(2)[0], w13[0])
+    counts = torch.tensor([3, 0, 7, 1, 4])
+    x = torch.randn(15, 16, generator=gen)
+    assert torch.allclose(split(x, counts), LocalExperts(w13[perm], w2[perm])(x, counts),
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        LocalExperts.from_segments([(w13, w2)], [(0, 5)])

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from expertplane.kernels import triton_ops
 from expertplane.kernels.counters import SlotCounters
-from expertplane.kernels.experts import grouped_mm
+from expertplane.kernels.experts import LocalExperts, grouped_mm
 from expertplane.kernels.moe import EPMoELayer, LayerPlacement
 from expertplane.kernels.reference import dense_moe_reference
 
@@ -46,16 +46,20 @@ def test_grouped_mm_cuda_bf16_matches_loop():
     assert _rel(grouped_mm(x, w, offs), ref) < 1e-2
 
 
-@pytest.mark.parametrize("block_m", [64, 128, 256])
-def test_triton_grouped_mm_matches_loop(block_m):
-    counts = [300, 0, 37, 1, 129, 262, 0]
-    x = torch.randn(sum(counts), 1024, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(7, 1024, 384, device="cuda", dtype=torch.bfloat16) / 32
-    out = torch.full((sum(counts), 384), float("nan"), device="cuda", dtype=torch.bfloat16)
-    out = triton_ops.triton_grouped_mm(x, w, counts, block_m)
-    ref = torch.cat([xs.double() @ w[s].double() for s, xs in enumerate(x.split(counts))])
-    assert not out.isnan().any()
-    assert _rel(out, ref) < 1e-2
+def test_experts_pointing_into_several_buffers_match_stacked_on_cuda():
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    w13 = torch.randn(6, 256, 256, device="cuda", generator=gen).bfloat16() / 16
+    w2 = torch.randn(6, 128, 256, device="cuda", generator=gen).bfloat16() / 12
+    extra = (w13[:3].flip(0).contiguous(), w2[:3].flip(0).contiguous())   # rows 2, 1, 0
+    perm = [5, 1, 3, 0, 4, 2]
+    stacked = LocalExperts(w13[perm], w2[perm])
+    # slots 1 and 3 read the second buffer, the others rows of the first, out of order
+    rows = [(0, 5), (1, 1), (0, 3), (1, 2), (0, 4), (0, 2)]
+    split = LocalExperts.from_segments([(w13, w2), extra], rows)
+    counts = torch.tensor([300, 0, 77, 129, 1, 64], device="cuda")
+    x = torch.randn(int(counts.sum()), 256, device="cuda", generator=gen).bfloat16()
+    got, want = split(x, counts), stacked(x, counts)
+    assert _rel(got, want) < 1e-2
 
 
 @pytest.mark.parametrize("with_group", [False, True])
