@@ -38,9 +38,6 @@ def register(sub) -> None:
     g.add_argument("--plan-version", type=int, default=1, help="version of --plan")
     g.add_argument("--listen", metavar="unix:PATH|HOST:PORT",
                    help="WorkerService endpoint (default: a Unix socket in the temp dir)")
-    g.add_argument("--swap-mode", choices=("double", "compact"), default="double",
-                   help="double: stage whole changed layers, switch by reference; compact: stage "
-                        "only changed slots, copy them in at the commit step")
     g.add_argument("--rollout-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="longest wait of a Prepare/Commit/Abort call")
 
@@ -105,7 +102,7 @@ def config_from_args(args):
         step_interval=args.step_interval, max_steps=args.max_steps,
         verify_every=args.verify_every, collective_timeout=args.collective_timeout,
         rollout_timeout=args.rollout_timeout, threads=args.threads,
-        swap_mode=args.swap_mode, drain_seconds=args.drain, security=security_from_args(args),
+        drain_seconds=args.drain, security=security_from_args(args),
         local_security=security_from_args(args, "local-", LOCAL_TOKEN_ENV),
         capacity=CapacityConfig(args.capacity_factor, args.capacity_mode)
         if args.capacity_factor else None)

@@ -34,7 +34,7 @@ from tenacity import (
 )
 
 from expertplane.kernels.balancing import CapacityConfig
-from expertplane.kernels.hotswap import MODES, HotSwapEngine, SwapCoordinator
+from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator
 from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
 from expertplane.kernels.worker_service import (
     CounterLedger,
@@ -67,7 +67,6 @@ class WorkerConfig:
     verify_every: compare every N-th step with the dense reference (0 = never); a mismatch
     beyond the dtype's tolerance counts as a failed step.
     threads: torch intra-op threads (CPU; 0 = torch's default).
-    swap_mode: staging of hot-swaps, ``double`` or ``compact`` (see :class:`HotSwapEngine`).
     drain_seconds: after the last step, keep serving until the counters are pulled once
     more (so the last window reaches the agent), at most this long.
     capacity: per-slot capacity of every layer (None = none); its drops are reported in
@@ -101,7 +100,6 @@ class WorkerConfig:
     rollout_timeout: float = 120.0
     drain_seconds: float = 5.0
     threads: int = 1
-    swap_mode: str = "double"
     security: SecurityConfig = field(default_factory=SecurityConfig)
     capacity: CapacityConfig | None = None
     local_security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -121,8 +119,6 @@ class WorkerConfig:
             raise ValueError("backend: nccl needs device cuda")
         if self.step_interval < 0 or self.max_steps < 0 or self.verify_every < 0:
             raise ValueError("step_interval/max_steps/verify_every: must be >= 0")
-        if self.swap_mode not in MODES:
-            raise ValueError(f"swap_mode: must be one of {MODES}, got {self.swap_mode!r}")
         gpn = self.gpus_per_node or self.world_size
         if self.world_size % gpn:
             raise ValueError(f"gpus_per_node: {gpn} must divide world_size {self.world_size}")
@@ -251,7 +247,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
     for layer in model.layers:
         layer.capacity = config.capacity
     engine = HotSwapEngine(list(model.layers), group=swap_group,
-                           gpus_per_node=config.gpus_per_node, mode=config.swap_mode)
+                           gpus_per_node=config.gpus_per_node)
     coord = SwapCoordinator(engine, version)
     ledger = CounterLedger(config.model.num_layers, num_slots // config.world_size, version)
     stream = TokenStream(config.model, config.stream, config.rank, device)
