@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import threading
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -12,6 +14,8 @@ from expertplane.planner.eplb import rebalance_experts
 from expertplane.planner.errors import PlanInputError
 from expertplane.planner.metrics import balance
 from expertplane.planner.plan import migration
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,3 +94,40 @@ def compute_candidate(spec: PlacementSpec, load: np.ndarray | None,
                      load=weight, predicted_balance=predicted, current_balance=current,
                      slots_moved=moved.slots_moved if moved else 0,
                      bytes_moved=moved.bytes_moved if moved else 0)
+
+
+def _compile_planner(spec: PlacementSpec) -> None:
+    """Run ``compute_candidate`` fresh and movement-aware on a one-layer copy of ``spec``.
+
+    The planner's numba kernels compile per argument type (and parallel kernels per layout), not
+    per size, so one layer of the spec's experts, replicas, groups, nodes and algorithm goes
+    through the same kernels as the real plan. Loads are float64 Zipf-like; the second one is the
+    first reversed, so that the movement-aware plan has work for every stage (the Python-level
+    stages call their kernels only when a plan needs them)."""
+    small = replace(spec, num_layers=1, initial_load=None)
+    load = (1.0 + np.random.default_rng(0).permutation(spec.num_experts))[None, :] ** -1.0
+    first = compute_candidate(small, load)
+    compute_candidate(small, load[:, ::-1].copy(), previous=first.phy2log)
+
+
+def _warm(spec: PlacementSpec) -> None:
+    try:
+        _compile_planner(spec)
+    except Exception:  # a failed warm-up only costs the first plan its compile time
+        log.exception("planner warm-up for placement %r failed", spec.name)
+    else:
+        log.info("planner compiled for placement %r (algorithm %s)", spec.name, spec.algorithm)
+
+
+def warm_up(spec: PlacementSpec) -> threading.Thread:
+    """Compile the planner code that plans for ``spec`` need, in a daemon thread (started;
+    returned so callers and tests may ``join`` it).
+
+    numba compiles on first use (loading from its on-disk cache when warm); without this the
+    first policy cycle of a placement paid it, once 84 s on a loaded machine. Safe to call for
+    every applied placement: once compiled, a warm-up takes 0.02-0.4 s of that thread (measured
+    on 2 shared vCPUs: 288 slots on 32 GPUs "deepseek" to 640 slots on 320 GPUs "balanced")."""
+    thread = threading.Thread(target=_warm, args=(spec,), name=f"planner-warm-up-{spec.name}",
+                              daemon=True)
+    thread.start()
+    return thread

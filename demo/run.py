@@ -181,7 +181,9 @@ def run_demo(opts: DemoOptions) -> int:
     from expertplane.agent.config import AgentConfig
     from expertplane.controller.config import ControllerConfig
     from expertplane.controller.placement_files import placement_from_dict
+    from expertplane.controller.planning import warm_up
     from expertplane.controller.server import ControllerServer
+    from expertplane.controller.spec import spec_from_proto
     from expertplane.demo.view import render
     from expertplane.kernels.synthetic import ModelConfig, StreamConfig
     from expertplane.kernels.worker import WorkerConfig
@@ -216,8 +218,6 @@ def run_demo(opts: DemoOptions) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
     console = Console()
-    with console.status("compiling the planner (numba, first run only with a warm cache)"):
-        _warm_planner(placement)
     live_view = console.is_terminal if opts.live is None else opts.live
     mode = "rebalancing" if opts.rebalance else "control run: --no-rebalance"
     timeline = Timeline(tokens_per_step=stream.tokens_per_step)
@@ -236,7 +236,9 @@ def run_demo(opts: DemoOptions) -> int:
         stack.callback(controller.stop, 2.0)
         channel = make_channel(address)
         stack.callback(channel.close)
-        pb_grpc.PlanServiceStub(channel).ApplyPlacement(placement_from_dict(placement), timeout=30)
+        message = placement_from_dict(placement)
+        pb_grpc.PlanServiceStub(channel).ApplyPlacement(message, timeout=30)
+        warm_up(spec_from_proto(message))  # the planner compiles while the workers start
         agents = []
         for n in range(nodes):
             agent = Agent(AgentConfig(controller=address, node=f"node-{n}",
@@ -343,20 +345,6 @@ def _finish(timeline: Timeline, opts: DemoOptions, mode: str, out: pathlib.Path,
             f"; balance {control:.3f} -> {observed:.3f} ({(control - observed) / control:.0%} better "
             "than keeping the initial plan)" if opts.rebalance else ""))
     return 1 if errors else 0
-
-
-def _warm_planner(placement: dict) -> None:
-    """Run the planner once (fresh and movement-aware) on this placement's shapes, so its numba
-    code is compiled before the controller's policy thread needs it under load."""
-    from expertplane.planner import rebalance_experts
-
-    model, topo = placement["model"], placement["topology"]
-    load = np.random.default_rng(0).random((model["num_layers"], model["num_experts"]))
-    args = (placement["num_replicas"], model.get("num_groups", 1), topo["num_nodes"],
-            topo["num_nodes"] * topo["gpus_per_node"])
-    algorithm = placement.get("algorithm", "deepseek")
-    phy2log, _, _ = rebalance_experts(load, *args, algorithm=algorithm)
-    rebalance_experts(load[:, ::-1].copy(), *args, algorithm=algorithm, previous=phy2log)
 
 
 def _deadline(timeline: Timeline, opts: DemoOptions) -> float:
