@@ -75,6 +75,14 @@ def test_shipped_profiles_proven_optimal_one_stage_per_rank(name, schedule, stag
         assert plan.optimal, (name, schedule, stages, m)
 
 
+@pytest.mark.parametrize("name", ["deepseek-v3-like", "llama-like"])
+def test_shipped_profiles_proven_optimal_dualpipe_four_stages(name):
+    """Two-stage ranks are proven at 4 stages; from 8 on the search is capped (docs/pipeline.md)."""
+    profile = load_profile(shipped_profiles()[name])
+    for m in (8, 16):
+        assert partition(profile, 4, schedule="dualpipe", micro_batches=m).optimal, (name, m)
+
+
 @pytest.mark.parametrize("schedule, stages, m", [("1f1b", 4, 8), ("zb1p", 3, 5),
                                                  ("dualpipe", 4, 8), ("dualpipev", 4, 6)])
 def test_step_times_kernel_matches_finish_times(schedule, stages, m):
