@@ -13,7 +13,8 @@ from torch import Tensor
 from expertplane.kernels.triton_ops import (grouped_gemm, swiglu, swiglu_torch, use_triton,
                                             weight_table)
 
-__all__ = ["GROUPED_MM_MIN_ROWS", "ExpertWeightFn", "LocalExperts", "Segment", "grouped_mm", "grouped_mm_loop", "make_expert_weights",
+__all__ = ["GROUPED_MM_MIN_ROWS", "ExpertWeightFn", "LocalExperts", "Segment", "grouped_mm",
+           "grouped_mm_loop", "make_expert_weights",
            "seeded_expert_weights", "swiglu_ffn"]
 
 # logical expert id -> (w13 [H, 2I], w2 [I, H])

@@ -29,8 +29,8 @@ except ImportError:
     HAVE_TRITON = False
 
 __all__ = ["HAVE_TRITON", "grouped_gemm", "histogram", "histogram_torch", "swiglu",
-           "swiglu_torch", "tile_fits", "tuned_configs", "use_triton", "weight_table", "weighted_combine",
-           "weighted_combine_torch"]
+           "swiglu_torch", "tile_fits", "tuned_configs", "use_triton", "weight_table",
+           "weighted_combine", "weighted_combine_torch"]
 
 
 def use_triton(t: Tensor) -> bool:
@@ -190,7 +190,8 @@ def _prune_tiles(configs, named_args, **kwargs):
     """The autotuner's configs that :func:`tile_fits` this call on the current device."""
     def arg(name):
         return kwargs[name] if name in kwargs else named_args[name]
-    smem = torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    smem = props.shared_memory_per_block_optin
     return [c for c in configs
             if tile_fits(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_stages,
                          n_out=arg("N_OUT"), k_dim=arg("K_DIM"), fused=arg("SWIGLU"),

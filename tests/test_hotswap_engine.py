@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from expertplane.kernels.experts import make_expert_weights
-from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator, SwapError, plan_transfers
+from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator, plan_transfers
 from expertplane.kernels.moe import LayerPlacement
 from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
 
