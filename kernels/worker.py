@@ -67,8 +67,8 @@ class WorkerConfig:
     verify_every: compare every N-th step with the dense reference (0 = never); a mismatch
     beyond the dtype's tolerance counts as a failed step.
     threads: torch intra-op threads (CPU; 0 = torch's default).
-    drain_seconds: after the last step, keep serving until the counters are pulled once
-    more (so the last window reaches the agent), at most this long.
+    drain_seconds: after the last step, keep serving until the agent has pulled and
+    acknowledged the last window (or a pull without acknowledgements took it), at most this long.
     capacity: per-slot capacity of every layer (None = none); its drops are reported in
     ``CounterSnapshot.dropped_tokens``.
     security: TLS / bearer token of the connection to the controller (initial plan).

@@ -60,9 +60,10 @@ class CounterLedger:
     closed windows are kept; beyond that the oldest is dropped and counted in
     ``dropped_windows``.
 
-    Pulls by an agent are acknowledged (at-least-once delivery): a window handed out under a
-    ``sequence`` stays pending until the same agent names (``epoch``, sequence) in a later pull;
-    until then every pull of that agent gets the same window again (``resent`` counts these).
+    Pulls by an agent are acknowledged (at-least-once delivery): a window with steps handed out
+    under a ``sequence`` stays :attr:`pending` until the same agent names (``epoch``, sequence)
+    in a later pull; until then every pull of that agent gets the same window again (``resent``
+    counts these). A window without steps holds nothing to lose: it gets no sequence.
     ``epoch`` is random per ledger (per worker process), so sequences of a restarted worker
     never pass for its predecessor's.
     """
@@ -103,6 +104,12 @@ class CounterLedger:
             self.total_steps += 1
             self.total_failed += int(failed)
 
+    @property
+    def pending(self) -> bool:
+        """True while a window handed out is not acknowledged yet."""
+        with self._lock:
+            return self._pending is not None
+
     def _close(self, now: int, version: int) -> None:
         self._open.end = now
         if len(self._closed) >= self._max:
@@ -117,8 +124,8 @@ class CounterLedger:
 
         The pending window again if this agent has not acknowledged it; else (acknowledged, or a
         new agent: the previous one received it or lost it with its own reports) the oldest unread
-        window, numbered with the next sequence and kept pending. ``agent_epoch`` 0: a fresh
-        window every time, nothing kept (sequence 0).
+        window, numbered with the next sequence and kept pending if it has steps. ``agent_epoch``
+        0: a fresh window every time, nothing kept (sequence 0).
         """
         with self._lock:
             pending = self._pending
@@ -132,7 +139,7 @@ class CounterLedger:
             if not self._closed:
                 self._close(time.time_ns(), self._open.version)
             window = self._closed.popleft()
-            if agent_epoch:
+            if agent_epoch and window.steps:
                 self._sequence += 1
                 window.sequence = self._sequence
                 self._pending, self._pending_agent = window, agent_epoch
@@ -197,7 +204,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self._bias_sequence = 0
         self._bias_lock = threading.Lock()
         self.pulled = False  # PullCounters was called at least once
-        self.drained = threading.Event()  # set by every PullCounters
+        self.drained = threading.Event()  # set by a PullCounters that leaves nothing pending
 
     def info(self) -> pb.WorkerInfo:
         return pb.WorkerInfo(node=self.ident.node, rank=self.ident.rank,
@@ -220,7 +227,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self._on_pull()
         w = self.ledger.pull(request.agent_epoch, (request.ack_epoch, request.ack_sequence))
         self.pulled = True
-        self.drained.set()
+        if not self.ledger.pending:
+            self.drained.set()
         snap = pb.CounterSnapshot(rank=self.ident.rank, placement=self.ident.placement,
                                   plan_version=w.version, slot_counts=int64_tensor(w.counts),
                                   steps=w.steps, failed_steps=w.failed, epoch=self.ledger.epoch,

@@ -82,6 +82,22 @@ def test_pulls_without_an_agent_epoch_keep_nothing():
     assert (first.counts.sum(), second.counts.sum()) == (LAYERS * SLOTS, 2 * LAYERS * SLOTS)
 
 
+def test_drained_once_the_last_window_is_acknowledged():
+    """A stopping worker waits for ``drained``: its last window must have been acknowledged; a
+    window without steps has nothing to lose and is not kept."""
+    ledger = CounterLedger(LAYERS, SLOTS, version=1)
+    servicer = WorkerServicer(WorkerIdentity("node-a", 0, 1, "demo", LAYERS, 4, SLOTS),
+                              SimpleNamespace(version=1, prepared_version=0), ledger,
+                              address=lambda: "", on_bias=lambda bias: None)
+    ledger.add(1, ones())
+    last = servicer.PullCounters(pb.PullCountersRequest(agent_epoch=AGENT), context=None)
+    assert last.sequence == 1 and ledger.pending and not servicer.drained.is_set()
+    empty = servicer.PullCounters(pb.PullCountersRequest(
+        agent_epoch=AGENT, ack_epoch=last.epoch, ack_sequence=last.sequence), context=None)
+    assert (empty.sequence, empty.steps) == (0, 0) and not ledger.pending
+    assert servicer.drained.is_set()
+
+
 class LostAnswer(grpc.RpcError):
     """What the agent's stub raises when the test drops an answer the worker already sent."""
 
@@ -94,9 +110,9 @@ class LostAnswer(grpc.RpcError):
 
 class FaultyPulls(grpc.UnaryUnaryClientInterceptor):
     """On the agent's channel to the worker: every ``lose_every``-th PullCounters is answered by
-    the worker and then raises DEADLINE_EXCEEDED in the agent; every ``stale_every``-th (not
-    lost) carries no acknowledgement, as a delayed copy of an old request would, so the worker
-    sends its pending, already counted snapshot again."""
+    the worker and then raises DEADLINE_EXCEEDED in the agent (``lost`` counts those that held
+    counts); every ``stale_every``-th (not lost) carries no acknowledgement, as a delayed copy of
+    an old request would, so the worker sends its pending, already counted snapshot again."""
 
     def __init__(self, lose_every: int = 3, stale_every: int = 5):
         self.lose_every, self.stale_every = lose_every, stale_every
@@ -110,13 +126,14 @@ class FaultyPulls(grpc.UnaryUnaryClientInterceptor):
             self.pulls += 1
             lose = self.pulls % self.lose_every == 0
             stale = not lose and self.pulls % self.stale_every == 0
-            self.lost += lose
             self.stale += stale
         if stale:
             request = pb.PullCountersRequest(agent_epoch=request.agent_epoch)
         call = continuation(client_call_details, request)
         if lose:
-            call.result()                                # the worker answered ...
+            answer = call.result()                       # the worker answered ...
+            with self.lock:
+                self.lost += bool(answer.sequence)       # (windows without steps: nothing lost)
             raise LostAnswer()                           # ... and the answer never arrived
         return call
 
