@@ -5,7 +5,7 @@
 - :func:`histogram`: ``counts[b] = #{i: ids[i] == b}`` (per-slot token counts).
 - :func:`swiglu`: ``silu(h[:, :I]) * h[:, I:]`` in one pass (torch: a SiLU pass and a multiply).
 - :func:`grouped_gemm`: a persistent grouped GEMM whose groups' weights are found through a
-  pointer table (so they may live in different buffers), optionally with the SwiGLU fused
+  table of offsets (so they may live in different buffers), optionally with the SwiGLU fused
   into its epilogue; the CUDA path of the experts' FFN (``expertplane bench kernels``
   compares it with ``torch._grouped_mm``).
 

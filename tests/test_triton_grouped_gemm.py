@@ -1,6 +1,6 @@
 """The persistent Triton grouped GEMM (``triton_ops.grouped_gemm``) against a float64
 reference: plain and with the fused SwiGLU epilogue, groups of 0, 1, < BM, > BM rows, weights
-in separate buffers found through the pointer table, every output element written.
+in separate buffers found through the table of offsets, every output element written.
 
 On CPU it runs in Triton's interpreter (``TRITON_INTERPRET=1``, set in a child process: the
 variable must be set before Triton compiles the kernel; needs Triton installed); on a GPU
