@@ -98,7 +98,7 @@ def run(args) -> int:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     cfg = resolve_config(args)
     results = measure(cfg)
-    _print(results)
+    print_results(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0 if results["failed_steps"] == 0 else 1
@@ -337,7 +337,8 @@ def _raw_times(model, moved: int, cfg: dict, group, clock) -> list[float]:
     return times[1:]  # first one warms up
 
 
-def _print(results: dict) -> None:
+def print_results(results: dict) -> None:
+    """The staging-vs-raw table and the step-time line of :func:`measure`'s results."""
     from rich.console import Console
     from rich.table import Table
 

@@ -355,5 +355,9 @@ def _print_part(name: str, result: object) -> None:
                 table.add_row(op, f"{r['triton_gbps']:.0f}", f"{r['torch_gbps']:.0f}",
                               f"{r['x_vs_torch']:.2f}")
         console.print(table)
+    elif name == "hotswap":
+        from expertplane.benchmarks import hotswap
+
+        hotswap.print_results(result)
     else:
         console.print(f"[bold]{name}[/bold]: " + json.dumps(result, indent=1))
