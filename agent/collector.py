@@ -149,7 +149,6 @@ class Collector:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-
 def _already_counted(snapshot: pb.CounterSnapshot, counted: tuple[int, int]) -> bool:
     """True when ``snapshot`` was received before: same worker epoch, sequence not beyond the last
     counted one. Snapshots without a sequence (workers that keep no pending window) are new."""
