@@ -87,6 +87,13 @@ def divisor_counts(w, slots, shift):
     return counts
 
 
+@njit(cache=True, inline="always")
+def _replicas_needed(load, x):
+    """max(1, ceil(load / x)), rounding ratios within 1e-9 of an integer down: x = w / c must
+    need c replicas, not c + 1 (a smaller count only weakens the bound, never breaks it)."""
+    return max(1, int(np.ceil(load / x - 1e-9)))
+
+
 @njit(cache=True)
 def _slot_bound(w, slots, per_gpu):
     """min over X >= m* of X + (per_gpu - 1) * h(X) for one row (see module docstring)."""
@@ -106,13 +113,13 @@ def _slot_bound(w, slots, per_gpu):
                 continue
             needed = 0
             for e in range(n):
-                needed += max(1, int(np.ceil(w[e] / x)))
+                needed += _replicas_needed(w[e], x)
             spare = slots - needed
             if spare < 0:
                 continue
             low = np.inf
             for e in range(n):
-                low = min(low, w[e] / (max(1, int(np.ceil(w[e] / x))) + spare))
+                low = min(low, w[e] / (_replicas_needed(w[e], x) + spare))
             best = min(best, x + (per_gpu - 1) * low)
     return best
 
