@@ -3,11 +3,18 @@
 Serves LoadService, PlanService, PlanningService and RolloutService, plus standard health
 checking (``grpc.health.v1``) and server reflection; Prometheus metrics over HTTP when
 ``config.metrics`` is set.
+
+The server is a ``grpc.aio`` server on an event loop of its own thread: load reports (the hot
+path, thousands per second) are read, counted and acknowledged by a coroutine on that loop; the
+other services' handlers are synchronous and run in a pool of ``config.max_workers`` threads
+(each open stream, such as an agent's RolloutService.Connect, holds one thread).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,10 +28,11 @@ from expertplane.controller.servicers import (LoadServicer, PlanningServicer, Pl
                                               RolloutServicer, add_rollout_servicer)
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
-from expertplane.rpc.channels import bind, make_server
+from expertplane.rpc.channels import bind, make_aio_server
 
 log = logging.getLogger(__name__)
 SERVICES = ("LoadService", "PlanService", "PlanningService", "RolloutService")
+SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[s].full_name for s in SERVICES]
 
 
 class ControllerServer:
@@ -36,7 +44,10 @@ class ControllerServer:
     def __init__(self, config: ControllerConfig):
         self.config = config
         self.controller = Controller(config)
-        self._server: grpc.Server | None = None
+        self._server: grpc.aio.Server | None = None
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever,
+                                             name="controller-grpc", daemon=True)
         self._health = health.HealthServicer()
         self._metrics_server = None
         self.port = 0
@@ -48,20 +59,9 @@ class ControllerServer:
             for spec in load_placements(self.config.placements_dir):
                 c.apply_placement(spec)
                 log.info("placement %s applied from %s", spec.name, self.config.placements_dir)
-        server = make_server(self.config.security, max_workers=self.config.max_workers,
-                             max_concurrent_rpcs=self.config.max_concurrent_rpcs)
-        pb_grpc.add_LoadServiceServicer_to_server(LoadServicer(c), server)
-        pb_grpc.add_PlanServiceServicer_to_server(PlanServicer(c), server)
-        pb_grpc.add_PlanningServiceServicer_to_server(PlanningServicer(c), server)
-        add_rollout_servicer(RolloutServicer(c), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in SERVICES]
-        reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME],
-                                            server)
-        self.port = bind(server, self.config.listen, self.config.security)
-        server.start()
-        self._server = server
-        for name in names + [""]:
+        self._loop_thread.start()
+        self.port = self._on_loop(self._serve())
+        for name in SERVICE_NAMES + [""]:
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics:
             self._metrics_server = serve_metrics(c.metrics, self.config.metrics)
@@ -70,18 +70,44 @@ class ControllerServer:
                  _redact(self.config.db_url))
         return self.port
 
+    async def _serve(self) -> int:
+        """Build, bind and start the server (on the loop); returns the bound port."""
+        c = self.controller
+        server = make_aio_server(self.config.security, max_workers=self.config.max_workers,
+                                 max_concurrent_rpcs=self.config.max_concurrent_rpcs)
+        pb_grpc.add_LoadServiceServicer_to_server(LoadServicer(c), server)
+        pb_grpc.add_PlanServiceServicer_to_server(PlanServicer(c), server)
+        pb_grpc.add_PlanningServiceServicer_to_server(PlanningServicer(c), server)
+        add_rollout_servicer(RolloutServicer(c), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME],
+                                            server)
+        port = bind(server, self.config.listen, self.config.security)
+        await server.start()
+        self._server = server
+        return port
+
+    def _on_loop(self, coro):
+        """Run ``coro`` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
     def stop(self, grace: float | None = 5.0) -> None:
         """Stop taking calls, let running ones finish for ``grace`` seconds, close the store."""
         self._health.enter_graceful_shutdown()
         if self._server is not None:
-            self._server.stop(grace).wait()
+            self._on_loop(self._server.stop(grace))
+            self._server = None
+        if self._loop_thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join()
+            self._loop.close()
         if self._metrics_server is not None:
             self._metrics_server[0].shutdown()
         self.controller.close()
 
     def wait(self) -> None:
         if self._server is not None:
-            self._server.wait_for_termination()
+            self._on_loop(self._server.wait_for_termination())
 
 
 def _redact(url: str) -> str:

@@ -76,11 +76,12 @@ class LoadServicer(pb_grpc.LoadServiceServicer):
     def __init__(self, controller: Controller):
         self._c = controller
 
-    def ReportLoad(self, request_iterator, context):
-        """Every report is answered in order. A report holds a place in the controller's ingest
-        gate until its ack has been handed to gRPC (the generator resumes after the send)."""
+    async def ReportLoad(self, request_iterator, context):
+        """Every report is answered in order (a coroutine on the server's loop: this is the hot
+        path). A report holds a place in the controller's ingest gate until its ack has been
+        sent (the generator resumes after the write)."""
         c, gate = self._c, self._c.gate
-        for report in request_iterator:
+        async for report in request_iterator:
             if not gate.enter():
                 yield _ack(report, c.shed(report))
                 continue
@@ -120,7 +121,7 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
             for plan in backlog:
                 last[plan.placement] = plan.version
                 yield plan_summary(plan)
-            while context.is_active():
+            while True:             # until the callback above offers the end
                 if watch.overflowed:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   "watch fell too far behind; reconnect with after_version")

@@ -47,6 +47,11 @@ _COMMON_OPTIONS = [
 ]
 
 
+# so_reuseport off: a second server on a taken port must fail, not share it.
+_SERVER_OPTIONS = _COMMON_OPTIONS + [("grpc.so_reuseport", 0),
+                                     ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+
+
 def make_channel(target: str, security: SecurityConfig | None = None) -> grpc.Channel:
     """A channel to ``target`` (host:port or unix:/path) with retries and keepalive; TLS (with a
     client certificate for mTLS) and the bearer token on every call as ``security`` says. Over
@@ -76,11 +81,44 @@ def make_server(security: SecurityConfig | None = None, *, max_workers: int = 16
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=server_interceptors(security),
-        # so_reuseport off: a second server on a taken port must fail, not share it.
-        options=_COMMON_OPTIONS + [("grpc.so_reuseport", 0),
-                                   ("grpc.http2.min_ping_interval_without_data_ms", 5_000)],
+        options=_SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
+
+
+class _AioInterceptor(grpc.aio.ServerInterceptor):
+    """A synchronous ``grpc.ServerInterceptor`` on a ``grpc.aio`` server: the handler it returns
+    (the continuation's, or a replacement) is served as is."""
+
+    def __init__(self, interceptor: grpc.ServerInterceptor):
+        self._sync = interceptor
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        chosen = self._sync.intercept_service(lambda _details: handler, handler_call_details)
+        if chosen is None or chosen is handler or not chosen.response_streaming:
+            return chosen
+        # grpc.aio calls a synchronous streaming handler on its loop and iterates the result in
+        # the pool: a replacement that acts at once (an abort would block the loop) must act
+        # when iterated.
+        field = "stream_stream" if chosen.request_streaming else "unary_stream"
+        act = getattr(chosen, field)
+
+        def lazily(request, context):
+            yield from act(request, context) or ()
+
+        return chosen._replace(**{field: lazily})
+
+
+def make_aio_server(security: SecurityConfig | None = None, *, max_workers: int = 16,
+                    max_concurrent_rpcs: int = 256) -> grpc.aio.Server:
+    """``make_server``'s twin on asyncio (create it inside the loop that will run it): coroutine
+    handlers run on the loop; synchronous ones in a pool of ``max_workers`` threads."""
+    security = security or SecurityConfig()
+    return grpc.aio.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=[_AioInterceptor(i) for i in server_interceptors(security)],
+        options=_SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
 
 
 def bind(server: grpc.Server, address: str, security: SecurityConfig | None = None) -> int:
