@@ -87,13 +87,14 @@ def _generator(port: int, proc: int, streams: int, rate: float, seconds: float, 
 
     counts = np.random.default_rng(proc).integers(0, 4096, (layers, slots))
     per_stream = rate / streams
+    epoch = time.time_ns() // 1000     # a new agent epoch per run: sequences start again at 1
 
     async def agent(channel, i: int, t0: float, results: list) -> None:
         index = proc * streams + i
         node = index % nodes
         prefixes = _report_prefixes(f"bench-{index}", range(node * gpus_per_node,
                                                             (node + 1) * gpus_per_node),
-                                    counts, epoch=index + 1)
+                                    counts, epoch=epoch + index)
         call = channel.stream_stream("/expertplane.v1.LoadService/ReportLoad",
                                      request_serializer=bytes,
                                      response_deserializer=pb.LoadAck.FromString)(
