@@ -502,6 +502,7 @@ class SwapCoordinator:
         self._abort = 0
         self._failed: dict[int, str] = {}
         self._ready_seen = 0
+        self._closed = ""
         self._sync_device = engine.device
 
     # -- request side
@@ -516,6 +517,7 @@ class SwapCoordinator:
         """Ask to stage ``version``; blocks until staged on this rank. Returns the staging
         stats (None if already staged or in force). Raises SwapError (state) or TimeoutError."""
         with self._cond:
+            self._check_open()
             if version == self.version:
                 return None
             if version < self.version:
@@ -546,6 +548,7 @@ class SwapCoordinator:
         with self._cond:
             if version == self.version:
                 return
+            self._check_open()
             pending = self._prepare.version if self._prepare else 0
             if version not in (self.engine.staged_version, pending):
                 raise SwapError(f"version: {version} is not prepared on this rank")
@@ -563,6 +566,8 @@ class SwapCoordinator:
         with self._cond:
             if version == self.version:
                 raise SwapError(f"version: {version} is already in force")
+            if self._closed:
+                return False  # serving has ended: nothing will ever be switched to
             known = version in (self.engine.staged_version,
                                 self._prepare.version if self._prepare else 0)
             if not known:
@@ -576,6 +581,25 @@ class SwapCoordinator:
     def request_stop(self) -> None:
         """Ask every rank to stop at the next step boundary (safe from a signal handler)."""
         self.stop_requested = True
+
+    def close(self, reason: str) -> None:
+        """The serving loop has ended (stopped, or a collective failed because a peer died): fail
+        every pending or staged prepare and commit with ``reason`` and wake their waiters, so no
+        request thread waits for a step boundary that will never come. Later requests fail too."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = reason
+            for v in (self._prepare.version if self._prepare else 0, self._commit,
+                      self.engine.staged_version):
+                if v:
+                    self._failed[v] = reason
+            self._prepare, self._commit = None, 0
+            self._cond.notify_all()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SwapError(f"worker: serving has ended ({self._closed})")
 
     # -- step side
 

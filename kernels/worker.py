@@ -160,10 +160,21 @@ def initial_plan(config: WorkerConfig, stop: threading.Event | None = None) -> p
                                 stop=stop_when_event_set(stop or threading.Event()),
                                 reraise=True):
             with attempt:
-                return stub.GetPlan(pb.GetPlanRequest(placement=config.placement), timeout=10.0)
+                return stub.GetPlan(pb.GetPlanRequest(placement=config.placement,
+                                                      version=_version_in_force(stub, config)),
+                                    timeout=10.0)
     finally:
         channel.close()
     raise OSError("controller: stopped before the initial plan arrived")
+
+
+def _version_in_force(stub: pb_grpc.PlanServiceStub, config: WorkerConfig) -> int:
+    """The plan version in force on the placement's workers (not the latest stored plan, which
+    may belong to a rollout that was aborted); 0 (= latest) before any plan is in force."""
+    for state in stub.ListPlacements(pb.ListPlacementsRequest(), timeout=10.0).placements:
+        if state.spec.name == config.placement:
+            return state.plan_version
+    return 0
 
 
 class _AgentLink:
@@ -302,7 +313,11 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
         servicer.drained.clear()
         if config.drain_seconds and (config.agent or servicer.pulled):
             servicer.drained.wait(config.drain_seconds)
+    except BaseException as exc:
+        coord.close(f"serving loop failed: {exc}")
+        raise
     finally:
+        coord.close("worker stopped")
         link_stop.set()
         server.stop(grace=1.0).wait()
         dist.destroy_process_group()

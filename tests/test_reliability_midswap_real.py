@@ -57,14 +57,6 @@ EXIT_TIMEOUT = 15.0     # s: a rank whose peer died must exit within this (super
                         # the job on exit); its 1 s gRPC grace and the gloo teardown fit
 
 
-class RejoinedOnUncommittedPlan(AssertionError):
-    """A restarted worker came up on a plan that was never in force (known bug, see the xfail)."""
-
-
-class RankOutlivedItsJob(AssertionError):
-    """A rank whose collectives failed did not exit in time (known bug, see the xfail)."""
-
-
 class RealCluster:
     """The controller in this process; agents and workers as process groups under ``root``.
 
@@ -246,11 +238,6 @@ def kill_worker_mid_swap(c: RealCluster) -> None:
     assert all(report.failed_steps == 0 for report, _ in c.spy.answers)
 
 
-@pytest.mark.xfail(strict=True, raises=RejoinedOnUncommittedPlan, reason=(
-    "kernels/worker.py initial_plan() asks the controller for GetPlan(version=0), the LATEST "
-    "stored plan, not the plan in force: a job restarted after an aborted rollout comes up on the "
-    "aborted version (v2) while the controller has v1 in force, and the controller only logs "
-    "'reports plan 2, newer than the 1 in force' (controller/rollout.py _reconcile)"))
 def test_worker_sigkilled_mid_swap(cluster):
     c = cluster
     kill_worker_mid_swap(c)
@@ -265,31 +252,19 @@ def test_worker_sigkilled_mid_swap(cluster):
     c.wait_connected(set(range(WORLD)))
     rejoined = rs.wait_until(lambda: (s := c.statuses(range(WORLD))) and None not in s.values()
                              and s, EVENT_TIMEOUT, "restarted workers answering Status", 0.2)
-    on_plan_in_force = set(rejoined.values()) == {(1, 0)}
-    if on_plan_in_force:
-        c.wait_serving(range(WORLD), 1, mark)
-    c.commit_everywhere()                  # a later rollout commits on every worker either way
-    if not on_plan_in_force:               # checked last, so that everything above is checked too
-        raise RejoinedOnUncommittedPlan(
-            f"restarted workers (plan_version, prepared_version) by rank: {rejoined}; "
-            f"the plan in force was v1")
+    assert set(rejoined.values()) == {(1, 0)}, (
+        f"restarted workers (plan_version, prepared_version) by rank: {rejoined}; the plan in "
+        f"force was v1")
+    c.wait_serving(range(WORLD), 1, mark)
+    c.commit_everywhere()                  # a later rollout commits on every worker
 
 
-@pytest.mark.xfail(strict=True, raises=RankOutlivedItsJob, reason=(
-    "a rank whose serving loop died keeps its process alive until its in-flight Prepare handler "
-    "times out (agent --prepare-timeout, 60 s by default): SwapCoordinator.prepare() waits on a "
-    "condition only the dead loop would signal, and gRPC's non-daemon handler threads hold the "
-    "interpreter (kernels/worker.py run_worker should fail pending swap requests on exit)"))
 def test_ranks_of_the_broken_job_exit_promptly(cluster):
     c = cluster
     kill_worker_mid_swap(c)
     survivors = [f"worker-{r}" for r in range(WORLD) if r != 1]
-    try:
-        rs.wait_until(lambda: not any(c.alive(name) for name in survivors), EXIT_TIMEOUT,
-                      "every surviving rank exited")
-    except AssertionError as exc:
-        raise RankOutlivedItsJob(f"{[n for n in survivors if c.alive(n)]} still running "
-                                 f"{EXIT_TIMEOUT:.0f} s after the rollout aborted") from exc
+    rs.wait_until(lambda: not any(c.alive(name) for name in survivors), EXIT_TIMEOUT,
+                  "every surviving rank exited after the rollout aborted")
     assert all(c.procs[name].returncode != 0 for name in survivors)   # a failure, for supervisors
     c.wait_connected(set(), EVENT_TIMEOUT)                             # reported lost
 
