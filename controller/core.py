@@ -20,7 +20,7 @@ from expertplane.controller.config import ControllerConfig
 from expertplane.controller.convert import plan_message
 from expertplane.controller.errors import FailedPrecondition, InvalidArgument, NotFound
 from expertplane.controller.metrics import ControllerMetrics
-from expertplane.controller.planning import Candidate, check_load, compute_candidate
+from expertplane.controller.planning import Candidate, check_load, compute_candidate, warm_up
 from expertplane.controller.policy import Decision, PolicyState, decide, record
 from expertplane.controller.rollout import RolloutCoordinator
 from expertplane.controller.router_balancer import ReportTotals, RouterBalancer
@@ -163,6 +163,7 @@ class Controller:
             if latest > sp.plan_version:
                 win.add_plan(latest, self.store.get_plan(name, latest).phy2log)
             self.metrics.plan_version.labels(name, "latest").set(latest)
+        warm_up(sp.spec)  # compile the planner for this placement before its policy needs it
 
     def run_background(self) -> None:
         self._thread = threading.Thread(target=self._background, name="controller-policy",

@@ -181,9 +181,7 @@ def run_demo(opts: DemoOptions) -> int:
     from expertplane.agent.config import AgentConfig
     from expertplane.controller.config import ControllerConfig
     from expertplane.controller.placement_files import placement_from_dict
-    from expertplane.controller.planning import warm_up
     from expertplane.controller.server import ControllerServer
-    from expertplane.controller.spec import spec_from_proto
     from expertplane.demo.view import render
     from expertplane.kernels.synthetic import ModelConfig, StreamConfig
     from expertplane.kernels.worker import WorkerConfig
@@ -238,7 +236,6 @@ def run_demo(opts: DemoOptions) -> int:
         stack.callback(channel.close)
         message = placement_from_dict(placement)
         pb_grpc.PlanServiceStub(channel).ApplyPlacement(message, timeout=30)
-        warm_up(spec_from_proto(message))  # the planner compiles while the workers start
         agents = []
         for n in range(nodes):
             agent = Agent(AgentConfig(controller=address, node=f"node-{n}",
