@@ -4,8 +4,12 @@ Ingest: synthetic agents in ``--processes`` separate processes open ``--streams`
 streams each and send LoadReports of ``--layers`` x ``--slots`` slot counts at a paced total rate
 of ``--rate`` reports/s (open loop, at most ``--window`` un-acknowledged reports per stream),
 timing every report from send to its ack. Baselines measured in the same run: the same load
-against a bare gRPC LoadService that acknowledges without doing anything (what Python gRPC on
-this machine can carry), and the controller's ``ingest`` called in-process (no gRPC).
+against a bare gRPC LoadService that acknowledges without doing anything (a synchronous
+thread-pool server: what Python gRPC on this machine carries without the controller), and the
+controller's ``ingest`` called in-process (no gRPC).
+
+Flood (``--flood SECONDS``): twice the agents at the same per-agent rate with up to
+``--flood-window`` un-acked reports each; samples the controller's RSS and GetPlan latency.
 
 Rollout: ``--workers`` simulated workers (``--gpus-per-node`` per agent stream, in a separate
 process) hold RolloutService.Connect streams; a plan goes through prepare and commit to all of
