@@ -117,6 +117,7 @@ class Mutation:
         return self.path
 
     def apply(self, doc: dict) -> None:
+        """Edit ``doc`` in place."""
         parent = doc
         for step, nxt in zip(self.path[:-1], self.path[1:]):
             if isinstance(parent, list):
@@ -365,7 +366,7 @@ def test_memory_limit_quantities(clients):
     counts, unexplained = fuzz(clients, PIPELINES, strategy, 150)
     print("memoryLimit", dict(counts))
     assert not unexplained, "\n".join(f"{m}: {v.detail}" for m, v in unexplained[:10])
-    assert counts["schema"] >= 10 and counts["valid"] >= 10, counts
+    assert counts["schema"] >= 5 and counts["valid"] >= 20, counts
 
 
 # ------------------------------------------------------------------ the gaps, minimal examples
