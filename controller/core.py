@@ -310,6 +310,13 @@ class Controller:
     def unwatch(self, w: PlanWatch) -> None:
         self._watches.discard(w)
 
+    def end_streams(self) -> None:
+        """Shutting down: end every open WatchPlans stream and agent rollout stream, so that no
+        handler thread waits for a message that will never come."""
+        for w in list(self._watches):
+            w.offer_end()
+        self.rollouts.close_sessions()
+
     def _stored_phy2log(self, name: str, version: int) -> np.ndarray | None:
         try:
             return self.store.get_plan(name, version).phy2log

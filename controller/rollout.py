@@ -121,6 +121,13 @@ class RolloutCoordinator:
                 self._lose(session, placement, rank, "agent stream closed")
         self._flush()
 
+    def close_sessions(self) -> None:
+        """Shutting down: end every agent's command stream (its handler returns)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for s in sessions:
+            s.close()
+
     def workers(self, placement: str) -> dict[int, pb.WorkerInfo]:
         with self._lock:
             return {r: info for r, (_, info) in self._workers.get(placement, {}).items()}

@@ -13,6 +13,7 @@ other services' handlers are synchronous and run in a pool of ``config.max_worke
 from __future__ import annotations
 
 import asyncio
+from concurrent import futures
 import logging
 import threading
 
@@ -48,6 +49,8 @@ class ControllerServer:
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever,
                                              name="controller-grpc", daemon=True)
+        self._executor = futures.ThreadPoolExecutor(max_workers=config.max_workers,
+                                                    thread_name_prefix="controller-rpc")
         self._health = health.HealthServicer()
         self._metrics_server = None
         self.port = 0
@@ -73,7 +76,7 @@ class ControllerServer:
     async def _serve(self) -> int:
         """Build, bind and start the server (on the loop); returns the bound port."""
         c = self.controller
-        server = make_aio_server(self.config.security, max_workers=self.config.max_workers,
+        server = make_aio_server(self._executor, self.config.security,
                                  max_concurrent_rpcs=self.config.max_concurrent_rpcs)
         pb_grpc.add_LoadServiceServicer_to_server(LoadServicer(c), server)
         pb_grpc.add_PlanServiceServicer_to_server(PlanServicer(c), server)
@@ -94,9 +97,11 @@ class ControllerServer:
     def stop(self, grace: float | None = 5.0) -> None:
         """Stop taking calls, let running ones finish for ``grace`` seconds, close the store."""
         self._health.enter_graceful_shutdown()
+        self.controller.end_streams()
         if self._server is not None:
             self._on_loop(self._server.stop(grace))
             self._server = None
+        self._drain_handlers(grace)
         if self._loop_thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join()
@@ -104,6 +109,16 @@ class ControllerServer:
         if self._metrics_server is not None:
             self._metrics_server[0].shutdown()
         self.controller.close()
+
+    def _drain_handlers(self, grace: float | None) -> None:
+        """Wait (bounded) for the synchronous handlers' threads to finish while the loop still
+        runs, so none is left blocked on it and the interpreter can exit."""
+        done = threading.Thread(target=self._executor.shutdown,
+                                kwargs={"wait": True, "cancel_futures": True}, daemon=True)
+        done.start()
+        done.join(timeout=(grace or 0.0) + 5.0)
+        if done.is_alive():
+            log.warning("controller: RPC handler threads still running after shutdown")
 
     def wait(self) -> None:
         if self._server is not None:

@@ -110,13 +110,16 @@ class _AioInterceptor(grpc.aio.ServerInterceptor):
         return chosen._replace(**{field: lazily})
 
 
-def make_aio_server(security: SecurityConfig | None = None, *, max_workers: int = 16,
+def make_aio_server(executor: futures.ThreadPoolExecutor,
+                    security: SecurityConfig | None = None, *,
                     max_concurrent_rpcs: int = 256) -> grpc.aio.Server:
     """``make_server``'s twin on asyncio (create it inside the loop that will run it): coroutine
-    handlers run on the loop; synchronous ones in a pool of ``max_workers`` threads."""
+    handlers run on the loop; synchronous ones on ``executor``, which the caller owns and shuts
+    down after stopping the server (while the loop still runs: synchronous handlers read their
+    requests through it)."""
     security = security or SecurityConfig()
     return grpc.aio.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
+        executor,
         interceptors=[_AioInterceptor(i) for i in server_interceptors(security)],
         options=_SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
 

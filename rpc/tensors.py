@@ -43,4 +43,4 @@ def to_numpy(msg, field: str, *, ndim: int | None = None, shape: tuple | None = 
             want = ["*" if s is None else s for s in shape]
             raise TensorError(field, f"must have shape {want}, got {list(dims)}")
     dtype = np.int64 if isinstance(msg, pb.Int64Tensor) else np.float64
-    return np.asarray(msg.values, dtype=dtype).reshape(dims)
+    return np.asarray(msg.values, dtype=dtype).reshape(dims or (0,))  # unset tensor: empty
