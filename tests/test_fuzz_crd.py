@@ -15,7 +15,8 @@ pruned by the apiserver, never stored) and must end in exactly one of:
 * ``valid``: accepted and turned into a controller message by the operator.
 
 Anything else (an unexpected exception from the operator's validation, an error naming no field)
-is a gap; the known ones are listed in ``KNOWN_GAPS`` with a strict xfail reproducing each.
+is a gap and fails the test. The two it found (a memoryLimit beyond uint64, an unparsable
+workerSelector) are fixed; their minimal examples are kept as regression tests.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import kubernetes
 import pytest
@@ -307,18 +308,6 @@ def judge(api, kube: Kube, plural: str, mutation: Mutation) -> Verdict:
     return Verdict("valid", "")
 
 
-# Gaps found by this fuzzing, reported to the lead; each has a strict xfail below.
-KNOWN_GAPS: dict[str, Callable[[Verdict], bool]] = {
-    # memoryLimit passes the schema's pattern but exceeds uint64 (e.g. "16Ei" = 2**64 bytes):
-    # pipeline_request_from_cr raises ValueError from protobuf instead of SpecError.
-    "memoryLimit-overflow": lambda v: v.detail.startswith("ValueError: Value out of range"),
-    # A workerSelector the schema accepts but the apiserver cannot parse as a label selector
-    # (e.g. matchLabels {"a": "b c"}): listing pods fails with 400, the operator reports
-    # Degraded/KubernetesError naming no field instead of InvalidSpec on the selector.
-    "workerSelector-unparsable": lambda v: v.detail.startswith("operator got 400 from the apiserver"),
-}
-
-
 @pytest.fixture(scope="module")
 def clients(apiserver):  # noqa: F811  (pytest fixture)
     api_client = kubernetes.config.new_client_from_config(config_file=apiserver.kubeconfig)
@@ -329,7 +318,7 @@ def clients(apiserver):  # noqa: F811  (pytest fixture)
 def fuzz(clients, plural: str, strategy: st.SearchStrategy,
          examples: int) -> tuple[Counter, list[tuple[Mutation, Verdict]]]:
     """Judge ``examples`` mutants of ``plural`` drawn from ``strategy``; returns the outcome
-    counts (a known gap counted as ``gap:<name>``) and the unexplained gaps."""
+    counts and the gaps."""
     api, kube = clients
     counts: Counter = Counter()
     unexplained: list[tuple[Mutation, Verdict]] = []
@@ -339,10 +328,8 @@ def fuzz(clients, plural: str, strategy: st.SearchStrategy,
     @given(strategy)
     def run(mutation):
         verdict = judge(api, kube, plural, mutation)
-        known = [name for name, match in KNOWN_GAPS.items()
-                 if verdict.outcome == "gap" and match(verdict)]
-        counts[f"gap:{known[0]}" if known else verdict.outcome] += 1
-        if verdict.outcome == "gap" and not known:
+        counts[verdict.outcome] += 1
+        if verdict.outcome == "gap":
             unexplained.append((mutation, verdict))
 
     run()
@@ -369,20 +356,14 @@ def test_memory_limit_quantities(clients):
     assert counts["schema"] >= 5 and counts["valid"] >= 20, counts
 
 
-# ------------------------------------------------------------------ the gaps, minimal examples
+# ------------------------------------------------------------------ gaps found by this fuzzing (fixed)
 
 
-@pytest.mark.xfail(strict=True, reason="gap memoryLimit-overflow: memoryLimit '16Ei' passes the "
-                   "schema; pipeline_request_from_cr raises ValueError (protobuf uint64 range), "
-                   "not SpecError('spec.memoryLimit')")
 def test_memory_limit_beyond_uint64_is_a_spec_error(clients):
     verdict = judge(*clients, PIPELINES, Mutation("set", ("spec", "memoryLimit"), "16Ei"))
     assert verdict.outcome == "operator" and verdict.detail.startswith("spec.memoryLimit: "), verdict
 
 
-@pytest.mark.xfail(strict=True, reason="gap workerSelector-unparsable: matchLabels {'a': 'b c'} "
-                   "passes the schema; listing pods answers 400 and the operator reports "
-                   "Degraded/KubernetesError, not SpecError('spec.topology.workerSelector')")
 def test_unparsable_worker_selector_is_a_spec_error(clients):
     mutation = Mutation("set", ("spec", "topology"),
                         {"workerSelector": {"matchLabels": {"a": "b c"}}, "gpusPerNode": 8})

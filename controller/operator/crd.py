@@ -5,6 +5,7 @@ shapes, one-of choices) checked here and reported as ``SpecError`` naming the fi
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -169,11 +170,40 @@ def topology_from_spec(spec: Mapping) -> Topology | None:
     return Topology(int(topo["nodes"]), int(topo["gpusPerNode"]))
 
 
+# Kubernetes label syntax (apimachinery validation): a name segment of <= 63 alphanumerics,
+# '-', '_', '.' starting and ending alphanumeric; a key is [DNS-subdomain prefix '/'] name.
+_LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _check_label_key(key, field: str) -> None:
+    prefix, _, name = str(key).rpartition("/")
+    if not name or not _LABEL_NAME.fullmatch(name) or (
+            prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix))):
+        raise SpecError(field, f"{key!r} is not a valid label key ([prefix/]name, name of <= 63 "
+                               "alphanumerics, '-', '_' or '.')")
+
+
+def _check_label_value(value, field: str) -> None:
+    if not _LABEL_NAME.fullmatch(str(value)):
+        raise SpecError(field, f"{value!r} is not a valid label value (<= 63 alphanumerics, "
+                               "'-', '_' or '.', starting and ending alphanumeric)")
+
+
 def label_selector(selector: Mapping) -> str:
-    """A LabelSelector (matchLabels / matchExpressions) as the API's selector string."""
-    terms = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
+    """A LabelSelector (matchLabels / matchExpressions) as the API's selector string; keys and
+    values are checked against the label syntax (the apiserver would refuse the pod list)."""
+    field = "spec.topology.workerSelector"
+    labels = sorted((selector.get("matchLabels") or {}).items())
+    for k, v in labels:
+        _check_label_key(k, f"{field}.matchLabels")
+        _check_label_value(v, f"{field}.matchLabels")
+    terms = [f"{k}={v}" for k, v in labels]
     for expr in selector.get("matchExpressions") or []:
         key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        _check_label_key(key, f"{field}.matchExpressions")
+        for v in values:
+            _check_label_value(v, f"{field}.matchExpressions")
         if op in ("In", "NotIn"):
             if not values:
                 raise SpecError("spec.topology.workerSelector.matchExpressions",
@@ -211,8 +241,8 @@ def memory_limit_bytes(value) -> int:
         out = int(parse_quantity(value))
     except ValueError as exc:
         raise SpecError("spec.memoryLimit", str(exc)) from None
-    if out < 0:
-        raise SpecError("spec.memoryLimit", f"must be >= 0, got {value}")
+    if not 0 <= out < 2 ** 64:
+        raise SpecError("spec.memoryLimit", f"must be between 0 and 2^64 - 1 bytes, got {value}")
     return out
 
 
