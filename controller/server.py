@@ -16,6 +16,7 @@ import asyncio
 from concurrent import futures
 import logging
 import threading
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -116,13 +117,25 @@ class ControllerServer:
         done = threading.Thread(target=self._executor.shutdown,
                                 kwargs={"wait": True, "cancel_futures": True}, daemon=True)
         done.start()
-        done.join(timeout=(grace or 0.0) + 5.0)
+        deadline = time.monotonic() + (grace or 0.0) + 5.0
+        while done.is_alive() and time.monotonic() < deadline:
+            # a synchronous handler reading requests waits on a task of the loop that a stopped
+            # server never finishes: cancel those, so the handler sees the end of its stream
+            self._on_loop(_cancel_other_tasks())
+            done.join(timeout=0.05)
         if done.is_alive():
             log.warning("controller: RPC handler threads still running after shutdown")
 
     def wait(self) -> None:
         if self._server is not None:
             self._on_loop(self._server.wait_for_termination())
+
+
+async def _cancel_other_tasks() -> None:
+    """Cancel every task of the running loop except the caller's."""
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            task.cancel()
 
 
 def _redact(url: str) -> str:

@@ -157,7 +157,9 @@ def test_bearer_token_is_sent_and_a_wrong_one_delivers_nothing(tmp_path, make_ag
         workers.append(e2e.start_worker(tmp_path, good.start(), 1))
         e2e.wait_for(lambda: len(spy.accepted(1)) >= 3, what="reports with the right token")
         e2e.wait_for(lambda: len(wrong.buffer) >= 3, what="reports held by the refused agent")
-        assert good.metrics.reports_acked.labels(status="ACCEPTED")._value.get() >= 3
+        # the controller counted them; their ACKs reach the agent a moment later
+        e2e.wait_for(lambda: good.metrics.reports_acked.labels(status="ACCEPTED")._value.get() >= 3,
+                     what="ACKs of the reports with the right token")
         assert spy.accepted(0) == []                               # refused: kept, not counted
         assert wrong.metrics.reconnects.labels(stream="load")._value.get() >= 1
         assert wrong.stop(flush_timeout=0.2) is False
