@@ -194,6 +194,7 @@ def _bench(rank: int, cfg: dict) -> dict:
                     "device_name": torch.cuda.get_device_name() if clock.cuda else "cpu",
 }
     stream = TokenStream(model_cfg, stream_cfg, rank, device)
+    model.pretune(w)  # as the worker does before serving: no Triton autotune in a timed step
     for i in range(3):  # warm-up
         model(stream.batch(i))
     engine = HotSwapEngine(list(model.layers), group=swap_group)

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from expertplane.kernels.triton_ops import (grouped_gemm, swiglu, swiglu_torch, use_triton,
-                                            weight_table)
+from expertplane.kernels.triton_ops import (grouped_gemm, pretune, swiglu, swiglu_torch,
+                                            use_triton, weight_table)
 
 __all__ = ["GROUPED_MM_MIN_ROWS", "ExpertWeightFn", "LocalExperts", "Segment", "grouped_mm",
            "grouped_mm_loop", "make_expert_weights",
@@ -222,6 +222,22 @@ class LocalExperts:
         return grouped_mm_loop(act.contiguous(), [w2 for _, w2 in slots], counts)
 
     __call__ = forward
+
+    def pretune(self, max_rows_per_slot: int) -> bool:
+        """Tune the Triton path's two grouped GEMMs now for up to ``max_rows_per_slot`` mean
+        rows per slot (see :func:`~expertplane.kernels.triton_ops.pretune`), so neither the
+        first step on a new load level nor the first step after a hot-swap (whose weights then
+        live in several buffers, the Triton path) stops serving to tune. False when this layer
+        never takes the Triton path (no CUDA/Triton, fp32, sizes not multiples of 128)."""
+        probe = torch.empty(0, device=self.device)
+        if not (use_triton(probe) and self.dtype in (torch.bfloat16, torch.float16)
+                and self.hidden % 128 == 0 and self.intermediate % 128 == 0):
+            return False
+        common = {"groups": self.num_slots, "max_rows": max_rows_per_slot, "dtype": self.dtype,
+                  "device": self.device}
+        pretune(self.hidden, self.intermediate, swiglu=True, **common)
+        pretune(self.intermediate, self.hidden, swiglu=False, **common)
+        return True
 
     def weight_tables(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """:func:`~expertplane.kernels.triton_ops.weight_table` of the slots' w13 and of their

@@ -195,6 +195,15 @@ class SyntheticMoEModel(nn.Module):
     def tolerance(self) -> float:
         return _TOLERANCE[self.config.torch_dtype]
 
+    def pretune(self, world_size: int) -> bool:
+        """Tune the expert GEMMs (Triton autotune) for every load level a step can bring, before
+        serving: at most ``tokens_per_step`` x ``world_size`` x ``top_k`` rows reach one rank's
+        slots. One layer suffices (the tuning is per shape, every layer has the same). False
+        when the experts never take the Triton path."""
+        experts = self.layers[0].experts
+        rows = self.stream.tokens_per_step * world_size * self.config.top_k
+        return experts.pretune(-(-rows // experts.num_slots))
+
     def layer_input(self, layer: int, h: Tensor, preferred: Tensor) -> Tensor:
         """x_l [T, H] = h / rms(h) + steer * u_l[preferred[l]]."""
         rms = h.pow(2).mean(dim=-1, keepdim=True).add(1e-6).sqrt()

@@ -28,7 +28,7 @@ try:  # pragma: no cover - exercised on GPU machines only
 except ImportError:
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "grouped_gemm", "histogram", "histogram_torch", "swiglu",
+__all__ = ["HAVE_TRITON", "grouped_gemm", "histogram", "histogram_torch", "pretune", "swiglu",
            "swiglu_torch", "tile_fits", "tuned_configs", "use_triton", "weight_table",
            "weighted_combine", "weighted_combine_torch"]
 
@@ -145,6 +145,27 @@ def grouped_gemm(x: Tensor, w_base: Tensor, w_offsets: Tensor, offsets: Tensor, 
         _grouped_gemm_kernel[(programs,)](x, w_base, w_offsets, out, offsets, groups, 0,
                                           **common, **cfg, **launch)
     return out
+
+
+def pretune(k_dim: int, n_out: int, *, swiglu: bool, groups: int, max_rows: int,
+            dtype: torch.dtype, device: torch.device) -> int:
+    """Run :func:`grouped_gemm`'s autotuner now for every rows-per-group bucket 1, 2, 4, ...
+    up to the first >= ``max_rows`` (x [bucket * groups, k_dim] of zeros, all ``groups`` on one shared
+    [k_dim, w_cols] weight), so that no serving step pays a tuning: the first call of a new
+    bucket compiles and times every tile config, seconds on the serving path. Returns the
+    number of buckets run."""
+    w_cols = (2 if swiglu else 1) * n_out
+    weight = torch.zeros(k_dim, w_cols, dtype=dtype, device=device)
+    w_offsets = torch.zeros(groups, dtype=torch.int64, device=device)
+    bucket, runs = 1, 0
+    while True:
+        x = torch.zeros(bucket * groups, k_dim, dtype=dtype, device=device)
+        offsets = torch.arange(1, groups + 1, dtype=torch.int32, device=device) * bucket
+        grouped_gemm(x, weight, w_offsets, offsets, n_out, w_cols, swiglu=swiglu)
+        runs += 1
+        if bucket >= max_rows:
+            return runs
+        bucket *= 2
 
 
 def weight_table(weights: list[Tensor]) -> tuple[Tensor, Tensor]:

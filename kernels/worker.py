@@ -257,6 +257,9 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
                               gpus_per_node=config.gpus_per_node, device=device)
     for layer in model.layers:
         layer.capacity = config.capacity
+    if model.pretune(config.world_size):
+        log.info("rank %d: expert GEMMs tuned for up to %d tokens per step", config.rank,
+                 config.stream.tokens_per_step)
     engine = HotSwapEngine(list(model.layers), group=swap_group,
                            gpus_per_node=config.gpus_per_node)
     coord = SwapCoordinator(engine, version)

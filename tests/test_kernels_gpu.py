@@ -62,6 +62,21 @@ def test_experts_pointing_into_several_buffers_match_stacked_on_cuda():
     assert _rel(got, want) < 1e-2
 
 
+def test_pretuned_experts_tune_nothing_while_serving():
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    w13 = torch.randn(4, 256, 768, device="cuda", generator=gen).bfloat16() / 16
+    w2 = torch.randn(4, 384, 256, device="cuda", generator=gen).bfloat16() / 16
+    experts = LocalExperts.from_segments([(w13, w2), (w13[:1].clone(), w2[:1].clone())],
+                                         [(0, 0), (1, 0), (0, 2), (0, 3)])   # Triton path
+    assert experts.pretune(300)
+    tuned = triton_ops.tuned_configs()
+    assert {key[0] for key in tuned} >= {1, 2, 4, 8, 16, 32, 64, 128, 256, 512}   # buckets
+    for total in (3, 77, 400, 1200):   # every load level up to 300 rows per slot
+        counts = torch.full((4,), total // 4, device="cuda")
+        experts(torch.randn(int(counts.sum()), 256, device="cuda").bfloat16(), counts)
+    assert triton_ops.tuned_configs() == tuned
+
+
 @pytest.mark.parametrize("with_group", [False, True])
 def test_layer_on_cuda_matches_reference(tmp_path, with_group):
     group = None
