@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = REPO.parent / "shared" / "k8s" / "test-apiserver"
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from shared_data import K8S_APISERVER as SCRIPT  # noqa: E402
+
 CACHE = pathlib.Path(os.environ.get("EXPERTPLANE_K8S_CACHE", pathlib.Path.home() / ".cache/expertplane-k8s"))
 NAMESPACE = "expertplane-system"
 OPERATOR_SA = "expertplane-operator"

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ from expertplane.cli.main import main
 from expertplane.planner import rebalance_experts
 from expertplane.planner.io import load_loads, load_phy2log
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "eplb"
-README = json.loads((SHARED / "readme_example.json").read_text())
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from shared_data import eplb_json  # noqa: E402
+
+README = eplb_json("readme_example.json")
 ARGS = ["--replicas", "16", "--groups", "4", "--nodes", "2", "--gpus", "8"]
 
 

@@ -1,7 +1,7 @@
 """algorithm="deepseek" reproduces DeepSeek's EPLB bit for bit (shared vectors) and the oracle."""
 
-import json
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -11,12 +11,14 @@ from expertplane.benchmarks.reference_eplb import reference_rebalance_experts
 from expertplane.planner import rebalance_experts
 from expertplane.planner.deepseek import _descending_order, balanced_packing, replicate_experts
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "eplb"
-CASES = json.loads((SHARED / "deepseek_vectors.json").read_text())["cases"]
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from shared_data import eplb_json  # noqa: E402
+
+CASES = eplb_json("deepseek_vectors.json")["cases"]
 
 
 def test_readme_example_exact():
-    case = json.loads((SHARED / "readme_example.json").read_text())
+    case = eplb_json("readme_example.json")
     phy2log, _, _ = rebalance_experts(torch.tensor(case["weight"]), case["num_replicas"],
                                       case["num_groups"], case["num_nodes"], case["num_gpus"])
     assert phy2log.dtype == torch.int64
