@@ -285,6 +285,16 @@ class Controller:
             raise NotFound("version", f"placement {name!r} has no plan version {version}")
         return self.store.get_plan(name, version)
 
+    def plan_in_force(self, name: str) -> PlanRecord:
+        """The plan in force on ``name``'s workers: its initial plan or the version its last
+        committed rollout put in force (never an aborted rollout's). ``NotFound`` naming the
+        placement when it is unknown or has no plan in force."""
+        self.placement(name)
+        entry = self._in_force.get(name)
+        if entry is None:
+            raise NotFound("placement", f"placement {name!r} has no plan in force")
+        return entry[0]
+
     def list_plans(self, name: str, page_size: int, page_token: str) -> tuple[list[PlanRecord], str]:
         """A page of plan summaries in version order; the token is the last version returned."""
         self.placement(name)

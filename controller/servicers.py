@@ -105,6 +105,10 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
     def GetPlan(self, request, context):
         if not request.placement:
             raise InvalidArgument("placement", "is required")
+        if request.in_force:
+            if request.version:
+                raise InvalidArgument("in_force", "give either version or in_force, not both")
+            return plan_message(self._c.plan_in_force(request.placement))
         return plan_message(self._c.get_plan(request.placement, request.version))
 
     @unary

@@ -61,7 +61,8 @@ class WorkerConfig:
     agent: the node agent's endpoint (``unix:/path`` or ``host:port``), None = standalone.
     plan_file (a JSON/YAML plan as written by ``expertplane plan``, or any file
     ``planner.io.load_phy2log`` reads) with ``plan_version``, or ``controller`` (PlanService
-    GetPlan of ``placement``, latest version): the initial plan.
+    GetPlan of ``placement`` with ``in_force``: the plan in force on its workers, never an
+    aborted rollout's): the initial plan.
     listen: this worker's WorkerService endpoint; default a Unix socket in the temp dir.
     step_interval: seconds to sleep between steps (0 = flat out); max_steps: 0 = until stopped.
     verify_every: compare every N-th step with the dense reference (0 = never); a mismatch
@@ -160,21 +161,11 @@ def initial_plan(config: WorkerConfig, stop: threading.Event | None = None) -> p
                                 stop=stop_when_event_set(stop or threading.Event()),
                                 reraise=True):
             with attempt:
-                return stub.GetPlan(pb.GetPlanRequest(placement=config.placement,
-                                                      version=_version_in_force(stub, config)),
+                return stub.GetPlan(pb.GetPlanRequest(placement=config.placement, in_force=True),
                                     timeout=10.0)
     finally:
         channel.close()
     raise OSError("controller: stopped before the initial plan arrived")
-
-
-def _version_in_force(stub: pb_grpc.PlanServiceStub, config: WorkerConfig) -> int:
-    """The plan version in force on the placement's workers (not the latest stored plan, which
-    may belong to a rollout that was aborted); 0 (= latest) before any plan is in force."""
-    for state in stub.ListPlacements(pb.ListPlacementsRequest(), timeout=10.0).placements:
-        if state.spec.name == config.placement:
-            return state.plan_version
-    return 0
 
 
 class _AgentLink:

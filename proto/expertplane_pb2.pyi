@@ -227,12 +227,14 @@ class LoadAck(_message.Message):
     def __init__(self, node: _Optional[str] = ..., worker_rank: _Optional[int] = ..., sequence: _Optional[int] = ..., status: _Optional[_Union[LoadAck.Status, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GetPlanRequest(_message.Message):
-    __slots__ = ("placement", "version")
+    __slots__ = ("placement", "version", "in_force")
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    IN_FORCE_FIELD_NUMBER: _ClassVar[int]
     placement: str
     version: int
-    def __init__(self, placement: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    in_force: bool
+    def __init__(self, placement: _Optional[str] = ..., version: _Optional[int] = ..., in_force: _Optional[bool] = ...) -> None: ...
 
 class ListPlansRequest(_message.Message):
     __slots__ = ("placement", "page_size", "page_token")
