@@ -1,13 +1,16 @@
 """Hot-swap of expert replicas: transfer planning, staged P2P copies, switch at a step edge.
 
-Three parts, each usable alone:
+Four parts, each usable alone:
 
 - :func:`plan_transfers` (pure): old and new ``phy2log [L, R]`` -> a :class:`TransferPlan`
   saying, for every physical slot whose expert changes, where its weights come from.
+- :func:`schedule_chunks` (pure): spreads a plan's copies over step boundaries, at most a
+  byte budget per rank and step (:data:`DEFAULT_STEP_BUDGET_BYTES`), so staging never takes
+  more than a small share of a serving step's memory bandwidth.
 - :class:`HotSwapEngine`: on every rank, stages exactly the experts the new plan brings to
   its slots (rows no slot reads, or a new buffer of the missing rows) with batched
-  point-to-point operations on a dedicated process group and device copies on a side stream
-  while serving continues, then switches the slots' weight pointers and the routing tables
+  point-to-point operations on a dedicated process group and device copies on a side stream,
+  one step's chunks per step boundary while serving continues, then switches the slots' weight pointers and the routing tables
   (:meth:`EPMoELayer.swap`) at a step boundary, copying no weight there; or drops the staging.
 - :class:`SwapCoordinator`: the step-boundary protocol that makes every rank start the
   transfer, and switch, at the SAME step, whatever order the prepare/commit/abort requests
@@ -35,8 +38,9 @@ from torch import Tensor
 from expertplane.kernels.experts import LocalExperts, Segment
 from expertplane.kernels.moe import EPMoELayer, LayerPlacement
 
-__all__ = ["HotSwapEngine", "SlotFill", "SwapCoordinator", "SwapError", "SwapStats",
-           "TransferPlan", "plan_transfers"]
+__all__ = ["DEFAULT_STEP_BUDGET_BYTES", "CopyChunk", "HotSwapEngine", "SlotFill",
+           "SwapCoordinator", "SwapError", "SwapStats", "TransferPlan", "plan_transfers",
+           "schedule_chunks"]
 
 LOCAL, REMOTE, DUP = "local", "remote", "dup"
 
@@ -168,11 +172,100 @@ def plan_transfers(old_phy2log, new_phy2log, world_size: int,
     return TransferPlan(num_layers, world_size, spr, gpn, tuple(fills))
 
 
+# ---------------------------------------------------------------- pacing (pure)
+
+# Bytes of expert weights each rank copies, receives or sends per serving step when staging is
+# paced (HotSwapEngine's default). 256 MiB is ~0.19 ms of device copy at the 1.3-1.5 TB/s an
+# H100 reached in benchmarks/hotswap.md, <= 3% of its 7.6-9 ms step (DeepSeek-V3 experts, 32
+# slots, 4,096 tokens): the staging steps keep within 1.1x normal even if the copy and the step
+# were fully serialized, and 16 such experts (1.4 GB) land in 6 steps.
+DEFAULT_STEP_BUDGET_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class CopyChunk:
+    """One piece of one fill's weights, issued at one step boundary.
+
+    ``fill``: index into :attr:`TransferPlan.fills`; ``tensor``: 0 = w13, 1 = w2;
+    ``start``/``stop``: element range of that expert tensor flattened; ``step``: the step
+    boundary it is issued at, counted from the prepare's (0); ``tag``: its index in the
+    schedule, the point-to-point tag on both ends of a remote fill.
+    """
+
+    fill: int
+    tensor: int
+    start: int
+    stop: int
+    step: int
+    tag: int
+
+
+def _pieces(numel: int, element_size: int, budget_bytes: int | None) -> list[tuple[int, int]]:
+    """[start, stop) element ranges cutting a tensor of ``numel`` elements into near-equal
+    pieces of at most ``budget_bytes`` (one piece when it fits, or when unpaced)."""
+    count = 1 if budget_bytes is None else max(1, -(-numel * element_size // budget_bytes))
+    bounds = [numel * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def schedule_chunks(plan: TransferPlan, numels: tuple[int, int], element_size: int,
+                    budget_bytes: int | None) -> tuple[CopyChunk, ...]:
+    """Spread the copies of ``plan`` over step boundaries, at most ``budget_bytes`` per rank
+    and step.
+
+    ``numels``: elements of one expert's (w13, w2); ``element_size``: their bytes per element.
+    A chunk costs its bytes to the rank it lands on and, for a remote fill, to the sender too.
+    Walking the fills in plan order (dup fills last, after the fills they copy from), each
+    chunk goes to the first step where every rank it costs has budget left, never before a
+    step that rank already used (each rank issues its chunks in order); a rank takes at least
+    one chunk per step, so tensors larger than the budget are cut into pieces of at most the
+    budget. ``budget_bytes`` None: every whole tensor at step 0 (unpaced). Pure: every rank
+    computes the same schedule, so both ends of a transfer issue it at the same step.
+    """
+    if budget_bytes is not None and budget_bytes < 1:
+        raise SwapError(f"budget_bytes: must be >= 1 or None, got {budget_bytes}")
+    step = [0] * plan.world_size   # per rank: the step it fills now
+    load = [0] * plan.world_size   # per rank: bytes it already has at that step
+    order = sorted(range(len(plan.fills)), key=lambda i: plan.fills[i].source == DUP)
+    chunks: list[CopyChunk] = []
+    for i in order:
+        fill = plan.fills[i]
+        ranks = {fill.rank, fill.src_rank}
+        for tensor, numel in enumerate(numels):
+            for start, stop in _pieces(numel, element_size, budget_bytes):
+                size = (stop - start) * element_size
+                at = max(step[r] + (budget_bytes is not None and load[r] > 0
+                                    and load[r] + size > budget_bytes) for r in ranks)
+                for r in ranks:
+                    if at > step[r]:
+                        step[r], load[r] = at, 0
+                    load[r] += size
+                chunks.append(CopyChunk(i, tensor, start, stop, at, len(chunks)))
+    return tuple(chunks)
+
+
+def _rank_batches(plan: TransferPlan, chunks: Sequence[CopyChunk],
+                  rank: int) -> list[list[CopyChunk]]:
+    """The chunks ``rank`` issues (lands, or sends) at each step, one list per step of the
+    whole schedule (empty where it has none), so every rank pumps the same number of steps."""
+    batches: list[list[CopyChunk]] = [[] for _ in range(max((c.step for c in chunks),
+                                                            default=0) + 1)]
+    for c in chunks:
+        fill = plan.fills[c.fill]
+        if fill.rank == rank or (fill.source == REMOTE and fill.src_rank == rank):
+            batches[c.step].append(c)
+    return batches
+
+
 # ---------------------------------------------------------------- engine
 
 @dataclass(frozen=True)
 class SwapStats:
-    """What one prepare moved: counts of fills on this rank and bytes it received/sent."""
+    """What one prepare moved: counts of fills on this rank and bytes it received/sent;
+    ``steps``: step boundaries its copies were spread over (1 = all issued with the prepare);
+    ``seconds``: host time from the prepare until the copies were seen complete (or so far);
+    ``copy_seconds``: GPU time from the first copy issued to the last one done (None on CPU or
+    before the copies are complete)."""
 
     version: int
     layers_changed: int
@@ -181,7 +274,9 @@ class SwapStats:
     dup_fills: int
     bytes_received: int
     bytes_sent: int
+    steps: int = 1
     seconds: float = 0.0
+    copy_seconds: float | None = None
 
 
 @dataclass
@@ -198,21 +293,30 @@ class _LayerStage:
         return self.segments[g][0][r], self.segments[g][1][r]
 
 
+@dataclass
 class _Staging:
-    """One staged version on one rank: new placements, staged layers, in-flight work."""
+    """One staged version on one rank: new placements, staged layers, the transfer plan and
+    this rank's chunks per step (``batches``; the first ``issued`` of them are issued), and the
+    last issued batch's completion (``last``: a CUDA event on the side stream, or the CPU
+    thread finishing it; None before any)."""
 
-    def __init__(self, version: int, placements: list[LayerPlacement],
-                 layers: dict[int, _LayerStage], stats: SwapStats) -> None:
-        self.version = version
-        self.placements = placements
-        self.layers = layers
-        self.stats = stats
-        self.started = time.perf_counter()
-        self.finished: float | None = None
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-        self.cuda_event: torch.cuda.Event | None = None
-        self.copy_start: torch.cuda.Event | None = None
+    version: int
+    placements: list[LayerPlacement]
+    layers: dict[int, _LayerStage]
+    stats: SwapStats
+    plan: TransferPlan
+    batches: list[list[CopyChunk]]
+    issued: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    finished: float | None = None
+    error: BaseException | None = None
+    last: torch.cuda.Event | threading.Thread | None = None
+    copy_start: torch.cuda.Event | None = None
+
+    def unissued_transfers(self) -> bool:
+        """True when a remote fill's send or receive of this rank is not issued yet."""
+        return any(self.plan.fills[c.fill].source == REMOTE
+                   for batch in self.batches[self.issued:] for c in batch)
 
 
 class HotSwapEngine:
@@ -221,20 +325,26 @@ class HotSwapEngine:
     layers: this rank's :class:`EPMoELayer` s (one per MoE layer, same group); group: a
     process group over the same ranks reserved for the weight transfers (so they never
     interleave with the layers' all-to-alls; create it with ``dist.new_group()`` on every
-    rank), None for a single process. ``prepare`` and ``commit`` are collective: every rank
-    calls them at the same step (use :class:`SwapCoordinator`).
+    rank), None for a single process. ``step_budget_bytes``: bytes of weights this rank copies,
+    receives or sends per step boundary while staging (:func:`schedule_chunks`; the same on
+    every rank); None = unpaced, every copy issued with the prepare. ``prepare`` and
+    ``commit`` are collective: every rank calls them at the same step, and :meth:`pump` at
+    every step boundary in between (use :class:`SwapCoordinator`).
 
     Staging holds exactly the k experts that move to this rank per changed layer: they land in
     rows of the layer's weight segments that no slot reads (the rows a previous swap
-    released) and, for the rest, in one new buffer of exactly the missing rows. The commit
-    points the changed slots at their staged rows (a new :class:`LocalExperts` over the same
-    buffers, no weight copied) and drops buffers no slot reads any more, so a layer holds at
-    most S + (largest k so far) experts. Device copies run on a side stream (priority 0, the
-    lowest) and NCCL's stream, never on the serving stream.
+    released) and, for the rest, in one new buffer of exactly the missing rows. The prepare
+    issues the first step's chunks, each :meth:`pump` the next step's; the staged version is
+    ready once every chunk has landed. The commit points the changed slots at their staged
+    rows (a new :class:`LocalExperts` over the same buffers, no weight copied) and drops
+    buffers no slot reads any more, so a layer holds at most S + (largest k so far) experts.
+    Device copies run on a side stream (priority 0, the lowest) and NCCL's stream, never on
+    the serving stream; on CPU, on a helper thread per step's chunks, in order.
     """
 
     def __init__(self, layers: Sequence[EPMoELayer], group: dist.ProcessGroup | None = None,
-                 gpus_per_node: int | None = None) -> None:
+                 gpus_per_node: int | None = None,
+                 step_budget_bytes: int | None = DEFAULT_STEP_BUDGET_BYTES) -> None:
         if not layers:
             raise SwapError("layers: need at least one MoE layer")
         self.layers = list(layers)
@@ -243,11 +353,24 @@ class HotSwapEngine:
         self.rank, self.world_size = first.rank, first.world_size
         self.gpus_per_node = gpus_per_node or first.gpus_per_node
         self.device = first.device
+        self.step_budget_bytes = step_budget_bytes
         self._staging: _Staging | None = None
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if group is not None and self.world_size > 1:
             # NCCL wants every rank in a group's first operation; do it now, not in a P2P batch.
             dist.all_reduce(torch.zeros(1, device=self.device), group=group)
+
+    @property
+    def step_budget_bytes(self) -> int | None:
+        """Bytes per step boundary the next prepare spreads its copies by (None: unpaced)."""
+        return self._budget
+
+    @step_budget_bytes.setter
+    def step_budget_bytes(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise SwapError(f"step_budget_bytes: must be an int >= 1 or None, got {value!r}")
+        self._budget = value
 
     # -- state
 
@@ -256,44 +379,62 @@ class HotSwapEngine:
         """Version staged or being staged, 0 if none."""
         return self._staging.version if self._staging else 0
 
+    def staging_progress(self) -> tuple[int, int] | None:
+        """(step batches issued, step batches in all) of the staged version; None if none."""
+        s = self._staging
+        return None if s is None else (s.issued, len(s.batches))
+
+    def has_unissued_transfers(self) -> bool:
+        """True while a send or receive of the staged version on this rank is not issued yet:
+        dropping it then needs every rank to drop it at the same step (peers would wait for
+        it forever), which :class:`SwapCoordinator` arranges."""
+        return self._staging is not None and self._staging.unissued_transfers()
+
     def ready(self) -> bool:
-        """True when the staged version's copies (received and sent) are complete."""
+        """True when every chunk of the staged version is issued and has landed (received and
+        sent)."""
         s = self._staging
         if s is None:
             return False
-        if s.cuda_event is not None and not s.done.is_set() and s.cuda_event.query():
-            s.finished = time.perf_counter()
-            s.done.set()
+        landed = s.issued == len(s.batches) and _landed(s.last)
         if s.error is not None:
             raise SwapError(f"staging of version {s.version} failed: {s.error}") from s.error
-        return s.done.is_set()
+        if landed and s.finished is None:
+            s.finished = time.perf_counter()
+        return s.finished is not None
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until :meth:`ready` (or ``timeout`` seconds); returns :meth:`ready`."""
+        """Issue every chunk not issued yet (collective when they include transfers), then
+        block until :meth:`ready` (or ``timeout`` seconds on CPU); returns :meth:`ready`."""
         s = self._staging
         if s is None:
             return False
-        if s.cuda_event is not None:
-            s.cuda_event.synchronize()
-        else:
-            s.done.wait(timeout)
+        while s.issued < len(s.batches):
+            self._issue_next(s)
+        _settle(s.last, timeout)
         return self.ready()
+
+    def pump(self) -> int:
+        """Issue the staged version's next step of chunks (at a step boundary, on every rank at
+        the same step); returns the number of chunks issued (0 when none is left)."""
+        s = self._staging
+        if s is None or s.issued == len(s.batches):
+            return 0
+        return self._issue_next(s)
 
     def staged_stats(self) -> SwapStats | None:
         """Stats of the staged version, ``seconds`` = staging time so far (or in total)."""
         s = self._staging
-        if s is None:
-            return None
-        return dataclasses.replace(s.stats, seconds=(s.finished or time.perf_counter()) - s.started)
+        return None if s is None else self._stats(s)
 
     def staged_copy_ms(self) -> float | None:
         """GPU: milliseconds from the first staging copy issued to the last one done on the side
-        stream (the transfer alone, without the planning before it), once :meth:`ready`;
-        None on CPU or before."""
+        stream (the transfers alone, without the planning before them; paced: across the steps
+        they were spread over), once :meth:`ready`; None on CPU or before."""
         s = self._staging
         if s is None or s.copy_start is None or not self.ready():
             return None
-        return s.copy_start.elapsed_time(s.cuda_event)
+        return s.copy_start.elapsed_time(s.last)
 
     def current_phy2log(self) -> Tensor:
         """The plan in force on this rank: [L, R]."""
@@ -302,7 +443,8 @@ class HotSwapEngine:
     # -- collective operations
 
     def prepare(self, version: int, placements: Sequence[LayerPlacement]) -> SwapStats:
-        """Start staging ``placements`` (one per layer) as ``version``; returns at once.
+        """Start staging ``placements`` (one per layer) as ``version``: plan, set up the staged
+        rows, issue the first step's chunks; returns at once (:meth:`pump` issues the rest).
 
         Collective over the transfer group. Copies run on a side CUDA stream (GPU) or on gloo's
         background threads plus a helper thread (CPU) while the caller keeps serving.
@@ -314,42 +456,31 @@ class HotSwapEngine:
             raise SwapError(f"placements: need {len(self.layers)} layers, got {len(placements)}")
         new = torch.stack([torch.as_tensor(p.phy2log) for p in placements])
         plan = plan_transfers(self.current_phy2log(), new, self.world_size, self.gpus_per_node)
+        w13, w2 = self.layers[0].experts.weights(0)
+        chunks = schedule_chunks(plan, (w13.numel(), w2.numel()), w13.element_size(),
+                                 self._budget)
+        batches = _rank_batches(plan, chunks, self.rank)
         mine = plan.for_rank(self.rank)
-        sends = plan.sends_from(self.rank)
-        changed = sorted({f.layer for f in mine})
         expert_bytes = self._expert_bytes()
         stats = SwapStats(
-            version=version, layers_changed=len(changed),
+            version=version, layers_changed=len({f.layer for f in mine}),
             local_fills=sum(f.source == LOCAL for f in mine),
             remote_fills=sum(f.source == REMOTE for f in mine),
             dup_fills=sum(f.source == DUP for f in mine),
             bytes_received=expert_bytes * sum(f.source == REMOTE for f in mine),
-            bytes_sent=expert_bytes * len(sends))
-        ctx = torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext()
-        with ctx:
+            bytes_sent=expert_bytes * len(plan.sends_from(self.rank)), steps=len(batches))
+        with self._side_stream():
             if self._side is not None:
                 self._side.wait_stream(torch.cuda.current_stream(self.device))
             stages = {layer: self._new_stage(layer, [f for f in mine if f.layer == layer])
-                      for layer in changed}
-            staging = _Staging(version, list(placements), stages, stats)
+                      for layer in sorted({f.layer for f in mine})}
+            staging = _Staging(version, list(placements), stages, stats, plan, batches)
             if self._side is not None:
                 staging.copy_start = torch.cuda.Event(enable_timing=True)
                 staging.copy_start.record(self._side)
-            # receives first: they land in the changed slots while the local copies fill the
-            # others (NCCL's stream and the side stream overlap on GPU)
-            ops = self._p2p_ops(plan, stages)
-            works = dist.batch_isend_irecv(ops) if ops else []
-            if self._side is not None:
-                self._local_copies(mine, stages)
-                for w in works:
-                    w.wait()  # the side stream waits for the transfers
-                self._copy_dups(mine, stages)
-                staging.cuda_event = torch.cuda.Event(enable_timing=True)
-                staging.cuda_event.record(self._side)
-            else:
-                threading.Thread(target=self._finish_cpu, args=(staging, works, mine),
-                                 name=f"hotswap-v{version}", daemon=True).start()
+                staging.last = staging.copy_start
         self._staging = staging
+        self._issue_next(staging)
         return stats
 
     def commit(self) -> SwapStats:
@@ -360,9 +491,10 @@ class HotSwapEngine:
             raise SwapError("version: nothing is staged")
         if not self.wait():
             raise SwapError(f"version: {s.version} is not staged yet")
+        stats = self._stats(s)
         if self._side is not None:
             current = torch.cuda.current_stream(self.device)
-            current.wait_event(s.cuda_event)
+            current.wait_event(s.last)
             for stage in s.layers.values():
                 for w13, w2 in stage.segments:
                     w13.record_stream(current)
@@ -377,19 +509,30 @@ class HotSwapEngine:
             else:
                 layer.swap(s.placements[i], layer.experts)  # other ranks' slots changed: routing only
         self._staging = None
-        done = s.finished or time.perf_counter()
-        return dataclasses.replace(s.stats, seconds=done - s.started)
+        return stats
 
     def abort(self) -> int:
-        """Drop the staged version (waits for in-flight copies first); returns it, or 0."""
+        """Drop the staged version: issue nothing more, wait for the chunks in flight, free the
+        staging; returns its version, or 0. Safe alone only when :meth:`has_unissued_transfers`
+        is False (else every rank must abort at the same step)."""
         s = self._staging
         if s is None:
             return 0
-        self.wait()
+        _settle(s.last, None)
         self._staging = None
         return s.version
 
     # -- helpers
+
+    def _side_stream(self):
+        return torch.cuda.stream(self._side) if self._side is not None \
+            else contextlib.nullcontext()
+
+    def _stats(self, s: _Staging) -> SwapStats:
+        copy_ms = self.staged_copy_ms() if s is self._staging else None
+        return dataclasses.replace(
+            s.stats, seconds=(s.finished or time.perf_counter()) - s.started,
+            copy_seconds=None if copy_ms is None else copy_ms / 1e3)
 
     def _expert_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.layers[0].experts.weights(0))
@@ -408,52 +551,92 @@ class HotSwapEngine:
             free += [(len(segments) - 1, r) for r in range(missing)]
         return _LayerStage(tuple(segments), {f.slot: free[i] for i, f in enumerate(fills)})
 
-    def _local_copies(self, mine: list[SlotFill], stages: dict[int, _LayerStage]) -> None:
-        """Copy the local fills (experts this rank already holds in another slot) into their
-        staged rows (device copies, on the side stream on GPU)."""
-        for f in mine:
-            if f.source == LOCAL:
-                _copy_pair(stages[f.layer].weights(f.slot),
-                           self.layers[f.layer].experts.weights(f.src_slot))
+    def _issue_next(self, s: _Staging) -> int:
+        """Issue batch ``s.issued``: its transfers (NCCL's/gloo's streams), then its local
+        copies, then, once the transfers landed, its dup copies (side stream on GPU; a helper
+        thread after the previous batch's on CPU). Returns the chunks issued."""
+        batch = s.batches[s.issued]
+        s.issued += 1
+        if not batch:
+            return 0
+        if self._side is None:
+            works = self._start_transfers(s, batch)
+            thread = threading.Thread(target=self._finish_cpu, args=(s, s.last, works, batch),
+                                      name=f"hotswap-v{s.version}-{s.issued}", daemon=True)
+            thread.start()
+            s.last = thread
+            return len(batch)
+        with self._side_stream():
+            works = self._start_transfers(s, batch)
+            self._copy(s, batch, LOCAL)
+            for w in works:
+                w.wait()  # the side stream waits for the transfers
+            self._copy(s, batch, DUP)
+            s.last = torch.cuda.Event(enable_timing=True)
+            s.last.record(self._side)
+        return len(batch)
 
-    def _p2p_ops(self, plan: TransferPlan, stages: dict[int, _LayerStage]) -> list[dist.P2POp]:
-        """Matching send/recv operations of this rank, in the plan's global order."""
+    def _start_transfers(self, s: _Staging, batch: list[CopyChunk]) -> list:
+        """One ``batch_isend_irecv`` of the batch's remote chunks (receives into the staged rows,
+        sends from the live slots), tagged by schedule index; returns the works."""
         ops: list[dist.P2POp] = []
-        for i, f in enumerate(plan.fills):
+        for c in batch:
+            f = s.plan.fills[c.fill]
             if f.source != REMOTE:
                 continue
             if f.rank == self.rank:
-                w13, w2 = stages[f.layer].weights(f.slot)
-                ops.append(dist.P2POp(dist.irecv, w13, f.src_rank, self.group, 2 * i))
-                ops.append(dist.P2POp(dist.irecv, w2, f.src_rank, self.group, 2 * i + 1))
-            elif f.src_rank == self.rank:
-                w13, w2 = self.layers[f.layer].experts.weights(f.src_slot)
-                ops.append(dist.P2POp(dist.isend, w13, f.rank, self.group, 2 * i))
-                ops.append(dist.P2POp(dist.isend, w2, f.rank, self.group, 2 * i + 1))
-        return ops
+                buf = _piece(s.layers[f.layer].weights(f.slot), c)
+                ops.append(dist.P2POp(dist.irecv, buf, f.src_rank, self.group, c.tag))
+            else:
+                buf = _piece(self.layers[f.layer].experts.weights(f.src_slot), c)
+                ops.append(dist.P2POp(dist.isend, buf, f.rank, self.group, c.tag))
+        return dist.batch_isend_irecv(ops) if ops else []
 
-    @staticmethod
-    def _copy_dups(mine: list[SlotFill], stages: dict[int, _LayerStage]) -> None:
-        for f in mine:
-            if f.source == DUP:
-                _copy_pair(stages[f.layer].weights(f.slot), stages[f.layer].weights(f.src_slot))
+    def _copy(self, s: _Staging, batch: list[CopyChunk], source: str) -> None:
+        """Device copies of the batch's ``source`` ("local": from a live slot; "dup": from a
+        staged row) chunks into their staged rows."""
+        for c in batch:
+            f = s.plan.fills[c.fill]
+            if f.source == source:
+                stage = s.layers[f.layer]
+                src = stage.weights(f.src_slot) if source == DUP \
+                    else self.layers[f.layer].experts.weights(f.src_slot)
+                _piece(stage.weights(f.slot), c).copy_(_piece(src, c))
 
-    def _finish_cpu(self, staging: _Staging, works: list, mine: list[SlotFill]) -> None:
+    def _finish_cpu(self, s: _Staging, previous: threading.Thread | None, works: list,
+                    batch: list[CopyChunk]) -> None:
+        """CPU: a batch's local copies, transfers and dup copies, after the previous batch."""
+        if previous is not None:
+            previous.join()
         try:
-            self._local_copies(mine, staging.layers)
+            self._copy(s, batch, LOCAL)
             for w in works:
                 w.wait()
-            self._copy_dups(mine, staging.layers)
+            self._copy(s, batch, DUP)
         except BaseException as exc:  # reported by ready()/wait() in the serving thread
-            staging.error = exc
-        staging.finished = time.perf_counter()
-        staging.done.set()
+            s.error = s.error or exc
 
 
-def _copy_pair(dst: Segment, src: Segment) -> None:
-    """One expert's (w13, w2) copied into another's: two device-to-device copies."""
-    dst[0].copy_(src[0])
-    dst[1].copy_(src[1])
+def _piece(pair: Segment, chunk: CopyChunk) -> Tensor:
+    """The chunk's element range of (w13, w2)[chunk.tensor], flattened (a view)."""
+    return pair[chunk.tensor].view(-1)[chunk.start:chunk.stop]
+
+
+def _landed(last: torch.cuda.Event | threading.Thread | None) -> bool:
+    """Whether the work ``last`` stands for is complete (None: there was none)."""
+    if last is None:
+        return True
+    if isinstance(last, threading.Thread):
+        return not last.is_alive()
+    return last.query()
+
+
+def _settle(last: torch.cuda.Event | threading.Thread | None, timeout: float | None) -> None:
+    """Block until ``last`` is complete (a CUDA event ignores ``timeout``)."""
+    if isinstance(last, threading.Thread):
+        last.join(timeout)
+    elif last is not None:
+        last.synchronize()
 
 
 def _switched_experts(live: LocalExperts, stage: _LayerStage) -> LocalExperts:
@@ -483,10 +666,13 @@ class SwapCoordinator:
     Request side (any thread, e.g. gRPC handlers): :meth:`prepare`, :meth:`commit`,
     :meth:`abort` block until done or ``timeout``. Step side (the serving loop, between two
     forward passes): :meth:`step_boundary` runs one MIN all_reduce of
-    ``[p, -p, c, -c, -stop]`` over ``group``: the transfer of version ``p`` starts when every
-    rank has a prepare request for ``p``; the switch to ``c`` happens when every rank has a
-    commit request for ``c`` AND has finished staging it; all ranks stop together as soon as
-    one asks to.
+    ``[p, -p, c, -c, -stop, -a]`` over ``group``: the transfer of version ``p`` starts when
+    every rank has a prepare request for ``p``, and its paced chunks are issued one step's
+    worth per boundary on every rank (:meth:`HotSwapEngine.pump`); the switch to ``c`` happens
+    when every rank has a commit request for ``c`` AND has finished staging it; all ranks stop
+    together as soon as one asks to. An abort drops the staging on its own rank at the next
+    boundary, unless sends or receives of that rank are still to be issued: then ``a`` carries
+    it and every rank drops it at the same boundary (a peer's pending prepare then fails).
     """
 
     def __init__(self, engine: HotSwapEngine, version: int,
@@ -501,6 +687,7 @@ class SwapCoordinator:
         self._commit = 0
         self._abort = 0
         self._failed: dict[int, str] = {}
+        self._dropped_by_peer: set[int] = set()
         self._ready_seen = 0
         self._closed = ""
         self._sync_device = engine.device
@@ -568,6 +755,9 @@ class SwapCoordinator:
                 raise SwapError(f"version: {version} is already in force")
             if self._closed:
                 return False  # serving has ended: nothing will ever be switched to
+            if version in self._dropped_by_peer:
+                self._dropped_by_peer.discard(version)
+                return True
             known = version in (self.engine.staged_version,
                                 self._prepare.version if self._prepare else 0)
             if not known:
@@ -606,19 +796,23 @@ class SwapCoordinator:
     def step_boundary(self) -> bool:
         """Run between two forward passes on every rank. Returns False when all must stop."""
         with self._cond:
-            self._apply_abort()
+            a = self._apply_abort()
             prepare = self._prepare if self._prepare and not self.engine.staged_version else None
             p = prepare.version if prepare else 0
             ready = self._poll_ready()
             c = self._commit if self._commit and ready == self._commit else 0
-        flags = torch.tensor([p, -p, c, -c, -int(self.stop_requested)], dtype=torch.int64,
+        flags = torch.tensor([p, -p, c, -c, -int(self.stop_requested), -a], dtype=torch.int64,
                              device=self._sync_device)
         if self.group is not None or dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
-        pmin, pmax, cmin, cmax, stop = flags.tolist()
+        pmin, pmax, cmin, cmax, stop, amax = flags.tolist()
         with self._cond:
-            if pmin > 0 and pmin == -pmax:
+            if amax < 0 and -amax == self.engine.staged_version:
+                self._drop_everywhere(-amax)
+            elif pmin > 0 and pmin == -pmax:
                 self._start(prepare)
+            else:
+                self.engine.pump()
             if cmin > 0 and cmin == -cmax:
                 self._switch(cmin)
             self._poll_ready()
@@ -654,16 +848,35 @@ class SwapCoordinator:
             self.last_stats = self.engine.staged_stats()
         return staged if ready else 0
 
-    def _apply_abort(self) -> None:
+    def _drop_everywhere(self, version: int) -> None:
+        """Drop ``version`` on this rank at the boundary every rank drops it (an abort that
+        arrived while transfers were still to be issued, here or on a peer)."""
+        self.engine.abort()
+        if self._abort != version:
+            self._dropped_by_peer.add(version)
+            self._failed[version] = f"version {version}: aborted on another rank while staging"
+        self._forget(version)
+
+    def _apply_abort(self) -> int:
+        """Apply this rank's abort request before the boundary's all_reduce; returns the version
+        every rank must drop at this boundary (see :meth:`_drop_everywhere`), else 0."""
         v = self._abort
         if not v:
-            return
+            return 0
         if self.engine.staged_version == v:
+            if self.engine.has_unissued_transfers():
+                return v
             self.engine.abort()
-        if self._prepare is not None and self._prepare.version == v:
+        self._forget(v)
+        return 0
+
+    def _forget(self, version: int) -> None:
+        """Clear the requests and readiness this rank holds for the dropped ``version``."""
+        if self._prepare is not None and self._prepare.version == version:
             self._prepare = None
-        if self._commit == v:
+        if self._commit == version:
             self._commit = 0
-        if self._ready_seen == v:
+        if self._ready_seen == version:
             self._ready_seen = 0
-        self._abort = 0
+        if self._abort == version:
+            self._abort = 0
