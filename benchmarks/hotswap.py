@@ -13,8 +13,12 @@ shifts them among the rank's own slots (W = 1: local copies only). Measured in o
    it is reported apart as "prepare ms", host time of the whole ``prepare`` + ``wait``);
    on CPU with the host clock;
 3. step time of the synthetic MoE model (W ranks, the same layer sizes) while swaps are being
-   staged and at the committing step, vs normal steps, through the real step-boundary
-   protocol (:class:`SwapCoordinator`); and after all swaps, the output vs the dense reference.
+   staged and at the committing step, vs normal steps measured just before, through the real
+   step-boundary protocol (:class:`SwapCoordinator`), once unpaced (every copy issued with
+   the prepare: the sweep's setting) and once per ``--step-budget-mb`` (copies spread over
+   step boundaries, that many MiB per step): the steps that issued copies, the steps each
+   swap's copies were spread over and their effective bandwidth (bytes / GPU time from the
+   first copy to the last); after all swaps, the output vs the dense reference.
 
 ``expertplane bench kernels`` runs it with the defaults (CUDA when present, else CPU/gloo).
 """
@@ -30,7 +34,10 @@ import threading
 import time
 from pathlib import Path
 
+from expertplane.kernels.hotswap import DEFAULT_STEP_BUDGET_BYTES
+
 TARGETS = {"swap_vs_raw": 0.8, "step_during_swap_vs_normal": 1.1}
+MIB = 2**20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default bfloat16 cuda / float32 cpu")
     parser.add_argument("--reps", type=int, default=5, help="repetitions per measurement")
     parser.add_argument("--steps", type=int, default=30, help="normal steps timed")
-    parser.add_argument("--swaps", type=int, default=4, help="swaps during the step-time part")
+    parser.add_argument("--swaps", type=int, default=4,
+                        help="swaps per staging mode during the step-time part")
+    parser.add_argument("--step-budget-mb", type=float, nargs="+", default=None,
+                        help="paced staging budgets (MiB per rank and step) whose step times "
+                             "are measured next to unpaced staging (default: the engine's, "
+                             "256)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
@@ -82,6 +94,7 @@ def resolve_config(args) -> dict:
         "top_k": args.top_k,
         "dtype": args.dtype or pick("bfloat16", "float32"),
         "reps": args.reps, "steps": args.steps, "swaps": args.swaps,
+        "budgets_mb": args.step_budget_mb or [DEFAULT_STEP_BUDGET_BYTES / MIB],
     }
     if cfg["world_size"] < 1:
         raise ValueError("world_size: need at least one rank")
@@ -91,6 +104,8 @@ def resolve_config(args) -> dict:
         raise ValueError(f"moved: at most --local-experts ({cfg['local_experts']}) per rank")
     if cfg["top_k"] > cfg["local_experts"] * cfg["world_size"]:
         raise ValueError("top_k: exceeds the number of experts")
+    if min(cfg["budgets_mb"]) * MIB < 1:
+        raise ValueError("step_budget_mb: each budget must be at least one byte")
     return cfg
 
 
@@ -199,7 +214,10 @@ def _bench(rank: int, cfg: dict) -> dict:
         model(stream.batch(i))
     engine = HotSwapEngine(list(model.layers), group=swap_group)
     result["sweep"] = _sweep(model, engine, cfg, swap_group, clock)
-    result["steps"], error = _step_times(model, engine, stream, cfg, clock)
+    modes = [None] + [int(mb * MIB) for mb in cfg["budgets_mb"]]
+    result["steps"] = [_step_times(model, engine, stream, cfg, clock, budget)
+                       for budget in modes]
+    error = model(stream.batch(0), verify=True).max_error
     result["rel_err_after_swaps"] = error
     failed = int(error > model.tolerance)
     totals = [None] * w
@@ -209,8 +227,9 @@ def _bench(rank: int, cfg: dict) -> dict:
 
 
 def _sweep(model, engine, cfg: dict, group, clock) -> list[dict]:
-    """Raw transfer vs hot-swap staging, per number of experts moved per rank."""
+    """Raw transfer vs hot-swap staging (unpaced), per number of experts moved per rank."""
     expert_bytes = model.config.expert_bytes
+    engine.step_budget_bytes = None
     out = []
     for moved in cfg["moved"]:
         raw = _raw_times(model, moved, cfg, group, clock)
@@ -234,69 +253,96 @@ def _sweep(model, engine, cfg: dict, group, clock) -> list[dict]:
     return out
 
 
-def _step_times(model, engine, stream, cfg: dict, clock) -> tuple[dict, float]:
-    """Step time normal / while staging / at the committing step, through the real
-    step-boundary protocol; then the relative error vs the dense reference."""
+def _step_times(model, engine, stream, cfg: dict, clock, budget: int | None) -> dict:
+    """Step times through the real step-boundary protocol with staging paced by ``budget``
+    bytes per step (None: unpaced): ``steps`` normal steps, then ``swaps`` swaps of the
+    largest ``moved``; each step is classed as normal, copying (a batch of staging copies was
+    issued at its boundary), waiting (staged, copies issued, not yet switched) or committing."""
     import torch
     import torch.distributed as dist
 
     from expertplane.kernels.hotswap import SwapCoordinator
 
-    coord = SwapCoordinator(engine, version=1)
+    engine.step_budget_bytes = budget
+    version = 1
+    coord = SwapCoordinator(engine, version=version)
     moved = max(cfg["moved"])
     plans = [_placements(cfg, moved, True), _placements(cfg, moved, False)]
-    normal = []
-    for i in range(cfg["steps"]):
-        batch = stream.batch(i)
-        t0 = clock()
-        coord.step_boundary()
-        model(batch)
-        normal.append(clock() - t0)
+    normal = [_timed_step(coord, model, stream, i, clock) for i in range(cfg["steps"])]
     done = threading.Event()
     errors: list[BaseException] = []
 
     def control() -> None:
         try:
             for j in range(cfg["swaps"]):
-                coord.prepare(2 + j, plans[j % 2], timeout=300)
-                coord.commit(2 + j, timeout=300)
+                coord.prepare(version + 1 + j, plans[j % 2], timeout=300)
+                coord.commit(version + 1 + j, timeout=300)
         except BaseException as exc:  # re-raised in the serving thread below
             errors.append(exc)
         done.set()
 
     threading.Thread(target=control, daemon=True).start()
-    staging, commit, step = [], [], 0
+    kinds: dict[str, list[float]] = {"copying": [], "waiting": [], "committing": []}
+    swaps, step = [], 0
     while True:
         flag = torch.tensor([int(done.is_set())], device=engine.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if flag.item():
             break
-        before, staged = coord.version, engine.staged_version
-        batch = stream.batch(step)
-        t0 = clock()
-        coord.step_boundary()
-        model(batch)
-        dt = clock() - t0
+        before, progress = coord.version, engine.staging_progress()
+        dt = _timed_step(coord, model, stream, step, clock)
+        after = engine.staging_progress()
         if coord.version != before:
-            commit.append(dt)
-        elif staged or engine.staged_version:
-            staging.append(dt)
+            kinds["committing"].append(dt)
+            swaps.append(coord.last_stats)
+        elif after is not None and (progress is None or after[0] > progress[0]):
+            kinds["copying"].append(dt)
+        elif after is not None:
+            kinds["waiting"].append(dt)
         step += 1
     if errors:
         raise errors[0]
-    error = model(stream.batch(step), verify=True).max_error
-    med = statistics.median(normal)
+    moved_bytes = moved * cfg["layers"] * model.config.expert_bytes
+    return _step_summary(budget, moved_bytes, statistics.median(normal), kinds, swaps)
+
+
+def _timed_step(coord, model, stream, step: int, clock) -> float:
+    """Seconds of one step boundary + forward pass (the clock syncs the device, so copies
+    issued at the boundary count in full)."""
+    batch = stream.batch(step)
+    t0 = clock()
+    coord.step_boundary()
+    model(batch)
+    return clock() - t0
+
+
+def _step_summary(budget: int | None, moved_bytes: int, normal: float,
+                  kinds: dict[str, list[float]], swaps: list) -> dict:
+    """One staging mode's row: medians and maxima in ms, ratios to the normal step (seconds),
+    the steps each swap's copies took and their effective bandwidth (``moved_bytes`` per rank
+    and swap over the GPU time from first copy to last)."""
+    def ms(xs, f=statistics.median):
+        return f(xs) * 1e3 if xs else None
+
+    def ratio(xs, f=statistics.median):
+        return f(xs) / normal if xs else None
+
+    spans = [s.copy_seconds for s in swaps if s.copy_seconds]
     return {
-        "normal_ms": med * 1e3,
-        "staging_ms": statistics.median(staging) * 1e3 if staging else None,
-        "staging_steps": len(staging),
-        "commit_ms": statistics.median(commit) * 1e3 if commit else None,
-        "commit_max_ms": max(commit) * 1e3 if commit else None,
-        "swaps": len(commit),
-        "staging_vs_normal": statistics.median(staging) / med if staging else None,
-        "commit_vs_normal": statistics.median(commit) / med if commit else None,
-        "moved_per_rank": moved,
-    }, error
+        "mode": "unpaced" if budget is None else f"paced {budget / MIB:g} MiB/step",
+        "budget_bytes": budget, "bytes_per_swap": moved_bytes, "swaps": len(swaps),
+        "normal_ms": normal * 1e3,
+        "copying_ms": ms(kinds["copying"]), "copying_max_ms": ms(kinds["copying"], max),
+        "copying_steps": len(kinds["copying"]),
+        "copying_vs_normal": ratio(kinds["copying"]),
+        "copying_max_vs_normal": ratio(kinds["copying"], max),
+        "waiting_ms": ms(kinds["waiting"]), "waiting_steps": len(kinds["waiting"]),
+        "commit_ms": ms(kinds["committing"]), "commit_max_ms": ms(kinds["committing"], max),
+        "commit_vs_normal": ratio(kinds["committing"]),
+        "steps_per_swap": statistics.median(s.steps for s in swaps) if swaps else None,
+        "copy_span_ms": statistics.median(spans) * 1e3 if spans else None,
+        "effective_gbps": moved_bytes / statistics.median(spans) / 1e9 if spans else None,
+    }
 
 
 def _raw_times(model, moved: int, cfg: dict, group, clock) -> list[float]:
@@ -339,7 +385,7 @@ def _raw_times(model, moved: int, cfg: dict, group, clock) -> list[float]:
 
 
 def print_results(results: dict) -> None:
-    """The staging-vs-raw table and the step-time line of :func:`measure`'s results."""
+    """The staging-vs-raw table and the step-time table of :func:`measure`'s results."""
     from rich.console import Console
     from rich.table import Table
 
@@ -365,13 +411,20 @@ def print_results(results: dict) -> None:
                       f"{row['swap_vs_raw']:.2f}", f">= {TARGETS['swap_vs_raw']}",
                       f"{row['prepare_ms']:.3f}")
     console.print(table)
-    st = results["steps"]
-    console.print(
-        f"step time ({st['moved_per_rank']} experts/rank per swap, {st['swaps']} "
-        f"swaps): normal {fmt(st['normal_ms'])} ms; while staging {fmt(st['staging_ms'])} ms "
-        f"({st['staging_steps']} steps, x{fmt(st['staging_vs_normal'], '.2f')}); committing "
-        f"step {fmt(st['commit_ms'])} ms (max {fmt(st['commit_max_ms'])}, "
-        f"x{fmt(st['commit_vs_normal'], '.2f')}); target <= "
-        f"{TARGETS['step_during_swap_vs_normal']}x; rel. error vs dense reference after "
-        f"the swaps {results['rel_err_after_swaps']:.2e}")
+    steps = Table(title=f"step time while staging ({max(cfg['moved'])} experts/rank per swap, "
+                        f"{cfg['swaps']} swaps per mode; target <= "
+                        f"{TARGETS['step_during_swap_vs_normal']}x normal)")
+    for col in ("staging", "normal ms", "copying ms (steps)", "x normal", "max x", "waiting ms "
+                "(steps)", "commit ms", "x normal", "steps/swap", "copy span ms", "eff. GB/s"):
+        steps.add_column(col)
+    for row in results["steps"]:
+        steps.add_row(row["mode"], fmt(row["normal_ms"]),
+                      f"{fmt(row['copying_ms'])} ({row['copying_steps']})",
+                      fmt(row["copying_vs_normal"], ".2f"), fmt(row["copying_max_vs_normal"], ".2f"),
+                      f"{fmt(row['waiting_ms'])} ({row['waiting_steps']})", fmt(row["commit_ms"]),
+                      fmt(row["commit_vs_normal"], ".2f"), fmt(row["steps_per_swap"], "g"),
+                      fmt(row["copy_span_ms"]), fmt(row["effective_gbps"], ".1f"))
+    console.print(steps)
+    console.print(f"rel. error vs dense reference after the swaps "
+                  f"{results['rel_err_after_swaps']:.2e}")
     console.print(f"failed steps: {results['failed_steps']}")
