@@ -4,9 +4,11 @@ Ingest: synthetic agents in ``--processes`` separate processes open ``--streams`
 streams each and send LoadReports of ``--layers`` x ``--slots`` slot counts at a paced total rate
 of ``--rate`` reports/s (open loop, at most ``--window`` un-acknowledged reports per stream),
 timing every report from send to its ack. Baselines measured in the same run: the same load
-against a bare gRPC LoadService that acknowledges without doing anything (a synchronous
-thread-pool server: what Python gRPC on this machine carries without the controller), and the
-controller's ``ingest`` called in-process (no gRPC).
+against a bare gRPC LoadService that acknowledges without doing anything, on two servers (what
+Python gRPC on this machine carries without the controller): a synchronous thread-pool server,
+and a ``grpc.aio`` server whose ``ReportLoad`` is an async generator on its loop (the
+controller's kind of server); and the controller's ``ingest`` called in-process (no gRPC). The
+controller's rate is reported as ratios to both echoes.
 
 Flood (``--flood SECONDS``): twice the agents at the same per-agent rate with up to
 ``--flood-window`` un-acked reports each; samples the controller's RSS and GetPlan latency.
@@ -19,6 +21,7 @@ them. Baseline: the same rollout to one agent of ``--gpus-per-node`` workers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -161,15 +164,30 @@ def _ingest_spec(args):
                          policy=PolicySpec(mode="manual", window_seconds=600))
 
 
+def _echo_ack(report):
+    """The acknowledgement an echo server sends for ``report``: ACCEPTED, nothing looked at."""
+    from expertplane.proto import expertplane_pb2 as pb
+
+    return pb.LoadAck(node=report.node, worker_rank=report.worker_rank, sequence=report.sequence,
+                      status=pb.LoadAck.ACCEPTED)
+
+
 class _EchoLoad:
-    """The transport baseline: a LoadService that acknowledges every report without looking."""
+    """Transport baseline on the synchronous thread-pool server: a LoadService that acknowledges
+    every report without looking (a handler thread per stream)."""
 
     def ReportLoad(self, request_iterator, context):
-        from expertplane.proto import expertplane_pb2 as pb
-
         for r in request_iterator:
-            yield pb.LoadAck(node=r.node, worker_rank=r.worker_rank, sequence=r.sequence,
-                             status=pb.LoadAck.ACCEPTED)
+            yield _echo_ack(r)
+
+
+class _AioEchoLoad:
+    """Transport baseline on a ``grpc.aio`` server, the controller's kind: ``ReportLoad`` is an
+    async generator on the server's loop, as the controller's is."""
+
+    async def ReportLoad(self, request_iterator, context):
+        async for r in request_iterator:
+            yield _echo_ack(r)
 
 
 def _drive(port: int, args, nodes: int) -> dict:
@@ -197,8 +215,9 @@ def _drive(port: int, args, nodes: int) -> dict:
             "p99_ms": float(np.percentile(lat, 99) * 1e3), "max_ms": float(lat.max() * 1e3)}
 
 
-def bench_echo(args) -> dict:
-    """The same load against a bare gRPC LoadService that does no work (transport baseline)."""
+@contextlib.contextmanager
+def _sync_echo_server():
+    """A synchronous thread-pool server (64 threads) of ``_EchoLoad`` on loopback; yields its port."""
     from expertplane.proto import expertplane_pb2_grpc as pb_grpc
     from expertplane.rpc.channels import make_server
 
@@ -207,9 +226,49 @@ def bench_echo(args) -> dict:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        return _drive(port, args, _ingest_spec(args).num_nodes)
+        yield port
     finally:
         server.stop(1).wait()
+
+
+@contextlib.contextmanager
+def _aio_echo_server():
+    """A ``grpc.aio`` server of ``_AioEchoLoad`` on its own event-loop thread (as the controller
+    runs its server), built by ``make_aio_server`` with the controller's options; yields its port."""
+    import asyncio
+    from concurrent import futures
+
+    from expertplane.proto import expertplane_pb2_grpc as pb_grpc
+    from expertplane.rpc.channels import make_aio_server
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="aio-echo", daemon=True)
+    executor = futures.ThreadPoolExecutor(max_workers=4)
+
+    async def start():
+        server = make_aio_server(executor, max_concurrent_rpcs=4096)
+        pb_grpc.add_LoadServiceServicer_to_server(_AioEchoLoad(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    thread.start()
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    try:
+        yield port
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(1), loop).result()
+        executor.shutdown()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+def bench_echo(args, echo_server) -> dict:
+    """The same load against a bare LoadService that does no work (transport baseline), served
+    by ``echo_server`` (``_sync_echo_server`` or ``_aio_echo_server``)."""
+    with echo_server() as port:
+        return _drive(port, args, _ingest_spec(args).num_nodes)
 
 
 def bench_ingest(server, args) -> dict:
@@ -394,6 +453,13 @@ def bench_rollout(server, args) -> dict:
 # ---------------------------------------------------------------------------- entry point
 
 
+def _print_load(label: str, rate: float, res: dict) -> None:
+    """One line of a load run's results: ``rate`` reports/s answered, latency percentiles
+    (``res``: p50_ms, p99_ms, max_ms) and the acknowledgement statuses."""
+    print(f"{label}: {rate:.0f}/s answered, p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} "
+          f"ms, max {res['max_ms']:.1f} ms; statuses {res['status']}")
+
+
 def run(args) -> int:
     from expertplane.controller.config import ControllerConfig
     from expertplane.controller.server import ControllerServer
@@ -409,26 +475,26 @@ def run(args) -> int:
     results: dict = {"db": db.split("///")[0] + "///..." if db.startswith("sqlite") else db}
     try:
         if not args.skip_ingest:
-            results["echo"] = echo = bench_echo(args)
-            print(f"baseline bare gRPC echo: {echo['rate']:.0f}/s (target {args.rate:.0f}/s), p50 "
-                  f"{echo['p50_ms']:.2f} ms, p99 {echo['p99_ms']:.2f} ms")
+            results["echo"] = echo = bench_echo(args, _sync_echo_server)
+            _print_load("baseline bare echo, sync thread-pool server", echo["rate"], echo)
+            results["echo_aio"] = echo_aio = bench_echo(args, _aio_echo_server)
+            _print_load("baseline bare echo, grpc.aio server", echo_aio["rate"], echo_aio)
             results["ingest"] = ing = bench_ingest(server, args)
             ing["ratio_to_echo"] = ing["achieved_rate"] / echo["rate"]
-            print(f"ingest: {ing['reports']} reports of {args.layers}x{args.slots} slots, "
-                  f"{ing['achieved_rate']:.0f}/s (target {args.rate:.0f}/s), p50 "
-                  f"{ing['p50_ms']:.2f} ms, p99 {ing['p99_ms']:.2f} ms, max {ing['max_ms']:.1f} ms; "
-                  f"statuses {ing['status']}")
-            print(f"  = {ing['ratio_to_echo']:.2f}x the bare echo; in-process ingest alone "
-                  f"{ing['baseline_inprocess_rate']:.0f}/s; target met: {ing['meets_target']}")
+            ing["ratio_to_aio_echo"] = ing["achieved_rate"] / echo_aio["rate"]
+            _print_load(f"ingest ({ing['reports']} reports of {args.layers}x{args.slots} slots, "
+                        f"target {args.rate:.0f}/s)", ing["achieved_rate"], ing)
+            print(f"  = {ing['ratio_to_echo']:.2f}x the sync echo, {ing['ratio_to_aio_echo']:.2f}x "
+                  f"the aio echo; in-process ingest alone {ing['baseline_inprocess_rate']:.0f}/s; "
+                  f"target met: {ing['meets_target']}")
         if args.flood:
             if args.skip_ingest:
                 server.controller.apply_placement(_ingest_spec(args))
             results["flood"] = fl = bench_flood(server, args)
             r, q = fl["rss_mib"], fl["get_plan"]
-            print(f"flood ({fl['agents']} agents offering {fl['offered_rate']:.0f}/s, <= "
-                  f"{fl['window']} un-acked each, ingest gate {fl['ingest_queue']}, "
-                  f"{args.flood:.0f} s): {fl['rate']:.0f} reports/s answered, p50 "
-                  f"{fl['p50_ms']:.1f} ms, p99 {fl['p99_ms']:.1f} ms; statuses {fl['status']}")
+            _print_load(f"flood ({fl['agents']} agents offering {fl['offered_rate']:.0f}/s, <= "
+                        f"{fl['window']} un-acked each, ingest gate {fl['ingest_queue']}, "
+                        f"{args.flood:.0f} s)", fl["rate"], fl)
             print(f"  controller RSS MiB: start {r['start']:.0f}, max first half "
                   f"{r['max_first_half']:.0f}, max second half {r['max_second_half']:.0f}, end "
                   f"{r['end']:.0f}; GetPlan during the flood: {q['calls']} calls {q['codes']}, "
