@@ -88,26 +88,16 @@ def make_server(security: SecurityConfig | None = None, *, max_workers: int = 16
 
 class _AioInterceptor(grpc.aio.ServerInterceptor):
     """A synchronous ``grpc.ServerInterceptor`` on a ``grpc.aio`` server: the handler it returns
-    (the continuation's, or a replacement) is served as is."""
+    (the continuation's, or one wrapping it) is served as is. The authorization interceptor keeps
+    each behaviour's kind, and its streaming checks act when iterated, as grpc.aio needs for a
+    synchronous streaming handler (called on the loop, iterated in the pool)."""
 
     def __init__(self, interceptor: grpc.ServerInterceptor):
         self._sync = interceptor
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        chosen = self._sync.intercept_service(lambda _details: handler, handler_call_details)
-        if chosen is None or chosen is handler or not chosen.response_streaming:
-            return chosen
-        # grpc.aio calls a synchronous streaming handler on its loop and iterates the result in
-        # the pool: a replacement that acts at once (an abort would block the loop) must act
-        # when iterated.
-        field = "stream_stream" if chosen.request_streaming else "unary_stream"
-        act = getattr(chosen, field)
-
-        def lazily(request, context):
-            yield from act(request, context) or ()
-
-        return chosen._replace(**{field: lazily})
+        return self._sync.intercept_service(lambda _details: handler, handler_call_details)
 
 
 def make_aio_server(executor: futures.ThreadPoolExecutor,

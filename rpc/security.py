@@ -1,13 +1,15 @@
-"""TLS/mTLS credentials and bearer-token authentication shared by every gRPC endpoint."""
+"""TLS/mTLS credentials, bearer tokens and per-caller authorization shared by every gRPC
+endpoint (the callers table and its interceptor: ``rpc/authz.py``)."""
 
 from __future__ import annotations
 
-import hmac
 import pathlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import grpc
+
+from expertplane.rpc.authz import AuthorizationInterceptor, CallerTable, read_token_file
 
 
 @dataclass(frozen=True)
@@ -16,7 +18,9 @@ class SecurityConfig:
 
     ``tls_cert``/``tls_key``: this endpoint's certificate chain and key (PEM files).
     ``tls_ca``: CA bundle; on a server it turns on mTLS (clients must present a cert signed by it),
-    on a client it verifies the server. ``token``: bearer token sent (client) or required (server).
+    on a client it verifies the server. ``token``: bearer token sent (client), and without
+    ``callers`` the one token a server requires (any holder may call every method).
+    ``callers``: the callers a server accepts, each with its roles (``rpc/authz.py``).
     ``server_name``: override for the TLS target name (clients).
     """
 
@@ -25,6 +29,7 @@ class SecurityConfig:
     tls_ca: str | None = None
     token: str | None = None
     server_name: str | None = None
+    callers: CallerTable | None = None
 
     @property
     def tls(self) -> bool:
@@ -47,7 +52,9 @@ def add_security_arguments(parser, prefix: str = "", token_env: str = "EXPERTPLA
     parser.add_argument(f"{p}tls-cert", help="PEM certificate chain of this endpoint")
     parser.add_argument(f"{p}tls-key", help="PEM private key of this endpoint")
     parser.add_argument(f"{p}tls-ca", help="PEM CA bundle (server: require client certs = mTLS; client: verify server)")
-    parser.add_argument(f"{p}token-file", help=f"file holding the bearer token (or set {token_env})")
+    parser.add_argument(f"{p}token-file", help=f"file holding the bearer token (or set {token_env}), "
+                        "or a callers file: YAML/JSON of callers with tokens or certificate "
+                        "identities and roles (docs/security.md)")
 
 
 def security_from_args(args, prefix: str = "", token_env: str = "EXPERTPLANE_TOKEN") -> SecurityConfig:
@@ -56,12 +63,14 @@ def security_from_args(args, prefix: str = "", token_env: str = "EXPERTPLANE_TOK
 
     p = prefix.replace("-", "_")
     token_file = getattr(args, f"{p}token_file")
-    token = pathlib.Path(token_file).read_text().strip() if token_file else os.environ.get(token_env)
+    tokens = read_token_file(token_file) if token_file else None
+    token = tokens.token if tokens else os.environ.get(token_env)
     return SecurityConfig(
         tls_cert=getattr(args, f"{p}tls_cert"),
         tls_key=getattr(args, f"{p}tls_key"),
         tls_ca=getattr(args, f"{p}tls_ca"),
         token=token or None,
+        callers=tokens.callers if tokens else None,
     )
 
 
@@ -140,47 +149,14 @@ def client_interceptors(cfg: SecurityConfig) -> list[grpc.UnaryUnaryClientInterc
     return [TokenClientInterceptor(cfg)] if cfg.token else []
 
 
-# Health checks stay reachable without a token so that probes work.
-_OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
-
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Refuses calls without ``authorization: Bearer <token>`` with UNAUTHENTICATED.
-
-    A wrong token is also UNAUTHENTICATED; comparison is constant-time. The token is never logged.
-    """
-
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-
-    def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method.startswith(_OPEN_METHODS):
-            return continuation(handler_call_details)
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode(), self._expected):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        return _deny(handler, "missing or invalid bearer token" if given else "missing bearer token")
-
-
-def _deny(handler, message: str):
-    """Replace a handler by one that aborts with UNAUTHENTICATED, keeping its streaming shape."""
-
-    def abort(_request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    if handler is None:
-        return None
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
-
-
 def server_interceptors(cfg: SecurityConfig) -> list[grpc.ServerInterceptor]:
-    """Interceptors for a server built from ``cfg``: the bearer-token check, if a token is set."""
-    return [TokenAuthInterceptor(cfg.token)] if cfg.token else []
+    """Interceptors for a server built from ``cfg``: authorization against its callers table, or
+    against the single token (full access), if either is set. Raises ValueError when the table
+    recognises callers by certificate but the server does not require client certificates."""
+    table = cfg.callers or (CallerTable.single(cfg.token) if cfg.token else None)
+    if table is None:
+        return []
+    if table.has_identities and not (cfg.tls_cert and cfg.tls_ca):
+        raise ValueError("callers: an 'identity' entry needs mTLS on this server (tls_cert, "
+                         "tls_key and tls_ca)")
+    return [AuthorizationInterceptor(table)]
