@@ -852,10 +852,11 @@ class SwapCoordinator:
         """Drop ``version`` on this rank at the boundary every rank drops it (an abort that
         arrived while transfers were still to be issued, here or on a peer)."""
         self.engine.abort()
-        if self._abort != version:
+        if self._abort == version:
+            self._forget(version, f"version {version}: aborted")
+        else:
             self._dropped_by_peer.add(version)
-            self._failed[version] = f"version {version}: aborted on another rank while staging"
-        self._forget(version)
+            self._forget(version, f"version {version}: aborted on another rank while staging")
 
     def _apply_abort(self) -> int:
         """Apply this rank's abort request before the boundary's all_reduce; returns the version
@@ -867,11 +868,13 @@ class SwapCoordinator:
             if self.engine.has_unissued_transfers():
                 return v
             self.engine.abort()
-        self._forget(v)
+        self._forget(v, f"version {v}: aborted")
         return 0
 
-    def _forget(self, version: int) -> None:
-        """Clear the requests and readiness this rank holds for the dropped ``version``."""
+    def _forget(self, version: int, reason: str) -> None:
+        """Clear the requests and readiness this rank holds for the dropped ``version``; its
+        pending prepare or commit waiters fail with ``reason``."""
+        self._failed[version] = reason
         if self._prepare is not None and self._prepare.version == version:
             self._prepare = None
         if self._commit == version:

@@ -1,6 +1,7 @@
 """Hot-swap on CUDA (opt-in: pytest -m gpu): one rank over an NCCL group of one; staging runs
-on the side stream while steps continue on the compute stream; after the switch every slot
-holds its logical expert's weights and the model matches the dense reference."""
+on the side stream while steps continue on the compute stream, unpaced or paced over several
+step boundaries; after the switch every slot holds its logical expert's weights and the model
+matches the dense reference."""
 
 from __future__ import annotations
 
@@ -40,16 +41,19 @@ def nccl_group(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_cuda_swap_while_serving(nccl_group):
+@pytest.mark.parametrize("budget", [None, 64 * 1024])   # 64 KiB: w13 (128 KiB) in 2 chunks
+def test_cuda_swap_while_serving(nccl_group, budget):
     a, b = _plan(1), _plan(2)
     model = SyntheticMoEModel(MODEL, STREAM, a, device="cuda")
-    engine = HotSwapEngine(list(model.layers), group=dist.new_group())
+    engine = HotSwapEngine(list(model.layers), group=dist.new_group(), step_budget_bytes=budget)
     coord = SwapCoordinator(engine, version=1)
     stream = TokenStream(MODEL, STREAM, 0, "cuda")
     done = threading.Event()
 
+    stats = []
+
     def control():
-        coord.prepare(2, b, timeout=60)
+        stats.append(coord.prepare(2, b, timeout=60))
         coord.commit(2, timeout=60)
         done.set()
 
@@ -61,6 +65,8 @@ def test_cuda_swap_while_serving(nccl_group):
         assert result.max_error is None or result.max_error < model.tolerance
         step += 1
     assert done.is_set() and coord.version == 2
+    assert stats[0].steps == 1 if budget is None else stats[0].steps > 4
+    assert stats[0].copy_seconds is not None and stats[0].copy_seconds > 0
     assert model(stream.batch(step), verify=True).max_error < model.tolerance
     for l, layer in enumerate(model.layers):
         for s, e in enumerate(b[l].phy2log.tolist()):

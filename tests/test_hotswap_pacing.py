@@ -1,0 +1,258 @@
+"""Paced hot-swap staging: the schedule keeps every rank within its byte budget per step and
+covers every weight exactly once; a paced prepare spans several step boundaries while the old
+plan keeps serving (no slot reads a staged row before the commit), matches the dense reference
+after the commit, and an abort in the middle of the pacing frees the staging — alone on one
+rank, and on every rank at one step when transfers were still to be issued (2 gloo ranks)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from expertplane.kernels.experts import make_expert_weights
+from expertplane.kernels.hotswap import (DUP, HotSwapEngine, SwapCoordinator, SwapError,
+                                         plan_transfers, schedule_chunks)
+from expertplane.kernels.moe import LayerPlacement
+from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
+
+MODEL = ModelConfig(num_layers=2, num_experts=8, hidden=32, intermediate=16, top_k=3, seed=4)
+STREAM = StreamConfig(tokens_per_step=32, drift_period=0, seed=2)
+NUMELS = (MODEL.hidden * 2 * MODEL.intermediate, MODEL.intermediate * MODEL.hidden)
+W13_BYTES = NUMELS[0] * 4   # fp32: 4,096 B; w2 2,048 B
+BUDGET = 1024               # cuts w13 into 4 chunks and w2 into 2: one fill takes >= 6 steps
+
+
+def _placements(phy2log: np.ndarray) -> list[LayerPlacement]:
+    return [LayerPlacement.from_phy2log(row, MODEL.num_experts) for row in phy2log]
+
+
+def _random_plan(rng: np.random.Generator, world: int, slots_per_rank: int) -> np.ndarray:
+    """[L, R] phy2log holding every expert at least once (the EPLB invariant)."""
+    slots = world * slots_per_rank
+    rows = [rng.permutation(np.concatenate([np.arange(MODEL.num_experts),
+                                            rng.integers(0, MODEL.num_experts,
+                                                         slots - MODEL.num_experts)]))
+            for _ in range(MODEL.num_layers)]
+    return np.stack(rows)
+
+
+# ---------------------------------------------------------------- the schedule (pure)
+
+@pytest.mark.parametrize("world,seed", [(1, 0), (2, 1), (3, 2), (4, 3)])
+@pytest.mark.parametrize("budget", [None, 1000, 3000, 10_000])
+def test_schedule_covers_every_weight_once_within_the_budget(world, seed, budget):
+    rng = np.random.default_rng(seed)
+    plan = plan_transfers(_random_plan(rng, world, 8), _random_plan(rng, world, 8), world)
+    assert plan.fills
+    chunks = schedule_chunks(plan, NUMELS, 4, budget)
+    assert [c.tag for c in chunks] == list(range(len(chunks)))
+    covered: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for c in chunks:
+        covered.setdefault((c.fill, c.tensor), []).append((c.start, c.stop))
+    assert set(covered) == {(i, t) for i in range(len(plan.fills)) for t in (0, 1)}
+    for (_, tensor), ranges in covered.items():
+        ranges.sort()
+        assert ranges[0][0] == 0 and ranges[-1][1] == NUMELS[tensor]
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    load: dict[tuple[int, int], int] = {}   # (rank, step) -> bytes
+    for c in chunks:
+        f = plan.fills[c.fill]
+        for r in {f.rank, f.src_rank}:
+            load[r, c.step] = load.get((r, c.step), 0) + (c.stop - c.start) * 4
+    if budget is None:
+        assert {c.step for c in chunks} == {0} and len(chunks) == 2 * len(plan.fills)
+    else:
+        assert max(load.values()) <= budget
+        total = max(sum(b for (r, _), b in load.items() if r == rank) for rank in range(world))
+        assert max(c.step for c in chunks) + 1 >= -(-total // budget)
+
+
+def test_dup_chunks_come_after_the_fill_they_copy_from():
+    old = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])
+    new = np.array([[0, 1, 2, 3, 4, 5, 0, 0]])   # rank 1 receives expert 0 once, dups it
+    plan = plan_transfers(old, new, 2)
+    chunks = schedule_chunks(plan, NUMELS, 4, BUDGET)
+    src = {(f.rank, f.slot): i for i, f in enumerate(plan.fills)}
+    for c in chunks:
+        f = plan.fills[c.fill]
+        if f.source == DUP:
+            source_steps = [d.step for d in chunks if d.fill == src[f.rank, f.src_slot]]
+            assert c.step >= max(source_steps)
+    assert any(plan.fills[c.fill].source == DUP for c in chunks)
+
+
+@pytest.mark.parametrize("budget", [0, -5])
+def test_bad_budget_names_the_field(budget):
+    plan = plan_transfers(np.array([[0, 1]]), np.array([[1, 0]]), 1)
+    with pytest.raises(SwapError, match="budget_bytes"):
+        schedule_chunks(plan, NUMELS, 4, budget)
+    model = SyntheticMoEModel(MODEL, STREAM, _placements(np.tile(np.arange(8), (2, 1))))
+    with pytest.raises(SwapError, match="step_budget_bytes"):
+        HotSwapEngine(list(model.layers), step_budget_bytes=budget)
+
+
+# ---------------------------------------------------------------- one rank
+
+def _serving_state(model: SyntheticMoEModel) -> list[tuple]:
+    """Per layer: the LocalExperts object, its rows and the placement the layer serves with."""
+    return [(layer.experts, layer.experts.rows, layer.placement) for layer in model.layers]
+
+
+def _assert_weights_match(model: SyntheticMoEModel, phy2log: np.ndarray, rank: int) -> None:
+    for l, layer in enumerate(model.layers):
+        slots = layer.experts.num_slots
+        for s in range(slots):
+            e = int(phy2log[l, rank * slots + s])
+            w13, w2 = make_expert_weights(MODEL.seed, l, e, MODEL.hidden, MODEL.intermediate)
+            got13, got2 = layer.experts.weights(s)
+            assert torch.equal(got13, w13) and torch.equal(got2, w2), (l, s, e)
+
+
+def test_paced_prepare_spans_steps_serves_old_plan_until_commit():
+    rng = np.random.default_rng(7)
+    a, b = _random_plan(rng, 1, 8), _random_plan(rng, 1, 8)
+    model = SyntheticMoEModel(MODEL, STREAM, _placements(a))
+    engine = HotSwapEngine(list(model.layers), step_budget_bytes=BUDGET)
+    coord = SwapCoordinator(engine, version=1)
+    stream = TokenStream(MODEL, STREAM, 0)
+    before = _serving_state(model)
+    result: dict[str, object] = {}
+    control = threading.Thread(target=lambda: result.update(
+        stats=coord.prepare(2, _placements(b), timeout=60)), daemon=True)
+    control.start()
+    issued, step = [], 0
+    while control.is_alive() and step < 5000:
+        coord.step_boundary()
+        progress = engine.staging_progress()
+        if progress is not None and progress[0] < progress[1]:
+            issued.append(progress[0])
+            assert _serving_state(model) == before   # no slot reads a staged row yet
+        assert model(stream.batch(step), verify=True).max_error < 1e-4
+        step += 1
+    control.join(5)
+    stats = result["stats"]
+    assert stats is not None and stats.steps > 5 and stats.version == 2
+    assert issued == list(range(1, stats.steps))  # one step's chunks per boundary
+    assert _serving_state(model) == before        # staged, not committed: old plan serves
+    _assert_weights_match(model, a, 0)
+    threading.Thread(target=coord.commit, args=(2, 60), daemon=True).start()
+    while coord.version != 2 and step < 10_000:
+        coord.step_boundary()
+        step += 1
+    _assert_weights_match(model, b, 0)
+    assert model(stream.batch(step), verify=True).max_error < 1e-4
+
+
+def test_abort_mid_pacing_frees_the_staging_and_issues_nothing_more():
+    rng = np.random.default_rng(8)
+    a, b = _random_plan(rng, 1, 8), _random_plan(rng, 1, 8)
+    model = SyntheticMoEModel(MODEL, STREAM, _placements(a))
+    engine = HotSwapEngine(list(model.layers), step_budget_bytes=BUDGET)
+    before = _serving_state(model)
+    stats = engine.prepare(2, _placements(b))
+    assert engine.pump() > 0
+    issued, total = engine.staging_progress()
+    assert 2 == issued < total == stats.steps
+    assert not engine.ready() and not engine.has_unissued_transfers()  # local copies only
+    staged = [weakref.ref(t) for stage in engine._staging.layers.values()
+              for seg in stage.segments[len(model.layers[0].experts.segments):] for t in seg]
+    assert staged, "the plan must need a new staging buffer"
+    assert engine.abort() == 2
+    gc.collect()
+    assert all(ref() is None for ref in staged)
+    assert engine.staged_version == 0 and engine.staging_progress() is None
+    assert engine.pump() == 0
+    assert _serving_state(model) == before
+    engine.prepare(3, _placements(b))   # a later prepare starts cleanly and completes
+    assert engine.wait(10)
+    engine.commit()
+    _assert_weights_match(model, b, 0)
+
+
+# ---------------------------------------------------------------- two gloo ranks
+
+WORLD = 2
+
+
+def _rank_main(rank: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        _paced_scenario(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _paced_scenario(rank: int) -> None:
+    """v2 is staged paced over P2P and committed; v3 is aborted by rank 0 alone while
+    transfers are still to be issued: every rank drops it at the same step."""
+    rng = np.random.default_rng(11)
+    a, b = _random_plan(rng, WORLD, 4), _random_plan(rng, WORLD, 4)
+    c = np.roll(a, 1, axis=1)   # every slot changes: transfers on every rank
+    model = SyntheticMoEModel(MODEL, STREAM, _placements(a))
+    engine = HotSwapEngine(list(model.layers), group=dist.new_group(), step_budget_bytes=BUDGET)
+    coord = SwapCoordinator(engine, version=1)
+    stream = TokenStream(MODEL, STREAM, rank)
+    mid_v3 = threading.Event()
+    events: dict[str, object] = {}
+
+    def prepare_v3() -> None:
+        try:
+            coord.prepare(3, _placements(c), timeout=60)
+        except SwapError as exc:
+            events["v3"] = str(exc)
+
+    def control() -> None:
+        events["v2"] = coord.prepare(2, _placements(b), timeout=60)
+        coord.commit(2, timeout=60)
+        v3 = threading.Thread(target=prepare_v3, daemon=True)
+        v3.start()
+        if rank == 0:   # only rank 0 is asked to abort, in the middle of the pacing
+            mid_v3.wait(60)
+            events["abort_returned"] = [coord.abort(3, timeout=60)]
+        v3.join(60)
+        if rank != 0:   # dropped by rank 0's abort: acknowledged once, then nothing to drop
+            events["abort_returned"] = [coord.abort(3, timeout=60), coord.abort(3, timeout=60)]
+        events["done"] = True
+
+    threading.Thread(target=control, daemon=True).start()
+    step, log = 0, []
+    while True:
+        flag = torch.tensor([int("done" in events)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() or step > 20_000:
+            break
+        state = _serving_state(model)
+        version = coord.version
+        assert coord.step_boundary()
+        progress = engine.staging_progress()
+        if coord.version == version and progress is not None:
+            assert _serving_state(model) == state   # staging never changes what serves
+        if engine.staged_version == 3 and progress[0] >= 3 and engine.has_unissued_transfers():
+            mid_v3.set()
+        log.append((coord.version, engine.staged_version))
+        assert model(stream.batch(step), verify=True).max_error < 1e-4
+        step += 1
+    assert events.get("done"), events
+    assert events["v2"].steps > 5 and events["v2"].version == 2
+    assert events["v3"] == ("version 3: aborted" if rank == 0
+                            else "version 3: aborted on another rank while staging")
+    assert events["abort_returned"] == ([True] if rank == 0 else [True, False])
+    assert coord.version == 2 and engine.staged_version == 0
+    _assert_weights_match(model, b, rank)
+    logs = [None] * WORLD
+    dist.all_gather_object(logs, log)
+    assert logs[0] == logs[1]   # switched to v2, started and dropped v3 at the same steps
+    assert (2, 3) in log and log[-1] == (2, 0)
+
+
+@pytest.mark.timeout(120)
+def test_paced_swap_and_mid_pacing_abort_over_two_gloo_ranks(tmp_path):
+    mp.spawn(_rank_main, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
