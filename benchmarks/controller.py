@@ -235,33 +235,12 @@ def _sync_echo_server():
 def _aio_echo_server():
     """A ``grpc.aio`` server of ``_AioEchoLoad`` on its own event-loop thread (as the controller
     runs its server), built by ``make_aio_server`` with the controller's options; yields its port."""
-    import asyncio
-    from concurrent import futures
-
     from expertplane.proto import expertplane_pb2_grpc as pb_grpc
-    from expertplane.rpc.channels import make_aio_server
+    from expertplane.rpc.channels import aio_server_thread
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="aio-echo", daemon=True)
-    executor = futures.ThreadPoolExecutor(max_workers=4)
-
-    async def start():
-        server = make_aio_server(executor, max_concurrent_rpcs=4096)
-        pb_grpc.add_LoadServiceServicer_to_server(_AioEchoLoad(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    thread.start()
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
-    try:
+    with aio_server_thread(lambda server: pb_grpc.add_LoadServiceServicer_to_server(
+            _AioEchoLoad(), server), "127.0.0.1:0", max_concurrent_rpcs=4096) as port:
         yield port
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(1), loop).result()
-        executor.shutdown()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
 
 
 def bench_echo(args, echo_server) -> dict:

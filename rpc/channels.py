@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import stat
+import threading
+from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
@@ -112,6 +116,39 @@ def make_aio_server(executor: futures.ThreadPoolExecutor,
         executor,
         interceptors=[_AioInterceptor(i) for i in server_interceptors(security)],
         options=_SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
+
+
+@contextlib.contextmanager
+def aio_server_thread(add_servicers: Callable[[grpc.aio.Server], None], address: str,
+                      security: SecurityConfig | None = None, *, max_workers: int = 4,
+                      max_concurrent_rpcs: int = 256) -> Iterator[int]:
+    """A ``make_aio_server`` server on its own event-loop thread (for benchmarks and tests that
+    drive it from synchronous code): ``add_servicers(server)`` registers the services; binds
+    ``address`` with ``security``; yields the bound port; stops the server (1 s grace), its
+    executor (``max_workers`` threads for synchronous handlers) and the loop on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="aio-server", daemon=True)
+    executor = futures.ThreadPoolExecutor(max_workers=max_workers)
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = make_aio_server(executor, security, max_concurrent_rpcs=max_concurrent_rpcs)
+        add_servicers(server)
+        port = bind(server, address, security)
+        await server.start()
+        return server, port
+
+    thread.start()
+    try:
+        server, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
+        try:
+            yield port
+        finally:
+            asyncio.run_coroutine_threadsafe(server.stop(1), loop).result()
+    finally:
+        executor.shutdown()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
 
 
 def bind(server: grpc.Server, address: str, security: SecurityConfig | None = None) -> int:
