@@ -45,6 +45,7 @@ from expertplane.planner.pipeline.profile import Profile, profile_from_layers
 from expertplane.planner.pipeline.schedules import Layout, Op, layout, rank_orders
 from expertplane.planner.pipeline.baselines import balanced_boundaries, even_boundaries
 from expertplane.planner.pipeline.dag import op_parts, part_durations, schedule_dag, step_times
+from expertplane.planner.pipeline.paths import PathBounds, critical_path
 from expertplane.planner.pipeline.simulate import _check_scalar, activation_counts, simulate
 
 
@@ -364,6 +365,7 @@ class _Search:
         self.bounds[S] = L
         self.best, self.found, self.explored = np.inf, None, 0
         self.cutoff = np.inf
+        self.paths: PathBounds | None = None
 
     def enter(self) -> bool:
         """Count a node; False (and the search marked incomplete) once over ``node_limit``."""
@@ -385,12 +387,24 @@ class _Search:
         """Simulate complete partitions ``[K, S+1]`` in one batch; keep the best."""
         if len(cuts) == 0:
             return
-        times = self.pb.stage_times(cuts)
-        steps = step_times(self.pb.dag, times, self.pb.p2p, self.pb.overlap)
+        steps = self.probe(cuts)
         i = int(np.argmin(steps))
         if steps[i] < self.best:
             self.best, self.found = float(steps[i]), tuple(int(x) for x in cuts[i])
             self.cutoff = self.best * (1.0 - RELATIVE_TOLERANCE)
+
+
+    def probe(self, cuts: np.ndarray) -> np.ndarray:
+        """Step times ``[K]`` of partitions ``cuts`` ``[K, S+1]``; with path bounds, add the
+        critical paths of the fastest one and of the one the bounds miss most."""
+        times = self.pb.stage_times(cuts)
+        steps = step_times(self.pb.dag, times, self.pb.p2p, self.pb.overlap)
+        if self.paths is not None:
+            miss = steps - self.paths.value(cuts)
+            for j in {int(np.argmin(steps)), int(np.argmax(miss))}:
+                self.paths.add(*critical_path(self.pb.dag, times[j], self.pb.p2p,
+                                              self.pb.overlap))
+        return steps
 
 
 def _seeds(pb: _Problem, profile: Profile, limit: float | None) -> np.ndarray:
@@ -401,10 +415,15 @@ def _seeds(pb: _Problem, profile: Profile, limit: float | None) -> np.ndarray:
     cands = np.array([even_boundaries(len(profile), S),
                       balanced_boundaries(times[:, 0] + times[:, 1], S),
                       balanced_boundaries(profile.param_bytes, S)])
-    if limit is not None:
-        need = np.max([sum(pb.rank_memory(r, cands)) for r in range(pb.lay.num_ranks)], axis=0)
-        cands = cands[need <= limit]
-    return cands
+    return cands[_fits(pb, cands, limit)]
+
+
+def _fits(pb: _Problem, cuts: np.ndarray, limit: float | None) -> np.ndarray:
+    """Mask ``[K]``: partitions ``cuts`` ``[K, S+1]`` whose every rank fits ``limit`` bytes."""
+    if limit is None:
+        return np.ones(len(cuts), dtype=bool)
+    need = np.max([sum(pb.rank_memory(r, cuts)) for r in range(pb.lay.num_ranks)], axis=0)
+    return need <= limit
 
 
 def _search_single(pb: _Problem, limit: float | None, node_limit: int | None,
@@ -450,7 +469,9 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
     """
     S, L = pb.lay.num_stages, len(pb.cum) - 1
     lay, st = pb.lay, _Search(pb, node_limit)
+    st.paths = PathBounds(pb.cum, S, pb.p2p)
     st.leaves(seeds)
+    _improve(st, limit)
     pair_ranks = [[r for r in range(lay.num_ranks) if min(lay.stages_of(r)) == k]
                   for k in range(S // 2)]
     share = (1 - pb.overlap / 2) * lay.micro_batches
@@ -469,6 +490,31 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
                 key = np.where(sum(pb.rank_memory(r, cuts)) > limit, np.inf, key)
         return key
 
+    def path_key(k: int, e: np.ndarray, f: np.ndarray) -> np.ndarray:
+        """Critical-path bounds ``[n]`` for children ``x_{k+1} = e``, ``x_{S-1-k} = f``."""
+        paths, j = st.paths, S - 1 - k
+        if len(paths) == 0:
+            return np.zeros(len(e))
+        base = paths.fixed(st.bounds, np.r_[1:k + 1, S - k:S])
+        out = np.zeros(len(e))
+        for hi in np.unique(f):
+            m = f == hi
+            vals = (base[:, None] + paths.terms[:, k + 1, e[m]] + paths.terms[:, j, hi, None]
+                    + paths.middle(k + 2, j - 1, int(hi))[:, e[m]])
+            out[m] = vals.max(axis=0)
+        return out
+
+    weight = pb.cum[:, 0] + pb.cum[:, 1]
+
+    def complete(cut: np.ndarray, k: int) -> np.ndarray:
+        """``cut`` ``[S+1]`` with boundaries ``k+1 .. S-1-k`` balancing ``F + B`` inside
+        ``[cut[k], cut[S-k])``, as a batch of one."""
+        lo, hi = int(cut[k]), int(cut[S - k])
+        inner = balanced_boundaries(np.diff(weight[lo:hi + 1]), S - 2 * k)
+        out = cut.copy()
+        out[k:S - k + 1] = lo + np.array(inner)
+        return out[None]
+
     def visit(k: int, lo: int, hi: int, reached: float) -> None:
         if not st.enter():
             return
@@ -478,7 +524,7 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
             key = np.maximum.reduce([pb.stage_bound(k, lo, cut), pb.stage_bound(j, cut, hi),
                                      np.full(cut.shape, reached)])
             cuts = st.children({k + 1: cut[key < st.cutoff]})
-            key = screen(k, cuts, key[key < st.cutoff])
+            key = screen(k, cuts, np.maximum(key[key < st.cutoff], st.paths.value(cuts)))
             st.leaves(cuts[key < st.cutoff])
             return
         cut = np.arange(lo + 1, hi)
@@ -490,8 +536,13 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
         key = np.maximum.reduce([outer_k[e - lo - 1], outer_j[f - lo - 1], middle(k, e, f),
                                  np.full(e.shape, reached)])
         sel = key < st.cutoff
+        e, f, key = e[sel], f[sel], key[sel]
+        key = np.maximum(key, path_key(k, e, f))
+        sel = key < st.cutoff
         cuts = st.children({k + 1: e[sel], j: f[sel]})
         key = screen(k, cuts, key[sel])
+        if len(key) and key.min() < st.cutoff:
+            st.probe(complete(cuts[int(np.argmin(key))], k + 1))
         for i in np.argsort(key, kind="stable"):
             if key[i] >= st.cutoff or not st.complete:
                 break
@@ -500,6 +551,29 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
 
     visit(0, 0, L, 0.0)
     return st
+
+
+def _improve(st: _Search, limit: float | None, reach: int = 2) -> None:
+    """Hill-climb from the incumbent: move one boundary by up to ``reach`` layers or shift two
+    neighbouring ones together, take the best move, repeat while it helps."""
+    if st.found is None:
+        return
+    while True:
+        x = np.array(st.found)
+        S = len(x) - 1
+        moves = [(j, d) for j in range(1, S) for d in range(-reach, reach + 1) if d]
+        cands = np.repeat(x[None], len(moves) + 2 * (S - 2), axis=0)
+        for i, (j, d) in enumerate(moves):
+            cands[i, j] += d
+        for i, j in enumerate(range(1, S - 1)):
+            cands[len(moves) + 2 * i, j:j + 2] += 1
+            cands[len(moves) + 2 * i + 1, j:j + 2] -= 1
+        cands = cands[(np.diff(cands, axis=1) > 0).all(axis=1)]
+        cands = cands[_fits(st.pb, cands, limit)]
+        before = st.best
+        st.leaves(cands)
+        if st.best >= before:
+            return
 
 
 def _setup(profile: Profile, num_stages, schedule, micro_batches, p2p, overlap, memory_limit):
