@@ -84,12 +84,15 @@ def test_loop_runs_on_the_roles_alone(tmp_path, caplog):
                           "both workers fetched the plan, registered and were pulled (worker*.log)")
             rs.wait_until(lambda: agent.metrics.reports_acked.labels(status="ACCEPTED")._value.get(),
                           10, "pulled counters accepted by the controller")
-            decision = pb_grpc.PlanningServiceStub(ch).TriggerRebalance(
-                pb.TriggerRebalanceRequest(placement="demo", force=True), timeout=90)
-            assert decision.new_version == 2, decision
-            rs.wait_until(lambda: [r.state for r in plans.ListRollouts(
-                pb.ListRolloutsRequest(placement="demo"), timeout=10).rollouts] == ["committed"],
-                60, "rollout of plan 2 prepared and committed through the agent")
+            planning = pb_grpc.PlanningServiceStub(ch)
+            new = planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="demo", force=True),
+                                            timeout=90).new_version
+            assert new == 2
+            # the workers run plan 2: the agent's Prepare and Commit were allowed
+            rs.wait_until(lambda: {h.info.plan_version for h in agent.registry.handles()} == {2},
+                          60, "both workers on plan 2 (prepared and committed through the agent)")
+            rollouts = plans.ListRollouts(pb.ListRolloutsRequest(placement="demo"), timeout=10)
+            assert [r.state for r in rollouts.rollouts] == ["committed"]
     finally:
         for p in workers:
             p.kill()
