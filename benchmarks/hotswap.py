@@ -256,8 +256,9 @@ def _sweep(model, engine, cfg: dict, group, clock) -> list[dict]:
 def _step_times(model, engine, stream, cfg: dict, clock, budget: int | None) -> dict:
     """Step times through the real step-boundary protocol with staging paced by ``budget``
     bytes per step (None: unpaced): ``steps`` normal steps, then ``swaps`` swaps of the
-    largest ``moved``; each step is classed as normal, copying (a batch of staging copies was
-    issued at its boundary), waiting (staged, copies issued, not yet switched) or committing."""
+    largest ``moved``; each step is classed as starting (its boundary planned the swap and
+    issued the first step's copies), copying (its boundary issued a later step's copies),
+    waiting (every copy issued, not switched yet) or committing."""
     import torch
     import torch.distributed as dist
 
@@ -282,7 +283,7 @@ def _step_times(model, engine, stream, cfg: dict, clock, budget: int | None) -> 
         done.set()
 
     threading.Thread(target=control, daemon=True).start()
-    kinds: dict[str, list[float]] = {"copying": [], "waiting": [], "committing": []}
+    series: list[tuple[str, float]] = []
     swaps, step = [], 0
     while True:
         flag = torch.tensor([int(done.is_set())], device=engine.device)
@@ -293,17 +294,19 @@ def _step_times(model, engine, stream, cfg: dict, clock, budget: int | None) -> 
         dt = _timed_step(coord, model, stream, step, clock)
         after = engine.staging_progress()
         if coord.version != before:
-            kinds["committing"].append(dt)
+            series.append(("committing", dt))
             swaps.append(coord.last_stats)
-        elif after is not None and (progress is None or after[0] > progress[0]):
-            kinds["copying"].append(dt)
+        elif after is not None and progress is None:
+            series.append(("starting", dt))
+        elif after is not None and after[0] > progress[0]:
+            series.append(("copying", dt))
         elif after is not None:
-            kinds["waiting"].append(dt)
+            series.append(("waiting", dt))
         step += 1
     if errors:
         raise errors[0]
     moved_bytes = moved * cfg["layers"] * model.config.expert_bytes
-    return _step_summary(budget, moved_bytes, statistics.median(normal), kinds, swaps)
+    return _step_summary(budget, moved_bytes, statistics.median(normal), series, swaps)
 
 
 def _timed_step(coord, model, stream, step: int, clock) -> float:
@@ -317,10 +320,15 @@ def _timed_step(coord, model, stream, step: int, clock) -> float:
 
 
 def _step_summary(budget: int | None, moved_bytes: int, normal: float,
-                  kinds: dict[str, list[float]], swaps: list) -> dict:
-    """One staging mode's row: medians and maxima in ms, ratios to the normal step (seconds),
+                  series: list[tuple[str, float]], swaps: list) -> dict:
+    """One staging mode's row from its (kind, seconds) step series: medians and maxima in ms,
+    ratios to the normal step (seconds); "staging" = the starting and copying steps together;
     the steps each swap's copies took and their effective bandwidth (``moved_bytes`` per rank
     and swap over the GPU time from first copy to last)."""
+    kinds = {k: [dt for kind, dt in series if kind == k]
+             for k in ("starting", "copying", "waiting", "committing")}
+    staging = kinds["starting"] + kinds["copying"]
+
     def ms(xs, f=statistics.median):
         return f(xs) * 1e3 if xs else None
 
@@ -332,16 +340,18 @@ def _step_summary(budget: int | None, moved_bytes: int, normal: float,
         "mode": "unpaced" if budget is None else f"paced {budget / MIB:g} MiB/step",
         "budget_bytes": budget, "bytes_per_swap": moved_bytes, "swaps": len(swaps),
         "normal_ms": normal * 1e3,
-        "copying_ms": ms(kinds["copying"]), "copying_max_ms": ms(kinds["copying"], max),
-        "copying_steps": len(kinds["copying"]),
-        "copying_vs_normal": ratio(kinds["copying"]),
-        "copying_max_vs_normal": ratio(kinds["copying"], max),
+        "staging_ms": ms(staging), "staging_max_ms": ms(staging, max),
+        "staging_steps": len(staging), "staging_vs_normal": ratio(staging),
+        "staging_max_vs_normal": ratio(staging, max),
+        "starting_ms": ms(kinds["starting"]), "starting_vs_normal": ratio(kinds["starting"]),
+        "copying_ms": ms(kinds["copying"]), "copying_vs_normal": ratio(kinds["copying"]),
         "waiting_ms": ms(kinds["waiting"]), "waiting_steps": len(kinds["waiting"]),
         "commit_ms": ms(kinds["committing"]), "commit_max_ms": ms(kinds["committing"], max),
         "commit_vs_normal": ratio(kinds["committing"]),
         "steps_per_swap": statistics.median(s.steps for s in swaps) if swaps else None,
         "copy_span_ms": statistics.median(spans) * 1e3 if spans else None,
         "effective_gbps": moved_bytes / statistics.median(spans) / 1e9 if spans else None,
+        "series": [(kind, dt * 1e3) for kind, dt in series],
     }
 
 
@@ -414,13 +424,15 @@ def print_results(results: dict) -> None:
     steps = Table(title=f"step time while staging ({max(cfg['moved'])} experts/rank per swap, "
                         f"{cfg['swaps']} swaps per mode; target <= "
                         f"{TARGETS['step_during_swap_vs_normal']}x normal)")
-    for col in ("staging", "normal ms", "copying ms (steps)", "x normal", "max x", "waiting ms "
-                "(steps)", "commit ms", "x normal", "steps/swap", "copy span ms", "eff. GB/s"):
+    for col in ("staging", "normal ms", "staging ms (steps)", "x normal", "max x", "x first",
+                "x later", "waiting ms (steps)", "commit ms", "x normal", "steps/swap",
+                "copy span ms", "eff. GB/s"):
         steps.add_column(col)
     for row in results["steps"]:
         steps.add_row(row["mode"], fmt(row["normal_ms"]),
-                      f"{fmt(row['copying_ms'])} ({row['copying_steps']})",
-                      fmt(row["copying_vs_normal"], ".2f"), fmt(row["copying_max_vs_normal"], ".2f"),
+                      f"{fmt(row['staging_ms'])} ({row['staging_steps']})",
+                      fmt(row["staging_vs_normal"], ".2f"), fmt(row["staging_max_vs_normal"], ".2f"),
+                      fmt(row["starting_vs_normal"], ".2f"), fmt(row["copying_vs_normal"], ".2f"),
                       f"{fmt(row['waiting_ms'])} ({row['waiting_steps']})", fmt(row["commit_ms"]),
                       fmt(row["commit_vs_normal"], ".2f"), fmt(row["steps_per_swap"], "g"),
                       fmt(row["copy_span_ms"]), fmt(row["effective_gbps"], ".1f"))

@@ -294,18 +294,33 @@ class _LayerStage:
 
 
 @dataclass
+class _Batch:
+    """What this rank issues at one step boundary, built at the prepare so that issuing it is
+    launches only: ``transfers`` (sends from live slots, receives into staged rows), then
+    ``local`` copies (destination, source) from live slots, then, after the transfers landed,
+    ``dups`` copies from staged rows."""
+
+    transfers: list[dist.P2POp]
+    local: list[tuple[Tensor, Tensor]]
+    dups: list[tuple[Tensor, Tensor]]
+
+    @property
+    def chunks(self) -> int:
+        return len(self.transfers) + len(self.local) + len(self.dups)
+
+
+@dataclass
 class _Staging:
-    """One staged version on one rank: new placements, staged layers, the transfer plan and
-    this rank's chunks per step (``batches``; the first ``issued`` of them are issued), and the
-    last issued batch's completion (``last``: a CUDA event on the side stream, or the CPU
-    thread finishing it; None before any)."""
+    """One staged version on one rank: new placements, staged layers, this rank's work per step
+    (``batches``; the first ``issued`` of them are issued), and the last issued batch's
+    completion (``last``: a CUDA event on the side stream, or the CPU thread finishing it;
+    None before any)."""
 
     version: int
     placements: list[LayerPlacement]
     layers: dict[int, _LayerStage]
     stats: SwapStats
-    plan: TransferPlan
-    batches: list[list[CopyChunk]]
+    batches: list[_Batch]
     issued: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
     finished: float | None = None
@@ -315,8 +330,7 @@ class _Staging:
 
     def unissued_transfers(self) -> bool:
         """True when a remote fill's send or receive of this rank is not issued yet."""
-        return any(self.plan.fills[c.fill].source == REMOTE
-                   for batch in self.batches[self.issued:] for c in batch)
+        return any(batch.transfers for batch in self.batches[self.issued:])
 
 
 class HotSwapEngine:
@@ -459,7 +473,7 @@ class HotSwapEngine:
         w13, w2 = self.layers[0].experts.weights(0)
         chunks = schedule_chunks(plan, (w13.numel(), w2.numel()), w13.element_size(),
                                  self._budget)
-        batches = _rank_batches(plan, chunks, self.rank)
+        steps = _rank_batches(plan, chunks, self.rank)
         mine = plan.for_rank(self.rank)
         expert_bytes = self._expert_bytes()
         stats = SwapStats(
@@ -468,13 +482,14 @@ class HotSwapEngine:
             remote_fills=sum(f.source == REMOTE for f in mine),
             dup_fills=sum(f.source == DUP for f in mine),
             bytes_received=expert_bytes * sum(f.source == REMOTE for f in mine),
-            bytes_sent=expert_bytes * len(plan.sends_from(self.rank)), steps=len(batches))
+            bytes_sent=expert_bytes * len(plan.sends_from(self.rank)), steps=len(steps))
         with self._side_stream():
             if self._side is not None:
                 self._side.wait_stream(torch.cuda.current_stream(self.device))
             stages = {layer: self._new_stage(layer, [f for f in mine if f.layer == layer])
                       for layer in sorted({f.layer for f in mine})}
-            staging = _Staging(version, list(placements), stages, stats, plan, batches)
+            batches = [self._batch(plan, stages, step) for step in steps]
+            staging = _Staging(version, list(placements), stages, stats, batches)
             if self._side is not None:
                 staging.copy_start = torch.cuda.Event(enable_timing=True)
                 staging.copy_start.record(self._side)
@@ -551,75 +566,79 @@ class HotSwapEngine:
             free += [(len(segments) - 1, r) for r in range(missing)]
         return _LayerStage(tuple(segments), {f.slot: free[i] for i, f in enumerate(fills)})
 
+    def _batch(self, plan: TransferPlan, stages: dict[int, _LayerStage],
+               chunks: list[CopyChunk]) -> _Batch:
+        """This rank's operations for one step's ``chunks``: point-to-point ops tagged by
+        schedule index, and (destination, source) views of the local and dup copies."""
+        out = _Batch([], [], [])
+        for c in chunks:
+            f = plan.fills[c.fill]
+            if f.source == REMOTE and f.rank == self.rank:
+                buf = _piece(stages[f.layer].weights(f.slot), c)
+                out.transfers.append(dist.P2POp(dist.irecv, buf, f.src_rank, self.group, c.tag))
+            elif f.source == REMOTE:
+                buf = _piece(self.layers[f.layer].experts.weights(f.src_slot), c)
+                out.transfers.append(dist.P2POp(dist.isend, buf, f.rank, self.group, c.tag))
+            else:
+                stage = stages[f.layer]
+                src = stage.weights(f.src_slot) if f.source == DUP \
+                    else self.layers[f.layer].experts.weights(f.src_slot)
+                copies = out.dups if f.source == DUP else out.local
+                copies.append((_piece(stage.weights(f.slot), c), _piece(src, c)))
+        return out
+
     def _issue_next(self, s: _Staging) -> int:
         """Issue batch ``s.issued``: its transfers (NCCL's/gloo's streams), then its local
         copies, then, once the transfers landed, its dup copies (side stream on GPU; a helper
         thread after the previous batch's on CPU). Returns the chunks issued."""
         batch = s.batches[s.issued]
         s.issued += 1
-        if not batch:
+        if not batch.chunks:
             return 0
         if self._side is None:
-            works = self._start_transfers(s, batch)
-            thread = threading.Thread(target=self._finish_cpu, args=(s, s.last, works, batch),
+            works = dist.batch_isend_irecv(batch.transfers) if batch.transfers else []
+            thread = threading.Thread(target=_finish_cpu, args=(s, s.last, works, batch),
                                       name=f"hotswap-v{s.version}-{s.issued}", daemon=True)
             thread.start()
             s.last = thread
-            return len(batch)
+            return batch.chunks
         with self._side_stream():
-            works = self._start_transfers(s, batch)
-            self._copy(s, batch, LOCAL)
+            works = dist.batch_isend_irecv(batch.transfers) if batch.transfers else []
+            _copy_all(batch.local)
             for w in works:
                 w.wait()  # the side stream waits for the transfers
-            self._copy(s, batch, DUP)
+            _copy_all(batch.dups)
             s.last = torch.cuda.Event(enable_timing=True)
             s.last.record(self._side)
-        return len(batch)
+        return batch.chunks
 
-    def _start_transfers(self, s: _Staging, batch: list[CopyChunk]) -> list:
-        """One ``batch_isend_irecv`` of the batch's remote chunks (receives into the staged rows,
-        sends from the live slots), tagged by schedule index; returns the works."""
-        ops: list[dist.P2POp] = []
-        for c in batch:
-            f = s.plan.fills[c.fill]
-            if f.source != REMOTE:
-                continue
-            if f.rank == self.rank:
-                buf = _piece(s.layers[f.layer].weights(f.slot), c)
-                ops.append(dist.P2POp(dist.irecv, buf, f.src_rank, self.group, c.tag))
-            else:
-                buf = _piece(self.layers[f.layer].experts.weights(f.src_slot), c)
-                ops.append(dist.P2POp(dist.isend, buf, f.rank, self.group, c.tag))
-        return dist.batch_isend_irecv(ops) if ops else []
 
-    def _copy(self, s: _Staging, batch: list[CopyChunk], source: str) -> None:
-        """Device copies of the batch's ``source`` ("local": from a live slot; "dup": from a
-        staged row) chunks into their staged rows."""
-        for c in batch:
-            f = s.plan.fills[c.fill]
-            if f.source == source:
-                stage = s.layers[f.layer]
-                src = stage.weights(f.src_slot) if source == DUP \
-                    else self.layers[f.layer].experts.weights(f.src_slot)
-                _piece(stage.weights(f.slot), c).copy_(_piece(src, c))
+def _copy_all(pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """``dst.copy_(src)`` for each (dst, src) pair."""
+    for dst, src in pairs:
+        dst.copy_(src)
 
-    def _finish_cpu(self, s: _Staging, previous: threading.Thread | None, works: list,
-                    batch: list[CopyChunk]) -> None:
-        """CPU: a batch's local copies, transfers and dup copies, after the previous batch."""
-        if previous is not None:
-            previous.join()
-        try:
-            self._copy(s, batch, LOCAL)
-            for w in works:
-                w.wait()
-            self._copy(s, batch, DUP)
-        except BaseException as exc:  # reported by ready()/wait() in the serving thread
-            s.error = s.error or exc
+
+def _finish_cpu(s: _Staging, previous: threading.Thread | None, works: list,
+                batch: _Batch) -> None:
+    """CPU: a batch's local copies, transfers and dup copies, after the previous batch's; an
+    error is kept for ready()/wait() in the serving thread."""
+    if previous is not None:
+        previous.join()
+    try:
+        _copy_all(batch.local)
+        for w in works:
+            w.wait()
+        _copy_all(batch.dups)
+    except BaseException as exc:
+        s.error = s.error or exc
 
 
 def _piece(pair: Segment, chunk: CopyChunk) -> Tensor:
-    """The chunk's element range of (w13, w2)[chunk.tensor], flattened (a view)."""
-    return pair[chunk.tensor].view(-1)[chunk.start:chunk.stop]
+    """The chunk's element range of (w13, w2)[chunk.tensor]: the tensor itself when the chunk
+    is all of it, else a flat view of the range."""
+    t = pair[chunk.tensor]
+    return t if chunk.stop - chunk.start == t.numel() else t.view(-1)[chunk.start:chunk.stop]
 
 
 def _landed(last: torch.cuda.Event | threading.Thread | None) -> bool:
