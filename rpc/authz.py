@@ -202,6 +202,17 @@ def _field_path(parts: Iterable) -> str:
     return out or "(document)"
 
 
+def _error_field(err: jsonschema.ValidationError) -> str:
+    """The path of the key a schema error is about: for a missing or an unexpected key, that key
+    (``callers[0].name``), else the value's path."""
+    path = list(err.absolute_path)
+    if err.validator == "required":
+        path.append(next(k for k in err.validator_value if k not in err.instance))
+    elif err.validator == "additionalProperties":
+        path.append(next(k for k in err.instance if k not in err.schema.get("properties", {})))
+    return _field_path(path)
+
+
 def _read_token(path: pathlib.Path, source: str, field: str) -> str:
     """The one-line token in ``path``; CallersFileError naming ``field`` if unreadable or empty."""
     try:
@@ -246,7 +257,7 @@ def callers_from_dict(doc, base: pathlib.Path, source: str) -> CallerTable:
     errors = list(jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc))
     if errors:
         err = jsonschema.exceptions.best_match(errors)
-        raise CallersFileError(source, _field_path(err.absolute_path), err.message)
+        raise CallersFileError(source, _error_field(err), err.message)
     callers = [_caller(i, entry, base, source) for i, entry in enumerate(doc["callers"])]
     _check_unique(callers, source)
     return CallerTable(tuple(callers))

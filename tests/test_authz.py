@@ -342,10 +342,10 @@ BAD_FILES = [
     ({"callers": [{"name": "a", "token_sha256": "ab" * 32, "roles": ["root"]}]}, "callers[0].roles[0]"),
     ({"callers": [{"name": "a", "token_sha256": "xyz", "roles": ["agent"]}]}, "callers[0].token_sha256"),
     ({"callers": [{"name": "a", "roles": ["agent"]}]}, "callers[0]"),
-    ({"callers": [{"token_sha256": "ab" * 32, "roles": ["agent"]}]}, "callers[0]"),
+    ({"callers": [{"token_sha256": "ab" * 32, "roles": ["agent"]}]}, "callers[0].name"),
     ({"callers": [{"name": "a", "token_sha256": "ab" * 32, "roles": []}]}, "callers[0].roles"),
     ({"callers": [{"name": "a", "token_sha256": "ab" * 32, "roles": ["agent"], "role": "x"}]},
-     "callers[0]"),
+     "callers[0].role"),
     ({"callers": [{"name": "a", "token_sha256": "ab" * 32, "token_file": "t", "roles": ["agent"]}]},
      "callers[0]"),
     ({"callers": [{"name": "a", "token_file": "missing.token", "roles": ["agent"]}]},
@@ -355,7 +355,8 @@ BAD_FILES = [
     ({"callers": [{"name": "a", "identity": "x", "roles": ["agent"]},
                   {"name": "a", "identity": "y", "roles": ["reader"]}]}, "callers[1]"),
     ({"callers": []}, "callers"),
-    ({"caller": []}, "(document)"),
+    ({"caller": []}, "caller"),
+    ("just a sentence\nover two lines", "(document)"),
     ({"callers": [{"name": "a", "identity": "x", "roles": ["agent"]}], "own_token_file": "nope"},
      "own_token_file"),
 ]
@@ -364,7 +365,7 @@ BAD_FILES = [
 @pytest.mark.parametrize("doc,field", BAD_FILES, ids=[f for _, f in BAD_FILES])
 def test_bad_callers_file_names_the_field(tmp_path, doc, field):
     path = tmp_path / "callers.yaml"
-    path.write_text(json.dumps(doc))
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
     with pytest.raises(CallersFileError) as exc:
         read_token_file(str(path))
     assert exc.value.field == field, exc.value
