@@ -24,7 +24,6 @@ import hmac
 import inspect
 import logging
 import pathlib
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
