@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,27 +55,30 @@ class RebalanceOutcome:
 
 
 class PlanWatch:
-    """A subscriber to new plans: a bounded queue; ``overflowed`` when it fell too far behind."""
+    """A subscriber to new plans: a bounded queue; ``overflowed`` when it fell too far behind.
+    ``wake()`` is called (from the offering thread) after every offer, so that the reader can
+    wait without holding a thread."""
 
-    def __init__(self, placement: str, maxsize: int):
+    def __init__(self, placement: str, maxsize: int, wake: Callable[[], None] = lambda: None):
         self.placement = placement
-        self.queue: queue.Queue[PlanRecord] = queue.Queue(maxsize)
+        self.queue: queue.Queue[PlanRecord | None] = queue.Queue(maxsize)
         self.overflowed = False
+        self._wake = wake
 
     def offer(self, plan: PlanRecord) -> None:
-        if self.placement and plan.placement != self.placement:
-            return
-        try:
-            self.queue.put_nowait(plan)
-        except queue.Full:
-            self.overflowed = True
+        if not self.placement or plan.placement == self.placement:
+            self._put(plan)
 
     def offer_end(self) -> None:
-        """Wake the reader: the stream is over (a None in the queue)."""
+        """Tell the reader that the stream is over (a None in the queue)."""
+        self._put(None)
+
+    def _put(self, item: PlanRecord | None) -> None:
         try:
-            self.queue.put_nowait(None)
+            self.queue.put_nowait(item)
         except queue.Full:
             self.overflowed = True
+        self._wake()
 
 
 class IngestGate:
@@ -307,12 +311,14 @@ class Controller:
         plans = plans[:size]
         return plans, (str(plans[-1].version) if more else "")
 
-    def watch(self, placement: str, after_version: int) -> tuple[PlanWatch, list[PlanRecord]]:
-        """Subscribe to new plans; returns the watch and the stored plans after ``after_version``
-        (the watch may repeat some of them: callers skip versions already sent)."""
+    def watch(self, placement: str, after_version: int, wake: Callable[[], None] = lambda: None
+              ) -> tuple[PlanWatch, list[PlanRecord]]:
+        """Subscribe to new plans (``wake`` as in ``PlanWatch``); returns the watch and the stored
+        plans after ``after_version`` (the watch may repeat some of them: callers skip versions
+        already sent)."""
         if placement:
             self.placement(placement)
-        w = PlanWatch(placement, self.config.watch_queue)
+        w = PlanWatch(placement, self.config.watch_queue, wake)
         self._watches.add(w)
         return w, self.store.list_plans(placement, after_version=min(after_version, MAX_VERSION),
                                         limit=10_000)
@@ -322,7 +328,7 @@ class Controller:
 
     def end_streams(self) -> None:
         """Shutting down: end every open WatchPlans stream and agent rollout stream, so that no
-        handler thread waits for a message that will never come."""
+        stream handler waits for a message that will never come."""
         for w in list(self._watches):
             w.offer_end()
         self.rollouts.close_sessions()

@@ -38,15 +38,20 @@ OUTBOX_SIZE = 4096
 
 
 class AgentSession:
-    """One agent's Connect stream: a bounded outbox of commands and the workers it serves."""
+    """One agent's Connect stream: a bounded outbox of commands and the workers it serves.
 
-    def __init__(self, node: str = "", outbox_size: int = OUTBOX_SIZE):
+    ``wake()`` is called (from any thread) after every change of the outbox or of ``closed``, so
+    that the stream's writer can wait for commands without holding a thread."""
+
+    def __init__(self, node: str = "", outbox_size: int = OUTBOX_SIZE,
+                 wake: Callable[[], None] = lambda: None):
         self.id = uuid.uuid4().hex[:12]
         self.node = node
         # commands, or bytes of a command serialized once for many agents; None ends the stream
         self.outbox: queue.Queue[pb.RolloutCommand | bytes | None] = queue.Queue(outbox_size)
         self.workers: dict[tuple[str, int], pb.WorkerInfo] = {}
         self.closed = False
+        self._wake = wake
 
     def send(self, cmd: pb.RolloutCommand | bytes) -> bool:
         """Queue ``cmd``; False (and the session closes) if the agent is too far behind."""
@@ -54,19 +59,21 @@ class AgentSession:
             return False
         try:
             self.outbox.put_nowait(cmd)
-            return True
         except queue.Full:
             log.warning("agent %s: command queue full, closing its stream", self.node)
             self.close()
             return False
+        self._wake()
+        return True
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             try:
                 self.outbox.put_nowait(None)
-            except queue.Full:
+            except queue.Full:      # the writer sees ``closed`` once woken
                 pass
+            self._wake()
 
 
 @dataclass
@@ -106,8 +113,9 @@ class RolloutCoordinator:
 
     # ------------------------------------------------------------------ sessions and workers
 
-    def connect(self) -> AgentSession:
-        s = AgentSession()
+    def connect(self, wake: Callable[[], None] = lambda: None) -> AgentSession:
+        """A new agent stream; ``wake`` as in ``AgentSession``."""
+        s = AgentSession(wake=wake)
         with self._lock:
             self._sessions[s.id] = s
         return s

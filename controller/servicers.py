@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import queue
-import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -15,12 +19,14 @@ from expertplane.controller.convert import (plan_message, plan_summary, rollout_
 from expertplane.controller.core import Controller, PlacementView
 from expertplane.controller.errors import (ControllerError, FailedPrecondition, InvalidArgument,
                                            NotFound)
+from expertplane.controller.rollout import AgentSession
 from expertplane.controller.spec import spec_from_proto, spec_to_proto
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.tensors import TensorError, double_tensor, to_numpy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _CODES = ((InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
           (NotFound, grpc.StatusCode.NOT_FOUND),
@@ -47,15 +53,70 @@ def unary(method):
 
 
 def streaming(method):
-    """Same as ``unary`` for handlers that return a response iterator."""
+    """Same as ``unary`` for async generator handlers (response streams on the server's loop)."""
 
     @functools.wraps(method)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         try:
-            yield from method(self, request, context)
+            async for response in method(self, request, context):
+                yield response
         except (ControllerError, TensorError, ValueError) as exc:
-            context.abort(_status(exc), str(exc))
+            await context.abort(_status(exc), str(exc))
     return wrapper
+
+
+class Streams:
+    """What the stream handlers (coroutines on the server's loop) share: ``call`` runs a blocking
+    controller/store call on the server's ``executor``; ``closed`` waits until every open
+    handler has finished (its clean-up included)."""
+
+    def __init__(self, executor: Executor):
+        self._executor = executor
+        self._open: set[asyncio.Task] = set()
+
+    async def call(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[None]:
+        """Count the calling handler's task as open for the ``with`` block."""
+        task = asyncio.current_task()
+        self._open.add(task)
+        try:
+            yield
+        finally:
+            self._open.discard(task)
+
+    async def closed(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the open handlers' tasks; False if some still run."""
+        if self._open:
+            await asyncio.wait(set(self._open), timeout=timeout)
+        return not self._open
+
+
+class _Wakeup:
+    """Wakes a coroutine of the loop it was created on from any thread (call it)."""
+
+    def __init__(self):
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+
+    def __call__(self) -> None:
+        self._loop.call_soon_threadsafe(self._event.set)
+
+    async def wait(self) -> None:
+        """Return once woken since the previous ``wait`` returned."""
+        await self._event.wait()
+        self._event.clear()
+
+
+async def _next(q: queue.Queue, wakeup: _Wakeup):
+    """The next item of ``q``, a queue fed by other threads that call ``wakeup`` after each put."""
+    while True:
+        try:
+            return q.get_nowait()
+        except queue.Empty:
+            await wakeup.wait()
 
 
 def _tensor(msg, field: str, **kw) -> np.ndarray | None:
@@ -97,9 +158,9 @@ def _ack(report: pb.LoadReport, res) -> pb.LoadAck:
 
 
 class PlanServicer(pb_grpc.PlanServiceServicer):
-    def __init__(self, controller: Controller, poll_seconds: float = 0.5):
+    def __init__(self, controller: Controller, streams: Streams):
         self._c = controller
-        self._poll = poll_seconds
+        self._streams = streams
 
     @unary
     def GetPlan(self, request, context):
@@ -117,30 +178,29 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
         return pb.ListPlansResponse(plans=[plan_summary(p) for p in plans], next_page_token=token)
 
     @streaming
-    def WatchPlans(self, request, context):
-        watch, backlog = self._c.watch(request.placement, request.after_version)
-        context.add_callback(lambda: watch.offer_end())
-        last: dict[str, int] = {}
-        try:
-            for plan in backlog:
-                last[plan.placement] = plan.version
-                yield plan_summary(plan)
-            while True:             # until the callback above offers the end
-                if watch.overflowed:
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  "watch fell too far behind; reconnect with after_version")
-                try:
-                    plan = watch.queue.get(timeout=self._poll)
-                except queue.Empty:
-                    continue
-                if plan is None:
-                    return
-                if plan.version <= max(last.get(plan.placement, 0), request.after_version):
-                    continue
-                last[plan.placement] = plan.version
-                yield plan_summary(plan)
-        finally:
-            self._c.unwatch(watch)
+    async def WatchPlans(self, request, context):
+        """The stored plans after ``after_version``, then new ones as they are stored, until the
+        client cancels or the controller ends the stream (shutdown)."""
+        wakeup = _Wakeup()
+        with self._streams.opened():
+            watch, backlog = await self._streams.call(self._c.watch, request.placement,
+                                                      request.after_version, wakeup)
+            last: dict[str, int] = {}
+            try:
+                for plan in backlog:
+                    last[plan.placement] = plan.version
+                    yield plan_summary(plan)
+                while not watch.overflowed:
+                    plan = await _next(watch.queue, wakeup)
+                    if plan is None:
+                        return
+                    if plan.version > max(last.get(plan.placement, 0), request.after_version):
+                        last[plan.placement] = plan.version
+                        yield plan_summary(plan)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    "watch fell too far behind; reconnect with after_version")
+            finally:
+                self._c.unwatch(watch)
 
     @unary
     def ListPlacements(self, request, context):
@@ -236,36 +296,41 @@ def add_rollout_servicer(servicer: "RolloutServicer", server: grpc.Server) -> No
 
 
 class RolloutServicer(pb_grpc.RolloutServiceServicer):
-    """One Connect stream per agent: a reader thread feeds events to the coordinator while this
-    handler streams the agent's command queue."""
+    """One Connect stream per agent, on the server's loop: a reader task feeds the agent's events
+    to the coordinator (on the executor, in order) while the handler streams its command queue."""
 
-    def __init__(self, controller: Controller):
+    def __init__(self, controller: Controller, streams: Streams):
         self._c = controller
+        self._streams = streams
 
-    def Connect(self, request_iterator, context):
-        coord = self._c.rollouts
-        session = coord.connect()
-        self._c.metrics.agents.inc()
-
-        def read():
+    async def Connect(self, request_iterator, context):
+        """Until the agent's events end (its session closes), the client cancels, or the
+        controller closes the session (shutdown); the agent's workers are then lost."""
+        coord, call = self._c.rollouts, self._streams.call
+        wakeup = _Wakeup()
+        with self._streams.opened():
+            session = await call(coord.connect, wakeup)
+            self._c.metrics.agents.inc()
+            reader = asyncio.create_task(self._read(request_iterator, session))
             try:
-                for event in request_iterator:
-                    coord.handle(session, event)
-            except grpc.RpcError:
-                pass
-            except Exception:
-                log.exception("agent %s: bad event stream", session.node)
+                while not session.closed:
+                    cmd = await _next(session.outbox, wakeup)
+                    if cmd is None:
+                        return
+                    yield cmd
             finally:
-                coord.disconnect(session)
+                reader.cancel()
+                self._c.metrics.agents.dec()
+                await asyncio.shield(call(coord.disconnect, session))
 
-        threading.Thread(target=read, name=f"agent-{session.id}", daemon=True).start()
-        context.add_callback(session.close)
+    async def _read(self, request_iterator, session: AgentSession) -> None:
+        """Hand each event of the agent to the coordinator; close the session when they end."""
         try:
-            while True:
-                cmd = session.outbox.get()
-                if cmd is None:
-                    return
-                yield cmd
+            async for event in request_iterator:
+                await self._streams.call(self._c.rollouts.handle, session, event)
+        except grpc.RpcError:
+            pass
+        except Exception:
+            log.exception("agent %s: bad event stream", session.node)
         finally:
-            self._c.metrics.agents.dec()
-            coord.disconnect(session)
+            session.close()

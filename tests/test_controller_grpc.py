@@ -1,6 +1,8 @@
 """The controller over real gRPC on loopback: plan queries, load ingestion, rollouts with
 simulated agents on RolloutService.Connect, errors, health, reflection, auth, restarts."""
 
+import queue
+import threading
 import time
 
 import grpc
@@ -55,6 +57,22 @@ def server(sqlite_url):
     srv, port = start(sqlite_url)
     yield srv, Client(port)
     srv.stop(0.5)
+
+
+@pytest.fixture
+def agents(server) -> list[SimulatedAgent]:
+    """Placement "m" (manual policy) served by agents n0 (ranks 0, 1) and n1 (ranks 2, 3) on
+    plan 1, started and known to the controller."""
+    srv, c = server
+    c.plans.ApplyPlacement(placement(mode=pb.RebalancePolicy.MANUAL), timeout=30)
+    started = [SimulatedAgent(c.channel, f"n{i}", "m", (2 * i, 2 * i + 1), plan_version=1).start()
+               for i in range(2)]
+    try:
+        _wait(lambda: len(srv.controller.rollouts.workers("m")) == 4)
+        yield started
+    finally:
+        for a in started:
+            a.stop()
 
 
 def code_of(call, *args, **kw):
@@ -162,15 +180,11 @@ def test_overload_is_shed_with_acks(sqlite_url):
         srv.stop(0.5)
 
 
-def test_rollout_through_agents_and_watch(server):
+def test_rollout_through_agents_and_watch(server, agents):
     srv, c = server
-    c.plans.ApplyPlacement(placement(mode=pb.RebalancePolicy.MANUAL), timeout=30)
     watch = c.plans.WatchPlans(pb.WatchPlansRequest(placement="m"), timeout=60)
     assert next(watch).version == 1                       # backlog
-    agents = [SimulatedAgent(c.channel, f"n{i}", "m", (2 * i, 2 * i + 1), plan_version=1).start()
-              for i in range(2)]
     try:
-        _wait(lambda: len(srv.controller.rollouts.workers("m")) == 4)
         skewed = np.ones((2, 8))
         skewed[:, 0] = 100.0
         counts = [load_report(f"n{r // 2}", r, "m", 1, 1, _counts_for(c, r, skewed))
@@ -195,30 +209,20 @@ def test_rollout_through_agents_and_watch(server):
         assert not dry.rebalance and dry.reason.startswith("dry run") and dry.new_version == 0
     finally:
         watch.cancel()
-        for a in agents:
-            a.stop()
 
 
-def test_failed_prepare_aborts_and_no_worker_switches(server):
+def test_failed_prepare_aborts_and_no_worker_switches(server, agents):
     srv, c = server
-    c.plans.ApplyPlacement(placement(mode=pb.RebalancePolicy.MANUAL), timeout=30)
-    agents = [SimulatedAgent(c.channel, f"n{i}", "m", (2 * i, 2 * i + 1), plan_version=1).start()
-              for i in range(2)]
     agents[1].workers[3].fail_prepare = True
-    try:
-        _wait(lambda: len(srv.controller.rollouts.workers("m")) == 4)
-        d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", force=True),
-                                        timeout=PLAN_TIMEOUT)
-        assert d.rebalance and d.new_version == 2
-        for a in agents:
-            assert a.wait_for(lambda ag: any(h.startswith("abort 2") for w in ag.workers.values()
-                                             for h in w.history))
-            assert set(a.versions().values()) == {1}
-        [r] = c.plans.ListRollouts(pb.ListRolloutsRequest(placement="m"), timeout=10).rollouts
-        assert r.state == "aborted" and "rank 3" in r.reason
-    finally:
-        for a in agents:
-            a.stop()
+    d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", force=True),
+                                    timeout=PLAN_TIMEOUT)
+    assert d.rebalance and d.new_version == 2
+    for a in agents:
+        assert a.wait_for(lambda ag: any(h.startswith("abort 2") for w in ag.workers.values()
+                                         for h in w.history))
+        assert set(a.versions().values()) == {1}
+    [r] = c.plans.ListRollouts(pb.ListRolloutsRequest(placement="m"), timeout=10).rollouts
+    assert r.state == "aborted" and "rank 3" in r.reason
 
 
 def test_health_reflection_and_token(sqlite_url):
@@ -320,3 +324,47 @@ def test_auto_policy_rebalances_a_skewed_window(sqlite_url):
         assert c.plans.GetPlan(pb.GetPlanRequest(placement="m"), timeout=5).summary.version == 2
     finally:
         srv.stop(0.5)
+
+
+@pytest.mark.timeout(60)
+def test_stop_ends_open_streams_and_leaves_no_handler_threads(sqlite_url):
+    """stop() ends WatchPlans and agent Connect streams itself (status OK, not cancelled at the
+    end of the grace period), tells health watchers NOT_SERVING, and returns with no RPC thread
+    left running."""
+    srv, port = start(sqlite_url)
+    c = Client(port)
+    c.plans.ApplyPlacement(placement(), timeout=30)
+    watch = c.plans.WatchPlans(pb.WatchPlansRequest(placement="m"), timeout=60)
+    assert next(watch).version == 1
+    health = health_pb2_grpc.HealthStub(c.channel).Watch(health_pb2.HealthCheckRequest(),
+                                                          timeout=60)
+    assert next(health).status == health_pb2.HealthCheckResponse.SERVING
+    events = queue.Queue()
+    events.put(pb.RolloutEvent(kind=pb.RolloutEvent.HELLO, node="n0", workers=[
+        pb.WorkerInfo(node="n0", rank=r, placement="m", plan_version=1) for r in range(4)]))
+    connect = pb_grpc.RolloutServiceStub(c.channel).Connect(iter(events.get, None), timeout=60)
+    try:
+        _wait(lambda: len(srv.controller.rollouts.workers("m")) == 4)
+        srv.stop(grace=1.0)
+        assert next(health).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert list(watch) == [] and watch.code() == grpc.StatusCode.OK
+        assert list(connect) == [] and connect.code() == grpc.StatusCode.OK
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("controller-rpc")]
+    finally:
+        events.put(None)
+
+
+def test_agent_stream_closing_during_prepare_aborts(server, agents):
+    """The Connect handler's clean-up (on the executor) loses the agent's workers: a rollout
+    waiting for their prepare is aborted and the other agent is told to drop the version."""
+    srv, c = server
+    agents[1].workers[2].stall_prepare = True
+    d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", force=True),
+                                    timeout=PLAN_TIMEOUT)
+    assert agents[1].wait_for(lambda ag: "prepare 2" in ag.workers[2].history)
+    agents[1].stop()
+    assert agents[0].wait_for(lambda ag: "abort 2" in ag.workers[0].history)
+    [r] = c.plans.ListRollouts(pb.ListRolloutsRequest(placement="m"), timeout=10).rollouts
+    assert (r.to_version, r.state) == (d.new_version, "aborted")
+    assert "lost during prepare: agent stream closed" in r.reason
+    assert srv.controller.rollouts.workers("m").keys() == {0, 1}

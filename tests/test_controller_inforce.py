@@ -5,11 +5,11 @@ gRPC on loopback."""
 import grpc
 import pytest
 
-from expertplane.controller.simagent import SimulatedAgent
 from expertplane.controller.spec import spec_from_proto
 from expertplane.controller.store import Store
 from expertplane.proto import expertplane_pb2 as pb
-from tests.test_controller_grpc import PLAN_TIMEOUT, Client, _wait, code_of, placement, start
+from tests.test_controller_grpc import (  # noqa: F401  (pytest fixtures: server, agents)
+    PLAN_TIMEOUT, Client, _wait, agents, code_of, placement, server, start)
 from tests.test_controller_store import plan_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -25,37 +25,22 @@ def latest(c, name="m") -> int:
     return c.plans.GetPlan(pb.GetPlanRequest(placement=name), timeout=10).summary.version
 
 
-@pytest.fixture
-def served(sqlite_url):
-    srv, port = start(sqlite_url)
-    yield srv, Client(port)
-    srv.stop(0.5)
-
-
-def test_in_force_follows_commits_not_aborts(served):
-    srv, c = served
-    c.plans.ApplyPlacement(placement(mode=pb.RebalancePolicy.MANUAL), timeout=30)
-    agents = [SimulatedAgent(c.channel, f"n{i}", "m", (2 * i, 2 * i + 1), plan_version=1).start()
-              for i in range(2)]
-    try:
-        assert in_force(c) == 1                          # the initial plan
-        _wait(lambda: len(srv.controller.rollouts.workers("m")) == 4)
-        force = pb.TriggerRebalanceRequest(placement="m", force=True)
-        assert c.planning.TriggerRebalance(force, timeout=PLAN_TIMEOUT).new_version == 2
-        for a in agents:
-            assert a.wait_for(lambda ag: set(ag.versions().values()) == {2})
-        _wait(lambda: in_force(c) == 2)                  # committed by every rank
-        full = c.plans.GetPlan(pb.GetPlanRequest(placement="m", version=2), timeout=10)
-        assert c.plans.GetPlan(pb.GetPlanRequest(placement="m", in_force=True),
-                               timeout=10) == full       # the same message as by version
-        agents[1].workers[3].fail_prepare = True
-        assert c.planning.TriggerRebalance(force, timeout=PLAN_TIMEOUT).new_version == 3
-        _wait(lambda: c.plans.ListRollouts(pb.ListRolloutsRequest(placement="m"), timeout=5)
-              .rollouts[0].state == "aborted")
-        assert latest(c) == 3 and in_force(c) == 2      # the aborted v3 is stored, not in force
-    finally:
-        for a in agents:
-            a.stop()
+def test_in_force_follows_commits_not_aborts(server, agents):
+    srv, c = server
+    assert in_force(c) == 1                              # the initial plan
+    force = pb.TriggerRebalanceRequest(placement="m", force=True)
+    assert c.planning.TriggerRebalance(force, timeout=PLAN_TIMEOUT).new_version == 2
+    for a in agents:
+        assert a.wait_for(lambda ag: set(ag.versions().values()) == {2})
+    _wait(lambda: in_force(c) == 2)                      # committed by every rank
+    full = c.plans.GetPlan(pb.GetPlanRequest(placement="m", version=2), timeout=10)
+    assert c.plans.GetPlan(pb.GetPlanRequest(placement="m", in_force=True),
+                           timeout=10) == full           # the same message as by version
+    agents[1].workers[3].fail_prepare = True
+    assert c.planning.TriggerRebalance(force, timeout=PLAN_TIMEOUT).new_version == 3
+    _wait(lambda: c.plans.ListRollouts(pb.ListRolloutsRequest(placement="m"), timeout=5)
+          .rollouts[0].state == "aborted")
+    assert latest(c) == 3 and in_force(c) == 2          # the aborted v3 is stored, not in force
 
 
 def test_no_plan_in_force_is_not_found_naming_the_placement(sqlite_url):
@@ -77,8 +62,8 @@ def test_no_plan_in_force_is_not_found_naming_the_placement(sqlite_url):
         srv.stop(0.5)
 
 
-def test_version_and_in_force_together_are_invalid(served):
-    srv, c = served
+def test_version_and_in_force_together_are_invalid(server):
+    srv, c = server
     c.plans.ApplyPlacement(placement(), timeout=30)
     assert code_of(c.plans.GetPlan, pb.GetPlanRequest(placement="m", version=1, in_force=True)) \
         == (grpc.StatusCode.INVALID_ARGUMENT, "in_force: give either version or in_force, not both")
