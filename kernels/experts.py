@@ -206,8 +206,7 @@ class LocalExperts:
         stacked = self.stacked
         large = stacked is not None and _grouped_mm_supported(x, stacked[0]) \
             and x.shape[0] >= GROUPED_MM_MIN_ROWS * self.num_slots
-        if use_triton(x) and self.dtype in (torch.bfloat16, torch.float16) \
-                and hidden % 128 == 0 and inter % 128 == 0 and not large:
+        if self.triton_capable and not large:
             (base13, offs13), (base2, offs2) = self.weight_tables()
             act = grouped_gemm(x, base13, offs13, offsets, inter, 2 * inter, swiglu=True)
             return grouped_gemm(act, base2, offs2, offsets, hidden, hidden)
@@ -229,15 +228,20 @@ class LocalExperts:
         first step on a new load level nor the first step after a hot-swap (whose weights then
         live in several buffers, the Triton path) stops serving to tune. False when this layer
         never takes the Triton path (no CUDA/Triton, fp32, sizes not multiples of 128)."""
-        probe = torch.empty(0, device=self.device)
-        if not (use_triton(probe) and self.dtype in (torch.bfloat16, torch.float16)
-                and self.hidden % 128 == 0 and self.intermediate % 128 == 0):
+        if not self.triton_capable:
             return False
         common = {"groups": self.num_slots, "max_rows": max_rows_per_slot, "dtype": self.dtype,
                   "device": self.device}
         pretune(self.hidden, self.intermediate, swiglu=True, **common)
         pretune(self.intermediate, self.hidden, swiglu=False, **common)
         return True
+
+    @property
+    def triton_capable(self) -> bool:
+        """Whether the Triton path can serve these weights: CUDA with Triton, bf16/fp16, H and
+        I multiples of 128 (:meth:`forward` takes it unless one stacked segment is large)."""
+        return use_triton(self.segments[0][0]) and self.dtype in (torch.bfloat16, torch.float16) \
+            and self.hidden % 128 == 0 and self.intermediate % 128 == 0
 
     def weight_tables(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """:func:`~expertplane.kernels.triton_ops.weight_table` of the slots' w13 and of their

@@ -39,7 +39,7 @@ from expertplane.kernels.experts import LocalExperts, Segment
 from expertplane.kernels.moe import EPMoELayer, LayerPlacement
 
 __all__ = ["DEFAULT_STEP_BUDGET_BYTES", "CopyChunk", "HotSwapEngine", "SlotFill",
-           "SwapCoordinator", "SwapError", "SwapStats", "TransferPlan", "plan_transfers",
+           "Staging", "SwapCoordinator", "SwapError", "SwapStats", "TransferPlan", "plan_transfers",
            "schedule_chunks"]
 
 LOCAL, REMOTE, DUP = "local", "remote", "dup"
@@ -283,10 +283,13 @@ class SwapStats:
 class _LayerStage:
     """Staged weights of one changed layer: ``segments`` = the live layer's segments plus, when
     they lacked free rows, one new segment of exactly the missing rows; ``rows[slot]`` =
-    (segment, row) that holds changed local slot ``slot``'s new weights."""
+    (segment, row) that holds changed local slot ``slot``'s new weights; ``switched``: the
+    layer's experts after the commit (built, weight tables included, with the plan, so the
+    commit only swaps pointers)."""
 
     segments: tuple[Segment, ...]
     rows: dict[int, tuple[int, int]]
+    switched: LocalExperts | None = None
 
     def weights(self, slot: int) -> Segment:
         g, r = self.rows[slot]
@@ -310,17 +313,20 @@ class _Batch:
 
 
 @dataclass
-class _Staging:
-    """One staged version on one rank: new placements, staged layers, this rank's work per step
-    (``batches``; the first ``issued`` of them are issued), and the last issued batch's
-    completion (``last``: a CUDA event on the side stream, or the CPU thread finishing it;
-    None before any)."""
+class Staging:
+    """One staged version on one rank, made by :meth:`HotSwapEngine.plan` (pass it to
+    :meth:`HotSwapEngine.prepare`; its fields are the engine's): new placements, staged layers,
+    this rank's work per step (``batches``; the first ``issued`` of them are issued), the
+    (placement, experts) of every layer it was planned against (``base``), and the last
+    issued batch's completion (``last``: a CUDA event on the side stream, or the CPU thread
+    finishing it; None before any)."""
 
     version: int
     placements: list[LayerPlacement]
     layers: dict[int, _LayerStage]
     stats: SwapStats
     batches: list[_Batch]
+    base: tuple[tuple[LayerPlacement, LocalExperts], ...]
     issued: int = 0
     started: float = dataclasses.field(default_factory=time.perf_counter)
     finished: float | None = None
@@ -368,7 +374,7 @@ class HotSwapEngine:
         self.gpus_per_node = gpus_per_node or first.gpus_per_node
         self.device = first.device
         self.step_budget_bytes = step_budget_bytes
-        self._staging: _Staging | None = None
+        self._staging: Staging | None = None
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if group is not None and self.world_size > 1:
             # NCCL wants every rank in a group's first operation; do it now, not in a P2P batch.
@@ -456,16 +462,12 @@ class HotSwapEngine:
 
     # -- collective operations
 
-    def prepare(self, version: int, placements: Sequence[LayerPlacement]) -> SwapStats:
-        """Start staging ``placements`` (one per layer) as ``version``: plan, set up the staged
-        rows, issue the first step's chunks; returns at once (:meth:`pump` issues the rest).
-
-        Collective over the transfer group. Copies run on a side CUDA stream (GPU) or on gloo's
-        background threads plus a helper thread (CPU) while the caller keeps serving.
-        """
-        if self._staging is not None:
-            raise SwapError(f"version: {self._staging.version} is already staged; commit or "
-                            "abort it first")
+    def plan(self, version: int, placements: Sequence[LayerPlacement]) -> Staging:
+        """Work out the staging of ``placements`` (one per layer) as ``version`` without issuing
+        anything: the transfer plan, the staged rows (allocated for the side stream) and every
+        step's operations. Not collective, and safe on another thread while serving goes on
+        (no swap can be committed meanwhile: none is staged), so the host work can stay off
+        the step boundary; :meth:`prepare` re-plans if the layers changed since."""
         if len(placements) != len(self.layers):
             raise SwapError(f"placements: need {len(self.layers)} layers, got {len(placements)}")
         new = torch.stack([torch.as_tensor(p.phy2log) for p in placements])
@@ -484,19 +486,42 @@ class HotSwapEngine:
             bytes_received=expert_bytes * sum(f.source == REMOTE for f in mine),
             bytes_sent=expert_bytes * len(plan.sends_from(self.rank)), steps=len(steps))
         with self._side_stream():
-            if self._side is not None:
-                self._side.wait_stream(torch.cuda.current_stream(self.device))
             stages = {layer: self._new_stage(layer, [f for f in mine if f.layer == layer])
                       for layer in sorted({f.layer for f in mine})}
             batches = [self._batch(plan, stages, step) for step in steps]
-            staging = _Staging(version, list(placements), stages, stats, batches)
-            if self._side is not None:
-                staging.copy_start = torch.cuda.Event(enable_timing=True)
-                staging.copy_start.record(self._side)
-                staging.last = staging.copy_start
+        for layer, stage in stages.items():
+            stage.switched = _switched_experts(self.layers[layer].experts, stage)
+            if stage.switched.triton_capable:
+                stage.switched.weight_tables()
+        base = tuple((layer.placement, layer.experts) for layer in self.layers)
+        return Staging(version, list(placements), stages, stats, batches, base)
+
+    def prepare(self, version: int, placements: Sequence[LayerPlacement],
+                planned: Staging | None = None) -> SwapStats:
+        """Start staging ``placements`` (one per layer) as ``version``: :meth:`plan` it (or take
+        ``planned``, made ahead for this version against the layers as they still are), issue
+        the first step's chunks; returns at once (:meth:`pump` issues the rest).
+
+        Collective over the transfer group. Copies run on a side CUDA stream (GPU) or on gloo's
+        background threads plus a helper thread (CPU) while the caller keeps serving.
+        """
+        if self._staging is not None:
+            raise SwapError(f"version: {self._staging.version} is already staged; commit or "
+                            "abort it first")
+        current = tuple((layer.placement, layer.experts) for layer in self.layers)
+        fresh = planned is not None and planned.version == version and planned.issued == 0 \
+            and len(planned.base) == len(current) \
+            and all(a is c and b is d for (a, b), (c, d) in zip(planned.base, current))
+        staging = planned if fresh else self.plan(version, placements)
+        staging.started = time.perf_counter()
+        if self._side is not None:
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
+            staging.copy_start = torch.cuda.Event(enable_timing=True)
+            staging.copy_start.record(self._side)
+            staging.last = staging.copy_start
         self._staging = staging
         self._issue_next(staging)
-        return stats
+        return staging.stats
 
     def commit(self) -> SwapStats:
         """Switch every changed layer to its staged weights and placement; call at a step
@@ -518,7 +543,7 @@ class HotSwapEngine:
             mine = slice(self.rank * layer.experts.num_slots,
                          (self.rank + 1) * layer.experts.num_slots)
             if i in s.layers:
-                layer.swap(s.placements[i], _switched_experts(layer.experts, s.layers[i]))
+                layer.swap(s.placements[i], s.layers[i].switched)
             elif not torch.equal(layer.placement.phy2log[mine], s.placements[i].phy2log[mine]):
                 raise SwapError(f"placements[{i}]: this rank's slots changed but have no staged weights")
             else:
@@ -543,7 +568,7 @@ class HotSwapEngine:
         return torch.cuda.stream(self._side) if self._side is not None \
             else contextlib.nullcontext()
 
-    def _stats(self, s: _Staging) -> SwapStats:
+    def _stats(self, s: Staging) -> SwapStats:
         copy_ms = self.staged_copy_ms() if s is self._staging else None
         return dataclasses.replace(
             s.stats, seconds=(s.finished or time.perf_counter()) - s.started,
@@ -587,7 +612,7 @@ class HotSwapEngine:
                 copies.append((_piece(stage.weights(f.slot), c), _piece(src, c)))
         return out
 
-    def _issue_next(self, s: _Staging) -> int:
+    def _issue_next(self, s: Staging) -> int:
         """Issue batch ``s.issued``: its transfers (NCCL's/gloo's streams), then its local
         copies, then, once the transfers landed, its dup copies (side stream on GPU; a helper
         thread after the previous batch's on CPU). Returns the chunks issued."""
@@ -619,7 +644,7 @@ def _copy_all(pairs: list[tuple[Tensor, Tensor]]) -> None:
         dst.copy_(src)
 
 
-def _finish_cpu(s: _Staging, previous: threading.Thread | None, works: list,
+def _finish_cpu(s: Staging, previous: threading.Thread | None, works: list,
                 batch: _Batch) -> None:
     """CPU: a batch's local copies, transfers and dup copies, after the previous batch's; an
     error is kept for ready()/wait() in the serving thread."""
@@ -674,8 +699,12 @@ def _switched_experts(live: LocalExperts, stage: _LayerStage) -> LocalExperts:
 
 @dataclass
 class _Request:
+    """A prepare request of this rank; ``planned``: its staging, worked out ahead on the
+    request's thread (None until then, or if that failed)."""
+
     version: int
-    placements: list[LayerPlacement] | None = None
+    placements: list[LayerPlacement]
+    planned: Staging | None = None
 
 
 class SwapCoordinator:
@@ -721,22 +750,23 @@ class SwapCoordinator:
     def prepare(self, version: int, placements: Sequence[LayerPlacement],
                 timeout: float) -> SwapStats | None:
         """Ask to stage ``version``; blocks until staged on this rank. Returns the staging
-        stats (None if already staged or in force). Raises SwapError (state) or TimeoutError."""
+        stats (None if already staged or in force). Raises SwapError (state) or TimeoutError.
+        A new request is planned here (:meth:`HotSwapEngine.plan`), on the caller's thread, so
+        the boundary that starts it only launches the first step's copies."""
         with self._cond:
             self._check_open()
             if version == self.version:
                 return None
-            if version < self.version:
-                raise SwapError(f"version: {version} is older than the plan in force "
-                                f"({self.version})")
-            staged = self.engine.staged_version
-            if staged and staged != version:
-                raise SwapError(f"version: {staged} is staged; commit or abort it first")
-            if not staged:
-                if self._prepare is not None and self._prepare.version != version:
-                    raise SwapError(f"version: {self._prepare.version} is being prepared")
-                self._failed.pop(version, None)
-                self._prepare = _Request(version, list(placements))
+            request = self._request_prepare(version, placements)
+        if request is not None:
+            try:
+                planned = self.engine.plan(version, request.placements)
+            except SwapError:
+                planned = None   # the boundary that starts it plans again and reports the error
+            with self._cond:
+                if self._prepare is request:
+                    request.planned = planned
+        with self._cond:
             ok = self._cond.wait_for(
                 lambda: self._ready_seen == version or version in self._failed, timeout)
             if version in self._failed:
@@ -748,6 +778,25 @@ class SwapCoordinator:
                                    "(not every rank was asked to prepare it?)")
             return self.last_stats if self.last_stats and self.last_stats.version == version \
                 else None
+
+    def _request_prepare(self, version: int,
+                         placements: Sequence[LayerPlacement]) -> _Request | None:
+        """Check a prepare request for a version not in force against the state (under the
+        lock) and record it; returns the new request, or None when ``version`` is already
+        requested or staged."""
+        if version < self.version:
+            raise SwapError(f"version: {version} is older than the plan in force "
+                            f"({self.version})")
+        staged = self.engine.staged_version
+        if staged and staged != version:
+            raise SwapError(f"version: {staged} is staged; commit or abort it first")
+        if staged or (self._prepare is not None and self._prepare.version == version):
+            return None
+        if self._prepare is not None:
+            raise SwapError(f"version: {self._prepare.version} is being prepared")
+        self._failed.pop(version, None)
+        self._prepare = _Request(version, list(placements))
+        return self._prepare
 
     def commit(self, version: int, timeout: float) -> None:
         """Ask to switch to ``version`` (staged or being staged); blocks until switched."""
@@ -842,7 +891,7 @@ class SwapCoordinator:
         if self._prepare is prepare:
             self._prepare = None
         try:
-            self.engine.prepare(prepare.version, prepare.placements)
+            self.engine.prepare(prepare.version, prepare.placements, prepare.planned)
         except SwapError as exc:
             self._failed[prepare.version] = str(exc)
 

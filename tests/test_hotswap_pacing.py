@@ -176,6 +176,27 @@ def test_abort_mid_pacing_frees_the_staging_and_issues_nothing_more():
     _assert_weights_match(model, b, 0)
 
 
+def test_prepare_takes_a_staging_planned_ahead_unless_the_layers_changed_since():
+    rng = np.random.default_rng(9)
+    a, b, c = (_random_plan(rng, 1, 8) for _ in range(3))
+    model = SyntheticMoEModel(MODEL, STREAM, _placements(a))
+    engine = HotSwapEngine(list(model.layers), step_budget_bytes=BUDGET)
+    ahead = engine.plan(2, _placements(b))
+    assert engine.staged_version == 0          # planning issues nothing
+    assert engine.prepare(2, _placements(b), planned=ahead) is ahead.stats
+    engine.wait()
+    engine.commit()
+    stale = engine.plan(3, _placements(c))
+    engine.prepare(4, _placements(a))          # another swap changes the layers meanwhile
+    engine.wait()
+    engine.commit()
+    assert engine.prepare(3, _placements(c), planned=stale) is not stale.stats  # re-planned
+    engine.wait()
+    engine.commit()
+    _assert_weights_match(model, c, 0)
+    assert model(TokenStream(MODEL, STREAM, 0).batch(0), verify=True).max_error < 1e-4
+
+
 # ---------------------------------------------------------------- two gloo ranks
 
 WORLD = 2
