@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30, help="normal steps timed")
     parser.add_argument("--swaps", type=int, default=4,
                         help="swaps per staging mode during the step-time part")
+    parser.add_argument("--settle-steps", type=int, default=5,
+                        help="steps served on each new layout before the next swap is asked "
+                             "for (the baseline of that swap's staging steps)")
     parser.add_argument("--step-budget-mb", type=float, nargs="+", default=None,
                         help="paced staging budgets (MiB per rank and step) whose step times "
                              "are measured next to unpaced staging (default: the engine's, "
@@ -94,6 +97,7 @@ def resolve_config(args) -> dict:
         "top_k": args.top_k,
         "dtype": args.dtype or pick("bfloat16", "float32"),
         "reps": args.reps, "steps": args.steps, "swaps": args.swaps,
+        "settle": args.settle_steps,
         "budgets_mb": args.step_budget_mb or [DEFAULT_STEP_BUDGET_BYTES / MIB],
     }
     if cfg["world_size"] < 1:
@@ -104,6 +108,8 @@ def resolve_config(args) -> dict:
         raise ValueError(f"moved: at most --local-experts ({cfg['local_experts']}) per rank")
     if cfg["top_k"] > cfg["local_experts"] * cfg["world_size"]:
         raise ValueError("top_k: exceeds the number of experts")
+    if cfg["settle"] < 1:
+        raise ValueError("settle_steps: need at least one step between swaps")
     if min(cfg["budgets_mb"]) * MIB < 1:
         raise ValueError("step_budget_mb: each budget must be at least one byte")
     return cfg
@@ -256,9 +262,11 @@ def _sweep(model, engine, cfg: dict, group, clock) -> list[dict]:
 def _step_times(model, engine, stream, cfg: dict, clock, budget: int | None) -> dict:
     """Step times through the real step-boundary protocol with staging paced by ``budget``
     bytes per step (None: unpaced): ``steps`` normal steps, then ``swaps`` swaps of the
-    largest ``moved``; each step is classed as starting (its boundary planned the swap and
-    issued the first step's copies), copying (its boundary issued a later step's copies),
-    waiting (every copy issued, not switched yet) or committing."""
+    largest ``moved``, each asked for ``settle`` steps after the previous commit; each step is
+    classed as starting (its boundary started the swap and issued the first step's copies),
+    copying (its boundary issued a later step's copies), waiting (every copy issued, not
+    switched yet), committing, or between (no swap staged: the baseline of the next swap,
+    on the layout it stages over)."""
     import torch
     import torch.distributed as dist
 
@@ -268,14 +276,20 @@ def _step_times(model, engine, stream, cfg: dict, clock, budget: int | None) -> 
     version = 1
     coord = SwapCoordinator(engine, version=version)
     moved = max(cfg["moved"])
-    plans = [_placements(cfg, moved, True), _placements(cfg, moved, False)]
+    flip, home = _placements(cfg, moved, True), _placements(cfg, moved, False)
+    flipped = torch.equal(engine.current_phy2log(), torch.stack([p.phy2log for p in flip]))
+    plans = [home, flip] if flipped else [flip, home]   # the first swap moves experts too
     normal = [_timed_step(coord, model, stream, i, clock) for i in range(cfg["steps"])]
     done = threading.Event()
     errors: list[BaseException] = []
+    served = [0]   # steps served in the swap loop
 
     def control() -> None:
         try:
             for j in range(cfg["swaps"]):
+                mark = served[0]
+                while served[0] < mark + cfg["settle"]:
+                    time.sleep(1e-4)
                 coord.prepare(version + 1 + j, plans[j % 2], timeout=300)
                 coord.commit(version + 1 + j, timeout=300)
         except BaseException as exc:  # re-raised in the serving thread below
@@ -302,7 +316,10 @@ def _step_times(model, engine, stream, cfg: dict, clock, budget: int | None) -> 
             series.append(("copying", dt))
         elif after is not None:
             series.append(("waiting", dt))
+        else:
+            series.append(("between", dt))
         step += 1
+        served[0] = step
     if errors:
         raise errors[0]
     moved_bytes = moved * cfg["layers"] * model.config.expert_bytes
@@ -336,6 +353,7 @@ def _step_summary(budget: int | None, moved_bytes: int, normal: float,
         return f(xs) / normal if xs else None
 
     spans = [s.copy_seconds for s in swaps if s.copy_seconds]
+    per_swap = _staging_vs_before(series)
     return {
         "mode": "unpaced" if budget is None else f"paced {budget / MIB:g} MiB/step",
         "budget_bytes": budget, "bytes_per_swap": moved_bytes, "swaps": len(swaps),
@@ -343,6 +361,8 @@ def _step_summary(budget: int | None, moved_bytes: int, normal: float,
         "staging_ms": ms(staging), "staging_max_ms": ms(staging, max),
         "staging_steps": len(staging), "staging_vs_normal": ratio(staging),
         "staging_max_vs_normal": ratio(staging, max),
+        "staging_vs_before": statistics.median(m for m, _ in per_swap) if per_swap else None,
+        "staging_max_vs_before": max(x for _, x in per_swap) if per_swap else None,
         "starting_ms": ms(kinds["starting"]), "starting_vs_normal": ratio(kinds["starting"]),
         "copying_ms": ms(kinds["copying"]), "copying_vs_normal": ratio(kinds["copying"]),
         "waiting_ms": ms(kinds["waiting"]), "waiting_steps": len(kinds["waiting"]),
@@ -353,6 +373,24 @@ def _step_summary(budget: int | None, moved_bytes: int, normal: float,
         "effective_gbps": moved_bytes / statistics.median(spans) / 1e9 if spans else None,
         "series": [(kind, dt * 1e3) for kind, dt in series],
     }
+
+
+def _staging_vs_before(series: list[tuple[str, float]]) -> list[tuple[float, float]]:
+    """Per swap: (median, max) of its starting and copying steps over the median of the
+    between steps just before it (the same weight layout, which decides the GEMM path)."""
+    out, before, staging = [], [], []
+    for kind, dt in series:
+        if kind == "between":
+            if staging:
+                before, staging = [], []
+            before.append(dt)
+        elif kind in ("starting", "copying"):
+            staging.append(dt)
+        elif kind == "committing" and staging and before:
+            base = statistics.median(before)
+            out.append((statistics.median(staging) / base, max(staging) / base))
+            before, staging = [], []
+    return out
 
 
 def _raw_times(model, moved: int, cfg: dict, group, clock) -> list[float]:
@@ -424,14 +462,16 @@ def print_results(results: dict) -> None:
     steps = Table(title=f"step time while staging ({max(cfg['moved'])} experts/rank per swap, "
                         f"{cfg['swaps']} swaps per mode; target <= "
                         f"{TARGETS['step_during_swap_vs_normal']}x normal)")
-    for col in ("staging", "normal ms", "staging ms (steps)", "x normal", "max x", "x first",
-                "x later", "waiting ms (steps)", "commit ms", "x normal", "steps/swap",
-                "copy span ms", "eff. GB/s"):
+    for col in ("staging", "normal ms", "staging ms (steps)", "x normal", "max x", "x before",
+                "max x before", "x first", "x later", "waiting ms (steps)", "commit ms",
+                "x normal", "steps/swap", "copy span ms", "eff. GB/s"):
         steps.add_column(col)
     for row in results["steps"]:
         steps.add_row(row["mode"], fmt(row["normal_ms"]),
                       f"{fmt(row['staging_ms'])} ({row['staging_steps']})",
                       fmt(row["staging_vs_normal"], ".2f"), fmt(row["staging_max_vs_normal"], ".2f"),
+                      fmt(row["staging_vs_before"], ".2f"),
+                      fmt(row["staging_max_vs_before"], ".2f"),
                       fmt(row["starting_vs_normal"], ".2f"), fmt(row["copying_vs_normal"], ".2f"),
                       f"{fmt(row['waiting_ms'])} ({row['waiting_steps']})", fmt(row["commit_ms"]),
                       fmt(row["commit_vs_normal"], ".2f"), fmt(row["steps_per_swap"], "g"),
