@@ -102,7 +102,10 @@ class _Wakeup:
         self._event = asyncio.Event()
 
     def __call__(self) -> None:
-        self._loop.call_soon_threadsafe(self._event.set)
+        try:
+            self._loop.call_soon_threadsafe(self._event.set)
+        except RuntimeError:  # the loop is closed (server stopped): nobody is left to wake
+            pass
 
     async def wait(self) -> None:
         """Return once woken since the previous ``wait`` returned."""

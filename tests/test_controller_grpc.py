@@ -1,6 +1,7 @@
 """The controller over real gRPC on loopback: plan queries, load ingestion, rollouts with
 simulated agents on RolloutService.Connect, errors, health, reflection, auth, restarts."""
 
+import asyncio
 import queue
 import threading
 import time
@@ -13,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.server import ControllerServer
+from expertplane.controller.servicers import _Wakeup
 from expertplane.controller.simagent import SimulatedAgent, load_report
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
@@ -368,3 +370,19 @@ def test_agent_stream_closing_during_prepare_aborts(server, agents):
     assert (r.to_version, r.state) == (d.new_version, "aborted")
     assert "lost during prepare: agent stream closed" in r.reason
     assert srv.controller.rollouts.workers("m").keys() == {0, 1}
+
+
+def test_wakeup_wakes_its_loop_from_a_thread_and_outlives_the_loop():
+    """Stream handlers wait on a _Wakeup that threads call; a thread may still call it after the
+    server (and its loop) stopped, which must not raise into that thread."""
+    loop = asyncio.new_event_loop()
+
+    async def woken_by_a_thread() -> _Wakeup:
+        wakeup = _Wakeup()
+        threading.Thread(target=wakeup).start()
+        await asyncio.wait_for(wakeup.wait(), 10)
+        return wakeup
+
+    wakeup = loop.run_until_complete(woken_by_a_thread())
+    loop.close()
+    assert wakeup() is None
