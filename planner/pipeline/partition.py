@@ -53,6 +53,9 @@ DEFAULT_NODE_LIMIT = 500
 #: Nodes are pruned when their bound is within this relative distance of the incumbent, so that
 #: bounds equal to the optimum up to floating-point rounding of the prefix sums prune.
 RELATIVE_TOLERANCE = 1e-12
+#: Two-stage-rank search nodes up to this depth (stage pairs fixed) with two or more children
+#: left add a Lagrangian combination of the path bounds (``PathBounds.add_combination``).
+COMBINE_DEPTH = 4
 
 
 class MemoryLimitError(PlanInputError):
@@ -490,20 +493,6 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
                 key = np.where(sum(pb.rank_memory(r, cuts)) > limit, np.inf, key)
         return key
 
-    def path_key(k: int, e: np.ndarray, f: np.ndarray) -> np.ndarray:
-        """Critical-path bounds ``[n]`` for children ``x_{k+1} = e``, ``x_{S-1-k} = f``."""
-        paths, j = st.paths, S - 1 - k
-        if len(paths) == 0:
-            return np.zeros(len(e))
-        base = paths.fixed(st.bounds, np.r_[1:k + 1, S - k:S])
-        out = np.zeros(len(e))
-        for hi in np.unique(f):
-            m = f == hi
-            vals = (base[:, None] + paths.terms[:, k + 1, e[m]] + paths.terms[:, j, hi, None]
-                    + paths.middle(k + 2, j - 1, int(hi))[:, e[m]])
-            out[m] = vals.max(axis=0)
-        return out
-
     weight = pb.cum[:, 0] + pb.cum[:, 1]
 
     def complete(cut: np.ndarray, k: int) -> np.ndarray:
@@ -537,7 +526,12 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
                                  np.full(e.shape, reached)])
         sel = key < st.cutoff
         e, f, key = e[sel], f[sel], key[sel]
-        key = np.maximum(key, path_key(k, e, f))
+        key = np.maximum(key, st.paths.child_bounds(st.bounds, k, e, f))
+        sel = key < st.cutoff
+        e, f, key = e[sel], f[sel], key[sel]
+        if len(key) > 1 and k <= COMBINE_DEPTH:
+            st.paths.add_combination(st.bounds, k)
+            key = np.maximum(key, st.paths.child_bounds(st.bounds, k, e, f))
         sel = key < st.cutoff
         cuts = st.children({k + 1: e[sel], j: f[sel]})
         key = screen(k, cuts, key[sel])

@@ -103,60 +103,180 @@ def _middle_min(terms, first, last, hi, out):
             out[p, v] = cur[v]
 
 
-class PathBounds:
-    """A growing set of path lower bounds for one problem (prefix sums ``cum`` ``[L+1, 3]``).
+@njit(cache=True)
+def _middle_argmin(terms, first, last, lo, hi, ys):
+    """Least ``sum_{j=first..last} terms[j, y_j]`` over ``lo < y_first < ... < y_last < hi``
+    (``terms`` ``[S+1, L+1]``); writes the minimiser to ``ys`` ``[last - first + 1]``."""
+    L = terms.shape[1] - 1
+    n = last - first + 1
+    val = np.full((n, L + 1), np.inf)
+    nxt = np.full((n, L + 1), -1)
+    for v in range(L + 1):
+        if v < hi:
+            val[n - 1, v] = terms[last, v]
+    for i in range(n - 2, -1, -1):
+        best, arg = np.inf, -1
+        for v in range(L, -1, -1):
+            val[i, v] = terms[first + i, v] + best
+            nxt[i, v] = arg
+            if val[i + 1, v] < best:
+                best, arg = val[i + 1, v], v
+    best, arg = np.inf, -1
+    for v in range(lo + 1, L + 1):
+        if val[0, v] < best:
+            best, arg = val[0, v], v
+    if arg < 0:
+        return np.inf
+    ys[0] = arg
+    for i in range(1, n):
+        ys[i] = nxt[i - 1, ys[i - 1]]
+    return best
 
-    ``terms [P, S+1, L+1]``: per row ``p``, ``D[j] . cum[v]``, the term of boundary ``j`` at
-    layer ``v``; ``const [P]`` seconds (hops x ``p2p`` plus the fixed ``x_S = L`` term).
-    ``middle(first, last, hi)`` tables are cached and extended when rows are added.
+
+class PathBounds:
+    """A growing set of lower bounds ``const + sum_j terms[j, x_j]`` for one problem.
+
+    ``cum`` ``[L+1, 3]``: prefix sums of the layers' ``(F, B, W)``. Rows are critical paths
+    (``add``) and convex combinations of rows (``add_combination``). ``terms`` ``[P, S+1,
+    L+1]`` (seconds): row ``p``'s term of boundary ``j`` at layer ``v``; ``const`` ``[P]``
+    seconds, including the term of the fixed ``x_S = L``. At most ``capacity`` rows are kept
+    (about ``max_bytes`` of terms); ``middle`` tables are cached up to ``max_bytes`` too.
     """
 
-    def __init__(self, cum: np.ndarray, num_stages: int, p2p: float, capacity: int = 128):
-        self.cum, self.S, self.p2p, self.capacity = cum, num_stages, p2p, capacity
-        self.terms = np.zeros((0, num_stages + 1, len(cum)))
-        self.const = np.zeros(0)
+    def __init__(self, cum: np.ndarray, num_stages: int, p2p: float,
+                 max_bytes: float = 64e6):
+        self.cum, self.S, self.p2p = cum, num_stages, p2p
+        row_bytes = 8 * (num_stages + 1) * len(cum)
+        self.capacity = int(max(8, min(256, max_bytes // row_bytes)))
+        self._cache_floats = int(max_bytes // 8)
+        self._terms = np.empty((self.capacity, num_stages + 1, len(cum)))
+        self._const = np.empty(self.capacity)
+        self.size = 0
         self._seen: set[bytes] = set()
         self._middle: dict[tuple[int, int, int], np.ndarray] = {}
+        self._cached = 0
 
     def __len__(self) -> int:
-        return len(self.const)
+        return self.size
+
+    @property
+    def terms(self) -> np.ndarray:
+        return self._terms[:self.size]
+
+    @property
+    def const(self) -> np.ndarray:
+        return self._const[:self.size]
 
     def add(self, coef: np.ndarray, hops: int) -> bool:
-        """Add the path with stage counts ``coef`` ``[S, 3]`` and ``hops`` cross-rank edges;
-        False if it is already held or the set is full."""
+        """Add the path with stage counts ``coef`` ``[S, 3]`` and ``hops`` cross-rank edges
+        (``critical_path``); False if it is already held or the set is full."""
         key = np.round(coef, 9).tobytes() + int(hops).to_bytes(4, "little")
-        if key in self._seen or len(self) >= self.capacity:
+        if key in self._seen or self.size >= self.capacity:
             return False
         self._seen.add(key)
         d = np.zeros((self.S + 1, 3))
         d[1:] += coef
         d[:-1] -= coef
-        terms = d @ self.cum.T                                                  # [S+1, L+1]
-        self.terms = np.concatenate([self.terms, terms[None]])
-        self.const = np.append(self.const, hops * self.p2p + terms[self.S, -1])
+        self._append(d @ self.cum.T, hops * self.p2p)
         return True
+
+    def _append(self, terms: np.ndarray, const: float) -> None:
+        """Store the row ``const + sum_j terms[j, x_j]`` (``terms`` ``[S+1, L+1]``)."""
+        self._terms[self.size] = terms
+        self._const[self.size] = const + terms[self.S, -1]
+        self.size += 1
 
     def fixed(self, bounds: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Constants plus the terms ``[P]`` of boundaries ``index`` at ``bounds[index]``."""
         return self.const + self.terms[:, index, bounds[index]].sum(axis=1)
 
+    def node_fixed(self, bounds: np.ndarray, k: int) -> np.ndarray:
+        """``fixed`` ``[P]`` of a node whose boundaries ``0..k`` and ``S-k..S`` are set."""
+        return self.fixed(bounds, np.r_[1:k + 1, self.S - k:self.S])
+
     def middle(self, first: int, last: int, hi: int) -> np.ndarray:
         """``[P, L+1]``: least terms of boundaries ``first..last`` strictly between ``e`` (the
-        column) and ``hi`` (cached; ``_middle_min``)."""
+        column) and ``hi`` (``_middle_min``; cached, extended when rows are added)."""
         key = (first, last, hi)
         have = self._middle.get(key)
-        if have is None or len(have) < len(self):
+        if have is None or len(have) < self.size:
             done = 0 if have is None else len(have)
-            new = np.empty((len(self) - done, self.terms.shape[2]))
+            new = np.empty((self.size - done, self.terms.shape[2]))
             _middle_min(self.terms[done:], first, last, hi, new)
             have = new if have is None else np.concatenate([have, new])
+            if self._cached + new.size > self._cache_floats:
+                self._middle.clear()
+                self._cached = 0
             self._middle[key] = have
+            self._cached += new.size
         return have
 
+    def child_bounds(self, bounds: np.ndarray, k: int, e: np.ndarray,
+                     f: np.ndarray) -> np.ndarray:
+        """Bounds ``[n]`` (the largest row) for the children ``x_{k+1} = e``, ``x_{S-1-k} =
+        f`` of the node with ``0..k`` and ``S-k..S`` of ``bounds`` fixed."""
+        if self.size == 0:
+            return np.zeros(len(e))
+        j = self.S - 1 - k
+        base = self.node_fixed(bounds, k)
+        out = np.zeros(len(e))
+        for hi in np.unique(f):
+            m = f == hi
+            vals = (base[:, None] + self.terms[:, k + 1, e[m]] + self.terms[:, j, hi, None]
+                    + self.middle(k + 2, j - 1, int(hi))[:, e[m]])
+            out[m] = vals.max(axis=0)
+        return out
+
     def value(self, cuts: np.ndarray) -> np.ndarray:
-        """Largest row length ``[K]`` at complete partitions ``cuts`` ``[K, S+1]``."""
-        if len(self) == 0:
+        """Largest row ``[K]`` at complete partitions ``cuts`` ``[K, S+1]``."""
+        if self.size == 0:
             return np.zeros(len(cuts))
         j = np.arange(1, self.S)
         vals = self.terms[:, j[None, :], cuts[:, 1:-1]].sum(axis=2) + self.const[:, None]
         return vals.max(axis=0)
+
+    def add_combination(self, bounds: np.ndarray, k: int, rounds: int = 12) -> None:
+        """Add the best convex combination of the rows for the node with boundaries ``0..k``
+        and ``S-k..S`` of ``bounds`` fixed, as a row.
+
+        A weighted sum of lower bounds is one, and its least completion of the node is one
+        dynamic program (``_middle_argmin``), so the weights are found by Kelley's cutting
+        planes on the Lagrangian dual: an LP over the completions found so far gives weights,
+        their least completion joins the LP, until the two agree or ``rounds`` run out.
+        """
+        S, P = self.S, self.size
+        if P < 2 or P >= self.capacity:
+            return
+        fixed = self.node_fixed(bounds, k)
+        first, last, lo, hi = k + 1, S - k - 1, int(bounds[k]), int(bounds[S - k])
+        index = np.arange(first, last + 1)
+        ys = np.zeros(len(index), dtype=np.int64)
+        lam = np.full(P, 1.0 / P)
+        cols, best, best_lam = [], -np.inf, lam
+        for _ in range(rounds):
+            value = _middle_argmin(np.tensordot(lam, self.terms, axes=1), first, last, lo, hi,
+                                   ys) + lam @ fixed
+            if not np.isfinite(value):
+                return
+            if value > best:
+                best, best_lam = value, lam
+            cols.append(fixed + self.terms[:, index, ys].sum(axis=1))
+            lam, top = _game(np.array(cols))
+            if top - best <= 1e-9 * abs(best):
+                break
+        self._append(np.tensordot(best_lam, self.terms, axes=1),
+                     float(best_lam @ (self.const - self.terms[:, S, -1])))
+
+
+def _game(values: np.ndarray) -> tuple[np.ndarray, float]:
+    """Weights ``lam`` ``[P]`` on the simplex maximising ``min_x values[x] . lam`` over the
+    rows of ``values`` ``[X, P]`` (an LP), and that maximum."""
+    from scipy.optimize import linprog
+    X, P = values.shape
+    res = linprog(np.r_[np.zeros(P), -1.0], A_ub=np.c_[-values, np.ones(X)], b_ub=np.zeros(X),
+                  A_eq=np.r_[np.ones(P), 0.0][None], b_eq=[1.0],
+                  bounds=[(0, None)] * P + [(None, None)], method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"path-bound LP failed: {res.message}")
+    lam = np.maximum(res.x[:P], 0.0)
+    return lam / lam.sum(), float(-res.fun)
