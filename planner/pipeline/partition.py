@@ -111,7 +111,7 @@ class _Tables:
         self.states = [np.unique(activation_counts(o, len(lay.stages_of(r))), axis=0)
                        for r, o in enumerate(self.orders)]
         self.classes = [sorted(set(map(self._class, o)), key=repr) for o in self.orders]
-        self.class_parts = [op_parts(c) for c in self.classes]
+        self.class_parts = [self._local_parts(r, c) for r, c in enumerate(self.classes)]
 
     @cached_property
     def templates(self) -> list[np.ndarray]:
@@ -213,6 +213,13 @@ class _Tables:
                 for sy, (_, lasts, _) in ends.items() for y, tail in lasts if y >= x]
         return tuple(np.array(col) for col in zip(*rows))
 
+    def _local_parts(self, r: int, ops: list[Op]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``op_parts`` of rank ``r``'s ops with stages renumbered as the rank's chunks."""
+        f_stage, b_stage, b_coef = op_parts(ops)
+        chunk = {s: c for c, s in enumerate(self.lay.stages_of(r))}
+        local = np.vectorize(lambda s: chunk.get(s, -1), otypes=[np.int64])
+        return local(f_stage), local(b_stage), b_coef
+
     @staticmethod
     def _class(op: Op) -> Op:
         """The op with its micro-batch numbers erased: ops of one class last equally long."""
@@ -257,7 +264,9 @@ class _Problem:
         """Lower bounds ``[K]`` on the step time from two-stage rank ``r`` for partitions
         ``cuts`` ``[K, S+1]`` whose stages on ``r`` are fixed."""
         sx, into, sy, tail, counts = self.tables.rank_paths[r]
-        times = self.stage_times(cuts)
+        stages = np.array(self.lay.stages_of(r))
+        times = self.cum[cuts[:, stages + 1]] - self.cum[cuts[:, stages]]       # [K, chunks, 3]
+        times[..., 2] = np.minimum(times[..., 2], times[..., 1])
         dur = part_durations(*self.tables.class_parts[r], times, self.overlap)           # [K, C]
         return (self._chains(into, sx, cuts) + dur @ counts.T
                 + self._chains(tail, sy, cuts)).max(axis=1)
@@ -548,20 +557,19 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
 
 
 def _improve(st: _Search, limit: float | None, reach: int = 2) -> None:
-    """Hill-climb from the incumbent: move one boundary by up to ``reach`` layers or shift two
-    neighbouring ones together, take the best move, repeat while it helps."""
+    """Hill-climb from the incumbent: move one boundary by up to ``reach`` layers, or two
+    boundaries by one layer each (any directions; neighbours and the partner boundaries
+    ``j``, ``S-j`` of a two-stage rank), take the best move, repeat while it helps."""
     if st.found is None:
         return
+    S = len(st.found) - 1
+    eye = np.eye(S + 1, dtype=np.int64)
+    single = [d * eye[j] for j in range(1, S) for d in range(-reach, reach + 1) if d]
+    pairs = {(j, j + 1) for j in range(1, S - 1)} | {(j, S - j) for j in range(1, S // 2)}
+    double = [a * eye[i] + b * eye[j] for i, j in sorted(pairs) for a in (-1, 1) for b in (-1, 1)]
+    moves = np.array(single + double)
     while True:
-        x = np.array(st.found)
-        S = len(x) - 1
-        moves = [(j, d) for j in range(1, S) for d in range(-reach, reach + 1) if d]
-        cands = np.repeat(x[None], len(moves) + 2 * (S - 2), axis=0)
-        for i, (j, d) in enumerate(moves):
-            cands[i, j] += d
-        for i, j in enumerate(range(1, S - 1)):
-            cands[len(moves) + 2 * i, j:j + 2] += 1
-            cands[len(moves) + 2 * i + 1, j:j + 2] -= 1
+        cands = np.array(st.found)[None] + moves
         cands = cands[(np.diff(cands, axis=1) > 0).all(axis=1)]
         cands = cands[_fits(st.pb, cands, limit)]
         before = st.best

@@ -78,29 +78,27 @@ def _middle_min(terms, first, last, hi, out):
     """``out[p, e]``: least ``sum_{j=first..last} terms[p, j, y_j]`` over ``e < y_first < ... <
     y_last < hi`` (0 where ``first > last`` and ``e < hi``; infinite where nothing fits).
     ``terms`` ``[P, S+1, L+1]``, ``out`` ``[P, L+1]``."""
-    P, L = terms.shape[0], terms.shape[2] - 1
-    cur = np.empty(L + 1)
+    P = terms.shape[0]
+    out[:, :] = np.inf
     for p in range(P):
-        for v in range(L + 1):
-            cur[v] = 0.0 if v < hi else np.inf
-        if first <= last:
-            for v in range(L + 1):
-                cur[v] = terms[p, last, v] if v < hi else np.inf
-            for j in range(last - 1, first - 1, -1):
-                best = np.inf
-                for v in range(L, -1, -1):
-                    nxt = cur[v]
-                    cur[v] = terms[p, j, v] + best
-                    if nxt < best:
-                        best = nxt
+        cur = out[p]
+        for v in range(hi):
+            cur[v] = terms[p, last, v] if first <= last else 0.0
+        if first > last:
+            continue
+        for j in range(last - 1, first - 1, -1):
             best = np.inf
-            for v in range(L, -1, -1):          # shift: out[e] = min over y_first > e
+            for v in range(hi - 1, -1, -1):
                 nxt = cur[v]
-                cur[v] = best
+                cur[v] = terms[p, j, v] + best
                 if nxt < best:
                     best = nxt
-        for v in range(L + 1):
-            out[p, v] = cur[v]
+        best = np.inf
+        for v in range(hi - 1, -1, -1):              # shift: out[e] = min over y_first > e
+            nxt = cur[v]
+            cur[v] = best
+            if nxt < best:
+                best = nxt
 
 
 @njit(cache=True)
@@ -235,7 +233,7 @@ class PathBounds:
         vals = self.terms[:, j[None, :], cuts[:, 1:-1]].sum(axis=2) + self.const[:, None]
         return vals.max(axis=0)
 
-    def add_combination(self, bounds: np.ndarray, k: int, rounds: int = 12) -> None:
+    def add_combination(self, bounds: np.ndarray, k: int, rounds: int = 6) -> None:
         """Add the best convex combination of the rows for the node with boundaries ``0..k``
         and ``S-k..S`` of ``bounds`` fixed, as a row.
 
