@@ -12,7 +12,15 @@ memory limit. Method: branch and bound over the boundaries.
   get whole-rank bounds with exact operation durations once both their stages are fixed.
 - One stage per rank (1F1B, ZB1P): stages are fixed left to right; ``suffix[k][b]``, the least
   possible bound of the last ``k`` stages over ``[b, L)``, comes from a dynamic program.
-  Two-stage ranks: stage pairs ``(k, S-1-k)`` are fixed from the outside in.
+- Two-stage ranks (DualPipe, DualPipeV): stage pairs ``(k, S-1-k)`` are fixed from the outside
+  in. On top of the stage and whole-rank bounds, every path of the step DAG gives a bound
+  linear in the prefix sums at the boundaries (``paths.py``): the critical paths of simulated
+  partitions (seeds, a local search from the best seed, a balanced completion of every node's
+  best child, the best leaf of every batch) are kept as rows, and the least value of a row over
+  the free middle boundaries is a dynamic program tabulated per ``(level, hi)``. At shallow
+  nodes (``COMBINE_DEPTH``) a convex combination of the rows that maximises the node's bound
+  (Kelley's cutting planes on the Lagrangian dual, a small LP) is added as a row: single paths
+  can each be dodged by moving layers between middle stages, their combination cannot.
 - Children are tried in increasing bound order and dropped once a bound reaches the incumbent;
   complete partitions are simulated in batches on the compiled step DAG (``dag.step_times``).
 - Stage bound rows are linear in the prefix sums at the stage's two boundaries, so each splits
@@ -23,9 +31,8 @@ A partition is only discarded when a valid lower bound of its step time is withi
 ``RELATIVE_TOLERANCE`` (1e-12, floating-point rounding of the prefix sums) of a simulated one,
 so a finished search is exact up to that rounding (tests compare with brute force for every
 schedule). ``node_limit`` caps the nodes; a capped search returns the best plan found with
-``optimal=False``. With two stages per rank the step time depends on paths through several
-ranks that the bounds miss (by 4-7 % at the best 8- and 16-stage partitions of the shipped
-profiles), so there the search is in practice capped from 8 stages on.
+``optimal=False``. Two-stage ranks are proven within the default cap up to 8 stages on the
+shipped profiles; at 16 stages the search stays capped (docs/pipeline.md, "Limits").
 
 Memory of a rank (bytes) = parameter bytes of its stages + the peak over its operation order of
 ``sum(chunk activations held x activation_bytes of the chunk's stage)``; the order, hence which
@@ -345,7 +352,7 @@ def partition(layers, num_stages: int, *, schedule: str = "1f1b",
 
     ``node_limit`` caps the branch-and-bound nodes (``None``: no cap). The plan's ``optimal`` is
     True when the search finished, i.e. the partition is proven optimal; when the cap stopped it
-    (in practice only DualPipe/DualPipeV with 8+ stages), the plan is the best one found.
+    (in practice only DualPipe/DualPipeV with 16+ stages), the plan is the best one found.
     """
     profile = profile_from_layers(layers)
     pb, lay = _setup(profile, num_stages, schedule, micro_batches, p2p, overlap, memory_limit)
@@ -474,10 +481,12 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
                  seeds: np.ndarray) -> _Search:
     """Two stages per rank (``k`` and ``S-1-k``): fix the stage pairs from the outside in.
 
-    A pair is pruned by the stage bounds, the exact-duration path bounds of its ranks, memory,
-    and a bound on the stages still in the middle: after the first micro-batch's forward
-    reached them, their ranks share at least ``(1 - overlap/2) * M * (F + B)`` of their work
-    (an ``F&B`` pair lasts at least ``(1 - overlap/2)`` times the sum of its halves).
+    A pair is pruned by the stage bounds, the path bounds (``PathBounds``: critical paths and,
+    at nodes up to ``COMBINE_DEPTH``, their Lagrangian combination for the node), the
+    exact-duration bounds of its ranks, memory, and a bound on the stages still in the middle:
+    after the first micro-batch's forward reached them, their ranks share at least
+    ``(1 - overlap/2) * M * (F + B)`` of their work (an ``F&B`` pair lasts at least
+    ``(1 - overlap/2)`` times the sum of its halves).
     """
     S, L = pb.lay.num_stages, len(pb.cum) - 1
     lay, st = pb.lay, _Search(pb, node_limit)

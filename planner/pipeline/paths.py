@@ -145,7 +145,7 @@ class PathBounds:
                  max_bytes: float = 64e6):
         self.cum, self.S, self.p2p = cum, num_stages, p2p
         row_bytes = 8 * (num_stages + 1) * len(cum)
-        self.capacity = int(max(8, min(256, max_bytes // row_bytes)))
+        self.capacity = int(max(8, min(1024, max_bytes // row_bytes)))
         self._cache_floats = int(max_bytes // 8)
         self._terms = np.empty((self.capacity, num_stages + 1, len(cum)))
         self._const = np.empty(self.capacity)
