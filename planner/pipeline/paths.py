@@ -266,15 +266,59 @@ class PathBounds:
                      float(best_lam @ (self.const - self.terms[:, S, -1])))
 
 
-def _game(values: np.ndarray) -> tuple[np.ndarray, float]:
+@njit(cache=True)
+def _game(values):
     """Weights ``lam`` ``[P]`` on the simplex maximising ``min_x values[x] . lam`` over the
-    rows of ``values`` ``[X, P]`` (an LP), and that maximum."""
-    from scipy.optimize import linprog
+    rows of ``values`` ``[X, P]``, and that maximum: the matrix game ``values.T``.
+
+    With the payoffs shifted to be positive (which moves the value, not the weights) the
+    game is the packing LP ``max sum(w) s.t. values.T @ w <= 1, w >= 0``; its dual prices
+    ``u`` give ``lam = u / sum(u)`` and the value ``1 / sum(u)``. Solved by the simplex method
+    on the condensed tableau ``[P+1, X+1]`` from the slack basis, Bland's rule."""
     X, P = values.shape
-    res = linprog(np.r_[np.zeros(P), -1.0], A_ub=np.c_[-values, np.ones(X)], b_ub=np.zeros(X),
-                  A_eq=np.r_[np.ones(P), 0.0][None], b_eq=[1.0],
-                  bounds=[(0, None)] * P + [(None, None)], method="highs")
-    if res.status != 0:
-        raise RuntimeError(f"path-bound LP failed: {res.message}")
-    lam = np.maximum(res.x[:P], 0.0)
-    return lam / lam.sum(), float(-res.fun)
+    low = values.min()
+    spread = values.max() - low
+    shift = spread + 1.0 if spread > 0 else 1.0
+    tab = np.zeros((P + 1, X + 1))
+    for p in range(P):
+        for x in range(X):
+            tab[p, x] = (values[x, p] - low + shift) / shift       # in [1, 2]
+        tab[p, X] = 1.0
+    for x in range(X):
+        tab[P, x] = -1.0
+    basic = np.arange(X, X + P)                                    # slack of row p: X + p
+    free = np.arange(X)
+    eps = 1e-12
+    for _ in range(50 * (P + X)):
+        q = -1
+        for j in range(X):
+            if tab[P, j] < -eps and (q < 0 or free[j] < free[q]):
+                q = j
+        if q < 0:
+            break
+        r, ratio = -1, np.inf
+        for i in range(P):
+            if tab[i, q] > eps:
+                t = tab[i, X] / tab[i, q]
+                if t < ratio - eps or (abs(t - ratio) <= eps and basic[i] < basic[r]):
+                    r, ratio = i, t
+        piv = tab[r, q]
+        for i in range(P + 1):
+            if i != r and tab[i, q] != 0.0:
+                f = tab[i, q] / piv
+                for j in range(X + 1):
+                    if j != q:
+                        tab[i, j] -= f * tab[r, j]
+                tab[i, q] = -f
+        for j in range(X + 1):
+            if j != q:
+                tab[r, j] /= piv
+        tab[r, q] = 1.0 / piv
+        basic[r], free[q] = free[q], basic[r]
+    lam = np.zeros(P)
+    for j in range(X):
+        if free[j] >= X:
+            lam[free[j] - X] = max(tab[P, j], 0.0)
+    total = lam.sum()
+    lam /= total
+    return lam, (1.0 / total) * shift + low - shift
