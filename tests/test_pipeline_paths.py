@@ -10,7 +10,7 @@ import pytest
 
 from expertplane.planner.pipeline.dag import schedule_dag, step_times
 from expertplane.planner.pipeline.partition import _setup
-from expertplane.planner.pipeline.paths import (PathBounds, _middle_argmin, _middle_min,
+from expertplane.planner.pipeline.paths import (PathBounds, _game, _middle_argmin, _middle_min,
                                                 critical_path)
 from expertplane.planner.pipeline.profile import profile_from_layers
 from expertplane.planner.pipeline.schedules import layout
@@ -105,3 +105,22 @@ def test_add_ignores_repeats():
     paths = PathBounds(np.zeros((5, 3)), 2, 0.0)
     coef = np.ones((2, 3))
     assert paths.add(coef, 1) and not paths.add(coef, 1) and len(paths) == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_game_weights_solve_the_lp(seed):
+    """The combination weights are the LP optimum (HiGHS), also with tied payoffs."""
+    from scipy.optimize import linprog
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        X, P = int(rng.integers(1, 8)), int(rng.integers(1, 40))
+        values = rng.normal(size=(X, P)) * 3 + 10
+        if seed % 2:
+            values = np.round(values)
+        lam, value = _game(values)
+        res = linprog(np.r_[np.zeros(P), -1.0], A_ub=np.c_[-values, np.ones(X)],
+                      b_ub=np.zeros(X), A_eq=np.r_[np.ones(P), 0.0][None], b_eq=[1.0],
+                      bounds=[(0, None)] * P + [(None, None)], method="highs")
+        assert (lam >= 0).all() and lam.sum() == pytest.approx(1.0)
+        assert (values @ lam).min() == pytest.approx(value, rel=1e-9)
+        assert value == pytest.approx(-res.fun, rel=1e-7)

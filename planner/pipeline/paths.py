@@ -10,11 +10,20 @@ layers ``[x_s, x_{s+1})`` and prefix sums ``cum`` ``[L+1, 3]``, ``T_s = cum[x_{s
 so the path's length is ``const + sum_j D[j] . cum[x_j]`` (``D[j] = C[j-1] - C[j]``, ``C[s]`` the
 path's ``(F, B, W)`` count of stage ``s``), a sum of one term per boundary.
 
-``PathBounds`` keeps a growing set of such paths (``P`` rows) and, per row, the table
-``Q[p, j, v]``: the least value of the terms of boundaries ``j..S`` over all increasing
-completions ``v = x_j < x_{j+1} < ... < x_S = L`` (one right-to-left pass with running minima).
-For a search node with boundaries ``x_0..x_k`` fixed, ``max_p (terms of x_1..x_k +
-Q[p, k+1, e])`` is a valid lower bound of every partition with ``x_{k+1} = e``.
+``PathBounds`` keeps a growing set of such rows ``[P]`` for the outside-in search of two-stage
+ranks (``partition._search_dual``), whose nodes fix the boundaries ``0..k`` and ``S-k..S`` and
+leave the middle ones free between ``lo = x_k`` and ``hi = x_{S-k}``. The least value of a row's
+middle terms over all increasing ``lo < x_{k+1} < ... < x_{S-k-1} < hi`` is one right-to-left
+pass with running minima, tabulated for every ``lo`` at once per ``(first, last, hi)``
+(``_middle_min``, cached). The fixed terms plus that minimum is a valid bound for every
+partition below the node; the largest over the rows is the node's path bound.
+
+One path alone can be dodged: its least completion moves layers off the stages it weighs most.
+A convex combination of rows is also a lower bound whose least completion is one dynamic
+program (``_middle_argmin``), and the bound is concave in the weights, so
+``add_combination`` maximises it for a node by Kelley's cutting planes (each round's weights
+solve the matrix game of the rows against the completions found so far, ``_game``) and keeps
+the combination as a row.
 """
 
 from __future__ import annotations
