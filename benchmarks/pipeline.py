@@ -2,16 +2,21 @@
 by parameter bytes (DeepSpeed's ``parameters`` method), on the shipped DeepSeek-V3-like and
 Llama-like profiles, for every schedule, S = 4, 8, 16 ranks and M = 2S, 4S micro-batches.
 Cells are simulated step times as ratios to the best partition's (>1: the baseline is
-slower), with the search nodes it took. DualPipeV runs 2S stages on S ranks. Also times ``partition`` for every schedule on 61
-layers / 16 stages and on 1,000 layers / 64 stages (best of N after a first call that compiles
-the layout's step DAG, and that first call), against one ``simulate`` call of the same step
-(with its timeline) as baseline, and reports the load average.
+slower), with the search nodes it took. DualPipeV runs 2S stages on S ranks. Also times
+``partition`` for every schedule on 61 layers / 16 stages and on 1,000 layers / 64 stages (best
+of N after a first call that compiles the layout's step DAG, and that first call), against one
+``simulate`` call of the same step (with its timeline) as baseline, and reports the load
+average. ``--baseline-rev REV`` also times ``partition`` as it was at git revision ``REV``
+(``planner/pipeline/partition.py`` of that revision, run on the current simulator) on the same
+cases and 8-stage ones, in the same process.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 
 
 def add_arguments(parser) -> None:
@@ -23,6 +28,8 @@ def add_arguments(parser) -> None:
                         help="search node cap per partition (default 500)")
     parser.add_argument("--repeat", type=int, default=5, metavar="N",
                         help="timing repetitions (best reported, default 5)")
+    parser.add_argument("--baseline-rev", metavar="REV",
+                        help="also time partition() of this git revision on the same cases")
 
 
 def _ratios(profile, schedule: str, ranks: int, m: int, node_limit: int) -> dict:
@@ -40,22 +47,70 @@ def _ratios(profile, schedule: str, ranks: int, m: int, node_limit: int) -> dict
     return row
 
 
+def _baseline_partition(rev: str):
+    """``partition`` from ``planner/pipeline/partition.py`` at git revision ``rev``, imported
+    next to the current modules it uses."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:planner/pipeline/partition.py"],
+                            capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "partition_baseline.py"
+    path.write_text(source)
+    name = "expertplane.planner.pipeline._partition_baseline"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module.partition
+
+
+def _best_of(partition, profile, stages: int, schedule: str, m: int, repeat: int):
+    """``(seconds of a first call, best seconds of repeat later calls, the plan)``."""
+    t0 = time.perf_counter()
+    plan = partition(profile, stages, schedule=schedule, micro_batches=m)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        plan = partition(profile, stages, schedule=schedule, micro_batches=m)
+        times.append(time.perf_counter() - t0)
+    return first, min(times), plan
+
+
+def _compare(args, profiles: dict) -> None:
+    """Table: ``partition`` of ``--baseline-rev`` against the current one, same cases."""
+    from expertplane.planner.pipeline import partition
+    baseline = _baseline_partition(args.baseline_rev)
+    print(f"\n## partition() now vs at {args.baseline_rev}, best of {args.repeat}, same process\n")
+    print("| case | schedule | then ms | now ms | now / then | then step s | now step s | "
+          "then proven | now proven (nodes) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    cases = [(name, profiles[name], s) for name in profiles for s in (8, 16)] + \
+        [("uniform-1000", _big_profile(1000), 64)]
+    for label, profile, stages in cases:
+        for schedule in args.schedules:
+            ranks = stages // 2 if schedule == "dualpipev" else stages
+            _, then, old = _best_of(baseline, profile, stages, schedule, 2 * ranks, args.repeat)
+            _, now, new = _best_of(partition, profile, stages, schedule, 2 * ranks, args.repeat)
+            print(f"| {label}, {stages} stages, M={2 * ranks} | {schedule} | {then * 1e3:.1f} | "
+                  f"{now * 1e3:.1f} | {now / then:.2f} | {old.step_time:.6f} | "
+                  f"{new.step_time:.6f} | {'yes' if old.optimal else 'no'} | "
+                  f"{'yes' if new.optimal else 'no'} ({new.explored}) |", flush=True)
+
+
 def _timing(profile, stages: int, schedule: str, m: int, repeat: int) -> dict:
     """Seconds of the first ``partition`` call (compiles the layout's tables), the best of
     ``repeat`` later calls, and the best of ``repeat`` ``simulate`` calls of the plan."""
     from expertplane.planner.pipeline import partition, simulate
-    t0 = time.perf_counter()
-    plan = partition(profile, stages, schedule=schedule, micro_batches=m)
-    first = time.perf_counter() - t0
-    part, sim = [], []
+    first, best, plan = _best_of(partition, profile, stages, schedule, m, repeat)
+    sim = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        plan = partition(profile, stages, schedule=schedule, micro_batches=m)
-        part.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         simulate(plan.stage_times, schedule, m)
         sim.append(time.perf_counter() - t0)
-    return {"first": first, "best": min(part), "simulate": min(sim), "proven": plan.optimal,
+    return {"first": first, "best": best, "simulate": min(sim), "proven": plan.optimal,
             "nodes": plan.explored}
 
 
@@ -105,5 +160,7 @@ def run(args) -> int:
     print("\n(*) the first call for the layout in this process: it includes building the "
           "layout's step DAG unless the table above already did (with the default --ranks it "
           "did for every 61-layer row).")
+    if args.baseline_rev:
+        _compare(args, profiles)
     print(f"\nLoad average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0

@@ -222,16 +222,19 @@ class PathBounds:
                      f: np.ndarray) -> np.ndarray:
         """Bounds ``[n]`` (the largest row) for the children ``x_{k+1} = e``, ``x_{S-1-k} =
         f`` of the node with ``0..k`` and ``S-k..S`` of ``bounds`` fixed."""
-        if self.size == 0:
+        if self.size == 0 or len(e) == 0:
             return np.zeros(len(e))
         j = self.S - 1 - k
-        base = self.node_fixed(bounds, k)
-        out = np.zeros(len(e))
-        for hi in np.unique(f):
-            m = f == hi
-            vals = (base[:, None] + self.terms[:, k + 1, e[m]] + self.terms[:, j, hi, None]
-                    + self.middle(k + 2, j - 1, int(hi))[:, e[m]])
-            out[m] = vals.max(axis=0)
+        base = self.node_fixed(bounds, k)[:, None] + self.terms[:, k + 1, :]     # [P, L+1]
+        right = self.terms[:, j, :]
+        order = np.argsort(f, kind="stable")
+        his, starts = np.unique(f[order], return_index=True)
+        out = np.empty(len(e))
+        for hi, a, b in zip(his, starts, np.r_[starts[1:], len(order)]):
+            idx = order[a:b]
+            cols = e[idx]
+            vals = base[:, cols] + self.middle(k + 2, j - 1, int(hi))[:, cols]
+            out[idx] = (vals + right[:, hi, None]).max(axis=0)
         return out
 
     def value(self, cuts: np.ndarray) -> np.ndarray:
