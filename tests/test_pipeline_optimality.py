@@ -108,3 +108,14 @@ def test_balanced_boundaries_minimise_the_largest_stage(weights, data):
     best = min(max(cum[b] - cum[a] for a, b in zip((0,) + c, c + (len(weights),)))
                for c in itertools.combinations(range(1, len(weights)), stages - 1))
     assert np.diff(cum[list(cuts)]).max() == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_sixteen_stage_dualpipe_proof_finishes_and_matches_the_capped_plan():
+    """Uncapped, the 16-stage search ends (about 156k nodes, a minute) and proves the plan the
+    default cap returns."""
+    profile = load_profile(shipped_profiles()["deepseek-v3-like"])
+    capped = partition(profile, 16, schedule="dualpipe", micro_batches=32)
+    proven = partition(profile, 16, schedule="dualpipe", micro_batches=32, node_limit=None)
+    assert not capped.optimal and proven.optimal
+    assert proven.step_time == pytest.approx(capped.step_time, rel=1e-12)

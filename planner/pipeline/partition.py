@@ -61,7 +61,9 @@ DEFAULT_NODE_LIMIT = 500
 #: bounds equal to the optimum up to floating-point rounding of the prefix sums prune.
 RELATIVE_TOLERANCE = 1e-12
 #: Two-stage-rank search nodes up to this depth (stage pairs fixed) with two or more children
-#: left add a Lagrangian combination of the path bounds (``PathBounds.add_combination``).
+#: left keep their Lagrangian combination of the path bounds as a row
+#: (``PathBounds.add_combination``); deeper ones use theirs for their children only
+#: (``PathBounds.combined_child_bounds``).
 COMBINE_DEPTH = 4
 
 
@@ -550,6 +552,8 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
         if len(key) > 1 and k <= COMBINE_DEPTH:
             st.paths.add_combination(st.bounds, k)
             key = np.maximum(key, st.paths.child_bounds(st.bounds, k, e, f))
+        elif len(key) > 1:
+            key = np.maximum(key, st.paths.combined_child_bounds(st.bounds, k, e, f))
         sel = key < st.cutoff
         cuts = st.children({k + 1: e[sel], j: f[sel]})
         key = screen(k, cuts, key[sel])

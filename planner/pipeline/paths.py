@@ -140,6 +140,42 @@ def _middle_argmin(terms, first, last, lo, hi, ys):
     return best
 
 
+@njit(cache=True)
+def _pair_bounds(row, first, last, e, f):
+    """``out[i]``: least ``sum_{j=first..last} row[j, y_j]`` over ``e_i < y_first < ... <
+    y_last < f_i`` (0 when ``first > last``), for one row ``[S+1, L+1]``; one dynamic program
+    per distinct ``f``."""
+    L = row.shape[1] - 1
+    out = np.empty(len(e))
+    order = np.argsort(f)
+    cur = np.empty(L + 1)
+    done = -1
+    for idx in range(len(order)):
+        i = order[idx]
+        hi = f[i]
+        if hi != done:
+            cur[:] = np.inf
+            for v in range(hi):
+                cur[v] = row[last, v] if first <= last else 0.0
+            if first <= last:
+                for j in range(last - 1, first - 1, -1):
+                    best = np.inf
+                    for v in range(hi - 1, -1, -1):
+                        nxt = cur[v]
+                        cur[v] = row[j, v] + best
+                        if nxt < best:
+                            best = nxt
+                best = np.inf
+                for v in range(hi - 1, -1, -1):
+                    nxt = cur[v]
+                    cur[v] = best
+                    if nxt < best:
+                        best = nxt
+            done = hi
+        out[i] = cur[e[i]]
+    return out
+
+
 class PathBounds:
     """A growing set of lower bounds ``const + sum_j terms[j, x_j]`` for one problem.
 
@@ -245,18 +281,18 @@ class PathBounds:
         vals = self.terms[:, j[None, :], cuts[:, 1:-1]].sum(axis=2) + self.const[:, None]
         return vals.max(axis=0)
 
-    def add_combination(self, bounds: np.ndarray, k: int, rounds: int = 6) -> None:
-        """Add the best convex combination of the rows for the node with boundaries ``0..k``
-        and ``S-k..S`` of ``bounds`` fixed, as a row.
+    def _weights(self, bounds: np.ndarray, k: int, rounds: int) -> np.ndarray | None:
+        """Weights ``[P]`` of the convex combination of the rows that maximises the bound of
+        the node with boundaries ``0..k`` and ``S-k..S`` of ``bounds`` fixed (None if the
+        node has no completion).
 
         A weighted sum of lower bounds is one, and its least completion of the node is one
         dynamic program (``_middle_argmin``), so the weights are found by Kelley's cutting
-        planes on the Lagrangian dual: an LP over the completions found so far gives weights,
-        their least completion joins the LP, until the two agree or ``rounds`` run out.
+        planes on the Lagrangian dual: the matrix game of the rows against the completions
+        found so far (``_game``) gives weights, their least completion joins the game, until
+        the two agree or ``rounds`` run out.
         """
         S, P = self.S, self.size
-        if P < 2 or P >= self.capacity:
-            return
         fixed = self.node_fixed(bounds, k)
         first, last, lo, hi = k + 1, S - k - 1, int(bounds[k]), int(bounds[S - k])
         index = np.arange(first, last + 1)
@@ -267,15 +303,35 @@ class PathBounds:
             value = _middle_argmin(np.tensordot(lam, self.terms, axes=1), first, last, lo, hi,
                                    ys) + lam @ fixed
             if not np.isfinite(value):
-                return
+                return None
             if value > best:
                 best, best_lam = value, lam
             cols.append(fixed + self.terms[:, index, ys].sum(axis=1))
             lam, top = _game(np.array(cols))
             if top - best <= 1e-9 * abs(best):
                 break
-        self._append(np.tensordot(best_lam, self.terms, axes=1),
-                     float(best_lam @ (self.const - self.terms[:, S, -1])))
+        return best_lam
+
+    def add_combination(self, bounds: np.ndarray, k: int, rounds: int = 6) -> None:
+        """Add the node's best combination of the rows (``_weights``) as a row."""
+        if self.size < 2 or self.size >= self.capacity:
+            return
+        lam = self._weights(bounds, k, rounds)
+        if lam is not None:
+            self._append(np.tensordot(lam, self.terms, axes=1),
+                         float(lam @ (self.const - self.terms[:, self.S, -1])))
+
+    def combined_child_bounds(self, bounds: np.ndarray, k: int, e: np.ndarray, f: np.ndarray,
+                              rounds: int = 6) -> np.ndarray:
+        """Bounds ``[n]`` of the children ``x_{k+1} = e``, ``x_{S-1-k} = f`` from the node's
+        best combination of the rows, without keeping it."""
+        S, j = self.S, self.S - 1 - k
+        lam = self._weights(bounds, k, rounds) if self.size >= 2 else None
+        if lam is None:
+            return np.zeros(len(e))
+        row = np.tensordot(lam, self.terms, axes=1)
+        base = lam @ self.node_fixed(bounds, k)
+        return base + row[k + 1, e] + row[j, f] + _pair_bounds(row, k + 2, j - 1, e, f)
 
 
 @njit(cache=True)
