@@ -16,11 +16,12 @@ memory limit. Method: branch and bound over the boundaries.
   in. On top of the stage and whole-rank bounds, every path of the step DAG gives a bound
   linear in the prefix sums at the boundaries (``paths.py``): the critical paths of simulated
   partitions (seeds, a local search from the best seed, a balanced completion of every node's
-  best child, the best leaf of every batch) are kept as rows, and the least value of a row over
-  the free middle boundaries is a dynamic program tabulated per ``(level, hi)``. At shallow
-  nodes (``COMBINE_DEPTH``) a convex combination of the rows that maximises the node's bound
-  (Kelley's cutting planes on the Lagrangian dual, a small LP) is added as a row: single paths
-  can each be dodged by moving layers between middle stages, their combination cannot.
+  best child, the best and the worst-bounded leaf of every batch) are kept as rows, and the
+  least value of a row over the free middle boundaries is a dynamic program tabulated per
+  ``(level, hi)``. Every node with two or more children left also bounds them with the convex
+  combination of the rows that maximises its own bound (Kelley's cutting planes on the
+  Lagrangian dual, a small LP), kept as a row at shallow nodes (``COMBINE_DEPTH``): single
+  paths can each be dodged by moving layers between middle stages, their combination cannot.
 - Children are tried in increasing bound order and dropped once a bound reaches the incumbent;
   complete partitions are simulated in batches on the compiled step DAG (``dag.step_times``).
 - Stage bound rows are linear in the prefix sums at the stage's two boundaries, so each splits
@@ -414,7 +415,6 @@ class _Search:
             self.best, self.found = float(steps[i]), tuple(int(x) for x in cuts[i])
             self.cutoff = self.best * (1.0 - RELATIVE_TOLERANCE)
 
-
     def probe(self, cuts: np.ndarray) -> np.ndarray:
         """Step times ``[K]`` of partitions ``cuts`` ``[K, S+1]``; with path bounds, add the
         critical paths of the fastest one and of the one the bounds miss most."""
@@ -483,8 +483,8 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
                  seeds: np.ndarray) -> _Search:
     """Two stages per rank (``k`` and ``S-1-k``): fix the stage pairs from the outside in.
 
-    A pair is pruned by the stage bounds, the path bounds (``PathBounds``: critical paths and,
-    at nodes up to ``COMBINE_DEPTH``, their Lagrangian combination for the node), the
+    A pair is pruned by the stage bounds, the path bounds (``PathBounds``: critical paths and
+    their Lagrangian combination for the node, ``path_keys``), the
     exact-duration bounds of its ranks, memory, and a bound on the stages still in the middle:
     after the first micro-batch's forward reached them, their ranks share at least
     ``(1 - overlap/2) * M * (F + B)`` of their work (an ``F&B`` pair lasts at least
@@ -512,6 +512,21 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
             if limit is not None:
                 key = np.where(sum(pb.rank_memory(r, cuts)) > limit, np.inf, key)
         return key
+
+    def path_keys(k: int, e: np.ndarray, f: np.ndarray, key: np.ndarray):
+        """Raise the keys ``[n]`` of children ``x_{k+1} = e``, ``x_{S-1-k} = f`` by the path
+        rows, then (two or more children left) by the node's Lagrangian combination: kept as
+        a row up to ``COMBINE_DEPTH``, for these children only below. Returns the children
+        left under the cutoff after the rows and their raised keys."""
+        key = np.maximum(key, st.paths.child_bounds(st.bounds, k, e, f))
+        sel = key < st.cutoff
+        e, f, key = e[sel], f[sel], key[sel]
+        if len(key) > 1 and k <= COMBINE_DEPTH:
+            st.paths.add_combination(st.bounds, k)
+            key = np.maximum(key, st.paths.child_bounds(st.bounds, k, e, f))
+        elif len(key) > 1:
+            key = np.maximum(key, st.paths.combined_child_bounds(st.bounds, k, e, f))
+        return e, f, key
 
     weight = pb.cum[:, 0] + pb.cum[:, 1]
 
@@ -545,15 +560,7 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
         key = np.maximum.reduce([outer_k[e - lo - 1], outer_j[f - lo - 1], middle(k, e, f),
                                  np.full(e.shape, reached)])
         sel = key < st.cutoff
-        e, f, key = e[sel], f[sel], key[sel]
-        key = np.maximum(key, st.paths.child_bounds(st.bounds, k, e, f))
-        sel = key < st.cutoff
-        e, f, key = e[sel], f[sel], key[sel]
-        if len(key) > 1 and k <= COMBINE_DEPTH:
-            st.paths.add_combination(st.bounds, k)
-            key = np.maximum(key, st.paths.child_bounds(st.bounds, k, e, f))
-        elif len(key) > 1:
-            key = np.maximum(key, st.paths.combined_child_bounds(st.bounds, k, e, f))
+        e, f, key = path_keys(k, e[sel], f[sel], key[sel])
         sel = key < st.cutoff
         cuts = st.children({k + 1: e[sel], j: f[sel]})
         key = screen(k, cuts, key[sel])
