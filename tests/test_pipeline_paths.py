@@ -95,11 +95,10 @@ def test_rows_and_combinations_bound_every_partition(schedule, stages, m, p2p, o
         fixed = (cuts[:, :k + 1] == node[:k + 1]).all(axis=1) & \
                 (cuts[:, stages - k:] == node[stages - k:]).all(axis=1)
         e, f = cuts[fixed, k + 1], cuts[fixed, stages - 1 - k]
-        rows = paths.child_bounds(node, k, e, f)
-        local = paths.combined_child_bounds(node, k, e, f)
+        bound = paths.child_bounds(node, k, e, f)
         for i, (a, b) in enumerate(zip(e, f)):
             same = fixed & (cuts[:, k + 1] == a) & (cuts[:, stages - 1 - k] == b)
-            assert max(rows[i], local[i]) <= steps[same].min() * (1 + 1e-12)
+            assert bound[i] <= steps[same].min() * (1 + 1e-12)
 
 
 def test_add_ignores_repeats():

@@ -61,11 +61,11 @@ DEFAULT_NODE_LIMIT = 500
 #: Nodes are pruned when their bound is within this relative distance of the incumbent, so that
 #: bounds equal to the optimum up to floating-point rounding of the prefix sums prune.
 RELATIVE_TOLERANCE = 1e-12
-#: Two-stage-rank search nodes up to this depth (stage pairs fixed) with two or more children
-#: left keep their Lagrangian combination of the path bounds as a row
-#: (``PathBounds.add_combination``); deeper ones use theirs for their children only
-#: (``PathBounds.combined_child_bounds``).
-COMBINE_DEPTH = 4
+#: Two-stage-rank search nodes up to this depth (stage pairs fixed; 6 covers every level of a
+#: 16-stage search) add their Lagrangian combination of the path bounds as a row while the
+#: row set has room (``PathBounds.add_combination``). Deeper nodes of many-stage searches do
+#: not: each new row makes every cached middle table grow.
+COMBINE_DEPTH = 6
 
 
 class MemoryLimitError(PlanInputError):
@@ -515,17 +515,14 @@ def _search_dual(pb: _Problem, limit: float | None, node_limit: int | None,
 
     def path_keys(k: int, e: np.ndarray, f: np.ndarray, key: np.ndarray):
         """Raise the keys ``[n]`` of children ``x_{k+1} = e``, ``x_{S-1-k} = f`` by the path
-        rows, then (two or more children left) by the node's Lagrangian combination: kept as
-        a row up to ``COMBINE_DEPTH``, for these children only below. Returns the children
-        left under the cutoff after the rows and their raised keys."""
+        rows, then (two or more children left, depth up to ``COMBINE_DEPTH``, room in the row
+        set) by the node's Lagrangian combination, kept as a row. Returns the children left
+        under the cutoff after the rows and their raised keys."""
         key = np.maximum(key, st.paths.child_bounds(st.bounds, k, e, f))
         sel = key < st.cutoff
         e, f, key = e[sel], f[sel], key[sel]
-        if len(key) > 1 and k <= COMBINE_DEPTH:
-            st.paths.add_combination(st.bounds, k)
+        if len(key) > 1 and k <= COMBINE_DEPTH and st.paths.add_combination(st.bounds, k):
             key = np.maximum(key, st.paths.child_bounds(st.bounds, k, e, f))
-        elif len(key) > 1:
-            key = np.maximum(key, st.paths.combined_child_bounds(st.bounds, k, e, f))
         return e, f, key
 
     weight = pb.cum[:, 0] + pb.cum[:, 1]

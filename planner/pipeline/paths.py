@@ -140,42 +140,6 @@ def _middle_argmin(terms, first, last, lo, hi, ys):
     return best
 
 
-@njit(cache=True)
-def _pair_bounds(row, first, last, e, f):
-    """``out[i]``: least ``sum_{j=first..last} row[j, y_j]`` over ``e_i < y_first < ... <
-    y_last < f_i`` (0 when ``first > last``), for one row ``[S+1, L+1]``; one dynamic program
-    per distinct ``f``."""
-    L = row.shape[1] - 1
-    out = np.empty(len(e))
-    order = np.argsort(f)
-    cur = np.empty(L + 1)
-    done = -1
-    for idx in range(len(order)):
-        i = order[idx]
-        hi = f[i]
-        if hi != done:
-            cur[:] = np.inf
-            for v in range(hi):
-                cur[v] = row[last, v] if first <= last else 0.0
-            if first <= last:
-                for j in range(last - 1, first - 1, -1):
-                    best = np.inf
-                    for v in range(hi - 1, -1, -1):
-                        nxt = cur[v]
-                        cur[v] = row[j, v] + best
-                        if nxt < best:
-                            best = nxt
-                best = np.inf
-                for v in range(hi - 1, -1, -1):
-                    nxt = cur[v]
-                    cur[v] = best
-                    if nxt < best:
-                        best = nxt
-            done = hi
-        out[i] = cur[e[i]]
-    return out
-
-
 class PathBounds:
     """A growing set of lower bounds ``const + sum_j terms[j, x_j]`` for one problem.
 
@@ -300,7 +264,7 @@ class PathBounds:
         lam = np.full(P, 1.0 / P)
         cols, best, best_lam = [], -np.inf, lam
         for _ in range(rounds):
-            value = _middle_argmin(np.tensordot(lam, self.terms, axes=1), first, last, lo, hi,
+            value = _middle_argmin(self._mix(lam, first, last), first, last, lo, hi,
                                    ys) + lam @ fixed
             if not np.isfinite(value):
                 return None
@@ -312,26 +276,24 @@ class PathBounds:
                 break
         return best_lam
 
-    def add_combination(self, bounds: np.ndarray, k: int, rounds: int = 6) -> None:
-        """Add the node's best combination of the rows (``_weights``) as a row."""
+    def add_combination(self, bounds: np.ndarray, k: int, rounds: int = 6) -> bool:
+        """Add the node's best combination of the rows (``_weights``) as a row; False if
+        there are fewer than two rows, no room, or no completion."""
         if self.size < 2 or self.size >= self.capacity:
-            return
+            return False
         lam = self._weights(bounds, k, rounds)
         if lam is not None:
             self._append(np.tensordot(lam, self.terms, axes=1),
                          float(lam @ (self.const - self.terms[:, self.S, -1])))
+        return lam is not None
 
-    def combined_child_bounds(self, bounds: np.ndarray, k: int, e: np.ndarray, f: np.ndarray,
-                              rounds: int = 6) -> np.ndarray:
-        """Bounds ``[n]`` of the children ``x_{k+1} = e``, ``x_{S-1-k} = f`` from the node's
-        best combination of the rows, without keeping it."""
-        S, j = self.S, self.S - 1 - k
-        lam = self._weights(bounds, k, rounds) if self.size >= 2 else None
-        if lam is None:
-            return np.zeros(len(e))
-        row = np.tensordot(lam, self.terms, axes=1)
-        base = lam @ self.node_fixed(bounds, k)
-        return base + row[k + 1, e] + row[j, f] + _pair_bounds(row, k + 2, j - 1, e, f)
+    def _mix(self, lam: np.ndarray, first: int, last: int) -> np.ndarray:
+        """``sum_p lam[p] terms[p]`` ``[S+1, L+1]`` on boundaries ``first..last`` (zero
+        elsewhere), summed over the rows with a positive weight only."""
+        used = np.flatnonzero(lam > 0)
+        out = np.zeros(self.terms.shape[1:])
+        out[first:last + 1] = np.tensordot(lam[used], self.terms[used, first:last + 1], axes=1)
+        return out
 
 
 @njit(cache=True)
