@@ -112,7 +112,7 @@ def test_balanced_boundaries_minimise_the_largest_stage(weights, data):
 
 @pytest.mark.slow
 def test_sixteen_stage_dualpipe_proof_finishes_and_matches_the_capped_plan():
-    """Uncapped, the 16-stage search ends (about 50k nodes, half a minute) and proves the plan the
+    """Uncapped, the 16-stage search ends (about 28k nodes, 11 s on 2 vCPUs) and proves the plan the
     default cap returns."""
     profile = load_profile(shipped_profiles()["deepseek-v3-like"])
     capped = partition(profile, 16, schedule="dualpipe", micro_batches=32)
