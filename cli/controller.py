@@ -33,7 +33,8 @@ def register(sub) -> None:
     parser.add_argument("--ingest-queue", type=int, default=512, metavar="N",
                         help="load reports in process at once; beyond, reports are answered OVERLOADED")
     parser.add_argument("--max-workers", type=int, default=64, metavar="N",
-                        help="gRPC server threads (each connected agent holds two)")
+                        help="gRPC server threads: unary calls and the store calls of streams "
+                             "(an open stream holds none)")
     parser.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
                         help="on SIGTERM/SIGINT, time given to running calls")
     add_security_arguments(parser)

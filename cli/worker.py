@@ -40,6 +40,8 @@ def register(sub) -> None:
                    help="WorkerService endpoint (default: a Unix socket in the temp dir)")
     g.add_argument("--rollout-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="longest wait of a Prepare/Commit/Abort call")
+    g.add_argument("--swap-step-budget-mb", type=float, default=256.0, metavar="MIB",
+                   help="hot-swap staging MiB a rank copies per serving step; 0 = all at once")
 
     g = parser.add_argument_group("synthetic model")
     g.add_argument("--layers", type=int, default=4, help="MoE layers L")
@@ -105,7 +107,9 @@ def config_from_args(args):
         drain_seconds=args.drain, security=security_from_args(args),
         local_security=security_from_args(args, "local-", LOCAL_TOKEN_ENV),
         capacity=CapacityConfig(args.capacity_factor, args.capacity_mode)
-        if args.capacity_factor else None)
+        if args.capacity_factor else None,
+        swap_step_budget_bytes=None if args.swap_step_budget_mb == 0
+        else int(args.swap_step_budget_mb * 2**20))
 
 
 def _run(args) -> int:

@@ -34,7 +34,7 @@ from tenacity import (
 )
 
 from expertplane.kernels.balancing import CapacityConfig
-from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator
+from expertplane.kernels.hotswap import DEFAULT_STEP_BUDGET_BYTES, HotSwapEngine, SwapCoordinator
 from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
 from expertplane.kernels.worker_service import (
     CounterLedger,
@@ -72,6 +72,8 @@ class WorkerConfig:
     acknowledged the last window (or a pull without acknowledgements took it), at most this long.
     capacity: per-slot capacity of every layer (None = none); its drops are reported in
     ``CounterSnapshot.dropped_tokens``.
+    swap_step_budget_bytes: hot-swap staging bytes a rank copies, sends or receives per serving
+    step (the copies of a swap spread over several steps); None = all at once (unpaced).
     security: TLS / bearer token of the connection to the controller (initial plan).
     local_security: TLS / mTLS / bearer token of the node-local side: the WorkerService server
     (``tls_cert``/``tls_key`` serve it, ``tls_ca`` requires client certs, ``token`` is required
@@ -103,6 +105,7 @@ class WorkerConfig:
     threads: int = 1
     security: SecurityConfig = field(default_factory=SecurityConfig)
     capacity: CapacityConfig | None = None
+    swap_step_budget_bytes: int | None = DEFAULT_STEP_BUDGET_BYTES
     local_security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
@@ -120,6 +123,9 @@ class WorkerConfig:
             raise ValueError("backend: nccl needs device cuda")
         if self.step_interval < 0 or self.max_steps < 0 or self.verify_every < 0:
             raise ValueError("step_interval/max_steps/verify_every: must be >= 0")
+        if self.swap_step_budget_bytes is not None and self.swap_step_budget_bytes < 1:
+            raise ValueError("swap_step_budget_bytes: must be >= 1 byte or None (unpaced), "
+                             f"got {self.swap_step_budget_bytes}")
         gpn = self.gpus_per_node or self.world_size
         if self.world_size % gpn:
             raise ValueError(f"gpus_per_node: {gpn} must divide world_size {self.world_size}")
@@ -252,7 +258,8 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
         log.info("rank %d: expert GEMMs tuned for up to %d tokens per step", config.rank,
                  config.stream.tokens_per_step)
     engine = HotSwapEngine(list(model.layers), group=swap_group,
-                           gpus_per_node=config.gpus_per_node)
+                           gpus_per_node=config.gpus_per_node,
+                           step_budget_bytes=config.swap_step_budget_bytes)
     coord = SwapCoordinator(engine, version)
     ledger = CounterLedger(config.model.num_layers, num_slots // config.world_size, version)
     stream = TokenStream(config.model, config.stream, config.rank, device)
