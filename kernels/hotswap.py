@@ -347,7 +347,7 @@ class HotSwapEngine:
     interleave with the layers' all-to-alls; create it with ``dist.new_group()`` on every
     rank), None for a single process. ``step_budget_bytes``: bytes of weights this rank copies,
     receives or sends per step boundary while staging (:func:`schedule_chunks`; the same on
-    every rank); None = unpaced, every copy issued with the prepare. ``prepare`` and
+    every rank, checked when the engine is built); None = unpaced, every copy issued with the prepare. ``prepare`` and
     ``commit`` are collective: every rank calls them at the same step, and :meth:`pump` at
     every step boundary in between (use :class:`SwapCoordinator`).
 
@@ -378,7 +378,19 @@ class HotSwapEngine:
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if group is not None and self.world_size > 1:
             # NCCL wants every rank in a group's first operation; do it now, not in a P2P batch.
-            dist.all_reduce(torch.zeros(1, device=self.device), group=group)
+            self._check_same_budget(group)
+
+    def _check_same_budget(self, group: dist.ProcessGroup) -> None:
+        """Collective: every rank must pace by the same budget, else a rank would wait for a
+        chunk its peer schedules at another step. One MIN all-reduce of ``[b, -b]`` (``b`` =
+        budget in bytes, 0 = unpaced) gives the least and the largest budget of the group."""
+        mine = self.step_budget_bytes or 0
+        both = torch.tensor([mine, -mine], dtype=torch.int64, device=self.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MIN, group=group)
+        least, largest = int(both[0]), -int(both[1])
+        if least != largest:
+            raise SwapError(f"step_budget_bytes: ranks differ ({least} to {largest} bytes, "
+                            f"0 = unpaced); every rank must use the same budget")
 
     @property
     def step_budget_bytes(self) -> int | None:

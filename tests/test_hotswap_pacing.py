@@ -202,13 +202,22 @@ def test_prepare_takes_a_staging_planned_ahead_unless_the_layers_changed_since()
 WORLD = 2
 
 
-def _rank_main(rank: int, store: str) -> None:
+def _rank_main(rank: int, store: str, scenario: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        _paced_scenario(rank)
+        {"paced": _paced_scenario, "budgets": _unequal_budgets_scenario}[scenario](rank)
     finally:
         dist.destroy_process_group()
+
+
+def _unequal_budgets_scenario(rank: int) -> None:
+    """Rank 1 paces by another budget: building the engine fails on every rank, naming it."""
+    model = SyntheticMoEModel(MODEL, STREAM, _placements(_random_plan(np.random.default_rng(3),
+                                                                      WORLD, 4)))
+    with pytest.raises(SwapError, match=r"step_budget_bytes: ranks differ \(0 to 4096 bytes"):
+        HotSwapEngine(list(model.layers), group=dist.new_group(),
+                      step_budget_bytes=4096 if rank else None)
 
 
 def _paced_scenario(rank: int) -> None:
@@ -276,4 +285,9 @@ def _paced_scenario(rank: int) -> None:
 
 @pytest.mark.timeout(120)
 def test_paced_swap_and_mid_pacing_abort_over_two_gloo_ranks(tmp_path):
-    mp.spawn(_rank_main, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(str(tmp_path / "store"), "paced"), nprocs=WORLD, join=True)
+
+
+@pytest.mark.timeout(120)
+def test_ranks_with_different_budgets_are_refused(tmp_path):
+    mp.spawn(_rank_main, args=(str(tmp_path / "store"), "budgets"), nprocs=WORLD, join=True)
