@@ -71,6 +71,16 @@ def spawn(argv: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def stop_loop(workers: list[subprocess.Popen], agent, controller) -> None:
+    """Tear down a controller + agent + real worker processes test: kill and reap the workers,
+    stop the agent at once and the controller with a short grace."""
+    for p in workers:
+        p.kill()
+        p.wait(10)
+    agent.stop(0)
+    controller.stop(0.2)
+
+
 def signal_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """Send ``sig`` to ``proc``'s whole process group (nothing if it is gone); after SIGKILL,
     reap it (waits at most 10 s)."""

@@ -94,11 +94,7 @@ def test_loop_runs_on_the_roles_alone(tmp_path, caplog):
             rollouts = plans.ListRollouts(pb.ListRolloutsRequest(placement="demo"), timeout=10)
             assert [r.state for r in rollouts.rollouts] == ["committed"]
     finally:
-        for p in workers:
-            p.kill()
-            p.wait(10)
-        agent.stop(0)
-        controller.stop(0.2)
+        rs.stop_loop(workers, agent, controller)
     logs = [caplog.text] + [p.read_text() for p in tmp_path.glob("worker*.log")]
     assert len(logs) == 1 + real.WORLD
     assert not any(t in text for text in logs for t in TOKENS.values())

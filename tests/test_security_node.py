@@ -205,11 +205,7 @@ def test_agent_and_workers_loop_with_mtls_and_tokens(tmp_path, certs, caplog):
                           "the worker without the token refused by the agent")
             assert len(agent.registry) == 2                  # the untrusted ranks never joined
     finally:
-        for p in workers:
-            p.kill()
-            p.wait(10)
-        agent.stop(0)
-        controller.stop(0.2)
+        rs.stop_loop(workers, agent, controller)
     assert "registered with agent" not in untrusted.read_text()
     assert "registered with agent" in (tmp_path / "worker0.log").read_text()
     logs = [caplog.text] + [p.read_text() for p in tmp_path.rglob("worker*.log")]
