@@ -101,11 +101,6 @@ class TransferPlan:
     def remote_fills(self) -> int:
         return sum(f.source == REMOTE for f in self.fills)
 
-    @property
-    def cross_node_fills(self) -> int:
-        g = self.gpus_per_node
-        return sum(f.source == REMOTE and f.rank // g != f.src_rank // g for f in self.fills)
-
     def bytes_moved(self, expert_bytes: int) -> int:
         """Bytes sent between ranks: one expert's weights per remote fill."""
         return self.remote_fills * int(expert_bytes)
