@@ -8,7 +8,10 @@ of N after a first call that compiles the layout's step DAG, and that first call
 ``simulate`` call of the same step (with its timeline) as baseline, and reports the load
 average. ``--baseline-rev REV`` also times ``partition`` as it was at git revision ``REV``
 (``planner/pipeline/partition.py`` of that revision, run on the current simulator) on the same
-cases and 8-stage ones, in the same process.
+cases and 8-stage ones, in the same process. Last, times the small LP that weighs the
+critical-path rows of the DualPipe search (``paths._game``, a numba simplex) against scipy's
+``linprog`` (HiGHS) on the same games, the shapes the search solves (at most 6 completions
+against up to 1,024 rows), checking both give the same value.
 """
 
 from __future__ import annotations
@@ -124,6 +127,44 @@ def _big_profile(num_layers: int):
         name=f"uniform-{num_layers}")
 
 
+def _lp_timing(repeat: int) -> None:
+    """Print the numba simplex (``paths._game``) vs scipy's ``linprog`` (HiGHS) on random
+    games [X completions, P rows] of the shapes the search solves; best of ``repeat`` each."""
+    import numpy as np
+    from scipy.optimize import linprog
+
+    from expertplane.planner.pipeline.paths import _game
+
+    def highs(values):
+        X, P = values.shape
+        res = linprog(np.r_[np.zeros(P), -1.0], A_ub=np.c_[-values, np.ones(X)],
+                      b_ub=np.zeros(X), A_eq=np.r_[np.ones(P), 0.0][None], b_eq=[1.0],
+                      bounds=[(0, None)] * P + [(None, None)], method="highs")
+        return -res.fun
+
+    def best_ms(fn, values):
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            out = fn(values)
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1e3, out
+
+    rng = np.random.default_rng(0)
+    _game(rng.normal(size=(2, 3)))                                   # compile outside timing
+    print(f"\n## Path-combination LP: numba simplex vs scipy linprog (HiGHS), best of {repeat}\n")
+    print("| completions X | rows P | simplex ms | HiGHS ms | HiGHS / simplex | same value |")
+    print("|---|---|---|---|---|---|")
+    for X in (2, 6):
+        for P in (64, 256, 1024):
+            values = 1.0 + 0.01 * rng.normal(size=(X, P))           # step-time-like payoffs
+            ms, (_, value) = best_ms(_game, values)
+            ms_h, value_h = best_ms(highs, values)
+            same = abs(value - value_h) <= 1e-7 * abs(value_h)
+            print(f"| {X} | {P} | {ms:.3f} | {ms_h:.3f} | {ms_h / ms:.1f} | "
+                  f"{'yes' if same else 'NO'} |", flush=True)
+
+
 def run(args) -> int:
     from expertplane.planner.pipeline import load_profile, shipped_profiles
 
@@ -162,5 +203,6 @@ def run(args) -> int:
           "did for every 61-layer row).")
     if args.baseline_rev:
         _compare(args, profiles)
+    _lp_timing(args.repeat)
     print(f"\nLoad average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
