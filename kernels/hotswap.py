@@ -306,6 +306,11 @@ class _Batch:
     def chunks(self) -> int:
         return len(self.transfers) + len(self.local) + len(self.dups)
 
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes the local and dup copies write."""
+        return sum(dst.numel() * dst.element_size() for dst, _ in self.local + self.dups)
+
 
 @dataclass
 class Staging:
@@ -332,6 +337,32 @@ class Staging:
     def unissued_transfers(self) -> bool:
         """True when a remote fill's send or receive of this rank is not issued yet."""
         return any(batch.transfers for batch in self.batches[self.issued:])
+
+    @property
+    def label(self) -> str:
+        return f"v{self.version}"
+
+
+@dataclass
+class _Compaction:
+    """One layer being brought back to one stacked segment on this rank: ``base`` = the
+    layer's experts it copies from (its switch is skipped if the layer serves others by
+    then); ``result`` = the experts it switches to, slot s in row s of one [S, ...] buffer
+    (a segment of ``base`` whose rows the misplaced slots need are free, else a new one),
+    weight tables included; ``batches``: this rank's copies per step boundary (the first
+    ``issued`` of them issued); ``last``/``error`` as in :class:`Staging`."""
+
+    layer: int
+    base: LocalExperts
+    result: LocalExperts
+    batches: list[_Batch]
+    issued: int = 0
+    error: BaseException | None = None
+    last: torch.cuda.Event | threading.Thread | None = None
+
+    @property
+    def label(self) -> str:
+        return f"compact-l{self.layer}"
 
 
 class HotSwapEngine:
@@ -370,6 +401,9 @@ class HotSwapEngine:
         self.device = first.device
         self.step_budget_bytes = step_budget_bytes
         self._staging: Staging | None = None
+        self._compaction: _Compaction | None = None
+        self.compacted_layers = 0   # layers this engine brought back to one stacked segment
+        self.compaction_error: str | None = None
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if group is not None and self.world_size > 1:
             # NCCL wants every rank in a group's first operation; do it now, not in a P2P batch.
@@ -425,10 +459,17 @@ class HotSwapEngine:
             return False
         landed = s.issued == len(s.batches) and _landed(s.last)
         if s.error is not None:
-            raise SwapError(f"staging of version {s.version} failed: {s.error}") from s.error
+            raise SwapError(self.staging_error()) from s.error
         if landed and s.finished is None:
             s.finished = time.perf_counter()
         return s.finished is not None
+
+    def staging_error(self) -> str | None:
+        """Why the staged version's copies failed on this rank (a CPU copy thread raised; the
+        version can never be ready), else None."""
+        s = self._staging
+        return None if s is None or s.error is None else \
+            f"staging of version {s.version} failed: {s.error}"
 
     def wait(self, timeout: float | None = None) -> bool:
         """Issue every chunk not issued yet (collective when they include transfers), then
@@ -463,6 +504,12 @@ class HotSwapEngine:
             return None
         return s.copy_start.elapsed_time(s.last)
 
+    @property
+    def compacting(self) -> int | None:
+        """Layers whose experts are not one stacked segment yet (:meth:`compact` brings them
+        back), None when every layer is stacked."""
+        return sum(layer.experts.stacked is None for layer in self.layers) or None
+
     def current_phy2log(self) -> Tensor:
         """The plan in force on this rank: [L, R]."""
         return torch.stack([layer.placement.phy2log for layer in self.layers])
@@ -477,14 +524,20 @@ class HotSwapEngine:
         the step boundary; :meth:`prepare` re-plans if the layers changed since."""
         if len(placements) != len(self.layers):
             raise SwapError(f"placements: need {len(self.layers)} layers, got {len(placements)}")
+        # One read of every layer: a compaction may switch a layer's experts meanwhile (on the
+        # serving thread); the staging is built from this snapshot alone, and prepare() re-plans
+        # when it is no longer what the layers serve.
+        base = tuple((layer.placement, layer.experts) for layer in self.layers)
+        live = [experts for _, experts in base]
         new = torch.stack([torch.as_tensor(p.phy2log) for p in placements])
-        plan = plan_transfers(self.current_phy2log(), new, self.world_size, self.gpus_per_node)
-        w13, w2 = self.layers[0].experts.weights(0)
+        plan = plan_transfers(torch.stack([p.phy2log for p, _ in base]), new, self.world_size,
+                              self.gpus_per_node)
+        w13, w2 = live[0].weights(0)
         chunks = schedule_chunks(plan, (w13.numel(), w2.numel()), w13.element_size(),
                                  self._budget)
         steps = _rank_batches(plan, chunks, self.rank)
         mine = plan.for_rank(self.rank)
-        expert_bytes = self._expert_bytes()
+        expert_bytes = (w13.numel() + w2.numel()) * w13.element_size()
         stats = SwapStats(
             version=version, layers_changed=len({f.layer for f in mine}),
             local_fills=sum(f.source == LOCAL for f in mine),
@@ -493,14 +546,13 @@ class HotSwapEngine:
             bytes_received=expert_bytes * sum(f.source == REMOTE for f in mine),
             bytes_sent=expert_bytes * len(plan.sends_from(self.rank)), steps=len(steps))
         with self._side_stream():
-            stages = {layer: self._new_stage(layer, [f for f in mine if f.layer == layer])
+            stages = {layer: _new_stage(live[layer], [f for f in mine if f.layer == layer])
                       for layer in sorted({f.layer for f in mine})}
-            batches = [self._batch(plan, stages, step) for step in steps]
+            batches = [self._batch(plan, stages, live, step) for step in steps]
         for layer, stage in stages.items():
-            stage.switched = _switched_experts(self.layers[layer].experts, stage)
+            stage.switched = _switched_experts(live[layer], stage)
             if stage.switched.triton_capable:
                 stage.switched.weight_tables()
-        base = tuple((layer.placement, layer.experts) for layer in self.layers)
         return Staging(version, list(placements), stages, stats, batches, base)
 
     def prepare(self, version: int, placements: Sequence[LayerPlacement],
@@ -515,6 +567,7 @@ class HotSwapEngine:
         if self._staging is not None:
             raise SwapError(f"version: {self._staging.version} is already staged; commit or "
                             "abort it first")
+        self._cancel_compaction()
         current = tuple((layer.placement, layer.experts) for layer in self.layers)
         fresh = planned is not None and planned.version == version and planned.issued == 0 \
             and len(planned.base) == len(current) \
@@ -556,6 +609,7 @@ class HotSwapEngine:
             else:
                 layer.swap(s.placements[i], layer.experts)  # other ranks' slots changed: routing only
         self._staging = None
+        self.compaction_error = None   # new layouts: compact again
         return stats
 
     def abort(self) -> int:
@@ -569,6 +623,100 @@ class HotSwapEngine:
         self._staging = None
         return s.version
 
+    # -- compaction (rank-local)
+
+    def compact(self) -> int:
+        """Bring the layers whose experts a swap left in several segments (or rows out of slot
+        order, so :attr:`LocalExperts.stacked` is None and the FFN cannot take
+        ``torch._grouped_mm``) back to one stacked segment, one layer at a time, at most
+        ``step_budget_bytes`` of copies per call (None: a whole layer per call). Call it at
+        every step boundary; this rank alone, no collective (routing does not change).
+
+        Each call: a layer whose copies have all landed (an event query on GPU, never a wait)
+        is switched to its stacked experts (the serving stream waits on the copies' event,
+        the old segments are dropped); then the next step's copies of the layer in progress,
+        or of the next layer to compact, are issued (side stream on GPU, a helper thread on
+        CPU). Does nothing while a version is staged (:meth:`prepare` cancels the compaction
+        in progress) or after a compaction copy failed (:attr:`compaction_error`, cleared by
+        the next commit). Returns the bytes of copies issued.
+        """
+        if self._staging is not None or self.compaction_error is not None:
+            return 0
+        c = self._compaction
+        if c is not None and c.issued == len(c.batches):
+            if not _landed(c.last):
+                return 0
+            self._switch_compacted(c)
+            c = None
+        if c is None:
+            todo = next((i for i, layer in enumerate(self.layers)
+                         if layer.experts.stacked is None), None)
+            if todo is None or self.compaction_error is not None:
+                return 0
+            c = self._compaction = self._plan_compaction(todo, self.layers[todo].experts)
+        batch = c.batches[c.issued]
+        self._issue_next(c)
+        return batch.copy_bytes
+
+    def _plan_compaction(self, index: int, live: LocalExperts) -> _Compaction:
+        """The compaction of layer ``index`` serving ``live``: its target buffer (see
+        :func:`_stacked_target`; a new one allocated for the side stream), its stacked experts
+        with their weight tables (built on the idle side stream, so the serving stream never
+        waits for them), and its copies cut into batches of at most the budget. On GPU the
+        side stream then waits for the serving stream's work so far (it may still read the
+        rows the copies overwrite)."""
+        slots = live.num_slots
+        target = _stacked_target(live)
+        with self._side_stream():
+            if target is None:
+                w13, w2 = live.segments[0]
+                buffer = (w13.new_empty(slots, *w13.shape[1:]),
+                          w2.new_empty(slots, *w2.shape[1:]))
+            else:
+                buffer = live.segments[target]
+            result = LocalExperts(*buffer)
+            if result.triton_capable:
+                result.weight_tables()
+        pairs = [(buffer[t][s], live.weights(s)[t]) for s in range(slots)
+                 if live.rows[s] != (target, s) for t in (0, 1)]
+        if self._side is not None:
+            for t in buffer:
+                t.record_stream(self._side)
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
+        batches = [_Batch([], copies, []) for copies in _paced_copies(pairs, self._budget)]
+        return _Compaction(index, live, result, batches)
+
+    def _switch_compacted(self, c: _Compaction) -> None:
+        """At a step boundary, once every copy of ``c`` landed: point its layer at the stacked
+        experts (skipped if the layer serves other experts by now; recorded in
+        :attr:`compaction_error` if a copy failed)."""
+        self._compaction = None
+        if c.error is not None:
+            self.compaction_error = f"layer {c.layer}: compaction copy failed: {c.error}"
+            return
+        layer = self.layers[c.layer]
+        if layer.experts is not c.base:
+            return
+        if self._side is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(c.last)
+            handed = list(c.result.segments[0])
+            if c.result.triton_capable:
+                handed += [offsets for _, offsets in c.result.weight_tables()]
+            for t in handed:
+                t.record_stream(current)
+        layer.experts = c.result   # routing unchanged: the placement stays
+        self.compacted_layers += 1
+
+    def _cancel_compaction(self) -> None:
+        """Drop the compaction in progress (a prepare takes priority): CPU: wait for its copy
+        thread; GPU: nothing to wait for, whatever is issued next on the side stream runs after
+        its copies, and its new buffer (allocated for the side stream) is reused only after
+        them. Freed once unreferenced; :meth:`compact` starts the layer again later."""
+        c, self._compaction = self._compaction, None
+        if c is not None and isinstance(c.last, threading.Thread):
+            c.last.join()
+
     # -- helpers
 
     def _side_stream(self):
@@ -581,27 +729,11 @@ class HotSwapEngine:
             s.stats, seconds=(s.finished or time.perf_counter()) - s.started,
             copy_seconds=None if copy_ms is None else copy_ms / 1e3)
 
-    def _expert_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.layers[0].experts.weights(0))
-
-    def _new_stage(self, layer: int, fills: list[SlotFill]) -> _LayerStage:
-        """Rows for the ``fills`` of one layer: free rows of its segments first, then one new
-        segment of exactly the missing rows."""
-        live = self.layers[layer].experts
-        segments = list(live.segments)
-        free = live.free_rows()
-        missing = len(fills) - len(free)
-        if missing > 0:
-            w13, w2 = segments[0]
-            segments.append((w13.new_empty(missing, *w13.shape[1:]),
-                             w2.new_empty(missing, *w2.shape[1:])))
-            free += [(len(segments) - 1, r) for r in range(missing)]
-        return _LayerStage(tuple(segments), {f.slot: free[i] for i, f in enumerate(fills)})
-
     def _batch(self, plan: TransferPlan, stages: dict[int, _LayerStage],
-               chunks: list[CopyChunk]) -> _Batch:
+               live: Sequence[LocalExperts], chunks: list[CopyChunk]) -> _Batch:
         """This rank's operations for one step's ``chunks``: point-to-point ops tagged by
-        schedule index, and (destination, source) views of the local and dup copies."""
+        schedule index, and (destination, source) views of the local and dup copies; sources
+        are rows of ``live`` (the experts of each layer the staging is planned against)."""
         out = _Batch([], [], [])
         for c in chunks:
             f = plan.fills[c.fill]
@@ -609,20 +741,21 @@ class HotSwapEngine:
                 buf = _piece(stages[f.layer].weights(f.slot), c)
                 out.transfers.append(dist.P2POp(dist.irecv, buf, f.src_rank, self.group, c.tag))
             elif f.source == REMOTE:
-                buf = _piece(self.layers[f.layer].experts.weights(f.src_slot), c)
+                buf = _piece(live[f.layer].weights(f.src_slot), c)
                 out.transfers.append(dist.P2POp(dist.isend, buf, f.rank, self.group, c.tag))
             else:
                 stage = stages[f.layer]
                 src = stage.weights(f.src_slot) if f.source == DUP \
-                    else self.layers[f.layer].experts.weights(f.src_slot)
+                    else live[f.layer].weights(f.src_slot)
                 copies = out.dups if f.source == DUP else out.local
                 copies.append((_piece(stage.weights(f.slot), c), _piece(src, c)))
         return out
 
-    def _issue_next(self, s: Staging) -> int:
-        """Issue batch ``s.issued``: its transfers (NCCL's/gloo's streams), then its local
-        copies, then, once the transfers landed, its dup copies (side stream on GPU; a helper
-        thread after the previous batch's on CPU). Returns the chunks issued."""
+    def _issue_next(self, s: Staging | _Compaction) -> int:
+        """Issue batch ``s.issued`` of a staging or a compaction: its transfers (NCCL's/gloo's
+        streams), then its local copies, then, once the transfers landed, its dup copies (side
+        stream on GPU; a helper thread after the previous batch's on CPU). Returns the chunks
+        issued."""
         batch = s.batches[s.issued]
         s.issued += 1
         if not batch.chunks:
@@ -630,7 +763,7 @@ class HotSwapEngine:
         if self._side is None:
             works = dist.batch_isend_irecv(batch.transfers) if batch.transfers else []
             thread = threading.Thread(target=_finish_cpu, args=(s, s.last, works, batch),
-                                      name=f"hotswap-v{s.version}-{s.issued}", daemon=True)
+                                      name=f"hotswap-{s.label}-{s.issued}", daemon=True)
             thread.start()
             s.last = thread
             return batch.chunks
@@ -645,16 +778,51 @@ class HotSwapEngine:
         return batch.chunks
 
 
+def _stacked_target(live: LocalExperts) -> int | None:
+    """The segment of ``live`` that can become the stacked [S, ...] buffer in place: S rows,
+    and row s free (no slot reads it) for every slot s not already in it; the one with the
+    fewest slots to move. None when no segment can (a new buffer is needed)."""
+    used = set(live.rows)
+    best: tuple[int, int] | None = None   # (moves, segment)
+    for g, (w13, _) in enumerate(live.segments):
+        if w13.shape[0] != live.num_slots:
+            continue
+        moves = [s for s, row in enumerate(live.rows) if row != (g, s)]
+        if all((g, s) not in used for s in moves) and (best is None or len(moves) < best[0]):
+            best = (len(moves), g)
+    return None if best is None else best[1]
+
+
+def _paced_copies(pairs: list[tuple[Tensor, Tensor]],
+                  budget_bytes: int | None) -> list[list[tuple[Tensor, Tensor]]]:
+    """(dst, src) tensor copies cut into pieces of at most ``budget_bytes`` (:func:`_pieces`)
+    and packed in order into per-step lists of at most ``budget_bytes`` each (all in one list
+    when None)."""
+    steps: list[list[tuple[Tensor, Tensor]]] = [[]]
+    load = 0
+    for dst, src in pairs:
+        for start, stop in _pieces(dst.numel(), dst.element_size(), budget_bytes):
+            size = (stop - start) * dst.element_size()
+            if budget_bytes is not None and steps[-1] and load + size > budget_bytes:
+                steps.append([])
+                load = 0
+            load += size
+            whole = stop - start == dst.numel()
+            steps[-1].append((dst, src) if whole else
+                             (dst.view(-1)[start:stop], src.view(-1)[start:stop]))
+    return steps
+
+
 def _copy_all(pairs: list[tuple[Tensor, Tensor]]) -> None:
     """``dst.copy_(src)`` for each (dst, src) pair."""
     for dst, src in pairs:
         dst.copy_(src)
 
 
-def _finish_cpu(s: Staging, previous: threading.Thread | None, works: list,
+def _finish_cpu(s: Staging | _Compaction, previous: threading.Thread | None, works: list,
                 batch: _Batch) -> None:
     """CPU: a batch's local copies, transfers and dup copies, after the previous batch's; an
-    error is kept for ready()/wait() in the serving thread."""
+    error is kept in ``s.error`` for the serving thread."""
     if previous is not None:
         previous.join()
     try:
@@ -688,6 +856,21 @@ def _settle(last: torch.cuda.Event | threading.Thread | None, timeout: float | N
         last.join(timeout)
     elif last is not None:
         last.synchronize()
+
+
+def _new_stage(live: LocalExperts, fills: list[SlotFill]) -> _LayerStage:
+    """Rows of ``live`` (one layer's experts) for its ``fills``: free rows of its segments
+    first, then one new segment of exactly the missing rows (allocated on the current
+    stream)."""
+    segments = list(live.segments)
+    free = live.free_rows()
+    missing = len(fills) - len(free)
+    if missing > 0:
+        w13, w2 = segments[0]
+        segments.append((w13.new_empty(missing, *w13.shape[1:]),
+                         w2.new_empty(missing, *w2.shape[1:])))
+        free += [(len(segments) - 1, r) for r in range(missing)]
+    return _LayerStage(tuple(segments), {f.slot: free[i] for i, f in enumerate(fills)})
 
 
 def _switched_experts(live: LocalExperts, stage: _LayerStage) -> LocalExperts:
@@ -728,6 +911,10 @@ class SwapCoordinator:
     together as soon as one asks to. An abort drops the staging on its own rank at the next
     boundary, unless sends or receives of that rank are still to be issued: then ``a`` carries
     it and every rank drops it at the same boundary (a peer's pending prepare then fails).
+    Staging copies that failed on a rank (:meth:`HotSwapEngine.staging_error`) ride ``a`` too:
+    every rank drops that version at the same boundary and keeps serving the plan in force.
+    At the boundaries with no swap starting or dropped and no prepare request pending, each
+    rank compacts its layers on its own (:meth:`HotSwapEngine.compact`).
     """
 
     def __init__(self, engine: HotSwapEngine, version: int,
@@ -872,6 +1059,8 @@ class SwapCoordinator:
         """Run between two forward passes on every rank. Returns False when all must stop."""
         with self._cond:
             a = self._apply_abort()
+            error = self.engine.staging_error()
+            a = a or (self.engine.staged_version if error else 0)
             prepare = self._prepare if self._prepare and not self.engine.staged_version else None
             p = prepare.version if prepare else 0
             ready = self._poll_ready()
@@ -883,11 +1072,13 @@ class SwapCoordinator:
         pmin, pmax, cmin, cmax, stop, amax = flags.tolist()
         with self._cond:
             if amax < 0 and -amax == self.engine.staged_version:
-                self._drop_everywhere(-amax)
+                self._drop_everywhere(-amax, error)
             elif pmin > 0 and pmin == -pmax:
                 self._start(prepare)
             else:
                 self.engine.pump()
+                if self._prepare is None:   # a prepare is planned against today's layers
+                    self.engine.compact()
             if cmin > 0 and cmin == -cmax:
                 self._switch(cmin)
             self._poll_ready()
@@ -914,24 +1105,26 @@ class SwapCoordinator:
             return 0
         try:
             ready = self.engine.ready()
-        except SwapError as exc:
-            self._failed[staged] = str(exc)
-            self.engine.abort()
-            return 0
+        except SwapError:
+            return 0   # its copies failed: the next boundary's all_reduce drops it everywhere
         if ready and self._ready_seen != staged:
             self._ready_seen = staged
             self.last_stats = self.engine.staged_stats()
         return staged if ready else 0
 
-    def _drop_everywhere(self, version: int) -> None:
-        """Drop ``version`` on this rank at the boundary every rank drops it (an abort that
-        arrived while transfers were still to be issued, here or on a peer)."""
+    def _drop_everywhere(self, version: int, error: str | None) -> None:
+        """Drop ``version`` on this rank at the boundary every rank drops it: an abort that
+        arrived while transfers were still to be issued, or copies that failed (``error``:
+        this rank's, seen before the all_reduce), here or on a peer."""
         self.engine.abort()
         if self._abort == version:
             self._forget(version, f"version {version}: aborted")
+        elif error is not None:
+            self._forget(version, error)
         else:
             self._dropped_by_peer.add(version)
-            self._forget(version, f"version {version}: aborted on another rank while staging")
+            self._forget(version, f"version {version}: aborted on another rank while staging "
+                                  "(an abort request, or copies that failed there)")
 
     def _apply_abort(self) -> int:
         """Apply this rank's abort request before the boundary's all_reduce; returns the version

@@ -2,7 +2,8 @@
 covers every weight exactly once; a paced prepare spans several step boundaries while the old
 plan keeps serving (no slot reads a staged row before the commit), matches the dense reference
 after the commit, and an abort in the middle of the pacing frees the staging — alone on one
-rank, and on every rank at one step when transfers were still to be issued (2 gloo ranks)."""
+rank, and on every rank at one step when transfers were still to be issued (2 gloo ranks); a copy that fails on
+one rank drops the version on every rank at one step."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from expertplane.kernels import hotswap
 from expertplane.kernels.experts import make_expert_weights
 from expertplane.kernels.hotswap import (DUP, HotSwapEngine, SwapCoordinator, SwapError,
                                          plan_transfers, schedule_chunks)
@@ -206,7 +208,8 @@ def _rank_main(rank: int, store: str, scenario: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        {"paced": _paced_scenario, "budgets": _unequal_budgets_scenario}[scenario](rank)
+        {"paced": _paced_scenario, "budgets": _unequal_budgets_scenario,
+         "copy_error": _copy_error_scenario}[scenario](rank)
     finally:
         dist.destroy_process_group()
 
@@ -273,7 +276,8 @@ def _paced_scenario(rank: int) -> None:
     assert events.get("done"), events
     assert events["v2"].steps > 5 and events["v2"].version == 2
     assert events["v3"] == ("version 3: aborted" if rank == 0
-                            else "version 3: aborted on another rank while staging")
+                            else "version 3: aborted on another rank while staging (an abort "
+                                 "request, or copies that failed there)")
     assert events["abort_returned"] == ([True] if rank == 0 else [True, False])
     assert coord.version == 2 and engine.staged_version == 0
     _assert_weights_match(model, b, rank)
@@ -281,6 +285,70 @@ def _paced_scenario(rank: int) -> None:
     dist.all_gather_object(logs, log)
     assert logs[0] == logs[1]   # switched to v2, started and dropped v3 at the same steps
     assert (2, 3) in log and log[-1] == (2, 0)
+
+
+def _copy_error_scenario(rank: int) -> None:
+    """Rank 1's copy thread fails while staging v2 with transfers still to be issued on every
+    rank: both ranks drop v2 at the same step (the error rides the boundary's all_reduce) and
+    keep serving v1; v3 is then staged and committed on both."""
+    rng = np.random.default_rng(12)
+    a, b = _random_plan(rng, WORLD, 4), _random_plan(rng, WORLD, 4)
+    c = np.roll(a, 1, axis=1)   # every slot changes: transfers on every rank
+    model = SyntheticMoEModel(MODEL, STREAM, _placements(a))
+    engine = HotSwapEngine(list(model.layers), group=dist.new_group(), step_budget_bytes=BUDGET)
+    coord = SwapCoordinator(engine, version=1)
+    stream = TokenStream(MODEL, STREAM, rank)
+    if rank == 1:
+        copy_all = hotswap._copy_all
+
+        def failing_copy_all(pairs):
+            if engine.staged_version == 2:
+                raise RuntimeError("injected copy failure")
+            copy_all(pairs)
+
+        hotswap._copy_all = failing_copy_all
+    events: dict[str, object] = {}
+
+    def control() -> None:
+        try:
+            coord.prepare(2, _placements(c), timeout=20)
+            events["v2"] = "staged"
+        except (SwapError, TimeoutError) as exc:
+            events["v2"] = str(exc)
+        try:
+            coord.prepare(3, _placements(b), timeout=60)
+            coord.commit(3, timeout=60)
+        except (SwapError, TimeoutError) as exc:
+            events["v3"] = str(exc)
+        events["done"] = True
+
+    threading.Thread(target=control, daemon=True).start()
+    step, log = 0, []
+    while True:
+        flag = torch.tensor([int("done" in events)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() or step > 20_000:
+            break
+        assert coord.step_boundary()
+        log.append((coord.version, engine.staged_version))
+        assert model(stream.batch(step), verify=True).max_error < 1e-4
+        step += 1
+    assert events.get("done") and "v3" not in events, events
+    assert events["v2"] == ("version 2: aborted on another rank while staging (an abort request, "
+                            "or copies that failed there)" if rank == 0 else
+                            "staging of version 2 failed: injected copy failure")
+    assert coord.version == 3 and engine.staged_version == 0
+    _assert_weights_match(model, b, rank)
+    logs = [None] * WORLD
+    dist.all_gather_object(logs, log)
+    assert logs[0] == logs[1]   # started and dropped v2, then switched to v3, at the same steps
+    dropped = log.index((1, 0), log.index((1, 2)))
+    assert 0 < dropped < 10 and (1, 3) in log[dropped:] and log[-1][0] == 3
+
+
+@pytest.mark.timeout(120)
+def test_a_copy_error_on_one_rank_drops_the_version_on_every_rank_at_one_step(tmp_path):
+    mp.spawn(_rank_main, args=(str(tmp_path / "store"), "copy_error"), nprocs=WORLD, join=True)
 
 
 @pytest.mark.timeout(120)
