@@ -18,7 +18,10 @@ shifts them among the rank's own slots (W = 1: local copies only). Measured in o
    the prepare: the sweep's setting) and once per ``--step-budget-mb`` (copies spread over
    step boundaries, that many MiB per step): the steps that issued copies, the steps each
    swap's copies were spread over and their effective bandwidth (bytes / GPU time from the
-   first copy to the last); after all swaps, the output vs the dense reference.
+   first copy to the last); after all swaps, the output vs the dense reference;
+4. after each commit, the steps while the engine compacts the split layers back to one stacked
+   buffer (:meth:`HotSwapEngine.compact`, paced by the same budget) and the steps after the
+   compaction finished, vs normal, and the steps each compaction took.
 
 ``expertplane bench kernels`` runs it with the defaults (CUDA when present, else CPU/gloo).
 """
@@ -26,6 +29,7 @@ shifts them among the rank's own slots (W = 1: local copies only). Measured in o
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -64,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swaps", type=int, default=4,
                         help="swaps per staging mode during the step-time part")
     parser.add_argument("--settle-steps", type=int, default=5,
-                        help="steps served on each new layout before the next swap is asked "
-                             "for (the baseline of that swap's staging steps)")
+                        help="steps served on each new layout, once compacted back to one "
+                             "stacked buffer, before the next swap is asked for (the baseline "
+                             "of that swap's staging steps)")
     parser.add_argument("--step-budget-mb", type=float, nargs="+", default=None,
                         help="paced staging budgets (MiB per rank and step) whose step times "
                              "are measured next to unpaced staging (default: the engine's, "
@@ -262,11 +267,13 @@ def _sweep(model, engine, cfg: dict, group, clock) -> list[dict]:
 def _step_times(model, engine, stream, cfg: dict, clock, budget: int | None) -> dict:
     """Step times through the real step-boundary protocol with staging paced by ``budget``
     bytes per step (None: unpaced): ``steps`` normal steps, then ``swaps`` swaps of the
-    largest ``moved``, each asked for ``settle`` steps after the previous commit; each step is
+    largest ``moved``, each asked for ``settle`` steps after the previous commit's layers were
+    compacted back to one stacked buffer (:meth:`HotSwapEngine.compact`); each step is
     classed as starting (its boundary started the swap and issued the first step's copies),
     copying (its boundary issued a later step's copies), waiting (every copy issued, not
-    switched yet), committing, or between (no swap staged: the baseline of the next swap,
-    on the layout it stages over)."""
+    switched yet), committing, compacting (no swap staged, a layer not yet stacked again
+    after the step), or between (no swap staged, every layer stacked: the baseline of the
+    next swap, on the layout it stages over)."""
     import torch
     import torch.distributed as dist
 
@@ -287,6 +294,8 @@ def _step_times(model, engine, stream, cfg: dict, clock, budget: int | None) -> 
     def control() -> None:
         try:
             for j in range(cfg["swaps"]):
+                while engine.compacting is not None:
+                    time.sleep(1e-4)
                 mark = served[0]
                 while served[0] < mark + cfg["settle"]:
                     time.sleep(1e-4)
@@ -316,6 +325,8 @@ def _step_times(model, engine, stream, cfg: dict, clock, budget: int | None) -> 
             series.append(("copying", dt))
         elif after is not None:
             series.append(("waiting", dt))
+        elif engine.compacting is not None:
+            series.append(("compacting", dt))
         else:
             series.append(("between", dt))
         step += 1
@@ -341,7 +352,9 @@ def _step_summary(budget: int | None, moved_bytes: int, normal: float,
     """One staging mode's row from its (kind, seconds) step series: medians and maxima in ms,
     ratios to the normal step (seconds); "staging" = the starting and copying steps together;
     the steps each swap's copies took and their effective bandwidth (``moved_bytes`` per rank
-    and swap over the GPU time from first copy to last)."""
+    and swap over the GPU time from first copy to last); "compacting" = steps after a commit
+    with a layer not stacked yet (per swap: how many), "compacted" = the between steps after
+    the first commit (every layer stacked again)."""
     kinds = {k: [dt for kind, dt in series if kind == k]
              for k in ("starting", "copying", "waiting", "committing")}
     staging = kinds["starting"] + kinds["copying"]
@@ -353,6 +366,12 @@ def _step_summary(budget: int | None, moved_bytes: int, normal: float,
         return f(xs) / normal if xs else None
 
     spans = [s.copy_seconds for s in swaps if s.copy_seconds]
+    compacting = [dt for kind, dt in series if kind == "compacting"]
+    first_commit = next((i for i, (kind, _) in enumerate(series) if kind == "committing"),
+                        len(series))
+    stacked = [dt for kind, dt in series[first_commit:] if kind == "between"]
+    runs = [len(list(group)) for kind, group in itertools.groupby(k for k, _ in series)
+            if kind == "compacting"]
     per_swap = _staging_vs_before(series)
     return {
         "mode": "unpaced" if budget is None else f"paced {budget / MIB:g} MiB/step",
@@ -370,6 +389,10 @@ def _step_summary(budget: int | None, moved_bytes: int, normal: float,
         "commit_vs_normal": ratio(kinds["committing"]),
         "steps_per_swap": statistics.median(s.steps for s in swaps) if swaps else None,
         "copy_span_ms": statistics.median(spans) * 1e3 if spans else None,
+        "compacting_ms": ms(compacting), "compacting_steps": len(compacting), "compacting_vs_normal": ratio(compacting),
+        "compacting_max_vs_normal": ratio(compacting, max),
+        "compacted_ms": ms(stacked), "compacted_steps": len(stacked), "compacted_vs_normal": ratio(stacked),
+        "compacting_steps_per_swap": statistics.median(runs) if runs else None,
         "effective_gbps": moved_bytes / statistics.median(spans) / 1e9 if spans else None,
         "series": [(kind, dt * 1e3) for kind, dt in series],
     }
@@ -477,6 +500,19 @@ def print_results(results: dict) -> None:
                       fmt(row["commit_vs_normal"], ".2f"), fmt(row["steps_per_swap"], "g"),
                       fmt(row["copy_span_ms"]), fmt(row["effective_gbps"], ".1f"))
     console.print(steps)
+    after = Table(title="steps after the swaps: while compacting split layers back to one "
+                        "stacked buffer, and once compacted (x normal)")
+    for col in ("staging", "compacting ms (steps)", "x normal", "max x", "steps/compaction",
+                "compacted ms (steps)", "x normal"):
+        after.add_column(col)
+    for row in results["steps"]:
+        after.add_row(row["mode"], f"{fmt(row['compacting_ms'])} ({row['compacting_steps']})",
+                      fmt(row["compacting_vs_normal"], ".2f"),
+                      fmt(row["compacting_max_vs_normal"], ".2f"),
+                      fmt(row["compacting_steps_per_swap"], "g"),
+                      f"{fmt(row['compacted_ms'])} ({row['compacted_steps']})",
+                      fmt(row["compacted_vs_normal"], ".2f"))
+    console.print(after)
     console.print(f"rel. error vs dense reference after the swaps "
                   f"{results['rel_err_after_swaps']:.2e}")
     console.print(f"failed steps: {results['failed_steps']}")

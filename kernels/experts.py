@@ -246,7 +246,12 @@ class LocalExperts:
     def weight_tables(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """:func:`~expertplane.kernels.triton_ops.weight_table` of the slots' w13 and of their
         w2, on the weights' device (built once; this object keeps the segments alive, so the
-        addresses stay valid)."""
+        addresses stay valid). Stacked: slot s at ``s`` rows from the first, the offsets made
+        on the device by the current stream (no host copy, so no wait for that stream)."""
+        if self._tables is None and self.stacked is not None:
+            self._tables = tuple(
+                (w[0], torch.arange(w.shape[0], dtype=torch.int64, device=w.device) * w[0].numel())
+                for w in self.stacked)
         if self._tables is None:
             slots = [self.weights(s) for s in range(self.num_slots)]
             self._tables = (weight_table([w13 for w13, _ in slots]),

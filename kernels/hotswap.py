@@ -661,10 +661,9 @@ class HotSwapEngine:
     def _plan_compaction(self, index: int, live: LocalExperts) -> _Compaction:
         """The compaction of layer ``index`` serving ``live``: its target buffer (see
         :func:`_stacked_target`; a new one allocated for the side stream), its stacked experts
-        with their weight tables (built on the idle side stream, so the serving stream never
-        waits for them), and its copies cut into batches of at most the budget. On GPU the
-        side stream then waits for the serving stream's work so far (it may still read the
-        rows the copies overwrite)."""
+        with their weight tables (made on the side stream, no host copy), and its copies cut
+        into batches of at most the budget. On GPU the side stream then waits for the serving
+        stream's work so far (it may still read the rows the copies overwrite)."""
         slots = live.num_slots
         target = _stacked_target(live)
         with self._side_stream():
@@ -699,7 +698,10 @@ class HotSwapEngine:
             return
         if self._side is not None:
             current = torch.cuda.current_stream(self.device)
-            current.wait_event(c.last)
+            if c.last is None:   # nothing to copy: the weight tables alone, on the side stream
+                current.wait_stream(self._side)
+            else:
+                current.wait_event(c.last)
             handed = list(c.result.segments[0])
             if c.result.triton_capable:
                 handed += [offsets for _, offsets in c.result.weight_tables()]

@@ -339,3 +339,15 @@ def _two_rank_scenario(rank: int) -> None:
 @pytest.mark.timeout(120)
 def test_two_gloo_ranks_compact_on_their_own_and_a_prepare_cancels_it(tmp_path):
     mp.spawn(_rank_main, args=(str(tmp_path / "store"),), nprocs=WORLD, join=True)
+
+
+def test_stacked_weight_tables_equal_the_tables_of_the_slots_rows():
+    """A compacted layer's tables are made on the device (no host copy): the same offsets as
+    :func:`weight_table` over its slots' rows."""
+    from expertplane.kernels.triton_ops import weight_table
+
+    w13, w2 = torch.randn(5, 32, 64), torch.randn(5, 32, 32)
+    tables = LocalExperts(w13, w2).weight_tables()
+    for (base, offsets), w in zip(tables, (w13, w2)):
+        ref_base, ref_offsets = weight_table([w[s] for s in range(5)])
+        assert base.data_ptr() == ref_base.data_ptr() and torch.equal(offsets, ref_offsets)

@@ -1,7 +1,8 @@
 """Hot-swap on CUDA (opt-in: pytest -m gpu): one rank over an NCCL group of one; staging runs
 on the side stream while steps continue on the compute stream, unpaced or paced over several
 step boundaries; after the switch every slot holds its logical expert's weights and the model
-matches the dense reference."""
+matches the dense reference; the paced compaction after a swap brings torch._grouped_mm back
+without a host sync."""
 
 from __future__ import annotations
 
@@ -68,6 +69,74 @@ def test_cuda_swap_while_serving(nccl_group, budget):
     assert stats[0].steps == 1 if budget is None else stats[0].steps > 4
     assert stats[0].copy_seconds is not None and stats[0].copy_seconds > 0
     assert model(stream.batch(step), verify=True).max_error < model.tolerance
+    for l, layer in enumerate(model.layers):
+        for s, e in enumerate(b[l].phy2log.tolist()):
+            w13, w2 = make_expert_weights(MODEL.seed, l, e, MODEL.hidden, MODEL.intermediate,
+                                          dtype=torch.bfloat16, device="cuda")
+            got13, got2 = layer.experts.weights(s)
+            assert torch.equal(got13, w13) and torch.equal(got2, w2)
+
+
+@pytest.mark.timeout(300)
+def test_cuda_compaction_restores_grouped_mm_without_a_host_sync(nccl_group, monkeypatch):
+    """A swap that moves 3 experts of layer 0 leaves it in two buffers (the Triton path); the
+    paced compaction (64 KiB per step) brings it back to one stacked buffer while serving,
+    no compact() call synchronizes with the device, outputs match the dense reference
+    throughout, and afterwards a large step (>= 512 rows per slot) takes torch._grouped_mm in
+    both layers again (layer 1, never split, was untouched)."""
+    a = _plan(1)
+    phy = a[0].phy2log.clone()
+    slots = [int((phy == e).nonzero()[0]) for e in range(3)]
+    phy[slots] = phy[slots].roll(1)
+    b = [LayerPlacement.from_phy2log(phy, 16), a[1]]
+    model = SyntheticMoEModel(MODEL, StreamConfig(tokens_per_step=4096, drift_period=0),
+                              a, device="cuda")
+    engine = HotSwapEngine(list(model.layers), group=dist.new_group(),
+                           step_budget_bytes=64 * 1024)
+    coord = SwapCoordinator(engine, version=1)
+    stream = TokenStream(MODEL, StreamConfig(tokens_per_step=4096, drift_period=0), 0, "cuda")
+    calls = [0]
+    grouped = torch._grouped_mm
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return grouped(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counted)
+    compact = engine.compact
+
+    def compact_without_sync() -> int:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return compact()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    done = threading.Event()
+    threading.Thread(target=lambda: (coord.prepare(2, b, 60), coord.commit(2, 60), done.set()),
+                     daemon=True).start()
+    step = 0
+    while not done.is_set() and step < 5000:
+        coord.step_boundary()
+        result = model(stream.batch(step), verify=step % 5 == 0)
+        assert result.max_error is None or result.max_error < model.tolerance
+        step += 1
+    untouched = model.layers[1].experts
+    assert model.layers[0].experts.stacked is None and untouched.stacked is not None
+    calls[0] = 0
+    assert model(stream.batch(step), verify=True).max_error < model.tolerance
+    assert calls[0] == 2   # layer 1 only: layer 0 takes the Triton path
+    engine.compact = compact_without_sync   # (no request thread runs from here on)
+    while engine.compacting is not None and step < 10_000:
+        coord.step_boundary()
+        result = model(stream.batch(step), verify=step % 5 == 0)
+        assert result.max_error is None or result.max_error < model.tolerance
+        step += 1
+    assert engine.compacting is None and engine.compacted_layers == 1
+    assert model.layers[1].experts is untouched
+    calls[0] = 0
+    assert model(stream.batch(step), verify=True).max_error < model.tolerance
+    assert calls[0] == 4   # both layers: torch._grouped_mm again
     for l, layer in enumerate(model.layers):
         for s, e in enumerate(b[l].phy2log.tolist()):
             w13, w2 = make_expert_weights(MODEL.seed, l, e, MODEL.hidden, MODEL.intermediate,
