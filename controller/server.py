@@ -13,10 +13,8 @@ and acknowledged there; WatchPlans and RolloutService.Connect wait there for pla
 
 from __future__ import annotations
 
-import asyncio
 from concurrent import futures
 import logging
-import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,6 +29,7 @@ from expertplane.controller.servicers import (LoadServicer, PlanningServicer, Pl
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import bind, make_aio_server
+from expertplane.rpc.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 SERVICES = ("LoadService", "PlanService", "PlanningService", "RolloutService")
@@ -48,9 +47,7 @@ class ControllerServer:
         self.config = config
         self.controller = Controller(config)
         self._server: grpc.aio.Server | None = None
-        self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever,
-                                             name="controller-grpc", daemon=True)
+        self._loop = LoopThread("controller-grpc")
         self._executor = futures.ThreadPoolExecutor(max_workers=config.max_workers,
                                                     thread_name_prefix="controller-rpc")
         self._streams = Streams(self._executor)
@@ -65,8 +62,8 @@ class ControllerServer:
             for spec in load_placements(self.config.placements_dir):
                 c.apply_placement(spec)
                 log.info("placement %s applied from %s", spec.name, self.config.placements_dir)
-        self._loop_thread.start()
-        self.port = self._on_loop(self._serve())
+        self._loop.start()
+        self.port = self._loop.run(self._serve())
         if self.config.metrics:
             self._metrics_server = serve_metrics(c.metrics, self.config.metrics)
         c.run_background()
@@ -93,23 +90,17 @@ class ControllerServer:
         self._server = server
         return port
 
-    def _on_loop(self, coro):
-        """Run ``coro`` on the server's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
     def stop(self, grace: float | None = 5.0) -> None:
         """Stop taking calls, end the open streams, let running calls finish for ``grace``
-        seconds, close the store."""
+        seconds, close the loop once what gRPC still runs for the ended calls is done (and the
+        handlers' open generators are closed), close the store."""
         if self._server is not None:
-            self._on_loop(self._health.enter_graceful_shutdown())
+            self._loop.run(self._health.enter_graceful_shutdown())
             self.controller.end_streams()
-            self._on_loop(self._stop_server(grace))
+            self._loop.run(self._stop_server(grace))
             self._server = None
         self._executor.shutdown(wait=True)   # unary handlers and store calls still running
-        if self._loop_thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._loop_thread.join()
-            self._loop.close()
+        self._loop.close()
         if self._metrics_server is not None:
             self._metrics_server[0].shutdown()
         self.controller.close()
@@ -124,7 +115,7 @@ class ControllerServer:
 
     def wait(self) -> None:
         if self._server is not None:
-            self._on_loop(self._server.wait_for_termination())
+            self._loop.run(self._server.wait_for_termination())
 
 
 def _redact(url: str) -> str:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import stat
-import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
 
+from expertplane.rpc.loop_thread import LoopThread
 from expertplane.rpc.security import (
     SecurityConfig,
     channel_credentials,
@@ -125,9 +124,9 @@ def aio_server_thread(add_servicers: Callable[[grpc.aio.Server], None], address:
     """A ``make_aio_server`` server on its own event-loop thread (for benchmarks and tests that
     drive it from synchronous code): ``add_servicers(server)`` registers the services; binds
     ``address`` with ``security``; yields the bound port; stops the server (1 s grace), its
-    executor (``max_workers`` threads for synchronous handlers) and the loop on exit."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="aio-server", daemon=True)
+    executor (``max_workers`` threads for synchronous handlers) and the loop (drained:
+    ``LoopThread.close``) on exit."""
+    loop = LoopThread("aio-server")
     executor = futures.ThreadPoolExecutor(max_workers=max_workers)
 
     async def start() -> tuple[grpc.aio.Server, int]:
@@ -137,17 +136,15 @@ def aio_server_thread(add_servicers: Callable[[grpc.aio.Server], None], address:
         await server.start()
         return server, port
 
-    thread.start()
+    loop.start()
     try:
-        server, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
+        server, port = loop.run(start())
         try:
             yield port
         finally:
-            asyncio.run_coroutine_threadsafe(server.stop(1), loop).result()
+            loop.run(server.stop(1))
     finally:
         executor.shutdown()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
         loop.close()
 
 
