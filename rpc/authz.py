@@ -19,6 +19,7 @@ and the method. The token never appears in a message or a log line.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import inspect
@@ -340,23 +341,33 @@ def _guard(handler: grpc.RpcMethodHandler, check: Callable) -> grpc.RpcMethodHan
 class AuthorizationInterceptor(grpc.ServerInterceptor):
     """Checks every call (except health and reflection) against a CallerTable: UNAUTHENTICATED
     for no known caller, PERMISSION_DENIED for a method none of the caller's roles allows.
-    Refusals are logged with the caller and the method, never the token."""
+    Refusals are logged with the caller and the method, never the token.
+
+    The guarded handler of a method is built once and reused by its later calls (the check reads
+    each call's own metadata): one entry per method the server resolves, rebuilt only if the
+    server hands back another handler for it."""
 
     def __init__(self, table: CallerTable):
         self._table = table
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         handler = continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_METHODS):
             return handler
-        authorization = dict(handler_call_details.invocation_metadata or ()).get("authorization")
+        cached = self._guarded.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, _guard(handler, functools.partial(self._check, method)))
+            self._guarded[method] = cached
+        return cached[1]
 
-        def check(context) -> Denial | None:
-            denial = self._table.check(method, authorization, lambda: _cert_names(context))
-            if denial is not None:
-                log.warning("refused %s from %s: %s %s", method, context.peer(), denial.code.name,
-                            denial.message)
-            return denial
-
-        return _guard(handler, check)
+    def _check(self, method: str, context) -> Denial | None:
+        """The call's denial (logged), or None: its caller from its own ``authorization``
+        header or client certificate."""
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        denial = self._table.check(method, authorization, lambda: _cert_names(context))
+        if denial is not None:
+            log.warning("refused %s from %s: %s %s", method, context.peer(), denial.code.name,
+                        denial.message)
+        return denial

@@ -34,6 +34,7 @@ from expertplane.kernels.worker_service import (  # noqa: E402
 )
 from expertplane.proto import expertplane_pb2 as pb  # noqa: E402
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc  # noqa: E402
+from expertplane.rpc import authz  # noqa: E402
 from expertplane.rpc.authz import ROLE_METHODS, CallersFileError, read_token_file  # noqa: E402
 from expertplane.rpc.channels import aio_server_thread, make_channel, make_server  # noqa: E402
 from expertplane.rpc.security import SecurityConfig, security_from_args  # noqa: E402
@@ -202,9 +203,13 @@ def sync_server(add, address: str, security: SecurityConfig):
         server.stop(0)
 
 
-@pytest.mark.parametrize("serve,handlers", [(sync_server, SyncHandlers), (aio_server_thread, SyncHandlers),
-                                            (aio_server_thread, AsyncHandlers)],
-                         ids=["sync-server", "aio-server-sync-handlers", "aio-server-async-handlers"])
+EVERY_SERVER = pytest.mark.parametrize(
+    "serve,handlers", [(sync_server, SyncHandlers), (aio_server_thread, SyncHandlers),
+                       (aio_server_thread, AsyncHandlers)],
+    ids=["sync-server", "aio-server-sync-handlers", "aio-server-async-handlers"])
+
+
+@EVERY_SERVER
 def test_every_kind_of_handler_is_guarded(tmp_path, serve, handlers):
     """Unary and bidirectional-streaming handlers written as functions, generators, coroutines
     and async generators, on the synchronous and the aio server: allowed, denied, unknown."""
@@ -224,6 +229,35 @@ def test_every_kind_of_handler_is_guarded(tmp_path, serve, handlers):
         for call in (get, report):
             assert code_of(call)[0] == grpc.StatusCode.UNAUTHENTICATED
             assert code_of(call, TOKENS["stranger"])[0] == grpc.StatusCode.UNAUTHENTICATED
+
+
+@EVERY_SERVER
+def test_guarded_handler_is_built_once_per_method_and_checks_every_call(tmp_path, serve, handlers,
+                                                                        monkeypatch):
+    """Calls of one method alternate between an allowed, a refused and an unknown caller: each
+    call gets its own verdict, and the guarded handler is built once per method (not per call)."""
+    built, guard = [], authz._guard
+
+    def counting_guard(handler, check):
+        built.append(handler)
+        return guard(handler, check)
+
+    monkeypatch.setattr(authz, "_guard", counting_guard)
+    security = cli_security(["controller", "--token-file",
+                             callers_file(tmp_path, {"agent": "agent", "reader": "reader"})])
+    with serve(add_handlers(handlers()), "127.0.0.1:0", security) as port, \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        get = lambda md: pb_grpc.PlanServiceStub(ch).GetPlan(  # noqa: E731
+            pb.GetPlanRequest(placement="p"), timeout=5, metadata=md)
+        report = lambda md: list(pb_grpc.LoadServiceStub(ch).ReportLoad(  # noqa: E731
+            iter([pb.LoadReport(sequence=7)]), timeout=5, metadata=md))
+        for _ in range(3):
+            for call, allowed, refused in ((get, "reader", "agent"), (report, "agent", "reader")):
+                assert code_of(call, TOKENS[allowed])[0] == grpc.StatusCode.OK
+                assert code_of(call, TOKENS[refused])[0] == grpc.StatusCode.PERMISSION_DENIED
+                assert code_of(call, TOKENS["stranger"])[0] == grpc.StatusCode.UNAUTHENTICATED
+                assert code_of(call)[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert len(built) == 2, built                  # GetPlan's and ReportLoad's, once each
 
 
 def worker_endpoint(security: SecurityConfig):
