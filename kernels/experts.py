@@ -138,6 +138,8 @@ class LocalExperts:
             if not (0 <= g < len(segments) and 0 <= r < segments[g][0].shape[0]):
                 raise ValueError(f"rows: ({g}, {r}) is not a row of the segments")
         self.segments, self.rows = segments, rows
+        stacked = len(segments) == 1 and rows == tuple((0, s) for s in range(w13.shape[0]))
+        self._stacked: Segment | None = segments[0] if stacked else None
         self._tables: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     @property
@@ -174,11 +176,9 @@ class LocalExperts:
     @property
     def stacked(self) -> Segment | None:
         """(w13 [S, H, 2I], w2 [S, I, H]) when the slots are one segment's rows in order,
-        else None."""
-        w13, w2 = self.segments[0]
-        if len(self.segments) == 1 and self.rows == tuple((0, s) for s in range(w13.shape[0])):
-            return w13, w2
-        return None
+        else None (worked out once: checked at every step boundary by the hot-swap
+        compaction)."""
+        return self._stacked
 
     @classmethod
     def from_logical(cls, logical_ids: Sequence[int], weights: ExpertWeightFn) -> LocalExperts:
@@ -226,7 +226,8 @@ class LocalExperts:
         """Tune the Triton path's two grouped GEMMs now for up to ``max_rows_per_slot`` mean
         rows per slot (see :func:`~expertplane.kernels.triton_ops.pretune`), so neither the
         first step on a new load level nor the first step after a hot-swap (whose weights then
-        live in several buffers, the Triton path) stops serving to tune. False when this layer
+        live in several buffers, the Triton path, until the compaction restacks them) stops
+        serving to tune. False when this layer
         never takes the Triton path (no CUDA/Triton, fp32, sizes not multiples of 128)."""
         if not self.triton_capable:
             return False

@@ -14,7 +14,9 @@ Four parts, each usable alone:
   (:meth:`EPMoELayer.swap`) at a step boundary, copying no weight there; or drops the staging.
 - :class:`SwapCoordinator`: the step-boundary protocol that makes every rank start the
   transfer, and switch, at the SAME step, whatever order the prepare/commit/abort requests
-  (gRPC calls) reach the ranks in: one tiny MIN all_reduce per step.
+  (gRPC calls) reach the ranks in: one tiny MIN all_reduce per step; between swaps, each rank
+  compacts its split layers back to one stacked buffer on its own
+  (:meth:`HotSwapEngine.compact`).
 
 Invariant: routing tables and weights change together, in one call between two forward
 passes, on every rank at the same step, so no token is ever routed to a slot whose weights
@@ -260,7 +262,8 @@ class SwapStats:
     ``steps``: step boundaries its copies were spread over (1 = all issued with the prepare);
     ``seconds``: host time from the prepare until the copies were seen complete (or so far);
     ``copy_seconds``: GPU time from the first copy issued to the last one done (None on CPU or
-    before the copies are complete)."""
+    before the copies are complete); ``compacted_layers``: layers this rank brought back to one
+    stacked buffer so far (:meth:`HotSwapEngine.compact`), when the stats were read."""
 
     version: int
     layers_changed: int
@@ -272,6 +275,7 @@ class SwapStats:
     steps: int = 1
     seconds: float = 0.0
     copy_seconds: float | None = None
+    compacted_layers: int = 0
 
 
 @dataclass
@@ -385,7 +389,9 @@ class HotSwapEngine:
     rows (a new :class:`LocalExperts` over the same buffers, no weight copied) and drops
     buffers no slot reads any more, so a layer holds at most S + (largest k so far) experts.
     Device copies run on a side stream (priority 0, the lowest) and NCCL's stream, never on
-    the serving stream; on CPU, on a helper thread per step's chunks, in order.
+    the serving stream; on CPU, on a helper thread per step's chunks, in order. Between swaps,
+    :meth:`compact` (rank-local) brings the layers a commit left in several buffers back to one
+    stacked buffer, paced by the same budget, so their FFN takes ``torch._grouped_mm`` again.
     """
 
     def __init__(self, layers: Sequence[EPMoELayer], group: dist.ProcessGroup | None = None,
@@ -729,7 +735,8 @@ class HotSwapEngine:
         copy_ms = self.staged_copy_ms() if s is self._staging else None
         return dataclasses.replace(
             s.stats, seconds=(s.finished or time.perf_counter()) - s.started,
-            copy_seconds=None if copy_ms is None else copy_ms / 1e3)
+            copy_seconds=None if copy_ms is None else copy_ms / 1e3,
+            compacted_layers=self.compacted_layers)
 
     def _batch(self, plan: TransferPlan, stages: dict[int, _LayerStage],
                live: Sequence[LocalExperts], chunks: list[CopyChunk]) -> _Batch:

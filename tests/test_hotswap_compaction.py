@@ -155,6 +155,8 @@ def test_paced_compaction_restores_stacked_layers_within_the_budget(seed, monkey
     for _ in range(3):   # nothing left to do
         server.boundary()
     assert server.compact_bytes[-3:] == [0, 0, 0]
+    server.swap(3, a)   # the next swap's stats (logged by the worker) count the compaction
+    assert server.coord.last_stats.compacted_layers == 1
 
 
 @pytest.mark.parametrize("seeds", [(3, 4, 5), (6, 7, 8)])
