@@ -294,7 +294,7 @@ def _step_times(model, engine, stream, cfg: dict, clock, budget: int | None) -> 
     def control() -> None:
         try:
             for j in range(cfg["swaps"]):
-                while engine.compacting is not None:
+                while engine.compacting is not None and engine.compaction_error is None:
                     time.sleep(1e-4)
                 mark = served[0]
                 while served[0] < mark + cfg["settle"]:

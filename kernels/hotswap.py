@@ -643,8 +643,9 @@ class HotSwapEngine:
         the old segments are dropped); then the next step's copies of the layer in progress,
         or of the next layer to compact, are issued (side stream on GPU, a helper thread on
         CPU). Does nothing while a version is staged (:meth:`prepare` cancels the compaction
-        in progress) or after a compaction copy failed (:attr:`compaction_error`, cleared by
-        the next commit). Returns the bytes of copies issued.
+        in progress) or after a compaction copy failed or found no memory for its buffer
+        (:attr:`compaction_error`, cleared by the next commit). Returns the bytes of copies
+        issued.
         """
         if self._staging is not None or self.compaction_error is not None:
             return 0
@@ -659,7 +660,11 @@ class HotSwapEngine:
                          if layer.experts.stacked is None), None)
             if todo is None or self.compaction_error is not None:
                 return 0
-            c = self._compaction = self._plan_compaction(todo, self.layers[todo].experts)
+            try:
+                c = self._compaction = self._plan_compaction(todo, self.layers[todo].experts)
+            except torch.cuda.OutOfMemoryError as exc:   # no room for a new [S, ...] buffer
+                self.compaction_error = f"layer {todo}: no memory for a compaction buffer: {exc}"
+                return 0
         batch = c.batches[c.issued]
         self._issue_next(c)
         return batch.copy_bytes

@@ -353,3 +353,48 @@ def test_stacked_weight_tables_equal_the_tables_of_the_slots_rows():
     for (base, offsets), w in zip(tables, (w13, w2)):
         ref_base, ref_offsets = weight_table([w[s] for s in range(5)])
         assert base.data_ptr() == ref_base.data_ptr() and torch.equal(offsets, ref_offsets)
+
+
+def test_a_failed_compaction_stops_until_the_next_commit_and_serving_goes_on(monkeypatch):
+    """No memory for a compaction buffer, or a compaction copy that raises (CPU helper
+    thread), leaves the layers split and serving correct; nothing more is compacted until
+    the next commit."""
+    a, b = _split_swap(15)
+    c = _rotated(b, [1], 0)   # layer 1 splits too, layer 0 stays split
+    d = _rotated(c, [0], 4)
+    model = SyntheticMoEModel(MODEL, STREAM, _placements(a))
+    engine = HotSwapEngine(list(model.layers), step_budget_bytes=BUDGET)
+    server = _Server(model, SwapCoordinator(engine, version=1))
+    server.swap(2, b)
+
+    def out_of_memory(index, live):
+        raise torch.cuda.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(engine, "_plan_compaction", out_of_memory)
+    server.boundary()
+    assert engine.compaction_error == "layer 0: no memory for a compaction buffer: injected"
+    for _ in range(3):
+        server.boundary()
+    assert server.compact_bytes[-4:] == [0] * 4 and engine.compacting == 1
+    monkeypatch.undo()
+    copy_all = hotswap._copy_all
+
+    def failing(pairs):
+        if engine._compaction is not None:
+            raise RuntimeError("injected copy failure")
+        copy_all(pairs)
+
+    monkeypatch.setattr(hotswap, "_copy_all", failing)
+    server.swap(3, c)   # the commit clears the error: compaction starts again, and fails
+    assert engine.compacting == 2
+    while engine.compaction_error is None and server.step < 2_000:
+        server.boundary()
+    assert engine.compaction_error == "layer 0: compaction copy failed: injected copy failure"
+    for _ in range(3):
+        server.boundary()
+    assert server.compact_bytes[-3:] == [0] * 3 and engine.compacting == 2
+    monkeypatch.undo()
+    server.swap(4, d)
+    server.compact_all()
+    assert engine.compacted_layers == 2
+    _assert_weights_match(model, d, 0)
