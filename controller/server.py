@@ -98,9 +98,11 @@ class ControllerServer:
             self._loop.run(self._health.enter_graceful_shutdown())
             self.controller.end_streams()
             self._loop.run(self._stop_server(grace))
-            self._server = None
         self._executor.shutdown(wait=True)   # unary handlers and store calls still running
         self._loop.close()
+        # Only now: the last grpc.aio object let go shuts gRPC's event poller down, which must
+        # not happen on another thread while the loop runs (the loop would read a closed socket).
+        self._server = None
         if self._metrics_server is not None:
             self._metrics_server[0].shutdown()
         self.controller.close()
