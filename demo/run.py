@@ -29,6 +29,8 @@ import yaml
 
 from expertplane.demo.timeline import RolloutEvent, Sample, Timeline
 
+APPLY_TIMEOUT_SECONDS = 300.0   # deadline of the demo's ApplyPlacement (see run_demo)
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "demo.yaml"
@@ -235,7 +237,10 @@ def run_demo(opts: DemoOptions) -> int:
         channel = make_channel(address)
         stack.callback(channel.close)
         message = placement_from_dict(placement)
-        pb_grpc.PlanServiceStub(channel).ApplyPlacement(message, timeout=30)
+        # The first run on a machine compiles the planner (numba, cached on disk afterwards)
+        # while it computes the initial plan: 27 s on 2 busy vCPUs, so a generous deadline.
+        console.print("applying the placement: computing its initial plan")
+        pb_grpc.PlanServiceStub(channel).ApplyPlacement(message, timeout=APPLY_TIMEOUT_SECONDS)
         agents = []
         for n in range(nodes):
             agent = Agent(AgentConfig(controller=address, node=f"node-{n}",
