@@ -209,18 +209,31 @@ EVERY_SERVER = pytest.mark.parametrize(
     ids=["sync-server", "aio-server-sync-handlers", "aio-server-async-handlers"])
 
 
-@EVERY_SERVER
-def test_every_kind_of_handler_is_guarded(tmp_path, serve, handlers):
-    """Unary and bidirectional-streaming handlers written as functions, generators, coroutines
-    and async generators, on the synchronous and the aio server: allowed, denied, unknown."""
+@contextlib.contextmanager
+def _reader_and_agent_calls(tmp_path, serve, handlers):
+    """``serve`` the ``handlers`` behind a callers file of an agent and a reader; yields
+    ``(get, report)``: a GetPlan call and a one-report ReportLoad call, each ``(metadata) ->
+    response``, on one channel."""
     security = cli_security(["controller", "--token-file",
                              callers_file(tmp_path, {"agent": "agent", "reader": "reader"})])
     with serve(add_handlers(handlers()), "127.0.0.1:0", security) as port, \
             grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        get = lambda md: pb_grpc.PlanServiceStub(ch).GetPlan(  # noqa: E731
-            pb.GetPlanRequest(placement="p"), timeout=5, metadata=md)
-        report = lambda md: list(pb_grpc.LoadServiceStub(ch).ReportLoad(  # noqa: E731
-            iter([pb.LoadReport(sequence=7)]), timeout=5, metadata=md))
+        def get(md):
+            return pb_grpc.PlanServiceStub(ch).GetPlan(pb.GetPlanRequest(placement="p"),
+                                                       timeout=5, metadata=md)
+
+        def report(md):
+            return list(pb_grpc.LoadServiceStub(ch).ReportLoad(
+                iter([pb.LoadReport(sequence=7)]), timeout=5, metadata=md))
+
+        yield get, report
+
+
+@EVERY_SERVER
+def test_every_kind_of_handler_is_guarded(tmp_path, serve, handlers):
+    """Unary and bidirectional-streaming handlers written as functions, generators, coroutines
+    and async generators, on the synchronous and the aio server: allowed, denied, unknown."""
+    with _reader_and_agent_calls(tmp_path, serve, handlers) as (get, report):
         assert code_of(get, TOKENS["reader"])[0] == grpc.StatusCode.OK
         assert code_of(report, TOKENS["agent"])[0] == grpc.StatusCode.OK
         assert report((("authorization", f"Bearer {TOKENS['agent']}"),))[0].sequence == 7
@@ -243,14 +256,7 @@ def test_guarded_handler_is_built_once_per_method_and_checks_every_call(tmp_path
         return guard(handler, check)
 
     monkeypatch.setattr(authz, "_guard", counting_guard)
-    security = cli_security(["controller", "--token-file",
-                             callers_file(tmp_path, {"agent": "agent", "reader": "reader"})])
-    with serve(add_handlers(handlers()), "127.0.0.1:0", security) as port, \
-            grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        get = lambda md: pb_grpc.PlanServiceStub(ch).GetPlan(  # noqa: E731
-            pb.GetPlanRequest(placement="p"), timeout=5, metadata=md)
-        report = lambda md: list(pb_grpc.LoadServiceStub(ch).ReportLoad(  # noqa: E731
-            iter([pb.LoadReport(sequence=7)]), timeout=5, metadata=md))
+    with _reader_and_agent_calls(tmp_path, serve, handlers) as (get, report):
         for _ in range(3):
             for call, allowed, refused in ((get, "reader", "agent"), (report, "agent", "reader")):
                 assert code_of(call, TOKENS[allowed])[0] == grpc.StatusCode.OK

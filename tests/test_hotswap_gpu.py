@@ -59,22 +59,12 @@ def test_cuda_swap_while_serving(nccl_group, budget):
         done.set()
 
     threading.Thread(target=control, daemon=True).start()
-    step = 0
-    while not done.is_set() and step < 5000:
-        coord.step_boundary()
-        result = model(stream.batch(step), verify=step % 5 == 0)
-        assert result.max_error is None or result.max_error < model.tolerance
-        step += 1
+    step = _serve(coord, model, stream, 0, done.is_set, 5000)
     assert done.is_set() and coord.version == 2
     assert stats[0].steps == 1 if budget is None else stats[0].steps > 4
     assert stats[0].copy_seconds is not None and stats[0].copy_seconds > 0
     assert model(stream.batch(step), verify=True).max_error < model.tolerance
-    for l, layer in enumerate(model.layers):
-        for s, e in enumerate(b[l].phy2log.tolist()):
-            w13, w2 = make_expert_weights(MODEL.seed, l, e, MODEL.hidden, MODEL.intermediate,
-                                          dtype=torch.bfloat16, device="cuda")
-            got13, got2 = layer.experts.weights(s)
-            assert torch.equal(got13, w13) and torch.equal(got2, w2)
+    _assert_weights_match(model, b)
 
 
 @pytest.mark.timeout(300)
@@ -115,30 +105,37 @@ def test_cuda_compaction_restores_grouped_mm_without_a_host_sync(nccl_group, mon
     done = threading.Event()
     threading.Thread(target=lambda: (coord.prepare(2, b, 60), coord.commit(2, 60), done.set()),
                      daemon=True).start()
-    step = 0
-    while not done.is_set() and step < 5000:
-        coord.step_boundary()
-        result = model(stream.batch(step), verify=step % 5 == 0)
-        assert result.max_error is None or result.max_error < model.tolerance
-        step += 1
+    step = _serve(coord, model, stream, 0, done.is_set, 5000)
     untouched = model.layers[1].experts
     assert model.layers[0].experts.stacked is None and untouched.stacked is not None
     calls[0] = 0
     assert model(stream.batch(step), verify=True).max_error < model.tolerance
     assert calls[0] == 2   # layer 1 only: layer 0 takes the Triton path
     engine.compact = compact_without_sync   # (no request thread runs from here on)
-    while engine.compacting is not None and step < 10_000:
-        coord.step_boundary()
-        result = model(stream.batch(step), verify=step % 5 == 0)
-        assert result.max_error is None or result.max_error < model.tolerance
-        step += 1
+    step = _serve(coord, model, stream, step, lambda: engine.compacting is None, 10_000)
     assert engine.compacting is None and engine.compacted_layers == 1
     assert model.layers[1].experts is untouched
     calls[0] = 0
     assert model(stream.batch(step), verify=True).max_error < model.tolerance
     assert calls[0] == 4   # both layers: torch._grouped_mm again
+    _assert_weights_match(model, b)
+
+
+def _serve(coord, model, stream, step: int, until, limit: int) -> int:
+    """Serve steps from ``step`` (a step boundary, then a forward checked against the dense
+    reference every 5th step) until ``until()`` or step ``limit``; returns the next step."""
+    while not until() and step < limit:
+        coord.step_boundary()
+        result = model(stream.batch(step), verify=step % 5 == 0)
+        assert result.max_error is None or result.max_error < model.tolerance
+        step += 1
+    return step
+
+
+def _assert_weights_match(model, placements) -> None:
+    """Every layer's slot s holds the seeded weights of ``placements[l].phy2log[s]`` (one rank)."""
     for l, layer in enumerate(model.layers):
-        for s, e in enumerate(b[l].phy2log.tolist()):
+        for s, e in enumerate(placements[l].phy2log.tolist()):
             w13, w2 = make_expert_weights(MODEL.seed, l, e, MODEL.hidden, MODEL.intermediate,
                                           dtype=torch.bfloat16, device="cuda")
             got13, got2 = layer.experts.weights(s)

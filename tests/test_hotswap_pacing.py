@@ -256,12 +256,7 @@ def _paced_scenario(rank: int) -> None:
         events["done"] = True
 
     threading.Thread(target=control, daemon=True).start()
-    step, log = 0, []
-    while True:
-        flag = torch.tensor([int("done" in events)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if flag.item() or step > 20_000:
-            break
+    def serve(step: int) -> tuple[int, int]:
         state = _serving_state(model)
         version = coord.version
         assert coord.step_boundary()
@@ -270,9 +265,11 @@ def _paced_scenario(rank: int) -> None:
             assert _serving_state(model) == state   # staging never changes what serves
         if engine.staged_version == 3 and progress[0] >= 3 and engine.has_unissued_transfers():
             mid_v3.set()
-        log.append((coord.version, engine.staged_version))
+        entry = (coord.version, engine.staged_version)
         assert model(stream.batch(step), verify=True).max_error < 1e-4
-        step += 1
+        return entry
+
+    log = _serve_until_every_rank_is_done(events, serve)
     assert events.get("done"), events
     assert events["v2"].steps > 5 and events["v2"].version == 2
     assert events["v3"] == ("version 3: aborted" if rank == 0
@@ -281,10 +278,28 @@ def _paced_scenario(rank: int) -> None:
     assert events["abort_returned"] == ([True] if rank == 0 else [True, False])
     assert coord.version == 2 and engine.staged_version == 0
     _assert_weights_match(model, b, rank)
+    assert _same_on_every_rank(log)   # switched to v2, started and dropped v3 at the same steps
+    assert (2, 3) in log and log[-1] == (2, 0)
+
+
+def _serve_until_every_rank_is_done(events: dict, serve) -> list:
+    """Call ``serve(step)`` (one step boundary and forward; returns a log entry) until every
+    rank's ``events`` has "done" (checked together by a MIN all-reduce before each step) or
+    20,000 steps; returns the entries."""
+    log: list = []
+    while True:
+        flag = torch.tensor([int("done" in events)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() or len(log) > 20_000:
+            return log
+        log.append(serve(len(log)))
+
+
+def _same_on_every_rank(log: list) -> bool:
+    """Whether every rank logged the same entries (an all-gather)."""
     logs = [None] * WORLD
     dist.all_gather_object(logs, log)
-    assert logs[0] == logs[1]   # switched to v2, started and dropped v3 at the same steps
-    assert (2, 3) in log and log[-1] == (2, 0)
+    return all(other == logs[0] for other in logs)
 
 
 def _copy_error_scenario(rank: int) -> None:
@@ -323,25 +338,20 @@ def _copy_error_scenario(rank: int) -> None:
         events["done"] = True
 
     threading.Thread(target=control, daemon=True).start()
-    step, log = 0, []
-    while True:
-        flag = torch.tensor([int("done" in events)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if flag.item() or step > 20_000:
-            break
+    def serve(step: int) -> tuple[int, int]:
         assert coord.step_boundary()
-        log.append((coord.version, engine.staged_version))
+        entry = (coord.version, engine.staged_version)
         assert model(stream.batch(step), verify=True).max_error < 1e-4
-        step += 1
+        return entry
+
+    log = _serve_until_every_rank_is_done(events, serve)
     assert events.get("done") and "v3" not in events, events
     assert events["v2"] == ("version 2: aborted on another rank while staging (an abort request, "
                             "or copies that failed there)" if rank == 0 else
                             "staging of version 2 failed: injected copy failure")
     assert coord.version == 3 and engine.staged_version == 0
     _assert_weights_match(model, b, rank)
-    logs = [None] * WORLD
-    dist.all_gather_object(logs, log)
-    assert logs[0] == logs[1]   # started and dropped v2, then switched to v3, at the same steps
+    assert _same_on_every_rank(log)   # started and dropped v2, then switched to v3, at the same steps
     dropped = log.index((1, 0), log.index((1, 2)))
     assert 0 < dropped < 10 and (1, 3) in log[dropped:] and log[-1][0] == 3
 
