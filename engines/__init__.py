@@ -1,0 +1,1 @@
+"""Engine integrations: ExpertPlane plans carried out by the inference engines' own movers."""
