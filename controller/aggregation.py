@@ -22,8 +22,9 @@ from typing import Callable
 import numpy as np
 
 from expertplane.controller.spec import PlacementSpec
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
-from expertplane.rpc.tensors import TensorError, to_numpy
+from expertplane.rpc.tensors import to_numpy
 
 BUCKETS = 32
 MAX_CACHED_VERSIONS = 16
@@ -122,7 +123,7 @@ class PlacementWindow:
         else:
             try:  # the shared helper produces the error message naming the field
                 counts = to_numpy(t, "slot_counts", shape=(s.num_layers, s.slots_per_gpu))
-            except TensorError as exc:
+            except FieldError as exc:
                 return IngestResult(Ack.REJECTED, str(exc))
         if counts.size and counts.min() < 0:
             return IngestResult(Ack.REJECTED, "slot_counts: must be non-negative")

@@ -19,7 +19,6 @@ import numpy as np
 from expertplane.controller.aggregation import IngestResult, LoadAggregator, WindowView
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.convert import plan_message
-from expertplane.controller.errors import FailedPrecondition, InvalidArgument, NotFound
 from expertplane.controller.metrics import ControllerMetrics
 from expertplane.controller.planning import Candidate, check_load, compute_candidate, warm_up
 from expertplane.controller.policy import Decision, PolicyState, decide, record
@@ -27,6 +26,7 @@ from expertplane.controller.rollout import RolloutCoordinator
 from expertplane.controller.router_balancer import ReportTotals, RouterBalancer
 from expertplane.controller.spec import PlacementSpec
 from expertplane.controller.store import PlanRecord, RolloutRecord, Store, StoredPlacement, utcnow
+from expertplane.errors import FailedPrecondition, FieldError, NotFound
 from expertplane.planner.metrics import balance_of_gpu_loads
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor
@@ -304,7 +304,7 @@ class Controller:
         self.placement(name)
         if page_token and not (page_token.isascii() and page_token.isdigit()
                                and int(page_token) <= MAX_VERSION):
-            raise InvalidArgument("page_token", f"not a token from a previous page: {page_token!r}")
+            raise FieldError("page_token", f"not a token from a previous page: {page_token!r}")
         size = min(page_size or 100, 1000)
         plans = self.store.list_plans(name, after_version=int(page_token or 0), limit=size + 1)
         more = len(plans) > size
@@ -407,7 +407,7 @@ class Controller:
                 view = self.aggregator.view(name)
                 load = view.load if view is not None and view.reports else None
         elif spec is None:
-            raise InvalidArgument("placement", "give a registered placement name or an inline spec")
+            raise FieldError("placement", "give a registered placement name or an inline spec")
         elif store or rollout:
             raise FailedPrecondition("store", "only plans of registered placements can be stored")
         if load is not None:
@@ -480,7 +480,7 @@ class Controller:
         spec = self.placement(name).spec
         bias = np.asarray(bias, dtype=np.float64)
         if bias.shape != (spec.num_layers, spec.num_experts):
-            raise InvalidArgument("bias", f"must have shape {[spec.num_layers, spec.num_experts]}, "
+            raise FieldError("bias", f"must have shape {[spec.num_layers, spec.num_experts]}, "
                                           f"got {list(bias.shape)}")
         return self.rollouts.push_bias(pb.RouterBias(placement=name, sequence=sequence,
                                                      bias=double_tensor(bias)))

@@ -41,9 +41,8 @@ import pathlib
 import jsonschema
 import yaml
 
-from expertplane.controller.errors import InvalidArgument
-from expertplane.planner.errors import one_line
 from expertplane.controller.spec import ALGORITHMS, MODES, PlacementSpec, spec_from_proto
+from expertplane.errors import FieldError, one_line
 from expertplane.kernels.balancing import BIAS_RULES
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor
@@ -93,14 +92,14 @@ SCHEMA = {
 def placement_from_dict(doc: dict) -> pb.Placement:
     """Validate one YAML document against ``SCHEMA`` and build the ``Placement`` message.
 
-    Raises ``InvalidArgument`` whose field is the dotted path of the offending key.
+    Raises ``FieldError`` whose field is the dotted path of the offending key.
     """
     errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc),
                     key=lambda e: list(e.absolute_path))
     if errors:
         err = jsonschema.exceptions.best_match(errors)
         path = ".".join(str(p) for p in err.absolute_path) or "(document)"
-        raise InvalidArgument(path, err.message)
+        raise FieldError(path, err.message)
     model, topo, pol = doc["model"], doc["topology"], doc.get("policy", {})
     msg = pb.Placement(
         name=doc["name"],
@@ -117,7 +116,7 @@ def placement_from_dict(doc: dict) -> pb.Placement:
     if "initial_load" in doc:
         rows = doc["initial_load"]
         if len({len(r) for r in rows}) > 1:
-            raise InvalidArgument("initial_load", "rows must all have the same length")
+            raise FieldError("initial_load", "rows must all have the same length")
         msg.initial_load.CopyFrom(double_tensor(rows))
     return msg
 
@@ -125,7 +124,7 @@ def placement_from_dict(doc: dict) -> pb.Placement:
 def load_placements(directory: str | pathlib.Path) -> list[PlacementSpec]:
     """Read and validate every placement under ``directory`` (sorted by file name).
 
-    Raises ``InvalidArgument`` (``"<file>#<doc> <field>: ..."``) or ``OSError`` for I/O problems.
+    Raises ``FieldError`` (``"<file>#<doc> <field>: ..."``) or ``OSError`` for I/O problems.
     """
     root = pathlib.Path(directory)
     if not root.is_dir():
@@ -136,16 +135,16 @@ def load_placements(directory: str | pathlib.Path) -> list[PlacementSpec]:
         try:
             docs = list(yaml.safe_load_all(path.read_text()))
         except yaml.YAMLError as exc:
-            raise InvalidArgument(str(path), f"not valid YAML: {one_line(exc)}") from None
+            raise FieldError(str(path), f"not valid YAML: {one_line(exc)}") from None
         for index, doc in enumerate(d for d in docs if d is not None):
             where = f"{path}#{index}"
             if not isinstance(doc, dict):
-                raise InvalidArgument(where, "each document must be a mapping")
+                raise FieldError(where, "each document must be a mapping")
             try:
                 spec = spec_from_proto(placement_from_dict(doc))
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"{where} {exc.field}", str(exc).split(": ", 1)[1]) from None
+            except FieldError as exc:
+                raise exc.at(f"{where} {exc.field}") from None
             if spec.name in specs:
-                raise InvalidArgument(f"{where} name", f"placement {spec.name!r} defined twice")
+                raise FieldError(f"{where} name", f"placement {spec.name!r} defined twice")
             specs[spec.name] = spec
     return list(specs.values())

@@ -23,8 +23,9 @@ from prometheus_client import CollectorRegistry, Gauge
 from expertplane.controller.aggregation import WindowView
 from expertplane.controller.bias import global_bias_step, max_over_mean
 from expertplane.controller.spec import PlacementSpec
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
-from expertplane.rpc.tensors import TensorError, to_numpy
+from expertplane.rpc.tensors import to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class ReportTotals:
             try:
                 dropped = to_numpy(report.dropped_tokens, "dropped_tokens",
                                    shape=(spec.num_layers, spec.slots_per_gpu)).sum(axis=1)
-            except TensorError as exc:
+            except FieldError as exc:
                 log.warning("report of %s rank %d: %s", spec.name, report.worker_rank, exc)
         with self._lock:
             t = self._totals.setdefault(spec.name, PlacementTotals())

@@ -5,9 +5,9 @@ import pytest
 
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.core import Controller
-from expertplane.controller.errors import FailedPrecondition, InvalidArgument, NotFound
 from expertplane.controller.simagent import load_report
 from expertplane.controller.spec import PlacementSpec
+from expertplane.errors import FailedPrecondition, FieldError, NotFound
 from expertplane.proto import expertplane_pb2 as pb
 
 SPEC = PlacementSpec(name="m", num_layers=2, num_experts=8, num_nodes=1, gpus_per_node=4,
@@ -41,9 +41,9 @@ def test_compute_plan_unstored_and_inline(ctl):
     assert plan.version == 0 and plan.previous_version == 1
     assert np.mean(plan.current_balance) > np.mean(plan.predicted_balance)
     assert ctl.store.latest_version("m") == 1
-    with pytest.raises(InvalidArgument, match="^load: must have shape"):
+    with pytest.raises(FieldError, match="^load: must have shape"):
         ctl.compute_plan("m", None, np.ones((2, 7)), None, store=False, rollout=False)
-    with pytest.raises(InvalidArgument, match="^previous_phy2log"):
+    with pytest.raises(FieldError, match="^previous_phy2log"):
         ctl.compute_plan("m", None, None, np.zeros((2, 5), int), store=False, rollout=False)
     with pytest.raises(FailedPrecondition, match="^store:"):
         ctl.compute_plan("", SPEC, None, None, store=True, rollout=False)
