@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,12 +63,12 @@ class _Bucket:
 
 
 class PlacementWindow:
-    """The window of one placement; thread-safe."""
+    """The window of one placement; thread-safe. Reports of a plan version are accepted once
+    ``add_plan`` made a version at least as new known."""
 
-    def __init__(self, spec: PlacementSpec, version_in_force: int, lookup: PlanLookup):
+    def __init__(self, spec: PlacementSpec, lookup: PlanLookup):
         self.spec = spec
-        self.in_force = version_in_force
-        self.latest = version_in_force
+        self.latest = 0
         self._lookup = lookup
         self._lock = threading.Lock()
         self._buckets: collections.deque[_Bucket] = collections.deque()
@@ -88,13 +87,17 @@ class PlacementWindow:
     def bucket_seconds(self) -> float:
         return self.spec.policy.window_seconds / BUCKETS
 
-    def add_plan(self, version: int, phy2log: np.ndarray, *, in_force: bool = False) -> None:
-        """Make ``version`` known (and the plan in force if ``in_force``)."""
+    def fits(self, spec: PlacementSpec) -> bool:
+        """Whether this window can go on counting for ``spec`` (an update of its placement):
+        same shape and window length."""
+        return self.spec.same_shape(spec) and \
+            self.spec.policy.window_seconds == spec.policy.window_seconds
+
+    def add_plan(self, version: int, phy2log: np.ndarray) -> None:
+        """Make ``version`` known."""
         with self._lock:
             self._cache(version, phy2log)
             self.latest = max(self.latest, version)
-            if in_force:
-                self.in_force = version
 
     def _cache(self, version: int, phy2log: np.ndarray) -> np.ndarray:
         """Flat index [G, L*S] into load[L*E] for every slot of every GPU under ``version``."""
@@ -176,8 +179,9 @@ class PlacementWindow:
             self._buckets.popleft()
         return self._buckets[-1]
 
-    def view(self, now: float) -> WindowView:
-        """The decayed window at ``now``: slot counts of each plan version mapped to experts."""
+    def view(self, now: float, in_force: int) -> WindowView:
+        """The decayed window at ``now``: slot counts of each plan version mapped to experts;
+        GPU loads from the counts taken under version ``in_force``."""
         s = self.spec
         half = s.policy.half_life_seconds
         totals: dict[int, np.ndarray] = {}
@@ -192,7 +196,7 @@ class PlacementWindow:
                         totals[version] += w * slots
                     else:
                         totals[version] = w * slots
-            reports, in_force = self.reports, self.in_force
+            reports = self.reports
             maps = {v: self._slot_maps.get(v) for v in totals}
         load = np.zeros(s.num_layers * s.num_experts)
         for version, slots in totals.items():
@@ -207,42 +211,3 @@ class PlacementWindow:
         gpu = totals[in_force].sum(axis=2).T if in_force in totals else \
             np.zeros((s.num_layers, s.num_gpus))
         return WindowView(load.reshape(s.num_layers, s.num_experts), gpu, reports, now)
-
-
-class LoadAggregator:
-    """Windows of every registered placement; ``lookup`` fetches stored plans on cache misses."""
-
-    def __init__(self, lookup: PlanLookup, clock: Callable[[], float] = time.time):
-        self._lookup = lookup
-        self._clock = clock
-        self._windows: dict[str, PlacementWindow] = {}
-        self._lock = threading.Lock()
-
-    def register(self, spec: PlacementSpec, version_in_force: int) -> PlacementWindow:
-        """Add or update a placement; keeps its window when the shape is unchanged."""
-        with self._lock:
-            old = self._windows.get(spec.name)
-            if old is not None and old.spec.same_shape(spec) and \
-                    old.spec.policy.window_seconds == spec.policy.window_seconds:
-                old.spec = spec
-                return old
-            win = PlacementWindow(spec, version_in_force, self._lookup)
-            self._windows[spec.name] = win
-            return win
-
-    def remove(self, name: str) -> None:
-        with self._lock:
-            self._windows.pop(name, None)
-
-    def get(self, name: str) -> PlacementWindow | None:
-        return self._windows.get(name)
-
-    def ingest(self, report: pb.LoadReport) -> IngestResult:
-        win = self._windows.get(report.placement)
-        if win is None:
-            return IngestResult(Ack.REJECTED, f"placement: unknown placement {report.placement!r}")
-        return win.ingest(report, self._clock())
-
-    def view(self, name: str) -> WindowView | None:
-        win = self._windows.get(name)
-        return None if win is None else win.view(self._clock())

@@ -210,7 +210,7 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
                             gpu_load=double_tensor(view.gpu_load))
         if bias is not None:
             msg.router_bias.CopyFrom(bias.bias)
-        totals = self._c.totals.get(request.placement)
+        totals = self._c.totals(request.placement)
         msg.steps, msg.failed_steps = totals.steps, totals.failed_steps
         if totals.dropped is not None:
             msg.dropped_tokens.CopyFrom(double_tensor(totals.dropped))

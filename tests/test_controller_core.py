@@ -70,8 +70,14 @@ def test_delete_forgets_everything(ctl):
     assert view.stored.plan_version == 1 and ctl.load_window("m")[0].reports == 0
 
 
+def test_reports_of_unknown_placements_are_rejected_naming_the_field(ctl):
+    res = ctl.ingest(load_report("n0", 0, "other", 1, 1, np.ones((2, 3), int)))
+    assert res.status == pb.LoadAck.REJECTED and res.message.startswith("placement:")
+    assert ctl.load_window("m")[0].reports == 0
+
+
 def test_ingest_gate_holds_at_most_its_limit():
-    from expertplane.controller.core import IngestGate
+    from expertplane.controller.ingest import IngestGate
 
     gate = IngestGate(2)
     assert gate.enter() and gate.enter() and not gate.enter() and gate.held == 2
@@ -83,6 +89,6 @@ def test_ingest_gate_holds_at_most_its_limit():
 def test_shed_reports_are_counted_as_overloaded_not_ingested(ctl):
     r = load_report("n0", 0, "m", 1, 1, np.full((2, 3), 5))
     assert ctl.shed(r).status == pb.LoadAck.OVERLOADED
-    assert ctl.aggregator.view("m").reports == 0
+    assert ctl.load_window("m")[0].reports == 0
     assert ctl.metrics.registry.get_sample_value(
         "expertplane_controller_reports_total", {"placement": "m", "status": "OVERLOADED"}) == 1

@@ -160,14 +160,12 @@ def test_router_balancer_interval_history_and_metrics():
 def test_report_totals_sum_steps_failures_and_drops():
     spec = _spec()
     totals = ReportTotals()
-    assert totals.get("p").steps == 0 and totals.get("p").dropped is None
+    assert totals.get().steps == 0 and totals.get().dropped is None
     totals.add(pb.LoadReport(placement="p", worker_rank=1, steps=5, failed_steps=1,
                              dropped_tokens=int64_tensor(np.array([[1, 2, 3], [0, 0, 4]]))), spec)
     totals.add(pb.LoadReport(placement="p", worker_rank=0, steps=7), spec)
     totals.add(pb.LoadReport(placement="p", worker_rank=0, steps=1,      # malformed drops ignored
                              dropped_tokens=int64_tensor(np.array([1, 2]))), spec)
-    t = totals.get("p")
+    t = totals.get()
     assert (t.steps, t.failed_steps) == (13, 1)
     assert np.array_equal(t.dropped, [[0, 6], [0, 4]])
-    totals.forget("p")
-    assert totals.get("p").steps == 0
