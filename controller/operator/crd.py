@@ -44,12 +44,8 @@ _FIELD_PATHS = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(FieldError):
     """An object's spec cannot be reconciled; ``field`` is its path, e.g. ``spec.replicas``."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)
