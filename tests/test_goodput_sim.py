@@ -3,6 +3,7 @@ engines' rebalance cadence, and the oracle as a ceiling (property over seeds).""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -21,7 +22,7 @@ from expertplane.benchmarks.goodput.sim import Cluster, LoadHistory, simulate
 from expertplane.benchmarks.goodput.traces import KINDS, Trace, TraceSpec, generate
 from expertplane.controller.spec import PolicySpec
 
-SMALL = Cluster("small", num_nodes=2, gpus_per_node=2, num_replicas=20, num_layers=3,
+SMALL = Cluster(name="small", num_nodes=2, gpus_per_node=2, num_replicas=20, num_layers=3,
                 num_experts=16, num_groups=4, top_k=2, expert_bytes=1_000_000)
 CONSTANTS = MoverConstants.measured()
 
@@ -49,7 +50,7 @@ def test_step_time_equals_hand_computation():
     # 1 layer, 4 experts on 2 GPUs of 2 slots; per-step rows [300, 100, 50, 50]; placement
     # [0 1 | 2 3]: GPU 0 gets 400 rows, GPU 1 100. Layer = 2 slots x 1 ms + 400 x 1 us
     # + 400 x 7392 B / 1 GB/s + 400 x 14336 B / 1 GB/s + 2 ms fixed = 13.0912 ms.
-    cluster = Cluster("hand", num_nodes=1, gpus_per_node=2, num_replicas=4, num_layers=1,
+    cluster = Cluster(name="hand", num_nodes=1, gpus_per_node=2, num_replicas=4, num_layers=1,
                       num_experts=4, num_groups=1, top_k=1)
     cost = CostModel(GemmFit(per_slot_s=1e-3, per_row_s=1e-6), _flat(1e9), _flat(1e9),
                      layer_fixed_s=2e-3, slots_per_gpu=2)
@@ -206,3 +207,22 @@ def test_oracle_is_never_beaten(seed, kind):
     for r in results:
         assert np.all(oracle.step_s <= r.step_s * (1 + 1e-9)), r.policy
         assert oracle.tokens_per_s >= r.tokens_per_s
+
+
+def test_vllm_plan_keeps_slots_of_experts_staying_on_their_gpu():
+    trace = _trace(steps=4000)
+    history = LoadHistory(trace)
+    r = _run(VLLMEPLB(SMALL), trace)
+    old, new = r.plans[0], r.plans[1]
+    fresh = plan(SMALL, history.between(750 - 1000, 750), "deepseek")
+    per_gpu = (SMALL.num_layers, SMALL.num_gpus, SMALL.slots_per_gpu)
+    np.testing.assert_array_equal(np.sort(new.reshape(per_gpu), -1),
+                                  np.sort(fresh.reshape(per_gpu), -1))   # same GPU contents
+    o, n = old.reshape(per_gpu), new.reshape(per_gpu)
+    for layer in range(SMALL.num_layers):
+        for gpu in range(SMALL.num_gpus):
+            left = Counter(n[layer, gpu].tolist())   # each expert kept as often as it stays
+            for slot, expert in enumerate(o[layer, gpu].tolist()):
+                if left[expert]:
+                    assert n[layer, gpu, slot] == expert
+                    left[expert] -= 1

@@ -31,14 +31,14 @@ The oracle (the ceiling) is ``oracle.simulate_oracle``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from expertplane.benchmarks.goodput.sim import Cluster, View
 from expertplane.controller.planning import compute_candidate
 from expertplane.controller.policy import PolicyState, decide, record
-from expertplane.controller.spec import PlacementSpec, PolicySpec
+from expertplane.controller.spec import PolicySpec
 from expertplane.planner.eplb import rebalance_experts
 from expertplane.planner.movement import keep_gpu_slots
 
@@ -110,12 +110,7 @@ class ExpertPlanePolicy:
     decisions: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        c = self.cluster
-        self.spec = PlacementSpec(name="goodput", num_layers=c.num_layers,
-                                  num_experts=c.num_experts, num_nodes=c.num_nodes,
-                                  gpus_per_node=c.gpus_per_node, num_replicas=c.num_replicas,
-                                  num_groups=c.num_groups, expert_bytes=c.expert_bytes,
-                                  algorithm=self.algorithm, policy=self.policy)
+        self.spec = replace(self.cluster, algorithm=self.algorithm, policy=self.policy)
         self.state = PolicyState()
         self._next = self.interval_s
 

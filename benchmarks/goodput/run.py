@@ -23,14 +23,15 @@ from expertplane.benchmarks.goodput.movers import Mover, MoverConstants
 from expertplane.benchmarks.goodput.oracle import simulate_oracle
 from expertplane.benchmarks.goodput.policies import (ExpertPlanePolicy, SGLangEPLB, Static,
                                                      VLLMEPLB, plan)
-from expertplane.benchmarks.goodput.sim import Cluster, LoadHistory, RunResult, simulate
+from expertplane.benchmarks.goodput.sim import (Cluster, LoadHistory, RunResult, deepseek_v3,
+                                                simulate)
 from expertplane.benchmarks.goodput.traces import KINDS, Trace, TraceSpec, generate
 from expertplane.controller.spec import PolicySpec
 
 CLUSTERS = {
-    "hier-32": Cluster("hier-32", num_nodes=4, gpus_per_node=8, num_replicas=288),
-    "global-144": Cluster("global-144", num_nodes=18, gpus_per_node=8, num_replicas=288),
-    "global-320": Cluster("global-320", num_nodes=40, gpus_per_node=8, num_replicas=640),
+    "hier-32": deepseek_v3("hier-32", num_nodes=4, gpus_per_node=8, num_replicas=288),
+    "global-144": deepseek_v3("global-144", num_nodes=18, gpus_per_node=8, num_replicas=288),
+    "global-320": deepseek_v3("global-320", num_nodes=40, gpus_per_node=8, num_replicas=640),
 }
 POLICIES = ("static", "sglang", "vllm-sync", "vllm-async", "expertplane", "oracle")
 

@@ -16,36 +16,24 @@ import numpy as np
 from expertplane.benchmarks.goodput.cost import CostModel
 from expertplane.benchmarks.goodput.movers import Mover, plan_move
 from expertplane.benchmarks.goodput.traces import Trace
+from expertplane.controller.spec import PlacementSpec
 from expertplane.planner.metrics import gpu_loads
 
 
 @dataclass(frozen=True)
-class Cluster:
-    """An expert-parallel deployment: DeepSeek-V3 by default (58 MoE layers, 256 experts in 8
-    groups, top-8, bf16 experts of H 7168 x I 2048 = 88 MB)."""
+class Cluster(PlacementSpec):
+    """A placement (``PlacementSpec``: layers, experts, groups, nodes, GPUs, slots, bytes per
+    expert) plus ``top_k``, the experts each token is routed to."""
 
-    name: str
-    num_nodes: int
-    gpus_per_node: int
-    num_replicas: int
-    num_layers: int = 58
-    num_experts: int = 256
-    num_groups: int = 8
     top_k: int = 8
-    expert_bytes: int = 3 * 7168 * 2048 * 2
 
-    def __post_init__(self) -> None:
-        if self.num_replicas % self.num_gpus or self.num_replicas < self.num_experts:
-            raise ValueError(f"cluster {self.name}: num_replicas must be a multiple of the GPU "
-                             f"count {self.num_gpus} and >= num_experts, got {self.num_replicas}")
 
-    @property
-    def num_gpus(self) -> int:
-        return self.num_nodes * self.gpus_per_node
-
-    @property
-    def slots_per_gpu(self) -> int:
-        return self.num_replicas // self.num_gpus
+def deepseek_v3(name: str, num_nodes: int, gpus_per_node: int, num_replicas: int) -> Cluster:
+    """DeepSeek-V3 on a cluster: 58 MoE layers, 256 experts in 8 groups, top-8, bf16 experts of
+    H 7168 x I 2048 (gate, up, down) = 88.1 MB."""
+    return Cluster(name=name, num_layers=58, num_experts=256, num_nodes=num_nodes,
+                   gpus_per_node=gpus_per_node, num_replicas=num_replicas, num_groups=8,
+                   expert_bytes=3 * 7168 * 2048 * 2, top_k=8)
 
 
 class LoadHistory:

@@ -16,7 +16,7 @@ All of them alternate decode-like phases (``decode_tokens`` per GPU and step) wi
 phases (``prefill_tokens``), ``prefill_steps`` of every ``phase_steps``.
 
 Replays: ``from_demo`` rebuilds the per-step popularity of an ``expertplane demo`` run from its
-configuration (the demo's own ``kernels.synthetic.PopularityDrift``); ``from_sglang_dump`` reads
+configuration (the demo's own ``worker.synthetic.PopularityDrift``); ``from_sglang_dump`` reads
 an SGLang expert-distribution dump recorded per forward pass (``logical_count`` [passes, L, E]).
 """
 
@@ -142,7 +142,7 @@ def from_demo(config: dict, num_gpus: int, num_steps: int, steps_per_tick: int,
     """The per-step load of an ``expertplane demo`` run with ``config`` (the demo's YAML:
     ``placement`` and ``workload``): its popularity at the first step of each tick times its
     tokens per rank and step, ``num_gpus`` ranks and ``top_k``."""
-    from expertplane.kernels.synthetic import PopularityDrift, StreamConfig
+    from expertplane.worker.synthetic import PopularityDrift, StreamConfig
 
     model, work = config["placement"]["model"], config["workload"]
     stream = StreamConfig(tokens_per_step=work["tokens_per_step"],
