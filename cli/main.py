@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("plan", "pipeline", "controller", "agent", "worker", "demo", "bench")
+SUBCOMMANDS = ("plan", "pipeline", "controller", "agent", "worker", "demo", "bench", "operator")
 
 
 def build_parser() -> argparse.ArgumentParser:
