@@ -94,12 +94,39 @@ def test_manifests_install_and_samples_validate(apiserver):
     for kind, name in [("deployment", "expertplane-controller"), ("deployment", "expertplane-operator"),
                        ("daemonset", "expertplane-agent"), ("service", "expertplane-controller")]:
         assert apiserver.get(kind, name, NAMESPACE) is not None, (kind, name)
+    # The controller's store lives on a PersistentVolumeClaim, not an emptyDir.
+    assert apiserver.get("persistentvolumeclaim", "expertplane-controller-data", NAMESPACE) is not None
+    pod = apiserver.get("deployment", "expertplane-controller", NAMESPACE)["spec"]["template"]["spec"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "expertplane-controller-data"}} \
+        in pod["volumes"]
     svc = apiserver.get("service", "expertplane-controller", NAMESPACE)
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": 50051, "metrics": 9090}
     # The samples pass server-side validation (dry run: nothing is created).
     out = apiserver.kubectl("apply", "--server-side", "--dry-run=server", "-k", str(SAMPLES)).stdout
     assert "expertplacement.expertplane.io/deepseek-v3" in out
     assert "pipelineplan.expertplane.io/deepseek-v3-pp8" in out
+
+
+def test_postgresql_overlay(apiserver):
+    """examples/postgresql: the controller's --db comes from Secret expertplane-db, no claim."""
+    from expertplane.cli.main import build_parser
+
+    out = apiserver.kubectl("kustomize", str(REPO / "examples" / "postgresql")).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}
+    [dep] = [d for d in docs if d["metadata"]["name"] == "expertplane-controller"
+             and d["kind"] == "Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["env"] == [{"name": "EXPERTPLANE_DB_URL", "valueFrom": {
+        "secretKeyRef": {"name": "expertplane-db", "key": "url"}}}]
+    assert [v["name"] for v in pod["volumes"]] == ["tmp"]
+    assert [m["mountPath"] for m in c["volumeMounts"]] == ["/tmp"]
+    url = "postgresql+psycopg://ep@db:5432/expertplane"
+    args = build_parser().parse_args(
+        [*c["command"][1:], *(a.replace("$(EXPERTPLANE_DB_URL)", url) for a in c["args"])])
+    assert args.db == url
+    apiserver.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=out)
 
 
 def _can_i_list(cluster, sa: str, namespace: str) -> dict[str, set[str]]:

@@ -165,7 +165,8 @@ def test_large_load_through_initial_load_from_and_the_inline_limit(apiserver, op
                                      topology={"nodes": 4, "gpusPerNode": 8}, replicas=288,
                                      initialLoad={"values": np.round(load, 3).tolist()}), check=False)
     assert proc.returncode != 0
-    assert "spec.initialLoad.values[0]: Too many: 256: must have at most 128 items" in proc.stderr
+    assert ("spec.initialLoad.values: Invalid value: 256: spec.initialLoad.values in body should "
+            "have at most 128 items") in proc.stderr
     explain = apiserver.kubectl("explain", "expertplacement.spec.initialLoad").stdout
     assert "at most 64 layers x 128 experts" in explain and "spec.initialLoadFrom" in explain
     apiserver.kubectl("delete", "expertplacement", "big", "--timeout=60s")

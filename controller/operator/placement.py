@@ -137,10 +137,13 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
 
     ``apply``: register the spec with the controller even if it already holds it (change
     handlers); otherwise only when the controller lacks it or holds something else (periodic
-    refresh). Returns None when ``obj`` is older than what the controller holds (a stale copy;
-    the next refresh sees the new one).
+    refresh). Returns None when ``obj`` is being deleted (the delete handler cleans up; a refresh
+    must not register it again) or older than what the controller holds (a stale copy; the next
+    refresh sees the new one).
     """
     meta, spec = obj["metadata"], obj["spec"]
+    if meta.get("deletionTimestamp"):
+        return None
     namespace, name, gen = meta["namespace"], meta["name"], int(meta.get("generation", 1))
     old = copy.deepcopy(dict(obj.get("status") or {}))
     conds = list(old.get("conditions") or [])
