@@ -51,6 +51,9 @@ def operator_settings(identity: str = "") -> kopf.OperatorSettings:
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 15
     settings.execution.max_workers = 8
+    # A deleted object's timer may be running (a sync handler cannot be cancelled): check every
+    # second whether it has ended, not kopf's default 60 s, or its deletion waits that long.
+    settings.background.cancellation_polling = 1.0
     # kopf's own events (handler failures) under our name; our events are posted by Kube.
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = COMPONENT
