@@ -346,7 +346,7 @@ def bench_flood(server, args) -> dict:
                          "p50_ms": float(np.percentile(lat, 50) * 1e3),
                          "p99_ms": float(np.percentile(lat, 99) * 1e3),
                          "max_ms": float(lat.max() * 1e3)},
-            "window_state": server.controller.aggregator.get("bench").sizes()}
+            "window_state": server.controller.placements.require("bench").window.sizes()}
 
 
 # ---------------------------------------------------------------------------- rollout
