@@ -19,6 +19,7 @@ import numpy as np
 
 from expertplane.controller.aggregation import IngestResult, PlacementWindow, WindowView
 from expertplane.controller.config import ControllerConfig
+from expertplane.controller.coordinator import RolloutCoordinator
 from expertplane.controller.ingest import LoadIngest
 from expertplane.controller.metrics import ControllerMetrics
 from expertplane.controller.placements import PlacementState, Placements
@@ -26,7 +27,6 @@ from expertplane.controller.planning import compute_candidate, warm_up
 from expertplane.controller.plans import Plans, PlanWatch
 from expertplane.controller.policy import PolicyState
 from expertplane.controller.rebalance import RebalanceOutcome, Rebalancer
-from expertplane.controller.rollout import RolloutCoordinator
 from expertplane.controller.router_balancer import PlacementTotals, RouterBalancer
 from expertplane.controller.spec import PlacementSpec
 from expertplane.controller.store import PlanRecord, RolloutRecord, Store, StoredPlacement

@@ -1,7 +1,6 @@
-"""Stored plans: building a plan record, storing it, and telling the watchers.
+"""Stored plans: storing them, the plan-version gauges, and the watchers.
 
-``plan_record`` is the one place a plan record is built from a planner candidate; ``Plans``
-stores records, keeps the plan-version gauges and feeds ``PlanWatch`` subscribers.
+``Plans`` stores records (built by ``convert.plan_record``) and feeds ``PlanWatch`` subscribers.
 """
 
 from __future__ import annotations
@@ -9,26 +8,14 @@ from __future__ import annotations
 import queue
 from collections.abc import Callable
 
+from expertplane.controller.convert import plan_record
 from expertplane.controller.metrics import ControllerMetrics
 from expertplane.controller.placements import PlacementState, Placements
 from expertplane.controller.planning import Candidate
-from expertplane.controller.spec import PlacementSpec
-from expertplane.controller.store import PlanRecord, Store, utcnow
+from expertplane.controller.store import PlanRecord, Store
 from expertplane.errors import FieldError, NotFound
 
 MAX_VERSION = 2 ** 63 - 1      # plan versions are stored as signed 64-bit integers
-
-
-def plan_record(spec: PlacementSpec, cand: Candidate, reason: str, previous: int) -> PlanRecord:
-    """A record of ``cand`` planned for ``spec`` against version ``previous`` (0: none); its
-    version is 0 until stored."""
-    return PlanRecord(
-        placement=spec.name, version=0, algorithm=cand.algorithm, reason=reason,
-        previous_version=previous, num_nodes=spec.num_nodes, gpus_per_node=spec.gpus_per_node,
-        phy2log=cand.phy2log, log2phy=cand.log2phy, logcnt=cand.logcnt, load_snapshot=cand.load,
-        predicted_balance=cand.predicted_balance.tolist(),
-        current_balance=cand.current_balance.tolist(), slots_moved=cand.slots_moved,
-        bytes_moved=cand.bytes_moved, created_at=utcnow())
 
 
 class PlanWatch:

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from expertplane.controller.convert import plan_message
+from expertplane.controller.convert import plan_message, plan_record
+from expertplane.controller.coordinator import RolloutCoordinator
 from expertplane.controller.metrics import ControllerMetrics
 from expertplane.controller.placements import PlacementState, Placements
 from expertplane.controller.planning import Candidate, check_load, compute_candidate
-from expertplane.controller.plans import Plans, plan_record
+from expertplane.controller.plans import Plans
 from expertplane.controller.policy import Decision, decide, record
-from expertplane.controller.rollout import RolloutCoordinator
 from expertplane.controller.spec import PlacementSpec
 from expertplane.controller.store import PlanRecord, RolloutRecord
 from expertplane.errors import FailedPrecondition, FieldError

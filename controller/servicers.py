@@ -17,7 +17,7 @@ import numpy as np
 from expertplane.controller.convert import (plan_message, plan_summary, rollout_message,
                                             timestamp)
 from expertplane.controller.core import Controller, PlacementView
-from expertplane.controller.rollout import AgentSession
+from expertplane.controller.sessions import AgentSession
 from expertplane.controller.spec import spec_from_proto, spec_to_proto
 from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
