@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from expertplane.controller.simagent import SimulatedAgent, load_report
+from expertplane.benchmarks.simagent import SimulatedAgent, load_report
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import make_channel

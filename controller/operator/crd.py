@@ -12,8 +12,8 @@ from typing import Mapping
 import numpy as np
 import yaml
 
-from expertplane.controller.errors import InvalidArgument
 from expertplane.controller.spec import spec_from_proto
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor
 
@@ -44,12 +44,8 @@ _FIELD_PATHS = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(FieldError):
     """An object's spec cannot be reconciled; ``field`` is its path, e.g. ``spec.replicas``."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -147,11 +143,11 @@ def placement_from_cr(name: str, spec: Mapping, topology: Topology, generation: 
         msg.initial_load.CopyFrom(double_tensor(initial_load))
     try:
         spec_from_proto(msg)
-    except InvalidArgument as exc:
+    except FieldError as exc:
         field = _FIELD_PATHS.get(exc.field, exc.field)
         if field == "spec.replicas" and "redundantExperts" in spec:
             field = "spec.redundantExperts"
-        raise SpecError(field, str(exc).split(": ", 1)[1]) from None
+        raise SpecError(field, exc.message) from None
     return msg
 
 

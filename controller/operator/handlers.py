@@ -12,7 +12,7 @@ from collections import defaultdict
 import kopf
 import kubernetes
 
-from expertplane.controller.operator.client import ControllerError
+from expertplane.controller.operator.client import ControllerCallError
 from expertplane.controller.operator.crd import GROUP, PIPELINES, PLACEMENTS, VERSION
 from expertplane.controller.operator.reconcile import (
     OperatorContext,
@@ -93,7 +93,7 @@ def build_registry(ctx: OperatorContext, api_config: kubernetes.client.Configura
         with locks[uid]:
             try:
                 removed = cleanup_placement(ctx, _plain(body))
-            except ControllerError as exc:
+            except ControllerCallError as exc:
                 raise kopf.TemporaryError(f"controller: {exc}", delay=5) from None
         locks.pop(uid, None)
         logger.info("cleaned up: %s", ", ".join(removed) or "nothing to remove")

@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 from expertplane.controller.operator import conditions as cond
 from expertplane.controller.operator.client import (
     ControllerClient,
-    ControllerError,
+    ControllerCallError,
     Rejected,
 )
 from expertplane.controller.operator.crd import (
@@ -151,7 +151,7 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
         _publish(ctx, obj, namespace, cm_name, placement, state, old, status, events)
     except Rejected as exc:
         return done(False, "InvalidSpec", f"rejected by the controller: {exc.details}")
-    except ControllerError as exc:
+    except ControllerCallError as exc:
         return done(None, degraded=("ControllerUnavailable", str(exc)))
     except ApiException as exc:
         return done(None, degraded=("PublishFailed", f"could not write ConfigMap {cm_name!r}: "
@@ -201,7 +201,7 @@ def _publish(ctx: OperatorContext, obj: Mapping, namespace: str, cm_name: str,
 
 def cleanup_placement(ctx: OperatorContext, obj: Mapping) -> list[str]:
     """Forget a deleted ExpertPlacement: delete it from the controller and delete its plan
-    ConfigMap(s). Raises ``ControllerError`` when the controller cannot be reached (the
+    ConfigMap(s). Raises ``ControllerCallError`` when the controller cannot be reached (the
     finalizer then stays until it can). Returns what was removed, for the log."""
     meta, spec = obj["metadata"], obj["spec"]
     pname = placement_name(meta["namespace"], meta["name"])
@@ -253,7 +253,7 @@ def reconcile_pipeline(ctx: OperatorContext, obj: Mapping, *, force: bool) -> Ou
         return done(False, "InvalidSpec", str(exc), clear=True)
     except Rejected as exc:
         return done(False, "InvalidSpec", f"rejected by the controller: {exc.details}", clear=True)
-    except ControllerError as exc:
+    except ControllerCallError as exc:
         return done(None, degraded=("ControllerUnavailable", str(exc)))
     except ApiException as exc:
         return done(None, degraded=("KubernetesError", f"{exc.status} {exc.reason}"))
