@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from expertplane.planner.errors import PlanInputError, one_line
+from expertplane.errors import FieldError, one_line
 
 PLAN_FILE_ENV = "EXPERTPLANE_PLAN_FILE"
 
 
-class PlanFileError(PlanInputError):
+class PlanFileError(FieldError):
     """A plan file that cannot be used; ``field`` names the offending field (``plan_file.<key>``)."""
 
 
