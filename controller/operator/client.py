@@ -75,6 +75,12 @@ class ControllerClient:
         req = pb.GetPlanRequest(placement=name, version=version)
         return self._call(self._plans.GetPlan, "GetPlan", req)
 
+    def list_plans(self, name: str, after_version: int = 0) -> list[pb.PlanSummary]:
+        """Summaries of placement ``name``'s stored plans after ``after_version`` (one page, in
+        version order)."""
+        req = pb.ListPlansRequest(placement=name, page_token=str(after_version) if after_version else "")
+        return list(self._call(self._plans.ListPlans, "ListPlans", req).plans)
+
     def compute_pipeline(self, request: pb.ComputePipelineRequest) -> pb.PipelinePartition:
         return self._call(self._planning.ComputePipeline, "ComputePipeline", request)
 
