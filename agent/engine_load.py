@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from expertplane.agent.reports import SnapshotError
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
-from expertplane.rpc.tensors import TensorError, to_numpy
+from expertplane.rpc.tensors import to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +29,16 @@ MAX_ENGINES = 64   # engine processes whose last sequence is remembered (oldest 
 
 
 def check_engine_load(msg: pb.EngineLoadReport) -> np.ndarray:
-    """The window's ``expert_load`` [L, E] float64; raises ``SnapshotError`` naming the field."""
+    """The window's ``expert_load`` [L, E] float64; raises ``FieldError`` naming the field."""
     if not msg.placement:
-        raise SnapshotError("placement", "required (the placement the engine serves)")
-    try:
-        load = to_numpy(msg.expert_load, "expert_load", ndim=2)
-    except TensorError as exc:
-        raise SnapshotError(exc.field, str(exc).split(": ", 1)[1]) from exc
+        raise FieldError("placement", "required (the placement the engine serves)")
+    load = to_numpy(msg.expert_load, "expert_load", ndim=2)
     if load.size == 0:
-        raise SnapshotError("expert_load", f"must not be empty, got shape {list(load.shape)}")
+        raise FieldError("expert_load", f"must not be empty, got shape {list(load.shape)}")
     if not np.isfinite(load).all():
-        raise SnapshotError("expert_load", "must be finite (no NaN or infinity)")
+        raise FieldError("expert_load", "must be finite (no NaN or infinity)")
     if load.min() < 0:
-        raise SnapshotError("expert_load", "token counts must be >= 0")
+        raise FieldError("expert_load", "token counts must be >= 0")
     return load
 
 
@@ -62,7 +59,7 @@ class EngineLoadSink:
 
     def accept(self, msg: pb.EngineLoadReport) -> bool:
         """Count ``msg``; False when its (engine_epoch, sequence) was already counted. Raises
-        ``SnapshotError`` naming the field when it is malformed."""
+        ``FieldError`` naming the field when it is malformed."""
         check_engine_load(msg)
         with self._lock:
             if msg.sequence:
