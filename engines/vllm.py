@@ -115,13 +115,16 @@ def _policy_class():
                     (CPU int64): the plan in force, or ``old_global_expert_indices`` unchanged."""
                     old = old_global_expert_indices
                     if cls.source is None or old is None or old.shape[-1] != num_replicas:
-                        # vLLM asks for another slot count (elastic EP) or gives no map
+                        # vLLM asks for another slot count (elastic EP) or gives no map: its
+                        # own policy answers (keeping slots in place only within one shape)
                         log.warning("expertplane: vLLM's own EPLB computes this rebalance (%s)",
                                     "no plan source" if cls.source is None else
                                     "no current map" if old is None else
                                     f"{num_replicas} slots asked, map has {old.shape[-1]}")
+                        same = old is not None and old.shape[-1] == num_replicas
                         return cls.vllm_default.rebalance_experts(
-                            weight, num_replicas, num_groups, num_nodes, num_ranks, old)
+                            weight, num_replicas, num_groups, num_nodes, num_ranks,
+                            old if same else None)
                     return cls.source.rebalance(weight, old)
 
             _POLICY = ExpertPlaneEplbPolicy
