@@ -36,15 +36,15 @@ class Running:
         self.planning = pb_grpc.PlanningServiceStub(self.channel)
 
     def state(self) -> pb.PlacementState:
-        return next(p for p in self.plans.ListPlacements(pb.ListPlacementsRequest(), timeout=10).placements
+        return next(p for p in self.plans.ListPlacements(pb.ListPlacementsRequest(), timeout=30).placements
                     if p.spec.name == "m")
 
     def history(self) -> list[tuple[int, str]]:
-        resp = self.plans.ListPlans(pb.ListPlansRequest(placement="m"), timeout=10)
+        resp = self.plans.ListPlans(pb.ListPlansRequest(placement="m"), timeout=30)
         return [(p.version, p.reason) for p in resp.plans]
 
     def phy2log(self, version=0) -> np.ndarray:
-        plan = self.plans.GetPlan(pb.GetPlanRequest(placement="m", version=version), timeout=10)
+        plan = self.plans.GetPlan(pb.GetPlanRequest(placement="m", version=version), timeout=30)
         return to_numpy(plan.phy2log, "phy2log")
 
     def close(self):
@@ -68,7 +68,7 @@ def _skewed_load(c: Running, version: int) -> None:
                        for layer in range(2)])
     reports = [load_report(f"n{r // 2}", r, "m", version, 1, counts[:, 3 * r:3 * r + 3].astype(int))
                for r in range(4)]
-    acks = list(pb_grpc.LoadServiceStub(c.channel).ReportLoad(iter(reports), timeout=10))
+    acks = list(pb_grpc.LoadServiceStub(c.channel).ReportLoad(iter(reports), timeout=30))
     assert {a.status for a in acks} == {pb.LoadAck.ACCEPTED}
 
 
@@ -118,12 +118,12 @@ def test_propose_approve_and_rollback(controller):
         _skewed_load(c, 1)
         wait_for(lambda: sum(len(a.workers) for a in agents) == 4, what="agents")
         d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", propose=True),
-                                        timeout=30)
+                                        timeout=60)
         assert (d.rebalance, d.new_version) == (False, 2) and d.reason.startswith("proposed as v2")
         assert d.predicted_balance < d.current_balance and d.slots_moved > 0
         assert c.state().plan_version == 1 and c.history()[-1] == (2, "proposal")
         assert not c.state().HasField("last_rebalance")
-        d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", version=2), timeout=30)
+        d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", version=2), timeout=60)
         assert d.rebalance and d.new_version == 2 and d.reason == "proposal"
         for a in agents:
             assert a.wait_for(lambda a: set(a.versions().values()) == {2}), a.versions()
@@ -131,18 +131,18 @@ def test_propose_approve_and_rollback(controller):
                          what="v2 committed")
         assert state.HasField("last_rebalance")                 # at once, in memory
         # Roll back to v1: its map as v3.
-        d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", version=1), timeout=30)
+        d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", version=1), timeout=60)
         assert d.new_version == 3 and d.reason == "rollback to v1"
         for a in agents:
             assert a.wait_for(lambda a: set(a.versions().values()) == {3}), a.versions()
         wait_for(lambda: (s := c.state()).plan_version == 3 and not s.rollout_state, what="v3")
         assert np.array_equal(c.phy2log(3), c.phy2log(1))
         with pytest.raises(grpc.RpcError) as err:
-            c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", version=3), timeout=30)
+            c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", version=3), timeout=60)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert err.value.details() == "version: v3 is the plan in force"
         with pytest.raises(grpc.RpcError) as err:
-            c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", version=9), timeout=30)
+            c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", version=9), timeout=60)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         for a in agents:
