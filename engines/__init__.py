@@ -1,0 +1,1 @@
+"""Adapters between ExpertPlane and the inference engines users run."""
