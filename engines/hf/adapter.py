@@ -58,11 +58,7 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
         if not hasattr(experts, "is_concatenated"):      # set by @use_experts_implementation
             foreign.append(f"{name}.experts ({type(experts).__name__})")
             continue
-        router = getattr(module, "gate", None)
-        if not isinstance(router, nn.Module):
-            raise UnsupportedModelError(
-                f"{family}: MoE block {name} ({type(module).__name__}) has no router `gate`")
-        blocks.append(_check(family, name, module, router, experts))
+        blocks.append(_check(family, name, module, experts))
     if foreign:
         raise UnsupportedModelError(
             f"{family}: unsupported MoE architecture: {foreign[0]} does not use transformers' "
@@ -85,8 +81,7 @@ def _is_silu(act) -> bool:
         return False
 
 
-def _check(family: str, name: str, block: nn.Module, router: nn.Module,
-           experts: nn.Module) -> MoEBlock:
+def _check(family: str, name: str, block: nn.Module, experts: nn.Module) -> MoEBlock:
     problems = []
     if not experts.has_gate:
         problems.append("experts without a gate projection")
@@ -104,6 +99,14 @@ def _check(family: str, name: str, block: nn.Module, router: nn.Module,
     if problems:
         raise UnsupportedModelError(f"{family}: unsupported experts in {name} "
                                     f"({type(experts).__name__}): {', '.join(problems)}")
+    router = getattr(block, "gate", None)
+    if not isinstance(router, nn.Module):
+        raise UnsupportedModelError(
+            f"{family}: MoE block {name} ({type(block).__name__}) has no router `gate`")
+    served = getattr(experts, "expert_parallel", None)    # already expert-parallel
+    if served is not None:
+        return MoEBlock(name, block, router, experts, served.num_experts, served.hidden,
+                        served.intermediate)
     gate_up, down = experts.gate_up_proj, experts.down_proj
     e, two_i, h = gate_up.shape
     if down.shape != (e, h, two_i // 2):

@@ -98,8 +98,9 @@ def expert_parallel(model: nn.Module, phy2log, group: dist.ProcessGroup | None =
     :class:`~expertplane.kernels.moe.PlacementError` naming what does not fit.
     """
     blocks = find_moe_blocks(model)
-    rank, world = (0, 1) if group is None and not dist.is_initialized() else (
-        dist.get_rank(group), dist.get_world_size(group))
+    if any(hasattr(b.experts, "expert_parallel") for b in blocks):
+        raise ValueError("model: already expert-parallel (swap plans with the hot-swap engine)")
+    world = dist.get_world_size(group) if group is not None or dist.is_initialized() else 1
     placements = _placements(phy2log, blocks, world)
     source = weights or _module_source(blocks)
     for index, (block, placement) in enumerate(zip(blocks, placements)):
