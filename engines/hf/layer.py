@@ -112,7 +112,11 @@ def expert_parallel(model: nn.Module, phy2log, group: dist.ProcessGroup | None =
         for name in ("gate_up_proj", "down_proj"):
             delattr(block.experts, name)
         block.experts.expert_parallel = layer
-    model.set_experts_implementation(IMPLEMENTATION)
+    if hasattr(model, "set_experts_implementation"):     # a PreTrainedModel
+        model.set_experts_implementation(IMPLEMENTATION)
+    else:                                                  # a bare MoE block
+        for block in blocks:
+            block.experts.config._experts_implementation = IMPLEMENTATION
     return model
 
 
