@@ -13,7 +13,8 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("plan", "pipeline", "controller", "agent", "worker", "demo", "bench")
+SUBCOMMANDS = ("plan", "pipeline", "controller", "agent", "worker", "demo", "bench",
+               "get", "describe", "apply", "delete", "rebalance", "watch")
 
 
 def build_parser() -> argparse.ArgumentParser:

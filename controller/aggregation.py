@@ -1,9 +1,16 @@
 """Load aggregation: worker slot counts -> decayed sliding-window load per logical expert.
 
-Each ``LoadReport`` carries token counts per local physical slot ``[L, R / num_gpus]`` counted
-under some plan version. The slots of worker ``rank`` are ``rank*S .. (rank+1)*S - 1`` of that
-plan's ``phy2log [L, R]``, so a report maps to logical experts exactly even when the plan in
-force has changed since. Reports land in time buckets as raw slot counts per plan version
+A ``LoadReport`` carries one of two kinds of counts (its ``counts`` oneof):
+
+- ``slot_counts``: tokens per local physical slot ``[L, R / num_gpus]`` counted under some plan
+  version. The slots of worker ``rank`` are ``rank*S .. (rank+1)*S - 1`` of that plan's
+  ``phy2log [L, R]``, so a report maps to logical experts exactly even when the plan in force
+  has changed since.
+- ``expert_load``: tokens per logical expert ``[L, E]`` (engines that count per expert, such as
+  vLLM's EPLB window). Added to the window as is, with no plan mapping. Its share of the per-GPU
+  load is estimated under the plan in force: each expert's load split evenly over its replicas.
+
+Reports land in time buckets as raw slot counts per plan version, or logical load
 (cheap to ingest); the mapping to experts happens when the window is read. Buckets (``window / BUCKETS`` seconds wide); the
 window load is the sum of the buckets younger than the window, each weighted by
 ``2 ** (-age / half_life)`` (no decay when half_life is 0). Memory per placement is bounded:
@@ -53,13 +60,15 @@ class WindowView:
 
 
 class _Bucket:
-    """Token counts received in one time bucket, per plan version as slots [G, L, S] float64."""
+    """Token counts received in one time bucket: per plan version as slots [G, L, S] float64,
+    and logical-expert load [L, E] float64 (None until a logical report lands)."""
 
-    __slots__ = ("start", "slots")
+    __slots__ = ("start", "slots", "logical")
 
     def __init__(self, start: float):
         self.start = start
         self.slots: dict[int, np.ndarray] = {}
+        self.logical: np.ndarray | None = None
 
 
 class PlacementWindow:
@@ -113,6 +122,8 @@ class PlacementWindow:
         if r.worker_rank >= s.num_gpus:
             return IngestResult(Ack.REJECTED, f"worker_rank: must be < {s.num_gpus} (GPUs of "
                                               f"{s.name!r}), got {r.worker_rank}")
+        if r.WhichOneof("counts") == "expert_load":
+            return self._ingest_logical(r, now)
         if r.plan_version == 0:
             return IngestResult(Ack.REJECTED, "plan_version: must be >= 1")
         t = r.slot_counts
@@ -126,11 +137,9 @@ class PlacementWindow:
                 return IngestResult(Ack.REJECTED, str(exc))
         if counts.size and counts.min() < 0:
             return IngestResult(Ack.REJECTED, "slot_counts: must be non-negative")
-        end = r.window_end.seconds + r.window_end.nanos * 1e-9 if r.HasField("window_end") else 0.0
-        lag = max(0.0, now - end) if end else 0.0
-        if end and lag > s.policy.window_seconds:
-            return IngestResult(Ack.STALE, f"window_end: {lag:.1f} s old, older than the "
-                                           f"{s.policy.window_seconds:g} s window", lag)
+        lag, stale = self._lag(r, now)
+        if stale is not None:
+            return stale
         key = (r.node, r.worker_rank, r.agent_epoch)
         with self._lock:
             if r.plan_version > self.latest:
@@ -145,17 +154,60 @@ class PlacementWindow:
             self._cache(r.plan_version, phy2log)
             return self._accept(r, key, counts, now, lag)
 
+    def _lag(self, r: pb.LoadReport, now: float) -> tuple[float, IngestResult | None]:
+        """Seconds since the report's window_end (0 if unset), and a STALE result when that is
+        older than the window."""
+        end = r.window_end.seconds + r.window_end.nanos * 1e-9 if r.HasField("window_end") else 0.0
+        lag = max(0.0, now - end) if end else 0.0
+        window = self.spec.policy.window_seconds
+        if end and lag > window:
+            return lag, IngestResult(Ack.STALE, f"window_end: {lag:.1f} s old, older than the "
+                                                f"{window:g} s window", lag)
+        return lag, None
+
+    def _ingest_logical(self, r: pb.LoadReport, now: float) -> IngestResult:
+        """Validate and count a report of load per logical expert ``expert_load [L, E]``."""
+        s = self.spec
+        try:
+            load = to_numpy(r.expert_load, "expert_load", shape=(s.num_layers, s.num_experts))
+        except TensorError as exc:
+            return IngestResult(Ack.REJECTED, str(exc))
+        if not np.isfinite(load).all():
+            return IngestResult(Ack.REJECTED, "expert_load: must be finite (no NaN or infinity)")
+        if load.size and load.min() < 0:
+            return IngestResult(Ack.REJECTED, "expert_load: must be non-negative")
+        lag, stale = self._lag(r, now)
+        if stale is not None:
+            return stale
+        with self._lock:
+            if not self._first_count((r.node, r.worker_rank, r.agent_epoch), r.sequence):
+                return IngestResult(Ack.DUPLICATE, f"sequence: {r.sequence} already counted", lag)
+            bucket = self._bucket(now)
+            if bucket.logical is None:
+                bucket.logical = np.zeros((s.num_layers, s.num_experts))
+            bucket.logical += load
+            self.reports += 1
+        return IngestResult(Ack.ACCEPTED, "", lag)
+
+    def _first_count(self, key: tuple, sequence: int) -> bool:
+        """Record ``sequence`` for ``key``; False when it was already counted (caller holds the
+        lock)."""
+        last = self._seen.get(key)
+        if last is not None and sequence <= last:
+            return False
+        self._seen[key] = sequence
+        self._seen.move_to_end(key)
+        if len(self._seen) > MAX_SEQUENCES:
+            self._seen.popitem(last=False)
+        return True
+
     def _accept(self, r: pb.LoadReport, key: tuple, counts: np.ndarray, now: float,
                 lag: float) -> IngestResult:
         """Dedupe and count (caller holds the lock)."""
         last = self._seen.get(key)
-        if last is not None and r.sequence <= last:
+        if not self._first_count(key, r.sequence):
             return IngestResult(Ack.DUPLICATE, f"sequence: {r.sequence} already counted "
                                                f"(last {last})", lag)
-        self._seen[key] = r.sequence
-        self._seen.move_to_end(key)
-        if len(self._seen) > MAX_SEQUENCES:
-            self._seen.popitem(last=False)
         bucket = self._bucket(now)
         slots = bucket.slots.get(r.plan_version)
         if slots is None:
@@ -180,32 +232,52 @@ class PlacementWindow:
         s = self.spec
         half = s.policy.half_life_seconds
         totals: dict[int, np.ndarray] = {}
+        logical = np.zeros((s.num_layers, s.num_experts))
         with self._lock:
             for b in self._buckets:
                 age = now - (b.start + self.bucket_seconds / 2)
                 if age > s.policy.window_seconds:
                     continue
                 w = 2.0 ** (-max(age, 0.0) / half) if half > 0 else 1.0
+                if b.logical is not None:
+                    logical += w * b.logical
                 for version, slots in b.slots.items():
                     if version in totals:
                         totals[version] += w * slots
                     else:
                         totals[version] = w * slots
             reports, in_force = self.reports, self.in_force
-            maps = {v: self._slot_maps.get(v) for v in totals}
-        load = np.zeros(s.num_layers * s.num_experts)
+            maps = {v: self._slot_maps.get(v) for v in (*totals, in_force)}
+        load = logical.ravel().copy()
         for version, slots in totals.items():
-            idx = maps[version]
+            idx = maps[version] if maps[version] is not None else self._slot_map(version)
             if idx is None:
-                phy2log = self._lookup(s.name, version)
-                if phy2log is None:
-                    continue  # the plan is gone (placement re-created): its counts are void
-                with self._lock:
-                    idx = self._cache(version, phy2log)
+                continue  # the plan is gone (placement re-created): its counts are void
             load += np.bincount(idx.ravel(), weights=slots.ravel(), minlength=load.size)
         gpu = totals[in_force].sum(axis=2).T if in_force in totals else \
             np.zeros((s.num_layers, s.num_gpus))
+        if logical.any():
+            idx = maps[in_force] if maps[in_force] is not None else self._slot_map(in_force)
+            if idx is not None:
+                gpu = gpu + _spread_over_replicas(logical.ravel(), idx, s.num_layers)
         return WindowView(load.reshape(s.num_layers, s.num_experts), gpu, reports, now)
+
+    def _slot_map(self, version: int) -> np.ndarray | None:
+        """The cached slot map of ``version``, fetched from the store on a miss (None when the
+        plan is not stored)."""
+        phy2log = self._lookup(self.spec.name, version)
+        if phy2log is None:
+            return None
+        with self._lock:
+            return self._cache(version, phy2log)
+
+
+def _spread_over_replicas(logical: np.ndarray, idx: np.ndarray, num_layers: int) -> np.ndarray:
+    """Per-GPU load [L, G] of logical load ``logical`` [L*E] under a slot map ``idx`` [G, L*S]
+    (flat expert index of every slot): each expert's load split evenly over its replicas."""
+    replicas = np.bincount(idx.ravel(), minlength=logical.size)
+    per_slot = logical[idx] / np.maximum(replicas[idx], 1)
+    return per_slot.reshape(idx.shape[0], num_layers, -1).sum(axis=2).T
 
 
 class LoadAggregator:

@@ -31,23 +31,31 @@ mirroring the ``Placement`` message (snake_case field names)::
       rule: sign                   # sign | proportional
       interval_seconds: 10
 
+A document may also be an ExpertPlacement custom resource (``apiVersion``/``kind``/``metadata``/
+``spec``, the same YAML ``kubectl apply`` takes; see ``placement_cr.py``). Other Kubernetes kinds
+(a PipelinePlan, a Kustomization) are skipped with a note, so a folder of manifests can be read.
+
 Errors name the file, the document and the field path.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
+from dataclasses import dataclass, field
 
 import jsonschema
 import yaml
 
 from expertplane.controller.errors import InvalidArgument
+from expertplane.controller.placement_cr import KIND, is_custom_resource, placement_from_resource
 from expertplane.planner.errors import one_line
 from expertplane.controller.spec import ALGORITHMS, MODES, PlacementSpec, spec_from_proto
 from expertplane.kernels.balancing import BIAS_RULES
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor
 
+log = logging.getLogger(__name__)
 _UINT = {"type": "integer", "minimum": 0}
 _NUM = {"type": "number", "minimum": 0}
 
@@ -122,30 +130,76 @@ def placement_from_dict(doc: dict) -> pb.Placement:
     return msg
 
 
+@dataclass
+class PlacementFiles:
+    """What a file or folder of placements holds: ``placements`` (validated ``Placement``
+    messages with ``sources``, ``"<file>#<document>"`` each), ``skipped`` notes for documents of
+    other kinds, and ``files`` read."""
+
+    placements: list[pb.Placement] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    files: list[pathlib.Path] = field(default_factory=list)
+
+
+def _placement_of(doc, where: str) -> pb.Placement | None:
+    """The placement of one document, or None for a Kubernetes object of another kind."""
+    if not isinstance(doc, dict):
+        raise InvalidArgument(where, "each document must be a mapping")
+    if is_custom_resource(doc) and doc.get("kind") != KIND:
+        return None
+    try:
+        msg = placement_from_resource(doc) if is_custom_resource(doc) else placement_from_dict(doc)
+        spec_from_proto(msg)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{where} {exc.field}", str(exc).split(": ", 1)[1]) from None
+    return msg
+
+
+def read_placement_files(path: str | pathlib.Path) -> PlacementFiles:
+    """Read and validate every placement in the YAML file ``path``, or in every ``*.yaml``/
+    ``*.yml`` file of the folder ``path`` (sorted by name).
+
+    Raises ``InvalidArgument`` (``"<file>#<doc> <field>: ..."``) or ``OSError`` for I/O problems.
+    """
+    root = pathlib.Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such file or directory")
+    out = PlacementFiles(files=sorted([*root.glob("*.yaml"), *root.glob("*.yml")])
+                         if root.is_dir() else [root])
+    names: set[str] = set()
+    for file in out.files:
+        try:
+            docs = list(yaml.safe_load_all(file.read_text()))
+        except yaml.YAMLError as exc:
+            raise InvalidArgument(str(file), f"not valid YAML: {one_line(exc)}") from None
+        for index, doc in enumerate(d for d in docs if d is not None):
+            where = f"{file}#{index}"
+            msg = _placement_of(doc, where)
+            if msg is None:
+                out.skipped.append(f"{where}: kind {doc.get('kind')!r} is not a placement, skipped")
+                continue
+            if msg.name in names:
+                raise InvalidArgument(f"{where} name", f"placement {msg.name!r} defined twice")
+            names.add(msg.name)
+            out.placements.append(msg)
+            out.sources.append(where)
+    return out
+
+
 def load_placements(directory: str | pathlib.Path) -> list[PlacementSpec]:
-    """Read and validate every placement under ``directory`` (sorted by file name).
+    """Read and validate every placement under ``directory`` (sorted by file name); logs a
+    warning when the folder holds none, and a note for each document of another kind.
 
     Raises ``InvalidArgument`` (``"<file>#<doc> <field>: ..."``) or ``OSError`` for I/O problems.
     """
     root = pathlib.Path(directory)
     if not root.is_dir():
         raise NotADirectoryError(f"--placements: {root} is not a directory")
-    specs: dict[str, PlacementSpec] = {}
-    files = sorted([*root.glob("*.yaml"), *root.glob("*.yml")])
-    for path in files:
-        try:
-            docs = list(yaml.safe_load_all(path.read_text()))
-        except yaml.YAMLError as exc:
-            raise InvalidArgument(str(path), f"not valid YAML: {one_line(exc)}") from None
-        for index, doc in enumerate(d for d in docs if d is not None):
-            where = f"{path}#{index}"
-            if not isinstance(doc, dict):
-                raise InvalidArgument(where, "each document must be a mapping")
-            try:
-                spec = spec_from_proto(placement_from_dict(doc))
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"{where} {exc.field}", str(exc).split(": ", 1)[1]) from None
-            if spec.name in specs:
-                raise InvalidArgument(f"{where} name", f"placement {spec.name!r} defined twice")
-            specs[spec.name] = spec
-    return list(specs.values())
+    found = read_placement_files(root)
+    for note in found.skipped:
+        log.info("%s", note)
+    if not found.placements:
+        log.warning("--placements %s: no placement found (%d YAML file(s)); see "
+                    "examples/placements/", root, len(found.files))
+    return [spec_from_proto(msg) for msg in found.placements]

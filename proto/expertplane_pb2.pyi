@@ -167,7 +167,7 @@ class GpuStats(_message.Message):
     def __init__(self, utilization: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., power_watts: _Optional[float] = ..., temperature_c: _Optional[float] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("node", "worker_rank", "placement", "plan_version", "sequence", "window_start", "window_end", "slot_counts", "gpu", "dropped_windows", "dropped_tokens", "agent_epoch", "steps", "failed_steps")
+    __slots__ = ("node", "worker_rank", "placement", "plan_version", "sequence", "window_start", "window_end", "slot_counts", "expert_load", "gpu", "dropped_windows", "dropped_tokens", "agent_epoch", "steps", "failed_steps")
     NODE_FIELD_NUMBER: _ClassVar[int]
     WORKER_RANK_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,7 @@ class LoadReport(_message.Message):
     WINDOW_START_FIELD_NUMBER: _ClassVar[int]
     WINDOW_END_FIELD_NUMBER: _ClassVar[int]
     SLOT_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
     DROPPED_WINDOWS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -190,13 +191,14 @@ class LoadReport(_message.Message):
     window_start: _timestamp_pb2.Timestamp
     window_end: _timestamp_pb2.Timestamp
     slot_counts: Int64Tensor
+    expert_load: DoubleTensor
     gpu: GpuStats
     dropped_windows: int
     dropped_tokens: Int64Tensor
     agent_epoch: int
     steps: int
     failed_steps: int
-    def __init__(self, node: _Optional[str] = ..., worker_rank: _Optional[int] = ..., placement: _Optional[str] = ..., plan_version: _Optional[int] = ..., sequence: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slot_counts: _Optional[_Union[Int64Tensor, _Mapping]] = ..., gpu: _Optional[_Union[GpuStats, _Mapping]] = ..., dropped_windows: _Optional[int] = ..., dropped_tokens: _Optional[_Union[Int64Tensor, _Mapping]] = ..., agent_epoch: _Optional[int] = ..., steps: _Optional[int] = ..., failed_steps: _Optional[int] = ...) -> None: ...
+    def __init__(self, node: _Optional[str] = ..., worker_rank: _Optional[int] = ..., placement: _Optional[str] = ..., plan_version: _Optional[int] = ..., sequence: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., slot_counts: _Optional[_Union[Int64Tensor, _Mapping]] = ..., expert_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., gpu: _Optional[_Union[GpuStats, _Mapping]] = ..., dropped_windows: _Optional[int] = ..., dropped_tokens: _Optional[_Union[Int64Tensor, _Mapping]] = ..., agent_epoch: _Optional[int] = ..., steps: _Optional[int] = ..., failed_steps: _Optional[int] = ...) -> None: ...
 
 class LoadAck(_message.Message):
     __slots__ = ("node", "worker_rank", "sequence", "status", "message")

@@ -60,7 +60,7 @@ def _methods(*names: str) -> frozenset[str]:
 
 
 # What each component calls (the stubs' uses): agent/uplink.py, agent/rollout.py,
-# agent/collector.py; kernels/worker.py; controller/operator/client.py.
+# agent/collector.py; worker/process.py; controller/operator/client.py.
 ROLE_METHODS: Mapping[str, frozenset[str]] = {
     "agent": _methods("LoadService/ReportLoad", "RolloutService/Connect",
                       "WorkerService/PullCounters", "WorkerService/Prepare",

@@ -26,7 +26,7 @@ from expertplane.cli.main import build_parser, main  # noqa: E402
 from expertplane.controller.config import ControllerConfig  # noqa: E402
 from expertplane.controller.server import ControllerServer  # noqa: E402
 from expertplane.controller.simagent import load_report  # noqa: E402
-from expertplane.kernels.worker_service import (  # noqa: E402
+from expertplane.worker.service import (  # noqa: E402
     CounterLedger,
     WorkerIdentity,
     WorkerServicer,

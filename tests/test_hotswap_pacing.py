@@ -22,7 +22,7 @@ from expertplane.kernels.experts import make_expert_weights
 from expertplane.kernels.hotswap import (DUP, HotSwapEngine, SwapCoordinator, SwapError,
                                          plan_transfers, schedule_chunks)
 from expertplane.kernels.moe import LayerPlacement
-from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
+from expertplane.worker.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
 
 MODEL = ModelConfig(num_layers=2, num_experts=8, hidden=32, intermediate=16, top_k=3, seed=4)
 STREAM = StreamConfig(tokens_per_step=32, drift_period=0, seed=2)

@@ -1,0 +1,83 @@
+"""ExpertPlacement custom resources read from files, without Kubernetes.
+
+The same YAML that ``kubectl apply`` takes (``apiVersion: expertplane.io/v1alpha1``,
+``kind: ExpertPlacement``, ``metadata.name``, ``spec``) is validated against the CRD's own
+OpenAPI schema (``manifests/crds/expertplacements.yaml``) and then turned into a ``Placement`` by
+the operator's conversion (``operator/crd.py``), so a file means the same thing with and without
+a cluster. Differences, since no apiserver is there:
+
+* the placement is named ``metadata.name`` (the operator, which serves many namespaces, names it
+  ``<namespace>-<name>``);
+* ``spec.topology.workerSelector`` and ``spec.initialLoad.configMapRef`` need the cluster and are
+  refused naming the field; give ``nodes``/``gpusPerNode`` and ``initialLoad.values``.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Mapping
+
+import jsonschema
+import yaml
+
+from expertplane.controller.errors import InvalidArgument
+from expertplane.proto import expertplane_pb2 as pb
+
+API_VERSION = "expertplane.io/v1alpha1"
+KIND = "ExpertPlacement"
+CRD_FILE = pathlib.Path(__file__).resolve().parent.parent / "manifests" / "crds" / "expertplacements.yaml"
+
+
+def is_custom_resource(doc: Mapping) -> bool:
+    """True for a Kubernetes object (it has ``apiVersion`` or ``kind``)."""
+    return "apiVersion" in doc or "kind" in doc
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict:
+    """The ``openAPIV3Schema`` of the served version of the ExpertPlacement CRD."""
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == API_VERSION.split("/")[1])
+    return version["schema"]["openAPIV3Schema"]
+
+
+def _validate(doc: Mapping) -> None:
+    errors = list(jsonschema.Draft7Validator(_schema()).iter_errors(doc))
+    if errors:
+        err = jsonschema.exceptions.best_match(errors)
+        raise InvalidArgument(".".join(str(p) for p in err.absolute_path) or "(document)",
+                              err.message)
+
+
+def placement_from_resource(doc: Mapping) -> pb.Placement:
+    """The ``Placement`` of one ExpertPlacement object (a parsed YAML document).
+
+    Raises ``InvalidArgument`` whose field is the object's path (``spec.model.layers``).
+    """
+    from expertplane.controller.operator.crd import (SpecError, load_matrix, placement_from_cr,
+                                                     topology_from_spec)
+
+    if doc.get("apiVersion") != API_VERSION:
+        raise InvalidArgument("apiVersion", f"must be {API_VERSION}, got {doc.get('apiVersion')!r}")
+    if doc.get("kind") != KIND:
+        raise InvalidArgument("kind", f"must be {KIND}, got {doc.get('kind')!r}")
+    name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), Mapping) else None
+    if not name:
+        raise InvalidArgument("metadata.name", "is required")
+    _validate(doc)
+    spec = doc["spec"]
+    try:
+        topology = topology_from_spec(spec)
+        if topology is None:
+            raise SpecError("spec.topology.workerSelector", "needs Kubernetes (the operator "
+                            "counts the worker pods); without it give nodes and gpusPerNode")
+        load = spec.get("initialLoad") or {}
+        if "configMapRef" in load:
+            raise SpecError("spec.initialLoad.configMapRef", "needs Kubernetes; without it give "
+                            "initialLoad.values")
+        initial = load_matrix(load["values"], "spec.initialLoad.values") if "values" in load else None
+        generation = int(doc["metadata"].get("generation", 0))
+        return placement_from_cr(str(name), spec, topology, generation, initial)
+    except SpecError as exc:
+        raise InvalidArgument(exc.field, str(exc).split(": ", 1)[1]) from None
