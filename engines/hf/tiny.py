@@ -13,6 +13,7 @@ different experts, so the hot experts change over time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,16 +21,18 @@ from torch import Tensor
 
 from expertplane.engines.hf.adapter import TESTED_FAMILIES, find_moe_blocks
 
-__all__ = ["TINY_MODELS", "TinySpec", "build_tiny", "drifting_tokens", "tiny_config"]
+__all__ = ["TINY_MODELS", "TinySpec", "build_tiny", "drifting_tokens", "save_tiny",
+           "tiny_config"]
 
 TINY_MODELS = {f"tiny-{f.replace('_', '-')}": f for f in TESTED_FAMILIES}
 
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of a tiny model: ``layers`` decoder layers (DeepSeek-V3: the first dense),
-    ``experts`` routed experts of intermediate size ``intermediate``, ``top_k`` per token,
-    hidden size ``hidden``, vocabulary ``vocab``; ``skew``: router row scaling exponent."""
+    """Sizes of a tiny model: ``layers`` decoder layers (DeepSeek-V3: one more, the first
+    dense), ``experts`` routed experts of intermediate size ``intermediate``, ``top_k`` per
+    token, hidden size ``hidden``, vocabulary ``vocab``; ``skew``: router row scaling exponent;
+    ``groups`` / ``topk_groups``: DeepSeek-V3's group-limited routing."""
 
     layers: int = 3
     experts: int = 8
@@ -38,6 +41,8 @@ class TinySpec:
     intermediate: int = 16
     vocab: int = 128
     skew: float = 1.0
+    groups: int = 2
+    topk_groups: int = 1
 
 
 def tiny_config(family: str, spec: TinySpec = TinySpec()):
@@ -51,7 +56,8 @@ def tiny_config(family: str, spec: TinySpec = TinySpec()):
     if family == "deepseek_v3":
         extra = dict(n_routed_experts=spec.experts, moe_intermediate_size=spec.intermediate,
                      intermediate_size=2 * spec.intermediate, n_shared_experts=1,
-                     first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                     num_hidden_layers=spec.layers + 1, first_k_dense_replace=1,
+                     n_group=spec.groups, topk_group=spec.topk_groups, routed_scaling_factor=2.5,
                      q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                      v_head_dim=8, num_key_value_heads=4, rope_scaling=None)
     elif family == "qwen3_moe":
@@ -99,3 +105,15 @@ def drifting_tokens(step: int, batch: int, seq: int, vocab: int, *, rank: int = 
     probs[np.roll(base, shift)] = ranks / ranks.sum()
     rng = np.random.default_rng([seed, rank, step])
     return torch.from_numpy(rng.choice(vocab, size=(batch, seq), p=probs)).long()
+
+
+def save_tiny(name: str, directory: str | Path, spec: TinySpec = TinySpec(),
+              seed: int = 0) -> Path:
+    """Build the tiny model ``name`` (a key of :data:`TINY_MODELS`, e.g. ``tiny-mixtral``) and
+    save it as a checkpoint directory (``save_pretrained``: config.json + safetensors)."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"model: unknown tiny model {name!r} (known: "
+                         f"{', '.join(TINY_MODELS)})")
+    directory = Path(directory)
+    build_tiny(TINY_MODELS[name], spec, seed).save_pretrained(directory)
+    return directory
