@@ -68,7 +68,8 @@ ROLE_METHODS: Mapping[str, frozenset[str]] = {
     "worker": _methods("PlanService/GetPlan", "AgentService/Register"),
     "operator": _methods("PlanService/ApplyPlacement", "PlanService/DeletePlacement",
                          "PlanService/ListPlacements", "PlanService/GetPlan",
-                         "PlanningService/ComputePipeline"),
+                         "PlanService/ListPlans", "PlanningService/ComputePipeline",
+                         "PlanningService/TriggerRebalance"),
     "reader": frozenset(m for m in ALL_METHODS
                         if m.rsplit("/", 1)[1].startswith(("Get", "List", "Watch"))),
     "admin": ALL_METHODS,
