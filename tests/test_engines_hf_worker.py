@@ -81,9 +81,14 @@ def test_workers_serve_a_checkpoint_report_load_and_swap(tmp_path):
                 pb.VersionRequest(rollout_id="r1", placement="demo", version=2), timeout=60),
                 stubs))
         assert all(a.ok and a.worker.plan_version == 2 for a in acks), [a.message for a in acks]
-        time.sleep(1.0)
-        snap = stubs[0].PullCounters(pb.PullCountersRequest(), timeout=20)
-        assert snap.plan_version == 2 and to_numpy(snap.slot_counts, "slot_counts").sum() > 0
+        versions = []
+        for _ in range(20):       # the window counted under v1 comes first, then v2's
+            time.sleep(0.5)
+            snap = stubs[0].PullCounters(pb.PullCountersRequest(), timeout=20)
+            versions.append(snap.plan_version)
+            if snap.plan_version == 2 and to_numpy(snap.slot_counts, "slot_counts").sum():
+                break
+        assert versions[-1] == 2, versions
         for p in procs:
             p.send_signal(signal.SIGTERM)
         assert [p.wait(60) for p in procs] == [0, 0], text()
