@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit, prange
 from scipy.optimize import linear_sum_assignment
 
+from expertplane.planner.algorithms import fresh_placement
 from expertplane.planner.balanced import pack_items
 from expertplane.planner.deepseek import is_hierarchical
 from expertplane.planner.metrics import gpu_loads
@@ -488,14 +489,12 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
     Arguments are validated by the caller (``rebalance_experts``); ``options`` go to the
     algorithm.
     """
-    from expertplane.planner.eplb import plan_placement  # eplb imports this module lazily
-
     w = np.ascontiguousarray(weight, dtype=np.float64)
     prev = np.ascontiguousarray(previous, dtype=np.int64)
     r, g, n, p = int(num_replicas), int(num_groups), int(num_nodes), int(num_gpus)
     layers, experts = w.shape
     hier = is_hierarchical(g, n)
-    fresh = plan_placement(w, r, g, n, p, algorithm=algorithm, **options)[0]
+    fresh = fresh_placement(w, r, g, n, p, algorithm, **options)[0]
     aligned = align(fresh, prev, p, n, by_node=hier or algorithm == "topology")
     if algorithm not in _REPAIRABLE:
         return aligned
