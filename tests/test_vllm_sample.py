@@ -23,15 +23,14 @@ def test_vllm_sample_placement_matches_the_server_and_shares_the_plan_file():
     msg = placement_from_cr(placement["metadata"]["name"], spec, topology_from_spec(spec), 1)
     parsed = spec_from_proto(msg)
     pod = deployment["spec"]["template"]["spec"]
-    [agent] = pod["initContainers"]
-    [server] = pod["containers"]
-    assert agent["restartPolicy"] == "Always"                     # a native sidecar
+    server, agent = pod["containers"]
+    assert agent["command"] == ["expertplane", "agent"]          # the sidecar
     args = dict(a.lstrip("-").split("=", 1) for a in server["args"] if "=" in a)
     eplb = json.loads(args["eplb-config"])
     assert {"enable-eplb", "enable-expert-parallel"} <= {a.lstrip("-") for a in server["args"]}
     # slots: vLLM has experts + num_redundant_experts per MoE layer, over data-parallel ranks
     assert msg.num_replicas == msg.model.num_experts + eplb["num_redundant_experts"]
-    assert parsed.num_gpus == int(args["data-parallel-size"]) == server["resources"]["limits"]["nvidia.com/gpu"]
+    assert parsed.num_gpus == int(args["data-parallel-size"]) == int(server["resources"]["limits"]["nvidia.com/gpu"])
     assert msg.num_replicas % parsed.num_gpus == 0
     env = {e["name"]: e.get("value") for e in server["env"]}
     agent_env = {e["name"]: e.get("value") for e in agent["env"]}
