@@ -176,6 +176,9 @@ class PlanSource:
             return None, f"plan file {self.path}: {exc}", ""
         if doc is None:
             return None, f"no plan file at {self.path} yet", ""
+        if self.placement and doc.placement != self.placement:
+            return None, (f"plan file {self.path} is for placement {doc.placement!r}, this "
+                          f"server serves {self.placement!r} ({PLACEMENT_ENV})"), ""
         return (int(doc.version), np.asarray(doc.phy2log, np.int64)), "", doc.placement
 
     def _forward(self, weight, placement: str) -> None:
