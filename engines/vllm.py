@@ -154,9 +154,11 @@ class PlanSource:
             shared = group.broadcast_object(shared, src=0)
         plan, missing, placement = shared
         if leader:
-            self._forward(weight, placement)
-        old_np = old.numpy()
-        choice = choose_map(plan, old_np, int(weight.shape[-1]), self.pinned, missing)
+            try:
+                self._forward(weight, placement)
+            except Exception:          # a lost sample, never a failed rebalance
+                log.exception("expertplane: load window not forwarded")
+        choice = choose_map(plan, old.numpy(), int(weight.shape[-1]), self.pinned, missing)
         self.pinned = max(self.pinned, choice.version)
         if leader and (self.last is None or choice.reason != self.last.reason):
             log.info("expertplane: %s", choice.reason if choice.phy2log is not None
