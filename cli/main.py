@@ -14,7 +14,10 @@ import logging
 import sys
 
 SUBCOMMANDS = ("plan", "pipeline", "controller", "agent", "worker", "demo", "bench",
-               "get", "describe", "apply", "delete", "rebalance", "watch")
+               "get", "describe", "apply", "delete", "rebalance", "watch", "warm")
+
+# commands that may run the planner's numba kernels (and compile them when no cache has them)
+COMPILES_PLANNER = ("plan", "pipeline", "controller", "demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,11 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _numba_cache(command: str) -> None:
+    """Seed numba's cache from the image's warmed copy; say so when the planner must compile."""
+    from expertplane.numba_cache import announce_compiles, seed_cache
+
+    seed_cache()
+    if command in COMPILES_PLANNER:
+        announce_compiles(lambda text: print(f"expertplane {command}: {text}", file=sys.stderr,
+                                             flush=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _numba_cache(args.command)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -16,8 +16,13 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
-from alembic import command
-from alembic.config import Config
+
+# Alembic logs at INFO while it is imported (its plugins) and while it migrates: seven lines at
+# every start that say nothing to an operator. Its warnings still show.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
 from google.protobuf import json_format
 from sqlalchemy import create_engine, delete, event, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -104,7 +109,6 @@ class RolloutRecord:
 
 def migrate(url: str) -> None:
     """Bring the database at ``url`` to the newest schema (``alembic upgrade head``)."""
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
