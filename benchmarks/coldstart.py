@@ -46,7 +46,12 @@ _PLANNER = textwrap.dedent("""
     drifted = w * np.exp(np.random.default_rng(1).normal(0.0, 0.3, w.shape))
     rebalance_experts(drifted, 288, 8, 4, 32, algorithm=sys.argv[1], previous=p.numpy())
     c = time.perf_counter()
-    print(json.dumps({"import": t1 - t0, "first": b - a, "movement_first": c - b}))
+    from numba.core.dispatcher import Dispatcher
+    compiled = sum(sum(obj.stats.cache_misses.values())
+                   for name, module in list(sys.modules.items()) if name.startswith("expertplane.")
+                   for obj in vars(module).values() if isinstance(obj, Dispatcher))
+    print(json.dumps({"import": t1 - t0, "first": b - a, "movement_first": c - b,
+                      "compiled": compiled}))
 """)
 
 _CONTROLLER = textwrap.dedent("""
@@ -87,7 +92,8 @@ _CONTROLLER = textwrap.dedent("""
 @dataclass(frozen=True)
 class Row:
     """One fresh-process measurement (seconds); ``load_before``/``load_after``: 1-min load
-    average around it."""
+    average around it; ``compiled``: kernels numba compiled (cache misses) in the planner
+    process, or for the controller whether it printed the compile notice."""
 
     what: str
     cache: str
@@ -96,7 +102,7 @@ class Row:
     setup: float
     load_before: float
     load_after: float
-    notice: bool = False
+    compiled: int | str = "-"
 
 
 def add_arguments(parser) -> None:
@@ -130,10 +136,10 @@ def _measure(what: str, cache_label: str, cache: Path, tmp: Path) -> Row:
         r = _python(_CONTROLLER, [str(_free_port()), db,
                                   str(REPO / "examples" / "placements" / "deepseek-v3.yaml")], cache)
         return Row(what, cache_label, r["first_rpc"], r["movement_first"], r["serving"], before,
-                   os.getloadavg()[0], r["notice"])
+                   os.getloadavg()[0], "notice" if r["notice"] else "none")
     r = _python(_PLANNER, [what], cache)
     return Row(f"planner {what}", cache_label, r["first"], r["movement_first"], r["import"],
-               before, os.getloadavg()[0])
+               before, os.getloadavg()[0], r["compiled"])
 
 
 def _warm(cache: Path) -> float:
@@ -147,12 +153,12 @@ def _warm(cache: Path) -> float:
 def print_table(rows: list[Row], warm_seconds: float) -> None:
     """A markdown table (readable piped or pasted)."""
     print(f"| measured (fresh process) | cache | first call / first RPC | first movement-aware "
-          f"| import / start to serving | <= {TARGET_SECONDS:g} s? | load avg |")
-    print("|---|---|---|---|---|---|---|")
+          f"| import / start to serving | <= {TARGET_SECONDS:g} s? | kernels compiled | load avg |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         met = "yes" if max(r.first, r.second) <= TARGET_SECONDS else "no"
         print(f"| {r.what} | {r.cache} | {r.first:.2f} s | {r.second:.2f} s | {r.setup:.2f} s "
-              f"| {met} | {r.load_before:.1f} → {r.load_after:.1f} |")
+              f"| {met} | {r.compiled} | {r.load_before:.1f} → {r.load_after:.1f} |")
     print(f"\n`expertplane warm` into an empty cache: {warm_seconds:.1f} s")
 
 

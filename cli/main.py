@@ -13,6 +13,8 @@ import importlib
 import logging
 import sys
 
+from expertplane.cli import helpfmt
+
 SUBCOMMANDS = ("plan", "pipeline", "controller", "agent", "worker", "demo", "bench",
                "get", "describe", "apply", "delete", "rebalance", "watch", "warm")
 
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"expertplane.cli.{name}").register(sub)
+    helpfmt.apply(parser)
     return parser
 
 
@@ -55,8 +58,22 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, KeyError) as exc:
-        print(f"expertplane {args.command}: error: {exc}", file=sys.stderr)
+        print(f"expertplane {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
+
+
+def _message(exc: Exception) -> str:
+    """One line for a user error; an OSError names the file and says why, without ``[Errno]``."""
+    import errno
+    from pathlib import Path
+
+    if not isinstance(exc, OSError) or not exc.filename or not exc.strerror:
+        return str(exc)
+    text = f"{exc.filename}: {exc.strerror.lower()}"
+    parent = Path(exc.filename).parent
+    if exc.errno == errno.ENOENT and not parent.exists():
+        text += f" (the folder {parent} does not exist)"
+    return text
 
 
 if __name__ == "__main__":

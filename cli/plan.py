@@ -36,7 +36,8 @@ def register(sub) -> None:
                         help="plan in force (our JSON/YAML, SGLang JSON, or a .npy/.pt phy2log): "
                              "re-plan moving few slots and report the migration")
     parser.add_argument("--expert-bytes", type=int, default=0, metavar="B",
-                        help="bytes of one expert's weights, for the migration size")
+                        help="bytes of one expert's weights, for the migration size "
+                             "(without it the size is reported unknown)")
     parser.add_argument("-o", "--output", metavar="FILE",
                         help="output file (.json or .yaml; default: JSON on stdout)")
     parser.add_argument("--format", choices=("json", "yaml", "sglang"),
@@ -59,7 +60,9 @@ def _sizing(args, weight) -> int:
     candidates = default_candidates(weight.shape[1], args.gpus, args.max_redundant)
     best, curve = recommend_redundancy(weight, args.groups, args.nodes, args.gpus,
                                        args.target_balance, candidates, args.algorithm)
-    sys.stdout.write(format_sizing_table(curve, best))
+    from expertplane.planner.deepseek import is_hierarchical
+
+    sys.stdout.write(format_sizing_table(curve, best, is_hierarchical(args.groups, args.nodes)))
     if best is None:
         print(f"no redundant count up to {candidates[-1]} reaches balance "
               f"{args.target_balance} with {args.algorithm}")
@@ -72,6 +75,7 @@ def _sizing(args, weight) -> int:
 def _run(args) -> int:
     from pathlib import Path
 
+    from expertplane.cli.output import moved_bytes
     from expertplane.planner import balance, migration, rebalance_experts
     from expertplane.planner.deepseek import is_hierarchical
     from expertplane.planner.errors import PlanInputError
@@ -108,8 +112,32 @@ def _run(args) -> int:
                    f"slots -> {args.output}; balance (max/mean GPU load) mean {bal.mean():.4f} "
                    f"worst {bal.max():.4f}")
         if moved is not None:
-            summary += f"; moved {moved.slots_moved} slots ({moved.bytes_moved} bytes)"
+            summary += (f"; moved {moved.slots_moved} slots "
+                        f"({moved_bytes(moved.bytes_moved, args.expert_bytes)})")
         print(summary, file=sys.stderr)
     else:
         sys.stdout.write(text)
+    print(what_bounds(weight, args), file=sys.stderr)
     return 0
+
+
+def what_bounds(weight, args) -> str:
+    """One line on what limits the balance: the policy's constraint and its lower bound (no
+    plan under that policy balances better; ``planner.bounds``)."""
+    from expertplane.planner.bounds import lower_bound
+    from expertplane.planner.deepseek import is_hierarchical
+
+    hierarchical = is_hierarchical(args.groups, args.nodes)
+    bound = lower_bound(weight, args.replicas, args.groups, args.nodes, args.gpus, hierarchical)
+    figures = f"mean {bound.mean():.4f} worst {bound.max():.4f}"
+    if not hierarchical:
+        return (f"bound: global policy ({args.groups} groups do not split evenly over "
+                f"{args.nodes} nodes, so replicas go to any GPU): no plan balances better than "
+                f"{figures}")
+    text = (f"bound: hierarchical policy ({args.groups} groups on {args.nodes} nodes): each "
+            f"group's experts stay on one node, so no plan keeping them there balances better "
+            f"than {figures}")
+    if args.algorithm == "topology":
+        return text + "; topology adds cross-node replicas of hot experts and may go below it"
+    return text + ("; --algorithm topology adds cross-node replicas of hot experts to go below "
+                   "it, at the cost of tokens sent to other nodes")

@@ -176,7 +176,7 @@ class _Poller:
 def run_demo(opts: DemoOptions) -> int:
     """Run the demo; returns the exit code (0 = no failed step and, when rebalancing, balance
     improved over the initial plan on the same load)."""
-    from rich.console import Console
+    from expertplane.cli.output import console as rich_console
     from rich.live import Live
 
     from expertplane.agent.agent import Agent
@@ -217,7 +217,7 @@ def run_demo(opts: DemoOptions) -> int:
     root.setLevel(logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
-    console = Console()
+    console = rich_console()
     live_view = console.is_terminal if opts.live is None else opts.live
     mode = "rebalancing" if opts.rebalance else "control run: --no-rebalance"
     timeline = Timeline(tokens_per_step=stream.tokens_per_step)
