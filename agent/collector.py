@@ -14,7 +14,8 @@ from expertplane.agent.config import AgentConfig
 from expertplane.agent.gpu import GpuSampler
 from expertplane.agent.metrics import AgentMetrics
 from expertplane.agent.registry import WorkerHandle, WorkerKey, WorkerRegistry
-from expertplane.agent.reports import SnapshotError, build_report
+from expertplane.agent.reports import build_report
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class Collector:
             try:
                 report = build_report(snapshot, info, sequence=sequence,
                                       agent_epoch=self.agent_epoch, gpu=gpu)
-            except SnapshotError as exc:   # acknowledged all the same: sent again, still malformed
+            except FieldError as exc:   # acknowledged all the same: sent again, still malformed
                 log.warning("rank %d sent a malformed counter snapshot, not reported: %s",
                             info.rank, exc)
                 return

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import make_channel
@@ -17,14 +18,6 @@ from expertplane.rpc.security import SecurityConfig
 log = logging.getLogger(__name__)
 
 WorkerKey = tuple[str, int]  # (placement, rank)
-
-
-class RegistrationError(ValueError):
-    """A Register request is invalid; ``field`` names the offending field."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 @dataclass
@@ -68,7 +61,7 @@ class WorkerRegistry:
         self._lock = threading.Lock()
 
     def register(self, info: pb.WorkerInfo) -> WorkerHandle:
-        """Add or refresh a worker; raises ``RegistrationError`` naming the bad field."""
+        """Add or refresh a worker; raises ``FieldError`` naming the bad field."""
         info = _validated(info, self.node)
         key = worker_key(info)
         old_channel = None
@@ -147,14 +140,14 @@ def _copy(info: pb.WorkerInfo) -> pb.WorkerInfo:
 def _validated(info: pb.WorkerInfo, node: str) -> pb.WorkerInfo:
     info = _copy(info)
     if info.node and info.node != node:
-        raise RegistrationError("worker.node", f"this agent serves node {node!r}, not {info.node!r}")
+        raise FieldError("worker.node", f"this agent serves node {node!r}, not {info.node!r}")
     info.node = node
     if not info.placement:
-        raise RegistrationError("worker.placement", "required")
+        raise FieldError("worker.placement", "required")
     if not info.address:
-        raise RegistrationError("worker.address", "required (unix:/path or host:port of WorkerService)")
+        raise FieldError("worker.address", "required (unix:/path or host:port of WorkerService)")
     if info.world_size == 0:
-        raise RegistrationError("worker.world_size", "must be >= 1")
+        raise FieldError("worker.world_size", "must be >= 1")
     if info.rank >= info.world_size:
-        raise RegistrationError("worker.rank", f"{info.rank} is not below world_size {info.world_size}")
+        raise FieldError("worker.rank", f"{info.rank} is not below world_size {info.world_size}")
     return info

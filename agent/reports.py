@@ -6,16 +6,9 @@ import secrets
 import threading
 import time
 
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
-from expertplane.rpc.tensors import TensorError, to_numpy
-
-
-class SnapshotError(ValueError):
-    """A worker's CounterSnapshot is malformed; ``field`` names the offending field."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+from expertplane.rpc.tensors import to_numpy
 
 
 _last_epoch = 0
@@ -39,23 +32,20 @@ def build_report(snapshot: pb.CounterSnapshot, worker: pb.WorkerInfo, *, sequenc
     ``snapshot.slot_counts``: int64 [L, R / num_gpus] token deltas per local physical slot;
     ``snapshot.dropped_tokens``: optional, same shape. ``snapshot.rank`` must be the worker's rank
     and ``snapshot.placement`` its placement (empty = the registered one). Raises
-    ``SnapshotError`` naming the field.
+    ``FieldError`` naming the field.
     """
     if snapshot.rank != worker.rank:
-        raise SnapshotError("rank", f"snapshot is for rank {snapshot.rank}, worker is {worker.rank}")
+        raise FieldError("rank", f"snapshot is for rank {snapshot.rank}, worker is {worker.rank}")
     if snapshot.placement and snapshot.placement != worker.placement:
-        raise SnapshotError("placement", f"snapshot is for {snapshot.placement!r}, worker serves "
+        raise FieldError("placement", f"snapshot is for {snapshot.placement!r}, worker serves "
                                          f"{worker.placement!r}")
     if snapshot.plan_version == 0:
-        raise SnapshotError("plan_version", "must be >= 1 (the plan the counts were taken under)")
-    try:
-        counts = to_numpy(snapshot.slot_counts, "slot_counts", ndim=2)
-        if snapshot.HasField("dropped_tokens") and len(snapshot.dropped_tokens.shape):
-            to_numpy(snapshot.dropped_tokens, "dropped_tokens", shape=counts.shape)
-    except TensorError as exc:
-        raise SnapshotError(exc.field, str(exc).split(": ", 1)[1]) from exc
+        raise FieldError("plan_version", "must be >= 1 (the plan the counts were taken under)")
+    counts = to_numpy(snapshot.slot_counts, "slot_counts", ndim=2)
+    if snapshot.HasField("dropped_tokens") and len(snapshot.dropped_tokens.shape):
+        to_numpy(snapshot.dropped_tokens, "dropped_tokens", shape=counts.shape)
     if (counts < 0).any():
-        raise SnapshotError("slot_counts", "token counts must be >= 0")
+        raise FieldError("slot_counts", "token counts must be >= 0")
     report = pb.LoadReport(
         node=worker.node, worker_rank=worker.rank, placement=worker.placement,
         plan_version=snapshot.plan_version, sequence=sequence, agent_epoch=agent_epoch,

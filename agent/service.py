@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import grpc
 
-from expertplane.agent.registry import RegistrationError, WorkerRegistry
+from expertplane.agent.registry import WorkerRegistry
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
+from expertplane.rpc.status import status_of
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
@@ -22,8 +24,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker: required")
         try:
             self._registry.register(request.worker)
-        except RegistrationError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except FieldError as exc:
+            context.abort(*status_of(exc))
         if self._on_registered is not None:
             self._on_registered()
         return pb.RegisterResponse(node=self._registry.node, pull_interval_seconds=self._interval)

@@ -199,7 +199,7 @@ def _bench(rank: int, cfg: dict) -> dict:
     import torch.distributed as dist
 
     from expertplane.kernels.hotswap import HotSwapEngine
-    from expertplane.kernels.synthetic import (
+    from expertplane.worker.synthetic import (
         ModelConfig,
         StreamConfig,
         SyntheticMoEModel,

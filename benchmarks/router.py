@@ -1,7 +1,7 @@
 """Benchmark 'router': EPLB alone vs the controller's aux-loss-free router bias alone vs both,
 with and without a per-slot capacity factor, on the synthetic MoE model.
 
-The synthetic model (``kernels.synthetic``: drifting Zipf expert popularity) runs in-process
+The synthetic model (``worker.synthetic``: drifting Zipf expert popularity) runs in-process
 (one process holds all ``R`` physical slots of each layer); slot ``s`` belongs to virtual GPU
 ``s // (R / gpus)``, as in a plan for ``gpus`` GPUs. Each variant runs the same token stream:
 
@@ -99,7 +99,7 @@ def run_variant(args, variant: str, capacity: float) -> RunResult:
     from expertplane.controller.bias import global_bias_step
     from expertplane.kernels.balancing import BiasUpdate, CapacityConfig, logical_load
     from expertplane.kernels.moe import LayerPlacement
-    from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
+    from expertplane.worker.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
     from expertplane.planner.eplb import rebalance_experts
 
     L, E, R, G = args.layers, args.experts, args.replicas, args.gpus

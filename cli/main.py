@@ -16,7 +16,7 @@ import sys
 from expertplane.cli import helpfmt
 
 SUBCOMMANDS = ("plan", "pipeline", "controller", "agent", "worker", "demo", "bench",
-               "get", "describe", "apply", "delete", "rebalance", "watch", "warm")
+               "get", "describe", "apply", "delete", "rebalance", "watch", "operator", "warm")
 
 # commands that may run the planner's numba kernels (and compile them when no cache has them)
 COMPILES_PLANNER = ("plan", "pipeline", "controller", "demo", "bench")

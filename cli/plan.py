@@ -76,9 +76,9 @@ def _run(args) -> int:
     from pathlib import Path
 
     from expertplane.cli.output import moved_bytes
+    from expertplane.errors import FieldError
     from expertplane.planner import balance, migration, rebalance_experts
     from expertplane.planner.deepseek import is_hierarchical
-    from expertplane.planner.errors import PlanInputError
     from expertplane.planner.io import (PlanSetup, dump_document, format_for, load_loads,
                                         load_phy2log, plan_document, sglang_document)
 
@@ -86,12 +86,12 @@ def _run(args) -> int:
     if args.sizing:
         return _sizing(args, weight)
     if args.replicas is None:
-        raise PlanInputError("--replicas", "is required")
+        raise FieldError("--replicas", "is required")
     previous = load_phy2log(args.previous) if args.previous else None
     options = {}
     if args.remote_cost is not None:
         if args.algorithm != "topology":
-            raise PlanInputError("--remote-cost", "applies only to --algorithm topology")
+            raise FieldError("--remote-cost", "applies only to --algorithm topology")
         options["remote_cost"] = args.remote_cost
     phy2log, log2phy, logcnt = rebalance_experts(
         weight, args.replicas, args.groups, args.nodes, args.gpus, algorithm=args.algorithm,

@@ -92,8 +92,8 @@ def register(sub) -> None:
 def config_from_args(args):
     """A :class:`WorkerConfig` from parsed arguments."""
     from expertplane.kernels.balancing import CapacityConfig
-    from expertplane.kernels.synthetic import ModelConfig, StreamConfig
-    from expertplane.kernels.worker import WorkerConfig
+    from expertplane.worker.synthetic import ModelConfig, StreamConfig
+    from expertplane.worker.process import WorkerConfig
     from expertplane.rpc.security import LOCAL_TOKEN_ENV, security_from_args
 
     return WorkerConfig(
@@ -123,7 +123,7 @@ def _run(args) -> int:
     import signal
     import threading
 
-    from expertplane.kernels.worker import run_worker
+    from expertplane.worker.process import run_worker
 
     config = config_from_args(args)
     stop = threading.Event()

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from expertplane.controller.spec import PlacementSpec
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
-from expertplane.rpc.tensors import TensorError, to_numpy
+from expertplane.rpc.tensors import to_numpy
 
 BUCKETS = 32
 MAX_CACHED_VERSIONS = 16
@@ -72,12 +72,12 @@ class _Bucket:
 
 
 class PlacementWindow:
-    """The window of one placement; thread-safe."""
+    """The window of one placement; thread-safe. Reports of a plan version are accepted once
+    ``add_plan`` made a version at least as new known."""
 
-    def __init__(self, spec: PlacementSpec, version_in_force: int, lookup: PlanLookup):
+    def __init__(self, spec: PlacementSpec, lookup: PlanLookup):
         self.spec = spec
-        self.in_force = version_in_force
-        self.latest = version_in_force
+        self.latest = 0
         self._lookup = lookup
         self._lock = threading.Lock()
         self._buckets: collections.deque[_Bucket] = collections.deque()
@@ -96,13 +96,17 @@ class PlacementWindow:
     def bucket_seconds(self) -> float:
         return self.spec.policy.window_seconds / BUCKETS
 
-    def add_plan(self, version: int, phy2log: np.ndarray, *, in_force: bool = False) -> None:
-        """Make ``version`` known (and the plan in force if ``in_force``)."""
+    def fits(self, spec: PlacementSpec) -> bool:
+        """Whether this window can go on counting for ``spec`` (an update of its placement):
+        same shape and window length."""
+        return self.spec.same_shape(spec) and \
+            self.spec.policy.window_seconds == spec.policy.window_seconds
+
+    def add_plan(self, version: int, phy2log: np.ndarray) -> None:
+        """Make ``version`` known."""
         with self._lock:
             self._cache(version, phy2log)
             self.latest = max(self.latest, version)
-            if in_force:
-                self.in_force = version
 
     def _cache(self, version: int, phy2log: np.ndarray) -> np.ndarray:
         """Flat index [G, L*S] into load[L*E] for every slot of every GPU under ``version``."""
@@ -133,7 +137,7 @@ class PlacementWindow:
         else:
             try:  # the shared helper produces the error message naming the field
                 counts = to_numpy(t, "slot_counts", shape=(s.num_layers, s.slots_per_gpu))
-            except TensorError as exc:
+            except FieldError as exc:
                 return IngestResult(Ack.REJECTED, str(exc))
         if counts.size and counts.min() < 0:
             return IngestResult(Ack.REJECTED, "slot_counts: must be non-negative")
@@ -170,7 +174,7 @@ class PlacementWindow:
         s = self.spec
         try:
             load = to_numpy(r.expert_load, "expert_load", shape=(s.num_layers, s.num_experts))
-        except TensorError as exc:
+        except FieldError as exc:
             return IngestResult(Ack.REJECTED, str(exc))
         if not np.isfinite(load).all():
             return IngestResult(Ack.REJECTED, "expert_load: must be finite (no NaN or infinity)")
@@ -227,8 +231,9 @@ class PlacementWindow:
             self._buckets.popleft()
         return self._buckets[-1]
 
-    def view(self, now: float) -> WindowView:
-        """The decayed window at ``now``: slot counts of each plan version mapped to experts."""
+    def view(self, now: float, in_force: int) -> WindowView:
+        """The decayed window at ``now``: slot counts of each plan version mapped to experts;
+        GPU loads from the counts taken under version ``in_force``."""
         s = self.spec
         half = s.policy.half_life_seconds
         totals: dict[int, np.ndarray] = {}
@@ -246,7 +251,7 @@ class PlacementWindow:
                         totals[version] += w * slots
                     else:
                         totals[version] = w * slots
-            reports, in_force = self.reports, self.in_force
+            reports = self.reports
             maps = {v: self._slot_maps.get(v) for v in (*totals, in_force)}
         load = logical.ravel().copy()
         for version, slots in totals.items():
@@ -279,41 +284,3 @@ def _spread_over_replicas(logical: np.ndarray, idx: np.ndarray, num_layers: int)
     per_slot = logical[idx] / np.maximum(replicas[idx], 1)
     return per_slot.reshape(idx.shape[0], num_layers, -1).sum(axis=2).T
 
-
-class LoadAggregator:
-    """Windows of every registered placement; ``lookup`` fetches stored plans on cache misses."""
-
-    def __init__(self, lookup: PlanLookup, clock: Callable[[], float] = time.time):
-        self._lookup = lookup
-        self._clock = clock
-        self._windows: dict[str, PlacementWindow] = {}
-        self._lock = threading.Lock()
-
-    def register(self, spec: PlacementSpec, version_in_force: int) -> PlacementWindow:
-        """Add or update a placement; keeps its window when the shape is unchanged."""
-        with self._lock:
-            old = self._windows.get(spec.name)
-            if old is not None and old.spec.same_shape(spec) and \
-                    old.spec.policy.window_seconds == spec.policy.window_seconds:
-                old.spec = spec
-                return old
-            win = PlacementWindow(spec, version_in_force, self._lookup)
-            self._windows[spec.name] = win
-            return win
-
-    def remove(self, name: str) -> None:
-        with self._lock:
-            self._windows.pop(name, None)
-
-    def get(self, name: str) -> PlacementWindow | None:
-        return self._windows.get(name)
-
-    def ingest(self, report: pb.LoadReport) -> IngestResult:
-        win = self._windows.get(report.placement)
-        if win is None:
-            return IngestResult(Ack.REJECTED, f"placement: unknown placement {report.placement!r}")
-        return win.ingest(report, self._clock())
-
-    def view(self, name: str) -> WindowView | None:
-        win = self._windows.get(name)
-        return None if win is None else win.view(self._clock())

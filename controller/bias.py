@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from expertplane.controller.errors import InvalidArgument
+from expertplane.errors import FieldError
 from expertplane.kernels.balancing import BIAS_RULES, BiasUpdate
 from expertplane.proto import expertplane_pb2 as pb
 
@@ -43,16 +43,16 @@ class RouterBiasSpec:
 
 def router_bias_from_proto(msg: pb.RouterBiasPolicy, prefix: str = "router_bias") -> RouterBiasSpec:
     """Validate a ``RouterBiasPolicy`` (0 / empty fields take the defaults); raises
-    ``InvalidArgument`` naming the field."""
+    ``FieldError`` naming the field."""
     speed = msg.speed or DEFAULT_SPEED
     if not math.isfinite(speed) or speed <= 0:
-        raise InvalidArgument(f"{prefix}.speed", f"must be a finite number > 0, got {msg.speed}")
+        raise FieldError(f"{prefix}.speed", f"must be a finite number > 0, got {msg.speed}")
     rule = msg.rule or "sign"
     if rule not in BIAS_RULES:
-        raise InvalidArgument(f"{prefix}.rule", f"must be one of {list(BIAS_RULES)}, got {rule!r}")
+        raise FieldError(f"{prefix}.rule", f"must be one of {list(BIAS_RULES)}, got {rule!r}")
     interval = msg.interval_seconds or DEFAULT_INTERVAL_SECONDS
     if not math.isfinite(interval) or interval <= 0:
-        raise InvalidArgument(f"{prefix}.interval_seconds",
+        raise FieldError(f"{prefix}.interval_seconds",
                               f"must be a finite number > 0, got {msg.interval_seconds}")
     return RouterBiasSpec(bool(msg.enabled), float(speed), rule, float(interval))
 
@@ -74,12 +74,12 @@ def global_bias_step(bias: np.ndarray, load: np.ndarray, update: BiasUpdate,
     bias = np.asarray(bias, dtype=np.float64)
     load = np.asarray(load, dtype=np.float64)
     if bias.ndim != 2 or load.shape != bias.shape:
-        raise InvalidArgument("load", f"must have the bias's shape {list(bias.shape)}, "
+        raise FieldError("load", f"must have the bias's shape {list(bias.shape)}, "
                                       f"got {list(load.shape)}")
     if replicas is not None:
         replicas = np.asarray(replicas, dtype=np.float64)
         if replicas.shape != bias.shape or (replicas < 1).any():
-            raise InvalidArgument("replicas", f"must be >= 1 with shape {list(bias.shape)}, "
+            raise FieldError("replicas", f"must be >= 1 with shape {list(bias.shape)}, "
                                               f"got shape {list(replicas.shape)}")
         load = load / replicas
     out = bias.copy()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from expertplane.controller.errors import InvalidArgument
-from expertplane.planner.errors import PlanInputError
+from expertplane.errors import FieldError
 from expertplane.planner.pipeline.partition import partition
 from expertplane.planner.pipeline.profile import profile_from_layers
 from expertplane.proto import expertplane_pb2 as pb
@@ -14,7 +13,7 @@ from expertplane.proto import expertplane_pb2 as pb
 def _layers(req: pb.ComputePipelineRequest):
     """The request's layers as a planner ``Profile`` (from ``layers`` or ``profile_yaml``)."""
     if req.layers and req.profile_yaml:
-        raise InvalidArgument("profile_yaml", "give either layers or profile_yaml, not both")
+        raise FieldError("profile_yaml", "give either layers or profile_yaml, not both")
     if req.layers:
         return profile_from_layers([
             {"F": l.forward, "B": l.backward, "W": l.weight_grad,
@@ -22,13 +21,13 @@ def _layers(req: pb.ComputePipelineRequest):
              "kind": l.kind or "dense", "ep_imbalance": l.ep_imbalance or 1.0}
             for l in req.layers], field="layers")
     if not req.profile_yaml:
-        raise InvalidArgument("layers", "give layers or profile_yaml")
+        raise FieldError("layers", "give layers or profile_yaml")
     try:
         doc = yaml.safe_load(req.profile_yaml)
     except yaml.YAMLError as exc:
-        raise InvalidArgument("profile_yaml", f"not valid YAML: {exc}") from None
+        raise FieldError("profile_yaml", f"not valid YAML: {exc}") from None
     if not isinstance(doc, dict) or "layers" not in doc:
-        raise InvalidArgument("profile_yaml", "must be a mapping with a 'layers' list")
+        raise FieldError("profile_yaml", "must be a mapping with a 'layers' list")
     return profile_from_layers(doc["layers"], str(doc.get("name", "")), field="profile_yaml.layers")
 
 
@@ -37,14 +36,10 @@ def compute_partition(req: pb.ComputePipelineRequest) -> pb.PipelinePartition:
     except for ``dualpipev``, whose ranks hold two stages); ``stage_busy`` is the seconds each
     stage computes in one step (F + B of every micro-batch)."""
     if req.num_stages < 1:
-        raise InvalidArgument("num_stages", f"must be >= 1, got {req.num_stages}")
-    try:
-        plan = partition(_layers(req), req.num_stages, schedule=req.schedule or "1f1b",
-                         micro_batches=req.micro_batches or None,
-                         memory_limit=float(req.memory_limit_bytes) or None,
-                         p2p=req.p2p_seconds)
-    except PlanInputError as exc:
-        raise InvalidArgument(exc.field, str(exc).split(": ", 1)[1]) from None
+        raise FieldError("num_stages", f"must be >= 1, got {req.num_stages}")
+    plan = partition(_layers(req), req.num_stages, schedule=req.schedule or "1f1b",
+                     micro_batches=req.micro_batches or None,
+                     memory_limit=float(req.memory_limit_bytes) or None, p2p=req.p2p_seconds)
     busy = plan.stage_times[:, :2].sum(axis=1) * plan.micro_batches
     return pb.PipelinePartition(boundaries=list(plan.boundaries), step_time=plan.step_time,
                                 bubble_fraction=plan.bubble_fraction,

@@ -8,7 +8,7 @@ a cluster. Differences, since no apiserver is there:
 
 * the placement is named ``metadata.name`` (the operator, which serves many namespaces, names it
   ``<namespace>-<name>``);
-* ``spec.topology.workerSelector`` and ``spec.initialLoad.configMapRef`` need the cluster and are
+* ``spec.topology.workerSelector`` and ``spec.initialLoadFrom`` need the cluster and are
   refused naming the field; give ``nodes``/``gpusPerNode`` and ``initialLoad.values``.
 """
 
@@ -21,7 +21,7 @@ from typing import Mapping
 import jsonschema
 import yaml
 
-from expertplane.controller.errors import InvalidArgument
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
 
 API_VERSION = "expertplane.io/v1alpha1"
@@ -46,38 +46,35 @@ def _validate(doc: Mapping) -> None:
     errors = list(jsonschema.Draft7Validator(_schema()).iter_errors(doc))
     if errors:
         err = jsonschema.exceptions.best_match(errors)
-        raise InvalidArgument(".".join(str(p) for p in err.absolute_path) or "(document)",
+        raise FieldError(".".join(str(p) for p in err.absolute_path) or "(document)",
                               err.message)
 
 
 def placement_from_resource(doc: Mapping) -> pb.Placement:
     """The ``Placement`` of one ExpertPlacement object (a parsed YAML document).
 
-    Raises ``InvalidArgument`` whose field is the object's path (``spec.model.layers``).
+    Raises ``FieldError`` whose field is the object's path (``spec.model.layers``).
     """
-    from expertplane.controller.operator.crd import (SpecError, load_matrix, placement_from_cr,
-                                                     topology_from_spec)
+    from expertplane.controller.operator.crd import (initial_load_source, load_matrix,
+                                                     placement_from_cr, topology_from_spec)
 
     if doc.get("apiVersion") != API_VERSION:
-        raise InvalidArgument("apiVersion", f"must be {API_VERSION}, got {doc.get('apiVersion')!r}")
+        raise FieldError("apiVersion", f"must be {API_VERSION}, got {doc.get('apiVersion')!r}")
     if doc.get("kind") != KIND:
-        raise InvalidArgument("kind", f"must be {KIND}, got {doc.get('kind')!r}")
+        raise FieldError("kind", f"must be {KIND}, got {doc.get('kind')!r}")
     name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), Mapping) else None
     if not name:
-        raise InvalidArgument("metadata.name", "is required")
+        raise FieldError("metadata.name", "is required")
     _validate(doc)
     spec = doc["spec"]
-    try:
-        topology = topology_from_spec(spec)
-        if topology is None:
-            raise SpecError("spec.topology.workerSelector", "needs Kubernetes (the operator "
-                            "counts the worker pods); without it give nodes and gpusPerNode")
-        load = spec.get("initialLoad") or {}
-        if "configMapRef" in load:
-            raise SpecError("spec.initialLoad.configMapRef", "needs Kubernetes; without it give "
-                            "initialLoad.values")
-        initial = load_matrix(load["values"], "spec.initialLoad.values") if "values" in load else None
-        generation = int(doc["metadata"].get("generation", 0))
-        return placement_from_cr(str(name), spec, topology, generation, initial)
-    except SpecError as exc:
-        raise InvalidArgument(exc.field, str(exc).split(": ", 1)[1]) from None
+    topology = topology_from_spec(spec)
+    if topology is None:
+        raise FieldError("spec.topology.workerSelector", "needs Kubernetes (the operator counts "
+                         "the worker pods); without it give nodes and gpusPerNode")
+    source = initial_load_source(spec)
+    if source is not None and source[0] != "spec.initialLoad.values":
+        raise FieldError("spec.initialLoadFrom", "needs Kubernetes; without it give "
+                         "initialLoad.values")
+    initial = load_matrix(source[1], source[0]) if source else None
+    generation = int(doc["metadata"].get("generation", 0))
+    return placement_from_cr(str(name), spec, topology, generation, initial)

@@ -47,10 +47,9 @@ from dataclasses import dataclass, field
 import jsonschema
 import yaml
 
-from expertplane.controller.errors import InvalidArgument
 from expertplane.controller.placement_cr import KIND, is_custom_resource, placement_from_resource
-from expertplane.planner.errors import one_line
 from expertplane.controller.spec import ALGORITHMS, MODES, PlacementSpec, spec_from_proto
+from expertplane.errors import FieldError, one_line
 from expertplane.kernels.balancing import BIAS_RULES
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor
@@ -101,14 +100,14 @@ SCHEMA = {
 def placement_from_dict(doc: dict) -> pb.Placement:
     """Validate one YAML document against ``SCHEMA`` and build the ``Placement`` message.
 
-    Raises ``InvalidArgument`` whose field is the dotted path of the offending key.
+    Raises ``FieldError`` whose field is the dotted path of the offending key.
     """
     errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(doc),
                     key=lambda e: list(e.absolute_path))
     if errors:
         err = jsonschema.exceptions.best_match(errors)
         path = ".".join(str(p) for p in err.absolute_path) or "(document)"
-        raise InvalidArgument(path, err.message)
+        raise FieldError(path, err.message)
     model, topo, pol = doc["model"], doc["topology"], doc.get("policy", {})
     msg = pb.Placement(
         name=doc["name"],
@@ -125,7 +124,7 @@ def placement_from_dict(doc: dict) -> pb.Placement:
     if "initial_load" in doc:
         rows = doc["initial_load"]
         if len({len(r) for r in rows}) > 1:
-            raise InvalidArgument("initial_load", "rows must all have the same length")
+            raise FieldError("initial_load", "rows must all have the same length")
         msg.initial_load.CopyFrom(double_tensor(rows))
     return msg
 
@@ -145,14 +144,14 @@ class PlacementFiles:
 def _placement_of(doc, where: str) -> pb.Placement | None:
     """The placement of one document, or None for a Kubernetes object of another kind."""
     if not isinstance(doc, dict):
-        raise InvalidArgument(where, "each document must be a mapping")
+        raise FieldError(where, "each document must be a mapping")
     if is_custom_resource(doc) and doc.get("kind") != KIND:
         return None
     try:
         msg = placement_from_resource(doc) if is_custom_resource(doc) else placement_from_dict(doc)
         spec_from_proto(msg)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"{where} {exc.field}", str(exc).split(": ", 1)[1]) from None
+    except FieldError as exc:
+        raise exc.at(f"{where} {exc.field}") from None
     return msg
 
 
@@ -160,7 +159,7 @@ def read_placement_files(path: str | pathlib.Path) -> PlacementFiles:
     """Read and validate every placement in the YAML file ``path``, or in every ``*.yaml``/
     ``*.yml`` file of the folder ``path`` (sorted by name).
 
-    Raises ``InvalidArgument`` (``"<file>#<doc> <field>: ..."``) or ``OSError`` for I/O problems.
+    Raises ``FieldError`` (``"<file>#<doc> <field>: ..."``) or ``OSError`` for I/O problems.
     """
     root = pathlib.Path(path)
     if not root.exists():
@@ -172,7 +171,7 @@ def read_placement_files(path: str | pathlib.Path) -> PlacementFiles:
         try:
             docs = list(yaml.safe_load_all(file.read_text()))
         except yaml.YAMLError as exc:
-            raise InvalidArgument(str(file), f"not valid YAML: {one_line(exc)}") from None
+            raise FieldError(str(file), f"not valid YAML: {one_line(exc)}") from None
         for index, doc in enumerate(d for d in docs if d is not None):
             where = f"{file}#{index}"
             msg = _placement_of(doc, where)
@@ -180,7 +179,7 @@ def read_placement_files(path: str | pathlib.Path) -> PlacementFiles:
                 out.skipped.append(f"{where}: kind {doc.get('kind')!r} is not a placement, skipped")
                 continue
             if msg.name in names:
-                raise InvalidArgument(f"{where} name", f"placement {msg.name!r} defined twice")
+                raise FieldError(f"{where} name", f"placement {msg.name!r} defined twice")
             names.add(msg.name)
             out.placements.append(msg)
             out.sources.append(where)
@@ -191,7 +190,7 @@ def load_placements(directory: str | pathlib.Path) -> list[PlacementSpec]:
     """Read and validate every placement under ``directory`` (sorted by file name); logs a
     warning when the folder holds none, and a note for each document of another kind.
 
-    Raises ``InvalidArgument`` (``"<file>#<doc> <field>: ..."``) or ``OSError`` for I/O problems.
+    Raises ``FieldError`` (``"<file>#<doc> <field>: ..."``) or ``OSError`` for I/O problems.
     """
     root = pathlib.Path(directory)
     if not root.is_dir():

@@ -9,10 +9,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from expertplane.controller.errors import InvalidArgument
 from expertplane.controller.spec import PlacementSpec
+from expertplane.errors import FieldError
 from expertplane.planner.eplb import rebalance_experts
-from expertplane.planner.errors import PlanInputError
 from expertplane.planner.metrics import balance
 from expertplane.planner.plan import migration
 
@@ -60,29 +59,26 @@ def check_load(spec: PlacementSpec, load: np.ndarray, field: str = "load") -> np
     """Check a load [L, E] against ``spec``: shape, finite, non-negative."""
     load = np.asarray(load, dtype=np.float64)
     if load.shape != (spec.num_layers, spec.num_experts):
-        raise InvalidArgument(field, f"must have shape {[spec.num_layers, spec.num_experts]}, "
+        raise FieldError(field, f"must have shape {[spec.num_layers, spec.num_experts]}, "
                                      f"got {list(load.shape)}")
     if not np.all(np.isfinite(load)) or (load < 0).any():
-        raise InvalidArgument(field, "must be finite and non-negative")
+        raise FieldError(field, "must be finite and non-negative")
     return load
 
 
 def compute_candidate(spec: PlacementSpec, load: np.ndarray | None,
                       previous: np.ndarray | None = None) -> Candidate:
     """Plan ``spec`` for ``load`` [L, E] (see ``planning_load``), movement-aware when ``previous``
-    (the phy2log [L, R] in force) is given. Raises ``InvalidArgument`` naming the field."""
+    (the phy2log [L, R] in force) is given. Raises ``FieldError`` naming the field."""
     weight = planning_load(spec, load)
     if previous is not None:
         previous = np.asarray(previous, dtype=np.int64)
         if previous.shape != (spec.num_layers, spec.num_replicas):
-            raise InvalidArgument("previous_phy2log", f"must have shape "
+            raise FieldError("previous_phy2log", f"must have shape "
                                   f"{[spec.num_layers, spec.num_replicas]}, got {list(previous.shape)}")
-    try:
-        phy2log, log2phy, logcnt = (t.numpy() for t in rebalance_experts(
-            weight, spec.num_replicas, spec.num_groups, spec.num_nodes, spec.num_gpus,
-            algorithm=spec.algorithm, previous=previous))
-    except PlanInputError as exc:
-        raise InvalidArgument(exc.field, str(exc).split(": ", 1)[1]) from None
+    phy2log, log2phy, logcnt = (t.numpy() for t in rebalance_experts(
+        weight, spec.num_replicas, spec.num_groups, spec.num_nodes, spec.num_gpus,
+        algorithm=spec.algorithm, previous=previous))
     predicted = balance(weight, phy2log, logcnt, spec.num_gpus)
     if previous is None:
         current, moved = predicted, None

@@ -5,7 +5,7 @@
 next bias from the global window load (``controller.bias.global_bias_step``), pushes it to the
 agents (``push(name, bias, sequence)``, i.e. ``Controller.push_bias`` -> RolloutCommand.bias),
 keeps the last ``history`` updates and exports gauges. ``ReportTotals`` sums the steps,
-failed steps and capacity-dropped tokens of accepted load reports.
+failed steps and capacity-dropped tokens of one placement's accepted load reports.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from prometheus_client import CollectorRegistry, Gauge
 from expertplane.controller.aggregation import WindowView
 from expertplane.controller.bias import global_bias_step, max_over_mean
 from expertplane.controller.spec import PlacementSpec
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
-from expertplane.rpc.tensors import TensorError, to_numpy
+from expertplane.rpc.tensors import to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,12 @@ class PlacementTotals:
 
 
 class ReportTotals:
-    """Steps / failed steps / capacity drops per placement, from accepted LoadReports."""
+    """Steps / failed steps / capacity drops of one placement, from accepted LoadReports
+    (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._totals: dict[str, PlacementTotals] = {}
+        self._totals = PlacementTotals()
 
     def add(self, report: pb.LoadReport, spec: PlacementSpec) -> None:
         """Count an ACCEPTED report; a malformed dropped_tokens is ignored (logged)."""
@@ -159,10 +161,10 @@ class ReportTotals:
             try:
                 dropped = to_numpy(report.dropped_tokens, "dropped_tokens",
                                    shape=(spec.num_layers, spec.slots_per_gpu)).sum(axis=1)
-            except TensorError as exc:
+            except FieldError as exc:
                 log.warning("report of %s rank %d: %s", spec.name, report.worker_rank, exc)
         with self._lock:
-            t = self._totals.setdefault(spec.name, PlacementTotals())
+            t = self._totals
             t.steps += report.steps
             t.failed_steps += report.failed_steps
             if dropped is not None and report.worker_rank < spec.num_gpus:
@@ -170,12 +172,9 @@ class ReportTotals:
                     t.dropped = np.zeros((spec.num_layers, spec.num_gpus))
                 t.dropped[:, report.worker_rank] += dropped
 
-    def get(self, name: str) -> PlacementTotals:
+    def get(self) -> PlacementTotals:
+        """A copy of the sums."""
         with self._lock:
-            t = self._totals.get(name, PlacementTotals())
+            t = self._totals
             return PlacementTotals(t.steps, t.failed_steps,
                                    None if t.dropped is None else t.dropped.copy())
-
-    def forget(self, name: str) -> None:
-        with self._lock:
-            self._totals.pop(name, None)

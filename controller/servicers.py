@@ -17,38 +17,28 @@ import numpy as np
 from expertplane.controller.convert import (plan_message, plan_summary, rollout_message,
                                             timestamp)
 from expertplane.controller.core import Controller, PlacementView
-from expertplane.controller.errors import (ControllerError, FailedPrecondition, InvalidArgument,
-                                           NotFound)
-from expertplane.controller.rollout import AgentSession
+from expertplane.controller.sessions import AgentSession
 from expertplane.controller.spec import spec_from_proto, spec_to_proto
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
-from expertplane.rpc.tensors import TensorError, double_tensor, to_numpy
+from expertplane.rpc.status import status_of
+from expertplane.rpc.tensors import double_tensor, to_numpy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_CODES = ((InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-          (NotFound, grpc.StatusCode.NOT_FOUND),
-          (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-          (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
-
-
-def _status(exc: Exception) -> grpc.StatusCode:
-    return next(code for kind, code in _CODES if isinstance(exc, kind))
-
-
 def unary(method):
-    """Map controller errors of a unary handler to gRPC status codes."""
+    """Answer a unary handler's exceptions with their status code (``rpc.status.status_of``)."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except (ControllerError, TensorError, ValueError) as exc:
-            context.abort(_status(exc), str(exc))
-        except RuntimeError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except grpc.aio.AbortError:          # the handler aborted with its own status
+            raise
+        except Exception as exc:
+            context.abort(*status_of(exc, method.__name__))
     return wrapper
 
 
@@ -60,8 +50,10 @@ def streaming(method):
         try:
             async for response in method(self, request, context):
                 yield response
-        except (ControllerError, TensorError, ValueError) as exc:
-            await context.abort(_status(exc), str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await context.abort(*status_of(exc, method.__name__))
     return wrapper
 
 
@@ -168,10 +160,10 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
     @unary
     def GetPlan(self, request, context):
         if not request.placement:
-            raise InvalidArgument("placement", "is required")
+            raise FieldError("placement", "is required")
         if request.in_force:
             if request.version:
-                raise InvalidArgument("in_force", "give either version or in_force, not both")
+                raise FieldError("in_force", "give either version or in_force, not both")
             return plan_message(self._c.plan_in_force(request.placement))
         return plan_message(self._c.get_plan(request.placement, request.version))
 
@@ -218,7 +210,7 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
                             gpu_load=double_tensor(view.gpu_load))
         if bias is not None:
             msg.router_bias.CopyFrom(bias.bias)
-        totals = self._c.totals.get(request.placement)
+        totals = self._c.totals(request.placement)
         msg.steps, msg.failed_steps = totals.steps, totals.failed_steps
         if totals.dropped is not None:
             msg.dropped_tokens.CopyFrom(double_tensor(totals.dropped))
@@ -239,7 +231,7 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
     @unary
     def DeletePlacement(self, request, context):
         if not request.name:
-            raise InvalidArgument("name", "is required")
+            raise FieldError("name", "is required")
         return pb.DeletePlacementResponse(deleted=self._c.delete_placement(request.name))
 
     @unary
@@ -258,7 +250,7 @@ class PlanningServicer(pb_grpc.PlanningServiceServicer):
     def ComputePlan(self, request, context):
         spec = spec_from_proto(request.spec, "spec.") if request.HasField("spec") else None
         if request.placement and spec is not None:
-            raise InvalidArgument("spec", "give either placement or spec, not both")
+            raise FieldError("spec", "give either placement or spec, not both")
         plan = self._c.compute_plan(request.placement, spec,
                                     _tensor(request.load, "load", ndim=2),
                                     _tensor(request.previous_phy2log, "previous_phy2log", ndim=2),

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from expertplane.controller.bias import RouterBiasSpec, router_bias_from_proto, router_bias_to_proto
-from expertplane.controller.errors import InvalidArgument
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
-from expertplane.rpc.tensors import TensorError, double_tensor, to_numpy
+from expertplane.rpc.tensors import double_tensor, to_numpy
 
 ALGORITHMS = ("deepseek", "balanced", "topology")
 MODES = ("auto", "manual", "off")
@@ -77,13 +77,13 @@ class PlacementSpec:
 
 def _positive(value: int, name: str) -> int:
     if value < 1:
-        raise InvalidArgument(name, f"must be >= 1, got {value}")
+        raise FieldError(name, f"must be >= 1, got {value}")
     return int(value)
 
 
 def _non_negative(value: float, name: str) -> float:
     if not math.isfinite(value) or value < 0:
-        raise InvalidArgument(name, f"must be a finite number >= 0, got {value}")
+        raise FieldError(name, f"must be a finite number >= 0, got {value}")
     return float(value)
 
 
@@ -92,7 +92,7 @@ def policy_from_proto(msg: pb.RebalancePolicy, prefix: str = "policy") -> Policy
     mode = {pb.RebalancePolicy.MODE_UNSPECIFIED: "auto", pb.RebalancePolicy.AUTO: "auto",
             pb.RebalancePolicy.MANUAL: "manual", pb.RebalancePolicy.OFF: "off"}.get(msg.mode)
     if mode is None:
-        raise InvalidArgument(f"{prefix}.mode", f"unknown mode {msg.mode}")
+        raise FieldError(f"{prefix}.mode", f"unknown mode {msg.mode}")
     window = _non_negative(msg.window_seconds, f"{prefix}.window_seconds") or DEFAULT_WINDOW_SECONDS
     return PolicySpec(
         mode=mode,
@@ -108,44 +108,41 @@ def policy_from_proto(msg: pb.RebalancePolicy, prefix: str = "policy") -> Policy
 
 
 def spec_from_proto(msg: pb.Placement, prefix: str = "") -> PlacementSpec:
-    """Validate a wire ``Placement``; raises ``InvalidArgument`` naming the field.
+    """Validate a wire ``Placement``; raises ``FieldError`` naming the field.
 
     ``prefix`` is prepended to field names (e.g. ``"spec."`` inside ComputePlanRequest).
     """
     p = prefix
     if not _NAME.match(msg.name):
-        raise InvalidArgument(f"{p}name", f"must match [a-z0-9-] (1-63 chars, no leading/trailing "
+        raise FieldError(f"{p}name", f"must match [a-z0-9-] (1-63 chars, no leading/trailing "
                                           f"'-'), got {msg.name!r}")
     if not msg.HasField("model"):
-        raise InvalidArgument(f"{p}model", "is required")
+        raise FieldError(f"{p}model", "is required")
     if not msg.HasField("topology"):
-        raise InvalidArgument(f"{p}topology", "is required")
+        raise FieldError(f"{p}topology", "is required")
     layers = _positive(msg.model.num_layers, f"{p}model.num_layers")
     experts = _positive(msg.model.num_experts, f"{p}model.num_experts")
     groups = msg.model.num_groups or 1
     if experts % groups:
-        raise InvalidArgument(f"{p}model.num_groups", f"must divide num_experts ({experts}), "
+        raise FieldError(f"{p}model.num_groups", f"must divide num_experts ({experts}), "
                                                       f"got {groups}")
     nodes = _positive(msg.topology.num_nodes, f"{p}topology.num_nodes")
     per_node = _positive(msg.topology.gpus_per_node, f"{p}topology.gpus_per_node")
     replicas = msg.num_replicas or experts
     if replicas < experts:
-        raise InvalidArgument(f"{p}num_replicas", f"must be >= num_experts ({experts}), "
+        raise FieldError(f"{p}num_replicas", f"must be >= num_experts ({experts}), "
                                                   f"got {replicas}")
     if replicas % (nodes * per_node):
-        raise InvalidArgument(f"{p}num_replicas", f"must be a multiple of the GPU count "
+        raise FieldError(f"{p}num_replicas", f"must be a multiple of the GPU count "
                                                   f"({nodes * per_node}), got {replicas}")
     algorithm = msg.algorithm or "deepseek"
     if algorithm not in ALGORITHMS:
-        raise InvalidArgument(f"{p}algorithm", f"must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+        raise FieldError(f"{p}algorithm", f"must be one of {list(ALGORITHMS)}, got {algorithm!r}")
     initial = None
     if msg.HasField("initial_load") and len(msg.initial_load.shape):
-        try:
-            initial = to_numpy(msg.initial_load, f"{p}initial_load", shape=(layers, experts))
-        except TensorError as exc:
-            raise InvalidArgument(exc.field, str(exc).split(": ", 1)[1]) from None
+        initial = to_numpy(msg.initial_load, f"{p}initial_load", shape=(layers, experts))
         if not np.all(np.isfinite(initial)) or (initial < 0).any():
-            raise InvalidArgument(f"{p}initial_load", "must be finite and non-negative")
+            raise FieldError(f"{p}initial_load", "must be finite and non-negative")
     return PlacementSpec(
         name=msg.name, num_layers=layers, num_experts=experts, num_nodes=nodes,
         gpus_per_node=per_node, num_replicas=replicas, num_groups=groups,

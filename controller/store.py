@@ -28,10 +28,10 @@ from sqlalchemy import create_engine, delete, event, func, insert, select, updat
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from expertplane.controller.errors import FailedPrecondition, NotFound
 from expertplane.controller.spec import PlacementSpec, spec_from_proto, spec_to_proto
 from expertplane.controller.tables import (LoadSnapshotRow, PlacementRow, PlanRow, RolloutAckRow,
                                            RolloutRow)
+from expertplane.errors import FailedPrecondition, NotFound
 from expertplane.proto import expertplane_pb2 as pb
 
 MIGRATIONS = pathlib.Path(__file__).with_name("migrations")

@@ -1,7 +1,7 @@
 """Run the whole system on one machine: controller, one agent per simulated node, gloo workers.
 
 The controller and the agents run in this process (threads); every worker is its own process
-(``multiprocessing`` spawn) running :func:`expertplane.kernels.worker.run_worker`. The demo polls
+(``multiprocessing`` spawn) running :func:`expertplane.worker.process.run_worker`. The demo polls
 the controller over gRPC like any user would and records a :class:`Timeline`.
 """
 
@@ -107,7 +107,7 @@ def _worker_main(config, log_path: str, results) -> None:
     """Child process: one rank. SIGINT is left to the parent, SIGTERM stops at a common step."""
     import torch
 
-    from expertplane.kernels.worker import run_worker
+    from expertplane.worker.process import run_worker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()
@@ -185,8 +185,8 @@ def run_demo(opts: DemoOptions) -> int:
     from expertplane.controller.placement_files import placement_from_dict
     from expertplane.controller.server import ControllerServer
     from expertplane.demo.view import render
-    from expertplane.kernels.synthetic import ModelConfig, StreamConfig
-    from expertplane.kernels.worker import WorkerConfig
+    from expertplane.worker.synthetic import ModelConfig, StreamConfig
+    from expertplane.worker.process import WorkerConfig
     from expertplane.proto import expertplane_pb2_grpc as pb_grpc
     from expertplane.rpc.channels import make_channel
 

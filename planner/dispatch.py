@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from expertplane.errors import FieldError
 from expertplane.kernels.replica_choice import choose_replicas
 from expertplane.kernels.routing import RouterConfig, route
-from expertplane.planner.errors import PlanInputError
 from expertplane.planner.plan import build_log2phy
 from expertplane.planner.validation import as_array, as_int, check_phy2log
 
@@ -39,7 +39,7 @@ class Topology:
         as_int(self.num_nodes, "num_nodes")
         as_int(self.num_gpus, "num_gpus")
         if self.num_gpus % self.num_nodes:
-            raise PlanInputError("num_gpus", f"must be a multiple of num_nodes "
+            raise FieldError("num_gpus", f"must be a multiple of num_nodes "
                                              f"({self.num_nodes}), got {self.num_gpus}")
 
     @property
@@ -49,7 +49,7 @@ class Topology:
     def slot_gpu(self, num_replicas: int) -> np.ndarray:
         """[R] GPU of each physical slot (equal contiguous slot ranges per GPU)."""
         if num_replicas % self.num_gpus:
-            raise PlanInputError("num_replicas", f"must be a multiple of num_gpus "
+            raise FieldError("num_replicas", f"must be a multiple of num_gpus "
                                                  f"({self.num_gpus}), got {num_replicas}")
         return np.arange(num_replicas) // (num_replicas // self.num_gpus)
 
@@ -127,10 +127,10 @@ def generate_trace(popularity, num_tokens: int, num_gpus: int, model: RoutingMod
     """
     pop = as_array(popularity, "popularity").astype(np.float64)
     if pop.ndim != 2 or pop.shape[1] != model.num_experts:
-        raise PlanInputError("popularity", f"must be [layers, {model.num_experts}], got "
+        raise FieldError("popularity", f"must be [layers, {model.num_experts}], got "
                                            f"{list(pop.shape)}")
     if not np.all(np.isfinite(pop)) or (pop <= 0).any():
-        raise PlanInputError("popularity", "must be finite and > 0")
+        raise FieldError("popularity", "must be finite and > 0")
     num_tokens = as_int(num_tokens, "num_tokens")
     num_gpus = as_int(num_gpus, "num_gpus")
     gen = torch.Generator().manual_seed(int(seed))
@@ -153,7 +153,7 @@ def _plan_maps(plan, num_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
         phy2log = check_phy2log(plan, np.iinfo(np.int64).max, field="plan")
         log2phy, logcnt = build_log2phy(phy2log, int(phy2log.max()) + 1)
     if phy2log.ndim != 2 or phy2log.shape[0] != num_layers:
-        raise PlanInputError("plan", f"phy2log must be [{num_layers}, R], got "
+        raise FieldError("plan", f"phy2log must be [{num_layers}, R], got "
                                      f"{list(phy2log.shape)}")
     return phy2log, log2phy, logcnt
 
@@ -168,10 +168,10 @@ def simulate_dispatch(plan, trace: Trace, topology: Topology) -> DispatchResult:
     layers, tokens, _ = trace.topk_ids.shape
     phy2log, log2phy, logcnt = _plan_maps(plan, layers)
     if trace.topk_ids.max() >= logcnt.shape[1]:
-        raise PlanInputError("trace", f"routes to expert {trace.topk_ids.max()} but the plan has "
+        raise FieldError("trace", f"routes to expert {trace.topk_ids.max()} but the plan has "
                                       f"{logcnt.shape[1]} experts")
     if trace.source_gpu.shape != (tokens,) or trace.source_gpu.max() >= topology.num_gpus:
-        raise PlanInputError("trace", f"source_gpu must be [{tokens}] GPU ids < "
+        raise FieldError("trace", f"source_gpu must be [{tokens}] GPU ids < "
                                       f"{topology.num_gpus}")
     slot_gpu = topology.slot_gpu(phy2log.shape[1])
     gpn = topology.gpus_per_node

@@ -17,8 +17,8 @@ import importlib
 import numpy as np
 import torch
 
+from expertplane.errors import FieldError
 from expertplane.planner.deepseek import deepseek_plan
-from expertplane.planner.errors import PlanInputError
 from expertplane.planner.plan import build_log2phy
 from expertplane.planner.validation import as_int, check_phy2log, check_rebalance_args
 
@@ -35,7 +35,7 @@ def _check_options(algorithm: str, options: dict) -> None:
     allowed = _ENTRY_POINTS[algorithm][2] if algorithm in _ENTRY_POINTS else ()
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise PlanInputError(unknown[0], f"is not an option of algorithm {algorithm!r} "
+        raise FieldError(unknown[0], f"is not an option of algorithm {algorithm!r} "
                                          f"(options: {list(allowed) or 'none'})")
 
 
@@ -43,7 +43,7 @@ def _import(module: str, name: str, field: str):
     try:
         return getattr(importlib.import_module(module), name)
     except ImportError as exc:
-        raise PlanInputError(field, f"needs {module}.{name}, which is not available: {exc}") \
+        raise FieldError(field, f"needs {module}.{name}, which is not available: {exc}") \
             from None
 
 
@@ -61,12 +61,12 @@ def plan_placement(weight: np.ndarray, num_replicas: int, num_groups: int, num_n
     defines one (deepseek without ``previous``); otherwise replicas are ranked by slot index.
     """
     if algorithm not in ALGORITHMS:
-        raise PlanInputError("algorithm", f"must be one of {list(ALGORITHMS)}, got {algorithm!r}")
+        raise FieldError("algorithm", f"must be one of {list(ALGORITHMS)}, got {algorithm!r}")
     _check_options(algorithm, options)
     if previous is not None:
         prev = check_phy2log(previous, weight.shape[1], field="previous")
         if prev.shape != (weight.shape[0], num_replicas):
-            raise PlanInputError("previous", f"must have shape [{weight.shape[0]}, {num_replicas}]"
+            raise FieldError("previous", f"must have shape [{weight.shape[0]}, {num_replicas}]"
                                              f" (layers, replicas), got {list(prev.shape)}")
         rebalance_with_previous = _import("expertplane.planner.movement",
                                           "rebalance_with_previous", "previous")
@@ -90,7 +90,7 @@ def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, *,
     previous: optional phy2log [L, R] of the plan in force (movement-aware re-planning);
     options: algorithm options ("topology": ``remote_cost``, ``topk``).
     Returns (phy2log [L, R], log2phy [L, E, X] -1 padded, logcnt [L, E]) as torch int64, with
-    GPU g holding slots g*R/P .. (g+1)*R/P - 1. Raises ``PlanInputError`` on bad input.
+    GPU g holding slots g*R/P .. (g+1)*R/P - 1. Raises ``FieldError`` on bad input.
     """
     w = check_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus)
     r, g, n, p = (as_int(v, f) for v, f in ((num_replicas, "num_replicas"),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expertplane.planner.errors import PlanInputError, one_line
+from expertplane.errors import FieldError, one_line
 from expertplane.planner.plan import Migration
 from expertplane.planner.validation import as_array
 
@@ -35,30 +35,30 @@ def _read_container(path: Path, field: str):
         try:
             return np.load(path, allow_pickle=False)
         except (ValueError, EOFError, OSError) as exc:  # empty, truncated or pickled files
-            raise PlanInputError(field, f"cannot read {path} as a .npy array: {one_line(exc)}") from None
+            raise FieldError(field, f"cannot read {path} as a .npy array: {one_line(exc)}") from None
     if suffix == ".pt":
         import torch
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
-            raise PlanInputError(field, f"cannot read {path} as a torch file: {one_line(exc)}") from None
+            raise FieldError(field, f"cannot read {path} as a torch file: {one_line(exc)}") from None
     if suffix == ".json":
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise PlanInputError(field, f"{path} is not valid JSON: {one_line(exc)}") from None
+            raise FieldError(field, f"{path} is not valid JSON: {one_line(exc)}") from None
     if suffix in (".yaml", ".yml"):
         import yaml
         try:
             return yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise PlanInputError(field, f"{path} is not valid YAML: {one_line(exc)}") from None
+            raise FieldError(field, f"{path} is not valid YAML: {one_line(exc)}") from None
     if suffix == ".csv":
         try:
             return np.loadtxt(path, delimiter=",", ndmin=2)
         except ValueError as exc:
-            raise PlanInputError(field, f"{path} is not a numeric CSV: {one_line(exc)}") from None
-    raise PlanInputError(field, f"unsupported file type {suffix!r} for {path} "
+            raise FieldError(field, f"{path} is not a numeric CSV: {one_line(exc)}") from None
+    raise FieldError(field, f"unsupported file type {suffix!r} for {path} "
                                 "(use .npy, .pt, .json, .csv, .yaml)")
 
 
@@ -67,7 +67,7 @@ def _pick(content, keys: tuple[str, ...], field: str, path: Path):
         for key in keys:
             if key in content:
                 return content[key]
-        raise PlanInputError(field, f"{path} holds a mapping without any of the keys {list(keys)}")
+        raise FieldError(field, f"{path} holds a mapping without any of the keys {list(keys)}")
     return content
 
 
@@ -76,9 +76,9 @@ def load_loads(path) -> np.ndarray:
     path = Path(path)
     a = as_array(_pick(_read_container(path, "loads"), LOAD_KEYS, "loads", path), "loads")
     if a.dtype == object:
-        raise PlanInputError("loads", f"{path} holds ragged rows")
+        raise FieldError("loads", f"{path} holds ragged rows")
     if a.ndim < 2:
-        raise PlanInputError("loads", f"{path} must hold a [layers, experts] array, got shape "
+        raise FieldError("loads", f"{path} must hold a [layers, experts] array, got shape "
                                       f"{list(a.shape)}")
     if a.ndim > 2:  # SGLang: [window..., layers, experts]
         log.warning("loads: %s holds a %d-D array %s: summed over its first %d dimension(s) "
@@ -86,7 +86,7 @@ def load_loads(path) -> np.ndarray:
                     a.ndim, list(a.shape), a.ndim - 2, list(a.shape[-2:]))
         a = a.reshape(-1, *a.shape[-2:]).sum(axis=0)
     if not np.issubdtype(a.dtype, np.number):
-        raise PlanInputError("loads", f"{path} must hold numbers, got dtype {a.dtype}")
+        raise FieldError("loads", f"{path} must hold numbers, got dtype {a.dtype}")
     return a.astype(np.float64)
 
 
@@ -95,7 +95,7 @@ def load_phy2log(path, field: str = "previous") -> np.ndarray:
     path = Path(path)
     a = as_array(_pick(_read_container(path, field), PLAN_KEYS, field, path), field)
     if a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
-        raise PlanInputError(field, f"{path} must hold an integer [layers, replicas] array, got "
+        raise FieldError(field, f"{path} must hold an integer [layers, replicas] array, got "
                                     f"shape {list(a.shape)} dtype {a.dtype}")
     return a.astype(np.int64)
 
@@ -146,7 +146,7 @@ def format_for(path, fmt: str | None) -> str:
     """Output format: ``fmt`` if given, else from the file suffix (.yaml/.yml -> yaml, else json)."""
     if fmt is not None:
         if fmt not in FORMATS:
-            raise PlanInputError("format", f"must be one of {list(FORMATS)}, got {fmt!r}")
+            raise FieldError("format", f"must be one of {list(FORMATS)}, got {fmt!r}")
         return fmt
     return "yaml" if path is not None and Path(path).suffix.lower() in (".yaml", ".yml") else "json"
 

@@ -235,6 +235,7 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack)
     touched = np.empty(num_gpus, dtype=np.int64)
     mark = np.zeros(num_gpus, dtype=np.bool_)
     on_g = np.zeros(w.shape[0], dtype=np.bool_)
+    g_experts = np.empty(per_gpu, dtype=np.int64)
     starts = np.zeros(w.shape[0] + 1, dtype=np.int64)
     slots = np.empty(replicas, dtype=np.int64)
     spent = 0
@@ -244,8 +245,13 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack)
         if top <= target:
             return True
         best_score, best_kind, best_a, best_b = 0.0, -1, -1, -1
+        n_g = 0  # the experts on g, ascending (the candidates of a slot elsewhere)
         for i in range(g * per_gpu, (g + 1) * per_gpu):
-            on_g[row[i]] = True
+            if not on_g[row[i]]:
+                on_g[row[i]] = True
+                g_experts[n_g] = row[i]
+                n_g += 1
+        g_experts[:n_g].sort()
         _index_slots(row, w.shape[0], starts, slots)
         # relabels: a slot on g to any expert, or any slot to an expert on g
         for j in range(replicas):
@@ -253,8 +259,9 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack)
             if counts[f] < 2:
                 continue
             j_on_g = j // per_gpu == g
-            for e in range(w.shape[0]):
-                if e == f or not (j_on_g or on_g[e]):
+            for c in range(w.shape[0] if j_on_g else n_g):
+                e = c if j_on_g else g_experts[c]
+                if e == f:
                     continue
                 if expert_node[e] >= 0 and expert_node[e] != slot_node[j]:
                     continue
@@ -528,3 +535,15 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
         best_moves = np.where(use, moves, best_moves)
     return best
 
+
+
+def keep_gpu_slots(phy2log: np.ndarray, previous: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``phy2log`` [L, R] with each GPU's experts reordered so that every expert that already sat
+    in a slot of that GPU in ``previous`` [L, R] keeps that slot; the others fill the free slots
+    in order. The GPUs' expert sets, hence the balance, are unchanged (vLLM's default EPLB
+    policy does the same after DeepSeek's algorithm)."""
+    new = np.ascontiguousarray(phy2log, dtype=np.int64)
+    old = np.ascontiguousarray(previous, dtype=np.int64)
+    layers, replicas = new.shape
+    rows = layers * int(num_gpus)
+    return _keep_slots_all(new.reshape(rows, -1), old.reshape(rows, -1)).reshape(layers, replicas)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from expertplane.planner.errors import PlanInputError
+from expertplane.errors import FieldError
 
 
 def replica_ranks(phy2log) -> np.ndarray:
@@ -37,10 +37,10 @@ def build_log2phy(phy2log, num_logical, phyrank=None) -> tuple[np.ndarray, np.nd
     logcnt = np.bincount(flat_ids, minlength=layers * num_logical).reshape(layers, num_logical)
     rank = replica_ranks(p2l) if phyrank is None else np.asarray(phyrank, dtype=np.int64)
     if rank.shape != p2l.shape:
-        raise PlanInputError("phyrank", f"must have shape {list(p2l.shape)}, got {list(rank.shape)}")
+        raise FieldError("phyrank", f"must have shape {list(p2l.shape)}, got {list(rank.shape)}")
     width = max(int(logcnt.max()), 1)
     if rank.size and (rank.min() < 0 or rank.max() >= width):
-        raise PlanInputError("phyrank", f"replica indices must lie in [0, {width})")
+        raise FieldError("phyrank", f"replica indices must lie in [0, {width})")
     log2phy = np.full((layers, num_logical * width), -1, dtype=np.int64)
     np.put_along_axis(log2phy, p2l * width + rank,
                       np.broadcast_to(np.arange(replicas, dtype=np.int64), p2l.shape), 1)
@@ -65,10 +65,10 @@ def migration(previous_phy2log, phy2log, expert_bytes=0) -> Migration:
     old = np.asarray(previous_phy2log, dtype=np.int64)
     new = np.asarray(phy2log, dtype=np.int64)
     if old.shape != new.shape:
-        raise PlanInputError("previous", f"must have the plan's shape {list(new.shape)}, got "
+        raise FieldError("previous", f"must have the plan's shape {list(new.shape)}, got "
                                          f"{list(old.shape)}")
     if int(expert_bytes) < 0:
-        raise PlanInputError("expert_bytes", f"must be >= 0, got {expert_bytes}")
+        raise FieldError("expert_bytes", f"must be >= 0, got {expert_bytes}")
     per_layer = (old != new).sum(axis=1).astype(np.int64)
     moved = int(per_layer.sum())
     return Migration(slots_moved=moved, bytes_moved=moved * int(expert_bytes), per_layer=per_layer)

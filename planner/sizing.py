@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from expertplane.errors import FieldError
 from expertplane.planner.bounds import lower_bound
 from expertplane.planner.deepseek import is_hierarchical
-from expertplane.planner.errors import PlanInputError
 from expertplane.planner.metrics import balance
 from expertplane.planner.validation import as_int, check_loads
 
@@ -47,11 +47,11 @@ def _check_candidates(candidates, num_experts: int, num_gpus: int) -> list[int]:
     for value in candidates:
         r = as_int(value, "candidates", minimum=0)
         if (num_experts + r) % num_gpus:
-            raise PlanInputError("candidates", f"{r} redundant experts give {num_experts + r} "
+            raise FieldError("candidates", f"{r} redundant experts give {num_experts + r} "
                                                f"slots, not a multiple of num_gpus ({num_gpus})")
         out.append(r)
     if not out:
-        raise PlanInputError("candidates", "must not be empty")
+        raise FieldError("candidates", "must not be empty")
     return sorted(set(out))
 
 
@@ -92,10 +92,10 @@ def recommend_redundancy(weight, num_groups, num_nodes, num_gpus, target_balance
     whole curve).
     """
     if metric not in ("max", "mean"):
-        raise PlanInputError("metric", f"must be 'max' or 'mean', got {metric!r}")
+        raise FieldError("metric", f"must be 'max' or 'mean', got {metric!r}")
     target = float(target_balance)
     if not np.isfinite(target) or target < 1.0:
-        raise PlanInputError("target_balance", f"must be a number >= 1.0, got {target_balance!r}")
+        raise FieldError("target_balance", f"must be a number >= 1.0, got {target_balance!r}")
     curve = sizing_curve(weight, num_groups, num_nodes, num_gpus, candidates, algorithm)
     for point in curve:
         value = point.balance_max if metric == "max" else point.balance_mean

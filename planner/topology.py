@@ -27,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from expertplane.errors import FieldError
 from expertplane.planner.deepseek import group_sums, balanced_packing, is_hierarchical
-from expertplane.planner.errors import PlanInputError
 
 SOFTMAX_Q = 16.0
 DEFAULT_REMOTE_COST = 0.1
@@ -142,14 +142,14 @@ def rebalance_topology(weight: np.ndarray, num_replicas: int, num_groups: int, n
     topk: experts per token, to convert remote token-expert pairs into sends per token.
     """
     if not is_hierarchical(num_groups, num_nodes):
-        raise PlanInputError("num_groups", f"topology placement starts from the hierarchical "
+        raise FieldError("num_groups", f"topology placement starts from the hierarchical "
                                            f"policy: needs a multiple of num_nodes "
                                            f"({num_nodes}), got {num_groups}")
     remote_cost = float(remote_cost)
     if not np.isfinite(remote_cost) or remote_cost < 0:
-        raise PlanInputError("remote_cost", f"must be finite and >= 0, got {remote_cost}")
+        raise FieldError("remote_cost", f"must be finite and >= 0, got {remote_cost}")
     if int(topk) < 1:
-        raise PlanInputError("topk", f"must be >= 1, got {topk}")
+        raise FieldError("topk", f"must be >= 1, got {topk}")
     weight = np.asarray(weight, dtype=np.float64)
     layers, num_experts = weight.shape
     group_size = num_experts // num_groups

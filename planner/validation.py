@@ -1,4 +1,4 @@
-"""Input checks for the planner: every failure raises ``PlanInputError`` naming the argument."""
+"""Input checks for the planner: every failure raises ``FieldError`` naming the argument."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import numbers
 
 import numpy as np
 
-from expertplane.planner.errors import PlanInputError
+from expertplane.errors import FieldError
 
 
 def as_int(value, field: str, *, minimum: int = 1) -> int:
     """Return ``value`` as a Python int; rejects bools, floats with a fraction and values < minimum."""
     if isinstance(value, (bool, np.bool_)):
-        raise PlanInputError(field, f"must be an integer, got {value!r}")
+        raise FieldError(field, f"must be an integer, got {value!r}")
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # 0-d numpy / torch scalar
         value = value.item()
     if isinstance(value, numbers.Integral):
@@ -20,9 +20,9 @@ def as_int(value, field: str, *, minimum: int = 1) -> int:
     elif isinstance(value, float) and value.is_integer():
         out = int(value)
     else:
-        raise PlanInputError(field, f"must be an integer, got {value!r}")
+        raise FieldError(field, f"must be an integer, got {value!r}")
     if out < minimum:
-        raise PlanInputError(field, f"must be >= {minimum}, got {out}")
+        raise FieldError(field, f"must be >= {minimum}, got {out}")
     return out
 
 
@@ -33,7 +33,7 @@ def as_array(value, field: str) -> np.ndarray:
     try:
         return np.asarray(value)
     except (TypeError, ValueError) as exc:
-        raise PlanInputError(field, f"cannot be read as an array: {exc}") from None
+        raise FieldError(field, f"cannot be read as an array: {exc}") from None
 
 
 # The largest total load of one layer: "deepseek" adds loads in float32 (bit-exact with
@@ -48,27 +48,27 @@ def check_loads(weight, field: str = "weight") -> np.ndarray:
     """
     a = as_array(weight, field)
     if a.ndim != 2:
-        raise PlanInputError(field, f"must be 2-D [layers, experts], got shape {list(a.shape)}")
+        raise FieldError(field, f"must be 2-D [layers, experts], got shape {list(a.shape)}")
     if a.shape[0] == 0 or a.shape[1] == 0:
-        raise PlanInputError(field, f"must not be empty, got shape {list(a.shape)}")
+        raise FieldError(field, f"must not be empty, got shape {list(a.shape)}")
     if a.dtype == bool or not (np.issubdtype(a.dtype, np.number)):
-        raise PlanInputError(field, f"must be numeric, got dtype {a.dtype}")
+        raise FieldError(field, f"must be numeric, got dtype {a.dtype}")
     if np.issubdtype(a.dtype, np.complexfloating):
-        raise PlanInputError(field, "must be real, got complex values")
+        raise FieldError(field, "must be real, got complex values")
     a = a.astype(np.float64)
     bad = ~np.isfinite(a)
     if bad.any():
         layer, expert = np.argwhere(bad)[0]
-        raise PlanInputError(field, f"must be finite, got {a[layer, expert]} at layer {layer}, "
+        raise FieldError(field, f"must be finite, got {a[layer, expert]} at layer {layer}, "
                                     f"expert {expert}")
     if (a < 0).any():
         layer, expert = np.argwhere(a < 0)[0]
-        raise PlanInputError(field, f"must be non-negative, got {a[layer, expert]} at layer "
+        raise FieldError(field, f"must be non-negative, got {a[layer, expert]} at layer "
                                     f"{layer}, expert {expert}")
     totals = a.sum(axis=1)
     if (totals >= MAX_LAYER_LOAD).any():
         layer = int(np.argmax(totals >= MAX_LAYER_LOAD))
-        raise PlanInputError(field, f"layer {layer} sums to {totals[layer]:.3g}, beyond "
+        raise FieldError(field, f"layer {layer} sums to {totals[layer]:.3g}, beyond "
                                     f"{MAX_LAYER_LOAD:.3g} (the planner adds loads in float32, as "
                                     "DeepSeek's EPLB does): scale the loads down")
     return a
@@ -87,20 +87,20 @@ def check_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus) 
     num_nodes = as_int(num_nodes, "num_nodes")
     num_gpus = as_int(num_gpus, "num_gpus")
     if num_replicas < num_experts:
-        raise PlanInputError("num_replicas", f"must be >= the number of experts ({num_experts}), "
+        raise FieldError("num_replicas", f"must be >= the number of experts ({num_experts}), "
                                              f"got {num_replicas}")
     if num_replicas % num_gpus:
-        raise PlanInputError("num_replicas", f"must be a multiple of num_gpus ({num_gpus}), "
+        raise FieldError("num_replicas", f"must be a multiple of num_gpus ({num_gpus}), "
                                              f"got {num_replicas}")
     if num_experts % num_groups:
         hint = ""
         if w.shape[0] % num_groups == 0 and w.shape[0] > num_experts:
             hint = (f"; the loads' shape {list(w.shape)} looks transposed: they must be "
                     f"[layers, experts], i.e. [{w.shape[1]}, {w.shape[0]}]")
-        raise PlanInputError("num_groups", f"must divide the number of experts ({num_experts}), "
-                                           f"got {num_groups}{hint}")
+        raise FieldError("num_groups", f"must divide the number of experts ({num_experts}), "
+                                       f"got {num_groups}{hint}")
     if num_gpus % num_nodes:
-        raise PlanInputError("num_gpus", f"must be a multiple of num_nodes ({num_nodes}), "
+        raise FieldError("num_gpus", f"must be a multiple of num_nodes ({num_nodes}), "
                                          f"got {num_gpus}")
     return w
 
@@ -109,20 +109,20 @@ def check_phy2log(phy2log, num_logical: int, field: str = "phy2log") -> np.ndarr
     """Check a placement ``[L, R]`` of logical ids in ``[0, num_logical)``; returns int64 copy."""
     a = as_array(phy2log, field)
     if a.ndim != 2:
-        raise PlanInputError(field, f"must be 2-D [layers, replicas], got shape {list(a.shape)}")
+        raise FieldError(field, f"must be 2-D [layers, replicas], got shape {list(a.shape)}")
     if a.size and not np.issubdtype(a.dtype, np.integer):
         if not np.issubdtype(a.dtype, np.floating) or not np.all(np.mod(a, 1) == 0):
-            raise PlanInputError(field, f"must hold integer expert ids, got dtype {a.dtype}")
+            raise FieldError(field, f"must hold integer expert ids, got dtype {a.dtype}")
     a = a.astype(np.int64)
     if a.size and (a.min() < 0 or a.max() >= num_logical):
-        raise PlanInputError(field, f"expert ids must lie in [0, {num_logical}), got range "
+        raise FieldError(field, f"expert ids must lie in [0, {num_logical}), got range "
                                     f"[{a.min()}, {a.max()}]")
     return a
 
 
 def check_plan(phy2log, logcnt, log2phy, num_logical, num_gpus, num_nodes=None, num_groups=None,
                hierarchical=False) -> None:
-    """Check that a plan is valid and self-consistent; raises ``PlanInputError`` otherwise.
+    """Check that a plan is valid and self-consistent; raises ``FieldError`` otherwise.
 
     phy2log [L, R], logcnt [L, E], log2phy [L, E, X] (-1 padded). Checks: every logical expert
     has >= 1 replica; logcnt counts phy2log; R divisible by num_gpus; log2phy lists exactly the
@@ -134,40 +134,40 @@ def check_plan(phy2log, logcnt, log2phy, num_logical, num_gpus, num_nodes=None, 
     p2l = check_phy2log(phy2log, num_logical)
     layers, replicas = p2l.shape
     if replicas % num_gpus:
-        raise PlanInputError("phy2log", f"replica count {replicas} is not a multiple of "
+        raise FieldError("phy2log", f"replica count {replicas} is not a multiple of "
                                         f"num_gpus ({num_gpus})")
     cnt = as_array(logcnt, "logcnt").astype(np.int64)
     if cnt.shape != (layers, num_logical):
-        raise PlanInputError("logcnt", f"must have shape {[layers, num_logical]}, got "
+        raise FieldError("logcnt", f"must have shape {[layers, num_logical]}, got "
                                        f"{list(cnt.shape)}")
     counted = np.zeros((layers, num_logical), dtype=np.int64)
     np.add.at(counted, (np.arange(layers)[:, None], p2l), 1)
     if (counted == 0).any():
         layer, expert = np.argwhere(counted == 0)[0]
-        raise PlanInputError("phy2log", f"logical expert {expert} has no replica in layer {layer}")
+        raise FieldError("phy2log", f"logical expert {expert} has no replica in layer {layer}")
     if not np.array_equal(counted, cnt):
         layer, expert = np.argwhere(counted != cnt)[0]
-        raise PlanInputError("logcnt", f"layer {layer} expert {expert}: logcnt says "
+        raise FieldError("logcnt", f"layer {layer} expert {expert}: logcnt says "
                                        f"{cnt[layer, expert]}, phy2log holds {counted[layer, expert]}")
     l2p = as_array(log2phy, "log2phy").astype(np.int64)
     if l2p.ndim != 3 or l2p.shape[:2] != (layers, num_logical) or l2p.shape[2] < cnt.max():
-        raise PlanInputError("log2phy", f"must have shape [{layers}, {num_logical}, >= "
+        raise FieldError("log2phy", f"must have shape [{layers}, {num_logical}, >= "
                                         f"{cnt.max()}], got {list(l2p.shape)}")
     valid = l2p >= 0
     if not np.array_equal(valid.sum(-1), cnt):
-        raise PlanInputError("log2phy", "number of listed slots differs from logcnt")
+        raise FieldError("log2phy", "number of listed slots differs from logcnt")
     if (l2p >= replicas).any():
-        raise PlanInputError("log2phy", f"slot ids must lie in [-1, {replicas})")
+        raise FieldError("log2phy", f"slot ids must lie in [-1, {replicas})")
     lay, exp, _ = np.nonzero(valid)
     if not np.array_equal(p2l[lay, l2p[valid]], exp):
-        raise PlanInputError("log2phy", "lists a slot whose phy2log expert differs")
+        raise FieldError("log2phy", "lists a slot whose phy2log expert differs")
     seen = np.zeros((layers, replicas), dtype=np.int64)
     np.add.at(seen, (lay, l2p[valid]), 1)
     if (seen != 1).any():
-        raise PlanInputError("log2phy", "must list every physical slot exactly once per layer")
+        raise FieldError("log2phy", "must list every physical slot exactly once per layer")
     if hierarchical:
         if num_nodes is None or num_groups is None:
-            raise PlanInputError("hierarchical", "needs num_nodes and num_groups")
+            raise FieldError("hierarchical", "needs num_nodes and num_groups")
         num_nodes = as_int(num_nodes, "num_nodes")
         num_groups = as_int(num_groups, "num_groups")
         group_size = num_logical // num_groups
@@ -176,5 +176,5 @@ def check_plan(phy2log, logcnt, log2phy, num_logical, num_gpus, num_nodes=None, 
         node_of = np.full((layers, num_groups), -1, dtype=np.int64)
         node_of[np.arange(layers)[:, None], group] = slot_node[None, :]
         if (node_of[np.arange(layers)[:, None], group] != slot_node[None, :]).any():
-            raise PlanInputError("phy2log", "hierarchical plan puts one expert group on several "
+            raise FieldError("phy2log", "hierarchical plan puts one expert group on several "
                                             "nodes")

@@ -544,6 +544,7 @@ class RolloutEvent(_message.Message):
         FAILED: _ClassVar[RolloutEvent.Kind]
         WORKER_LOST: _ClassVar[RolloutEvent.Kind]
         WORKER_JOINED: _ClassVar[RolloutEvent.Kind]
+        BIAS_APPLIED: _ClassVar[RolloutEvent.Kind]
     KIND_UNSPECIFIED: RolloutEvent.Kind
     HELLO: RolloutEvent.Kind
     PREPARED: RolloutEvent.Kind
@@ -552,6 +553,7 @@ class RolloutEvent(_message.Message):
     FAILED: RolloutEvent.Kind
     WORKER_LOST: RolloutEvent.Kind
     WORKER_JOINED: RolloutEvent.Kind
+    BIAS_APPLIED: RolloutEvent.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]

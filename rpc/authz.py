@@ -60,7 +60,7 @@ def _methods(*names: str) -> frozenset[str]:
 
 
 # What each component calls (the stubs' uses): agent/uplink.py, agent/rollout.py,
-# agent/collector.py; kernels/worker.py; controller/operator/client.py.
+# agent/collector.py; worker/process.py; controller/operator/client.py.
 ROLE_METHODS: Mapping[str, frozenset[str]] = {
     "agent": _methods("LoadService/ReportLoad", "RolloutService/Connect",
                       "WorkerService/PullCounters", "WorkerService/Prepare",
@@ -68,7 +68,8 @@ ROLE_METHODS: Mapping[str, frozenset[str]] = {
     "worker": _methods("PlanService/GetPlan", "AgentService/Register"),
     "operator": _methods("PlanService/ApplyPlacement", "PlanService/DeletePlacement",
                          "PlanService/ListPlacements", "PlanService/GetPlan",
-                         "PlanningService/ComputePipeline"),
+                         "PlanService/ListPlans", "PlanningService/ComputePipeline",
+                         "PlanningService/TriggerRebalance"),
     "reader": frozenset(m for m in ALL_METHODS
                         if m.rsplit("/", 1)[1].startswith(("Get", "List", "Watch"))),
     "admin": ALL_METHODS,

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
-
-
-class TensorError(ValueError):
-    """A tensor message is malformed; ``field`` names it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 def int64_tensor(array) -> pb.Int64Tensor:
@@ -30,17 +23,17 @@ def double_tensor(array) -> pb.DoubleTensor:
 def to_numpy(msg, field: str, *, ndim: int | None = None, shape: tuple | None = None) -> np.ndarray:
     """Unpack an ``Int64Tensor``/``DoubleTensor``; checks element count, rank and shape.
 
-    ``shape`` entries may be ``None`` for "any size". Raises ``TensorError`` naming ``field``.
+    ``shape`` entries may be ``None`` for "any size". Raises ``FieldError`` naming ``field``.
     """
     dims = tuple(int(d) for d in msg.shape)
     n = int(np.prod(dims)) if dims else 0
     if len(msg.values) != n:
-        raise TensorError(field, f"has {len(msg.values)} values but shape {list(dims)} needs {n}")
+        raise FieldError(field, f"has {len(msg.values)} values but shape {list(dims)} needs {n}")
     if ndim is not None and len(dims) != ndim:
-        raise TensorError(field, f"must have {ndim} dimensions, got shape {list(dims)}")
+        raise FieldError(field, f"must have {ndim} dimensions, got shape {list(dims)}")
     if shape is not None:
         if len(dims) != len(shape) or any(s is not None and s != d for s, d in zip(shape, dims)):
             want = ["*" if s is None else s for s in shape]
-            raise TensorError(field, f"must have shape {want}, got {list(dims)}")
+            raise FieldError(field, f"must have shape {want}, got {list(dims)}")
     dtype = np.int64 if isinstance(msg, pb.Int64Tensor) else np.float64
     return np.asarray(msg.values, dtype=dtype).reshape(dims or (0,))  # unset tensor: empty

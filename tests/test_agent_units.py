@@ -8,8 +8,9 @@ import pytest
 
 from expertplane.agent.config import AgentConfig, ConfigError, parse_duration
 from expertplane.agent.gpu import GpuSampler
-from expertplane.agent.reports import SnapshotError, build_report, new_agent_epoch
+from expertplane.agent.reports import build_report, new_agent_epoch
 from expertplane.cli.main import main
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
 
 
@@ -135,7 +136,7 @@ def test_build_report_copies_identity_counts_and_gpu():
     ({"dropped_tokens": pb.Int64Tensor(shape=[2, 1], values=[1, 2])}, "dropped_tokens"),
 ])
 def test_build_report_rejects_malformed_snapshots_naming_the_field(kw, field):
-    with pytest.raises(SnapshotError) as exc:
+    with pytest.raises(FieldError) as exc:
         build_report(_snapshot(**kw), WORKER, sequence=1, agent_epoch=1)
     assert exc.value.field == field
 

@@ -22,22 +22,22 @@ import reliability_support as rs  # noqa: E402
 
 from expertplane.agent.agent import Agent  # noqa: E402
 from expertplane.agent.config import AgentConfig  # noqa: E402
+from expertplane.benchmarks.simagent import load_report  # noqa: E402
 from expertplane.cli.main import build_parser, main  # noqa: E402
 from expertplane.controller.config import ControllerConfig  # noqa: E402
 from expertplane.controller.server import ControllerServer  # noqa: E402
-from expertplane.controller.simagent import load_report  # noqa: E402
-from expertplane.kernels.worker_service import (  # noqa: E402
-    CounterLedger,
-    WorkerIdentity,
-    WorkerServicer,
-    serve_worker_service,
-)
 from expertplane.proto import expertplane_pb2 as pb  # noqa: E402
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc  # noqa: E402
 from expertplane.rpc import authz  # noqa: E402
 from expertplane.rpc.authz import ROLE_METHODS, CallersFileError, read_token_file  # noqa: E402
 from expertplane.rpc.channels import aio_server_thread, make_channel, make_server  # noqa: E402
 from expertplane.rpc.security import SecurityConfig, security_from_args  # noqa: E402
+from expertplane.worker.service import (  # noqa: E402
+    CounterLedger,
+    WorkerIdentity,
+    WorkerServicer,
+    serve_worker_service,
+)
 
 pytestmark = pytest.mark.timeout(120)
 TOKENS = {"agent": "agent-tok-3c1f9a0b7e", "worker": "worker-tok-8d2e4b6a11",

@@ -4,9 +4,9 @@ staleness, bad input, window expiry and decay, and bounded state under an endles
 import numpy as np
 import pytest
 
+from expertplane.benchmarks.simagent import load_report
 from expertplane.controller import aggregation
-from expertplane.controller.aggregation import BUCKETS, LoadAggregator
-from expertplane.controller.simagent import load_report
+from expertplane.controller.aggregation import BUCKETS, PlacementWindow
 from expertplane.controller.spec import PlacementSpec, PolicySpec
 from expertplane.proto import expertplane_pb2 as pb
 
@@ -26,15 +26,35 @@ class Clock:
         return self.t
 
 
+class Window:
+    """A placement's window driven as the controller drives it: reports counted at the clock's
+    time, views read under the version in force (``in_force``)."""
+
+    def __init__(self, spec, lookup, clock, in_force):
+        self.win = PlacementWindow(spec, lookup)
+        self.clock = clock
+        self.in_force = in_force
+
+    def add_plan(self, version, phy2log, *, in_force=False):
+        self.win.add_plan(version, phy2log)
+        if in_force:
+            self.in_force = version
+        return self
+
+    def ingest(self, r):
+        return self.win.ingest(r, self.clock())
+
+    def view(self, name="m"):
+        assert name == self.win.spec.name
+        return self.win.view(self.clock(), self.in_force)
+
+
 @pytest.fixture
 def agg():
-    clock = Clock()
     stored = {1: V1, 2: V2}
-    agg = LoadAggregator(lambda name, v: stored.get(v), clock)
-    win = agg.register(SPEC, 1)
-    win.add_plan(1, V1, in_force=True)
-    win.add_plan(2, V2)
-    agg.clock = clock
+    agg = Window(SPEC, lambda name, v: stored.get(v), Clock(), 1)
+    agg.add_plan(1, V1, in_force=True)
+    agg.add_plan(2, V2)
     return agg
 
 
@@ -66,7 +86,6 @@ def test_duplicates_and_epochs(agg):
 
 
 @pytest.mark.parametrize("kw, status, field", [
-    ({"placement": "other"}, Ack.REJECTED, "placement"),
     ({"worker_rank": 4}, Ack.REJECTED, "worker_rank"),
     ({"plan_version": 0}, Ack.REJECTED, "plan_version"),
     ({"plan_version": 3}, Ack.REJECTED, "plan_version"),        # from the future
@@ -88,13 +107,11 @@ def test_stale_reports(agg):
     old.window_end.FromSeconds(int(agg.clock.t - 100))      # older than the 64 s window
     res = agg.ingest(old)
     assert res.status == Ack.STALE and res.message.startswith("window_end:")
-    win = agg.get("m")
-    win._slot_maps.pop(1)                                   # evicted from the cache: looked up again
+    agg.win._slot_maps.pop(1)                                   # evicted from the cache: looked up again
     assert agg.ingest(report(agg, 0, 1, 2, [[1, 1], [1, 1]])).status == Ack.ACCEPTED
     stored = {}
-    lost = LoadAggregator(lambda n, v: stored.get(v), agg.clock)
-    w = lost.register(SPEC, 2)
-    w.add_plan(2, V2, in_force=True)
+    lost = Window(SPEC, lambda n, v: stored.get(v), agg.clock, 2)
+    lost.add_plan(2, V2, in_force=True)
     res = lost.ingest(report(agg, 0, 1, 1, [[1, 1], [1, 1]]))   # v1 not stored anywhere
     assert res.status == Ack.STALE and res.message.startswith("plan_version:")
 
@@ -103,9 +120,7 @@ def test_window_expiry_and_decay():
     clock = Clock()
     spec = PlacementSpec(name="m", num_layers=2, num_experts=4, num_nodes=1, gpus_per_node=4,
                          num_replicas=8, policy=PolicySpec(window_seconds=64.0, half_life_seconds=8.0))
-    agg = LoadAggregator(lambda n, v: V1, clock)
-    agg.register(spec, 1).add_plan(1, V1, in_force=True)
-    agg.clock = clock
+    agg = Window(spec, lambda n, v: V1, clock, 1).add_plan(1, V1, in_force=True)
     assert agg.ingest(report(agg, 0, 1, 1, [[100, 0], [0, 0]])).status == Ack.ACCEPTED
     assert agg.view("m").load[0, 0] == 100        # no decay within the first half bucket
     clock.t += 8.0
@@ -117,12 +132,12 @@ def test_window_expiry_and_decay():
     assert agg.view("m").load.sum() == 0
     # buckets older than the window are dropped when new reports land
     assert agg.ingest(report(agg, 0, 1, 2, [[1, 0], [0, 0]])).status == Ack.ACCEPTED
-    assert agg.get("m").sizes()["buckets"] == 1
+    assert agg.win.sizes()["buckets"] == 1
 
 
 def test_plan_change_restarts_gpu_loads_but_keeps_expert_loads(agg):
     agg.ingest(report(agg, 0, 1, 1, [[5, 5], [5, 5]]))
-    agg.get("m").add_plan(2, V2, in_force=True)
+    agg.add_plan(2, V2, in_force=True)
     view = agg.view("m")
     assert view.load.sum() == 20 and view.gpu_load.sum() == 0
 
@@ -135,11 +150,9 @@ def test_state_stays_bounded_under_an_endless_stream(monkeypatch):
     monkeypatch.setattr(aggregation, "MAX_CACHED_VERSIONS", 3)
     clock = Clock()
     plans = {v: np.roll(V1, v, axis=1) for v in range(1, 11)}
-    agg = LoadAggregator(lambda n, v: plans.get(v), clock)
-    win = agg.register(SPEC, 1)
+    agg = Window(SPEC, lambda n, v: plans.get(v), clock, 1)
     for v in plans:
-        win.add_plan(v, plans[v], in_force=v == 1)
-    agg.clock = clock
+        agg.add_plan(v, plans[v], in_force=v == 1)
     highest = {"buckets": 0, "slot_maps": 0, "sequences": 0}
     recent = []
     for n in range(3000):
@@ -148,7 +161,7 @@ def test_state_stays_bounded_under_an_endless_stream(monkeypatch):
         msg = report(agg, n % 4, version, 1, [[1, 2], [3, 4]], epoch=n)
         assert agg.ingest(msg).status == Ack.ACCEPTED
         recent.append(clock.t)
-        highest = {k: max(highest[k], v) for k, v in win.sizes().items()}
+        highest = {k: max(highest[k], v) for k, v in agg.win.sizes().items()}
     assert highest["sequences"] == 50 and highest["slot_maps"] == 3
     assert highest["buckets"] == BUCKETS + 2
     # no decay: the view holds the reports of the buckets whose middle is within the 64 s

@@ -14,10 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from expertplane.benchmarks.simagent import SimulatedAgent, load_report
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.server import ControllerServer
 from expertplane.controller.servicers import _Wakeup
-from expertplane.controller.simagent import SimulatedAgent, load_report
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import make_channel

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from expertplane.controller.errors import InvalidArgument
 from expertplane.controller.placement_files import load_placements
 from expertplane.controller.spec import spec_from_proto, spec_to_proto
+from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor
 
@@ -53,7 +53,7 @@ def test_bad_specs_name_the_field(change, field):
             getattr(msg, k).MergeFrom(type(getattr(msg, k))(**v))
         else:
             setattr(msg, k, v)
-    with pytest.raises(InvalidArgument) as exc:
+    with pytest.raises(FieldError) as exc:
         spec_from_proto(msg)
     assert exc.value.field == field and str(exc.value).startswith(field + ":")
 
@@ -61,10 +61,10 @@ def test_bad_specs_name_the_field(change, field):
 def test_initial_load_shape_and_sign_checked():
     msg = placement()
     msg.initial_load.CopyFrom(double_tensor(np.ones((3, 8))))
-    with pytest.raises(InvalidArgument, match="initial_load: must have shape"):
+    with pytest.raises(FieldError, match="initial_load: must have shape"):
         spec_from_proto(msg)
     msg.initial_load.CopyFrom(double_tensor(-np.ones((2, 8))))
-    with pytest.raises(InvalidArgument, match="initial_load: must be finite and non-negative"):
+    with pytest.raises(FieldError, match="initial_load: must be finite and non-negative"):
         spec_from_proto(msg)
 
 
@@ -106,7 +106,7 @@ def test_yaml_directory_loads_all_documents(tmp_path):
 ])
 def test_yaml_errors_name_file_and_field(tmp_path, text, field):
     (tmp_path / "p.yaml").write_text(text)
-    with pytest.raises(InvalidArgument) as exc:
+    with pytest.raises(FieldError) as exc:
         load_placements(tmp_path)
     assert "p.yaml#0" in str(exc.value) and field in exc.value.field
 
@@ -114,7 +114,7 @@ def test_yaml_errors_name_file_and_field(tmp_path, text, field):
 def test_yaml_duplicate_names_refused(tmp_path):
     (tmp_path / "a.yaml").write_text(GOOD)
     (tmp_path / "b.yml").write_text(GOOD.split("---")[1])
-    with pytest.raises(InvalidArgument, match="'beta' defined twice"):
+    with pytest.raises(FieldError, match="'beta' defined twice"):
         load_placements(tmp_path)
 
 

@@ -8,11 +8,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
 
-from expertplane.controller.errors import FailedPrecondition, NotFound
 from expertplane.controller.planning import compute_candidate
 from expertplane.controller.spec import PlacementSpec
 from expertplane.controller.store import PlanRecord, RolloutRecord, Store, utcnow
 from expertplane.controller.tables import Base
+from expertplane.errors import FailedPrecondition, NotFound
 
 SPEC = PlacementSpec(name="m", num_layers=2, num_experts=8, num_nodes=1, gpus_per_node=4,
                      num_replicas=12, num_groups=2, expert_bytes=100)

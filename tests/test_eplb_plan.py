@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from expertplane.planner import PlanInputError, balance, build_log2phy, gpu_loads, migration
+from expertplane.errors import FieldError
+from expertplane.planner import balance, build_log2phy, gpu_loads, migration
 from expertplane.planner.plan import replica_ranks
 
 
@@ -25,7 +26,7 @@ def test_build_log2phy_orders_by_slot_or_rank():
     rank = np.array([[2, 1, 0, 0, 0, 1]])
     log2phy, _ = build_log2phy(phy2log, 4, rank)
     assert log2phy[0, 2].tolist() == [2, 5, 0] and log2phy[0, 0].tolist() == [4, 1, -1]
-    with pytest.raises(PlanInputError, match="^phyrank:"):
+    with pytest.raises(FieldError, match="^phyrank:"):
         build_log2phy(phy2log, 4, rank[:, :3])
 
 
@@ -34,7 +35,7 @@ def test_migration_counts_changed_slots_and_bytes():
     new = np.array([[0, 1, 3, 2], [0, 1, 2, 3]])
     m = migration(old, new, expert_bytes=1000)
     assert (m.slots_moved, m.bytes_moved, m.per_layer.tolist()) == (2, 2000, [2, 0])
-    with pytest.raises(PlanInputError, match="^previous:"):
+    with pytest.raises(FieldError, match="^previous:"):
         migration(old[:, :3], new)
-    with pytest.raises(PlanInputError, match="^expert_bytes:"):
+    with pytest.raises(FieldError, match="^expert_bytes:"):
         migration(old, new, -1)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from expertplane.planner import ALGORITHMS, PlanInputError, balance, build_log2phy, migration, rebalance_experts
+from expertplane.errors import FieldError
+from expertplane.planner import ALGORITHMS, balance, build_log2phy, migration, rebalance_experts
 from expertplane.planner.deepseek import is_hierarchical
 from expertplane.planner.validation import check_plan
 
@@ -23,7 +24,7 @@ def test_plans_are_valid(algorithm, problem):
     w, shape = problem
     replicas, groups, nodes, gpus = shape.args
     if algorithm == "topology" and not is_hierarchical(groups, nodes):
-        with pytest.raises(PlanInputError, match="^num_groups: topology placement starts"):
+        with pytest.raises(FieldError, match="^num_groups: topology placement starts"):
             rebalance_experts(w, replicas, groups, nodes, gpus, algorithm=algorithm)
         return
     phy2log, log2phy, logcnt = rebalance_experts(w, replicas, groups, nodes, gpus,

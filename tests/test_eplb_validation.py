@@ -1,10 +1,11 @@
-"""Bad input to rebalance_experts raises PlanInputError naming the argument."""
+"""Bad input to rebalance_experts raises FieldError naming the argument."""
 
 import numpy as np
 import pytest
 import torch
 
-from expertplane.planner import PlanInputError, rebalance_experts
+from expertplane.errors import FieldError
+from expertplane.planner import rebalance_experts
 from expertplane.planner.validation import check_plan
 
 W = np.ones((2, 16))
@@ -27,7 +28,7 @@ W = np.ones((2, 16))
     (W, (16, 4, 2, "8"), "num_gpus", "integer"),
 ])
 def test_errors_name_the_argument(weight, args, field, fragment):
-    with pytest.raises(PlanInputError) as exc:
+    with pytest.raises(FieldError) as exc:
         rebalance_experts(weight, *args)
     assert exc.value.field == field
     assert str(exc.value).startswith(field + ":")
@@ -35,16 +36,16 @@ def test_errors_name_the_argument(weight, args, field, fragment):
 
 
 def test_unknown_algorithm_and_option():
-    with pytest.raises(PlanInputError, match="^algorithm:"):
+    with pytest.raises(FieldError, match="^algorithm:"):
         rebalance_experts(W, 16, 4, 2, 8, algorithm="magic")
-    with pytest.raises(PlanInputError, match="^remote_cost: is not an option of algorithm 'deepseek'"):
+    with pytest.raises(FieldError, match="^remote_cost: is not an option of algorithm 'deepseek'"):
         rebalance_experts(W, 16, 4, 2, 8, remote_cost=1.0)
 
 
 def test_previous_shape_checked():
-    with pytest.raises(PlanInputError, match="^previous:"):
+    with pytest.raises(FieldError, match="^previous:"):
         rebalance_experts(W, 16, 4, 2, 8, previous=np.zeros((2, 24), dtype=np.int64))
-    with pytest.raises(PlanInputError, match=r"^previous: expert ids must lie in \[0, 16\)"):
+    with pytest.raises(FieldError, match=r"^previous: expert ids must lie in \[0, 16\)"):
         rebalance_experts(W, 16, 4, 2, 8, previous=np.full((2, 16), 16))
 
 
@@ -61,18 +62,18 @@ def test_check_plan_catches_inconsistencies():
     check_plan(phy2log, logcnt, log2phy, 16, 8, 2, 4, hierarchical=True)
     missing = phy2log.copy()
     missing[missing == 3] = 4
-    with pytest.raises(PlanInputError, match="expert 3 has no replica"):
+    with pytest.raises(FieldError, match="expert 3 has no replica"):
         check_plan(missing, logcnt, log2phy, 16, 8)
-    with pytest.raises(PlanInputError, match="^logcnt:"):
+    with pytest.raises(FieldError, match="^logcnt:"):
         check_plan(phy2log, logcnt + 1, log2phy, 16, 8)
     swapped = log2phy.copy()
     swapped[0, [0, 1], 0] = swapped[0, [1, 0], 0]
-    with pytest.raises(PlanInputError, match="^log2phy:"):
+    with pytest.raises(FieldError, match="^log2phy:"):
         check_plan(phy2log, logcnt, swapped, 16, 8)
     scattered = phy2log.copy()
     scattered[0, [0, -1]] = scattered[0, [-1, 0]]  # first and last slot sit on different nodes
     assert scattered[0, 0] // 4 != phy2log[0, 0] // 4
-    with pytest.raises(PlanInputError, match="several nodes"):
+    with pytest.raises(FieldError, match="several nodes"):
         check_plan(scattered, logcnt, _l2p(scattered), 16, 8, 2, 4, hierarchical=True)
 
 

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from expertplane.kernels.experts import make_expert_weights
 from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator, plan_transfers
 from expertplane.kernels.moe import LayerPlacement
-from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
+from expertplane.worker.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
 
 WORLD, GPN = 3, 1
 MODEL = ModelConfig(num_layers=2, num_experts=8, hidden=32, intermediate=16, top_k=3,

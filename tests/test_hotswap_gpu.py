@@ -16,7 +16,7 @@ import torch.distributed as dist
 from expertplane.kernels.experts import make_expert_weights
 from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator
 from expertplane.kernels.moe import LayerPlacement
-from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
+from expertplane.worker.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

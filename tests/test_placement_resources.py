@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from expertplane.controller.errors import InvalidArgument
 from expertplane.controller.placement_files import load_placements, read_placement_files
+from expertplane.errors import FieldError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESOURCE = """
@@ -74,8 +74,8 @@ def test_readme_placements_folder_and_kubernetes_samples_load():
 @pytest.mark.parametrize("change, field", [
     (("nodes: 2, gpusPerNode: 4", "workerSelector: {matchLabels: {app: w}}"),
      "spec.topology.workerSelector: needs Kubernetes"),
-    (("initialLoad: {values:", "initialLoad: {configMapRef: {name: a, key: b}}\n  x: {values:"),
-     "spec.initialLoad.configMapRef: needs Kubernetes"),
+    (("initialLoad: {values:", "initialLoadFrom: {configMapKeyRef: {name: a, key: b}}\n  x: {values:"),
+     "spec.initialLoadFrom: needs Kubernetes"),
     (("replicas: 24", "replicas: 25"), "spec.replicas"),
     (("metadata: {name: m}", "metadata: {}"), "metadata.name: is required"),
     (("apiVersion: expertplane.io/v1alpha1", "apiVersion: v1"), "apiVersion: must be"),
@@ -83,7 +83,7 @@ def test_readme_placements_folder_and_kubernetes_samples_load():
 ])
 def test_bad_resources_name_the_field(tmp_path, change, field):
     (tmp_path / "p.yaml").write_text(RESOURCE.replace(*change))
-    with pytest.raises(InvalidArgument, match=re.escape(f"{tmp_path / 'p.yaml'}#0 {field}")):
+    with pytest.raises(FieldError, match=re.escape(f"{tmp_path / 'p.yaml'}#0 {field}")):
         read_placement_files(tmp_path / "p.yaml")
 
 

@@ -13,10 +13,10 @@ from prometheus_client import CollectorRegistry
 from expertplane.controller.aggregation import WindowView
 from expertplane.controller.bias import (RouterBiasSpec, global_bias_step, max_over_mean,
                                          router_bias_from_proto)
-from expertplane.controller.errors import InvalidArgument
 from expertplane.controller.placement_files import placement_from_dict
 from expertplane.controller.router_balancer import ReportTotals, RouterBalancer
 from expertplane.controller.spec import spec_from_proto, spec_to_proto
+from expertplane.errors import FieldError
 from expertplane.kernels.balancing import BiasUpdate, expert_load
 from expertplane.kernels.routing import RouterConfig, gating_weights, route, router_scores
 from expertplane.proto import expertplane_pb2 as pb
@@ -88,13 +88,13 @@ def test_global_step_rules_and_layers_without_load():
     prop = global_bias_step(bias, load, BiasUpdate(0.1, "proportional"))
     assert np.allclose(prop[0], -0.1 * (load[0] - 2.0) / 2.0, atol=1e-7)
     assert np.allclose(max_over_mean(load), [2.0, 1.0])
-    with pytest.raises(InvalidArgument, match="load"):
+    with pytest.raises(FieldError, match="load"):
         global_bias_step(bias, load[:, :3], BiasUpdate())
     # per replica: expert 0 has two replicas, so 4 tokens on it are 2 per replica
     per_replica = global_bias_step(bias, load, BiasUpdate(0.1, "sign"),
                                    replicas=np.array([[2, 1, 1, 1], [1, 1, 1, 1]]))
     assert np.allclose(per_replica[0], [-0.1, -0.1, 0.1, 0.1])
-    with pytest.raises(InvalidArgument, match="replicas"):
+    with pytest.raises(FieldError, match="replicas"):
         global_bias_step(bias, load, BiasUpdate(), replicas=np.zeros((2, 4)))
 
 
@@ -107,7 +107,7 @@ def test_router_bias_spec_validation_and_round_trip():
     assert spec_from_proto(spec_to_proto(spec)).router_bias == spec.router_bias
     for field, kw in (("router_bias.rule", {"rule": "cubic"}), ("router_bias.speed", {"speed": -1}),
                       ("router_bias.interval_seconds", {"interval_seconds": float("nan")})):
-        with pytest.raises(InvalidArgument, match=field.replace(".", r"\.")):
+        with pytest.raises(FieldError, match=field.replace(".", r"\.")):
             router_bias_from_proto(pb.RouterBiasPolicy(enabled=True, **kw))
     doc = {"name": "p", "model": {"num_layers": 2, "num_experts": 4},
            "topology": {"num_nodes": 1, "gpus_per_node": 2},
@@ -115,7 +115,7 @@ def test_router_bias_spec_validation_and_round_trip():
                            "interval_seconds": 2}}
     assert spec_from_proto(placement_from_dict(doc)).router_bias == \
         RouterBiasSpec(True, 0.01, "proportional", 2.0)
-    with pytest.raises(InvalidArgument, match="router_bias"):
+    with pytest.raises(FieldError, match="router_bias"):
         placement_from_dict({**doc, "router_bias": {"enabled": True, "gamma": 1}})
 
 
@@ -160,14 +160,12 @@ def test_router_balancer_interval_history_and_metrics():
 def test_report_totals_sum_steps_failures_and_drops():
     spec = _spec()
     totals = ReportTotals()
-    assert totals.get("p").steps == 0 and totals.get("p").dropped is None
+    assert totals.get().steps == 0 and totals.get().dropped is None
     totals.add(pb.LoadReport(placement="p", worker_rank=1, steps=5, failed_steps=1,
                              dropped_tokens=int64_tensor(np.array([[1, 2, 3], [0, 0, 4]]))), spec)
     totals.add(pb.LoadReport(placement="p", worker_rank=0, steps=7), spec)
     totals.add(pb.LoadReport(placement="p", worker_rank=0, steps=1,      # malformed drops ignored
                              dropped_tokens=int64_tensor(np.array([1, 2]))), spec)
-    t = totals.get("p")
+    t = totals.get()
     assert (t.steps, t.failed_steps) == (13, 1)
     assert np.array_equal(t.dropped, [[0, 6], [0, 4]])
-    totals.forget("p")
-    assert totals.get("p").steps == 0

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
+from expertplane.errors import FieldError
 from expertplane.rpc.channels import bind, make_server
-from expertplane.rpc.tensors import TensorError, double_tensor, int64_tensor, to_numpy
+from expertplane.rpc.tensors import double_tensor, int64_tensor, to_numpy
 
 
 def test_second_server_on_a_taken_port_fails():
@@ -25,9 +26,9 @@ def test_tensor_round_trip_and_errors_name_the_field():
     assert to_numpy(double_tensor(a * 0.5), "w").dtype == np.float64
     bad = int64_tensor(a)
     del bad.values[-1]
-    with pytest.raises(TensorError, match="^x: has 11 values but shape"):
+    with pytest.raises(FieldError, match="^x: has 11 values but shape"):
         to_numpy(bad, "x")
-    with pytest.raises(TensorError, match="^phy2log: must have 3 dimensions"):
+    with pytest.raises(FieldError, match="^phy2log: must have 3 dimensions"):
         to_numpy(int64_tensor(a), "phy2log", ndim=3)
-    with pytest.raises(TensorError, match=r"^load: must have shape \[3, 5\]"):
+    with pytest.raises(FieldError, match=r"^load: must have shape \[3, 5\]"):
         to_numpy(int64_tensor(a), "load", shape=(3, 5))

@@ -22,7 +22,7 @@ import reliability_support as rs  # noqa: E402
 from expertplane.agent.agent import Agent  # noqa: E402
 from expertplane.agent.config import AgentConfig  # noqa: E402
 from expertplane.cli.main import build_parser  # noqa: E402
-from expertplane.kernels.worker_service import (  # noqa: E402
+from expertplane.worker.service import (  # noqa: E402
     CounterLedger,
     WorkerIdentity,
     WorkerServicer,

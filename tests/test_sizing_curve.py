@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from expertplane.benchmarks.planner import make_loads
-from expertplane.planner.errors import PlanInputError
+from expertplane.errors import FieldError
 from expertplane.planner.sizing import (default_candidates, format_sizing_table,
                                         recommend_redundancy, sizing_curve)
 
@@ -58,5 +58,5 @@ def test_table_lists_every_point_and_marks_the_recommendation(loads):
     ({"target_balance": float("nan")}, "target_balance"), ({"metric": "p99"}, "metric")])
 def test_bad_arguments_name_the_field(loads, kwargs, field):
     args = {"target_balance": 1.2, **kwargs}
-    with pytest.raises(PlanInputError, match=f"^{field}:"):
+    with pytest.raises(FieldError, match=f"^{field}:"):
         recommend_redundancy(loads, 1, 1, 16, **args)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from expertplane.planner import PlanInputError, rebalance_experts
+from expertplane.errors import FieldError
+from expertplane.planner import rebalance_experts
 from expertplane.planner.dispatch import (RoutingModel, Topology, Trace, drift_popularity,
                                           generate_trace, simulate_dispatch, zipf_popularity)
 
@@ -92,11 +93,11 @@ def test_drift_keeps_shape_and_positivity():
 
 
 def test_bad_inputs_name_the_field():
-    with pytest.raises(PlanInputError, match="^num_gpus:"):
+    with pytest.raises(FieldError, match="^num_gpus:"):
         Topology(num_nodes=3, num_gpus=4)
-    with pytest.raises(PlanInputError, match="^popularity:"):
+    with pytest.raises(FieldError, match="^popularity:"):
         generate_trace(np.ones((1, 8)), 10, 2, RoutingModel(num_experts=16, num_groups=4))
-    with pytest.raises(PlanInputError, match="^trace:"):
+    with pytest.raises(FieldError, match="^trace:"):
         simulate_dispatch(np.array([[0, 1]]), _trace([0], [[5]]), TWO_NODES)
-    with pytest.raises(PlanInputError, match="^trace:"):
+    with pytest.raises(FieldError, match="^trace:"):
         simulate_dispatch(np.array([[0, 1]]), _trace([4], [[0]]), TWO_NODES)

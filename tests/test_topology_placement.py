@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from expertplane.planner import PlanInputError, rebalance_experts
+from expertplane.errors import FieldError
+from expertplane.planner import rebalance_experts
 from expertplane.planner.dispatch import (RoutingModel, Topology, generate_trace,
                                           simulate_dispatch, zipf_popularity)
 from expertplane.planner.validation import check_plan
@@ -57,11 +58,11 @@ def test_beats_hierarchical_on_skewed_trace():
 
 def test_options_checked():
     w = np.ones((1, 16))
-    with pytest.raises(PlanInputError, match="^remote_cost:"):
+    with pytest.raises(FieldError, match="^remote_cost:"):
         rebalance_experts(w, 16, 4, 2, 4, algorithm="topology", remote_cost=-1)
-    with pytest.raises(PlanInputError, match="^topk:"):
+    with pytest.raises(FieldError, match="^topk:"):
         rebalance_experts(w, 16, 4, 2, 4, algorithm="topology", topk=0)
-    with pytest.raises(PlanInputError, match="^num_groups:"):
+    with pytest.raises(FieldError, match="^num_groups:"):
         rebalance_experts(w, 24, 4, 3, 6, algorithm="topology")
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from expertplane.kernels.synthetic import ModelConfig, StreamConfig
-from expertplane.kernels.worker import WorkerConfig, run_worker
+from expertplane.worker.synthetic import ModelConfig, StreamConfig
+from expertplane.worker.process import WorkerConfig, run_worker
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import make_channel

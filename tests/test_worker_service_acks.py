@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from expertplane.agent import registry as agent_registry
-from expertplane.kernels.worker_service import (
+from expertplane.worker.service import (
     CounterLedger,
     WorkerIdentity,
     WorkerServicer,

@@ -14,7 +14,7 @@ _REJECTIONS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDI
                grpc.StatusCode.OUT_OF_RANGE)
 
 
-class ControllerError(Exception):
+class ControllerCallError(Exception):
     """A controller call failed; ``code`` is the gRPC status, the message the controller's."""
 
     def __init__(self, method: str, code: grpc.StatusCode, details: str):
@@ -23,15 +23,15 @@ class ControllerError(Exception):
         self.details = details
 
 
-class Rejected(ControllerError):
+class Rejected(ControllerCallError):
     """The controller refused the request (INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE)."""
 
 
-class NotFound(ControllerError):
-    """The controller does not know the placement or version."""
+class NotKnown(ControllerCallError):
+    """The controller does not know the placement or version (NOT_FOUND)."""
 
 
-class Unavailable(ControllerError):
+class Unavailable(ControllerCallError):
     """The controller could not be reached or failed; worth retrying later."""
 
 
@@ -53,7 +53,7 @@ class ControllerClient:
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
             kind = (Rejected if code in _REJECTIONS else
-                    NotFound if code == grpc.StatusCode.NOT_FOUND else Unavailable)
+                    NotKnown if code == grpc.StatusCode.NOT_FOUND else Unavailable)
             raise kind(name, code, details) from None
 
     def apply_placement(self, placement: pb.Placement) -> pb.PlacementState:
@@ -74,6 +74,12 @@ class ControllerClient:
         """Plan ``version`` of placement ``name`` (0 = latest)."""
         req = pb.GetPlanRequest(placement=name, version=version)
         return self._call(self._plans.GetPlan, "GetPlan", req)
+
+    def list_plans(self, name: str, after_version: int = 0) -> list[pb.PlanSummary]:
+        """Summaries of placement ``name``'s stored plans after ``after_version`` (one page, in
+        version order)."""
+        req = pb.ListPlansRequest(placement=name, page_token=str(after_version) if after_version else "")
+        return list(self._call(self._plans.ListPlans, "ListPlans", req).plans)
 
     def compute_pipeline(self, request: pb.ComputePipelineRequest) -> pb.PipelinePartition:
         return self._call(self._planning.ComputePipeline, "ComputePipeline", request)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from expertplane.planner.errors import PlanInputError
+from expertplane.errors import FieldError
 
 
 def _check(num_layers: int, num_stages: int) -> None:
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not \
             1 <= num_stages <= num_layers:
-        raise PlanInputError("num_stages", f"must be an integer in [1, {num_layers}], "
+        raise FieldError("num_stages", f"must be an integer in [1, {num_layers}], "
                                            f"got {num_stages!r}")
 
 
@@ -36,7 +36,7 @@ def balanced_boundaries(weights, num_stages: int) -> tuple[int, ...]:
     w = np.asarray(weights, dtype=float)
     _check(len(w), num_stages)
     if (w < 0).any() or not np.isfinite(w).all():
-        raise PlanInputError("weights", "must be finite and >= 0")
+        raise FieldError("weights", "must be finite and >= 0")
     cuts = list(_bisect_cuts(np.concatenate([[0.0], np.cumsum(w)]), num_stages))
     while len(cuts) < num_stages + 1:             # split the first multi-layer stage
         s = next(i for i in range(len(cuts) - 1) if cuts[i + 1] - cuts[i] > 1)

@@ -48,12 +48,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from expertplane.planner.errors import PlanInputError
-from expertplane.planner.pipeline.profile import Profile, profile_from_layers
-from expertplane.planner.pipeline.schedules import Layout, Op, layout, rank_orders
+from expertplane.errors import FieldError
 from expertplane.planner.pipeline.baselines import balanced_boundaries, even_boundaries
 from expertplane.planner.pipeline.dag import op_parts, part_durations, schedule_dag, step_times
 from expertplane.planner.pipeline.paths import PathBounds, critical_path
+from expertplane.planner.pipeline.profile import Profile, profile_from_layers
+from expertplane.planner.pipeline.schedules import Layout, Op, layout, rank_orders
 from expertplane.planner.pipeline.simulate import _check_scalar, activation_counts, simulate
 
 
@@ -68,7 +68,7 @@ RELATIVE_TOLERANCE = 1e-12
 COMBINE_DEPTH = 6
 
 
-class MemoryLimitError(PlanInputError):
+class MemoryLimitError(FieldError):
     """No partition fits: ``stage``/``rank`` is the tightest one of the least-overflow plan."""
 
     def __init__(self, rank: int, stages: tuple[int, ...], need: float, limit: float,
@@ -360,17 +360,17 @@ def partition(layers, num_stages: int, *, schedule: str = "1f1b",
     profile = profile_from_layers(layers)
     pb, lay = _setup(profile, num_stages, schedule, micro_batches, p2p, overlap, memory_limit)
     if lay.num_stages > len(profile):
-        raise PlanInputError("num_stages", f"must be <= the number of layers ({len(profile)}), "
+        raise FieldError("num_stages", f"must be <= the number of layers ({len(profile)}), "
                                            f"got {lay.num_stages}")
     if node_limit is not None and (isinstance(node_limit, bool) or not isinstance(node_limit, int)
                                    or node_limit < 1):
-        raise PlanInputError("node_limit", f"must be an integer >= 1 or None, got {node_limit!r}")
+        raise FieldError("node_limit", f"must be an integer >= 1 or None, got {node_limit!r}")
     search = _search_single if schedule in ("1f1b", "zb1p") else _search_dual
     st = search(pb, memory_limit, node_limit, _seeds(pb, profile, memory_limit))
     if st.found is None and st.complete:
         raise _memory_error(pb, profile, memory_limit)
     if st.found is None:
-        raise PlanInputError("node_limit", f"no partition found within {node_limit} search "
+        raise FieldError("node_limit", f"no partition found within {node_limit} search "
                                            "nodes; raise it")
     plan = evaluate(profile, st.found, schedule=schedule, micro_batches=lay.micro_batches,
                     p2p=p2p, overlap=overlap)
@@ -597,7 +597,7 @@ def _improve(st: _Search, limit: float | None, reach: int = 2) -> None:
 
 def _setup(profile: Profile, num_stages, schedule, micro_batches, p2p, overlap, memory_limit):
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
-        raise PlanInputError("num_stages", f"must be an integer >= 1, got {num_stages!r}")
+        raise FieldError("num_stages", f"must be an integer >= 1, got {num_stages!r}")
     ranks = num_stages // 2 if schedule == "dualpipev" else num_stages
     lay = layout(schedule, num_stages, 2 * max(ranks, 1) if micro_batches is None
                  else micro_batches)
@@ -628,7 +628,7 @@ def _check_boundaries(boundaries: Sequence[int], num_layers: int) -> list[int]:
     bounds = [int(x) for x in boundaries]
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != num_layers or any(
             a >= b for a, b in zip(bounds, bounds[1:])):
-        raise PlanInputError("boundaries", f"must rise strictly from 0 to {num_layers}, "
+        raise FieldError("boundaries", f"must rise strictly from 0 to {num_layers}, "
                                            f"got {list(boundaries)}")
     return bounds
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expertplane.planner.errors import PlanInputError, one_line
+from expertplane.errors import FieldError, one_line
 
 KINDS = ("embedding", "dense", "moe", "head")
 _FIELDS = {"name", "kind", "F", "B", "W", "activation_bytes", "param_bytes", "ep_imbalance",
@@ -85,7 +85,7 @@ def _number(entry: Mapping, key: str, where: str, default: float | None = None,
             minimum: float = 0.0) -> float:
     if key not in entry:
         if default is None:
-            raise PlanInputError(f"{where}.{key}", "is required")
+            raise FieldError(f"{where}.{key}", "is required")
         return default
     value = entry[key]
     if isinstance(value, str):  # PyYAML (YAML 1.1) reads exponents without a dot/sign, e.g. 1e9, as str
@@ -95,7 +95,7 @@ def _number(entry: Mapping, key: str, where: str, default: float | None = None,
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < minimum:
-        raise PlanInputError(f"{where}.{key}", f"must be a finite number >= {minimum:g}, "
+        raise FieldError(f"{where}.{key}", f"must be a finite number >= {minimum:g}, "
                                                f"got {value!r}")
     return float(value)
 
@@ -105,24 +105,24 @@ def layer_from_mapping(entry: Mapping, where: str = "layers[0]") -> Layer:
     if isinstance(entry, Layer):
         return entry
     if not isinstance(entry, Mapping):
-        raise PlanInputError(where, f"must be a mapping with keys F, B, W, got {type(entry).__name__}")
+        raise FieldError(where, f"must be a mapping with keys F, B, W, got {type(entry).__name__}")
     unknown = set(entry) - _FIELDS
     if unknown:
-        raise PlanInputError(f"{where}.{sorted(unknown)[0]}",
+        raise FieldError(f"{where}.{sorted(unknown)[0]}",
                              f"unknown field (known: {', '.join(sorted(_FIELDS))})")
     f, b = _number(entry, "F", where), _number(entry, "B", where)
     w = _number(entry, "W", where, 0.0)
     if w > b:
-        raise PlanInputError(f"{where}.W", f"must be <= B ({b:g}), got {w:g}")
+        raise FieldError(f"{where}.W", f"must be <= B ({b:g}), got {w:g}")
     kind = entry.get("kind", "dense")
     if kind not in KINDS:
-        raise PlanInputError(f"{where}.kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise FieldError(f"{where}.kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
     imbalance = _number(entry, "ep_imbalance", where, 1.0, minimum=1.0)
     if imbalance != 1.0 and kind != "moe":
-        raise PlanInputError(f"{where}.ep_imbalance", f"only applies to kind moe, not {kind}")
+        raise FieldError(f"{where}.ep_imbalance", f"only applies to kind moe, not {kind}")
     name = entry.get("name", "")
     if not isinstance(name, str):
-        raise PlanInputError(f"{where}.name", f"must be a string, got {name!r}")
+        raise FieldError(f"{where}.name", f"must be a string, got {name!r}")
     return Layer(f, b, w, _number(entry, "activation_bytes", where, 0.0),
                  _number(entry, "param_bytes", where, 0.0), kind, name, imbalance)
 
@@ -132,7 +132,7 @@ def profile_from_layers(layers, name: str = "", field: str = "layers") -> Profil
     if isinstance(layers, Profile):
         return layers
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
-        raise PlanInputError(field, "must be a sequence of layer mappings")
+        raise FieldError(field, "must be a sequence of layer mappings")
     out: list[Layer] = []
     for i, entry in enumerate(layers):
         where = f"{field}[{i}]"
@@ -140,11 +140,11 @@ def profile_from_layers(layers, name: str = "", field: str = "layers") -> Profil
         if isinstance(entry, Mapping) and "repeat" in entry:
             repeat = entry["repeat"]
             if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-                raise PlanInputError(f"{where}.repeat", f"must be an integer >= 1, got {repeat!r}")
+                raise FieldError(f"{where}.repeat", f"must be an integer >= 1, got {repeat!r}")
             entry = {k: v for k, v in entry.items() if k != "repeat"}
         out.extend([layer_from_mapping(entry, where)] * repeat)
     if not out:
-        raise PlanInputError(field, "must hold at least one layer")
+        raise FieldError(field, "must hold at least one layer")
     return Profile(tuple(out), name)
 
 
@@ -158,17 +158,17 @@ def load_profile(path: str | Path) -> Profile:
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise PlanInputError("profile", f"{path} is not valid JSON: {one_line(exc)}") from None
+            raise FieldError("profile", f"{path} is not valid JSON: {one_line(exc)}") from None
     elif path.suffix.lower() in (".yaml", ".yml"):
         import yaml
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise PlanInputError("profile", f"{path} is not valid YAML: {one_line(exc)}") from None
+            raise FieldError("profile", f"{path} is not valid YAML: {one_line(exc)}") from None
     else:
-        raise PlanInputError("profile", f"unsupported file type {path.suffix!r} (use .yaml or .json)")
+        raise FieldError("profile", f"unsupported file type {path.suffix!r} (use .yaml or .json)")
     if not isinstance(doc, Mapping) or "layers" not in doc:
-        raise PlanInputError("profile", f"{path} must be a mapping with a 'layers' list")
+        raise FieldError("profile", f"{path} must be a mapping with a 'layers' list")
     name = doc.get("name", path.stem)
     return profile_from_layers(doc["layers"], str(name))
 

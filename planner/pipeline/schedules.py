@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from expertplane.planner.errors import PlanInputError
+from expertplane.errors import FieldError
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
@@ -81,25 +81,25 @@ class Layout:
 def layout(schedule: str, num_stages: int, micro_batches: int) -> Layout:
     """Check the (schedule, stages, micro-batches) combination and return its layout."""
     if schedule not in SCHEDULES:
-        raise PlanInputError("schedule", f"must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        raise FieldError("schedule", f"must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     for field, value in (("num_stages", num_stages), ("micro_batches", micro_batches)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PlanInputError(field, f"must be an integer >= 1, got {value!r}")
+            raise FieldError(field, f"must be an integer >= 1, got {value!r}")
     ranks = num_stages
     if schedule == "zb1p" and micro_batches < num_stages:
-        raise PlanInputError("micro_batches", f"zb1p needs at least as many micro-batches as "
+        raise FieldError("micro_batches", f"zb1p needs at least as many micro-batches as "
                                               f"stages ({num_stages}), got {micro_batches}")
     if schedule in ("dualpipe", "dualpipev"):
         if num_stages % 2:
-            raise PlanInputError("num_stages", f"{schedule} needs an even number of stages, "
+            raise FieldError("num_stages", f"{schedule} needs an even number of stages, "
                                                f"got {num_stages}")
         if schedule == "dualpipev":
             ranks = num_stages // 2
         if schedule == "dualpipe" and micro_batches % 2:
-            raise PlanInputError("micro_batches", f"dualpipe needs an even number of "
+            raise FieldError("micro_batches", f"dualpipe needs an even number of "
                                                   f"micro-batches, got {micro_batches}")
         if micro_batches < 2 * ranks:
-            raise PlanInputError("micro_batches", f"{schedule} needs at least 2 x ranks "
+            raise FieldError("micro_batches", f"{schedule} needs at least 2 x ranks "
                                                   f"({2 * ranks}) micro-batches, got {micro_batches}")
     return Layout(schedule, num_stages, ranks, micro_batches)
 

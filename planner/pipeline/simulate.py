@@ -41,7 +41,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from expertplane.planner.errors import PlanInputError
+from expertplane.errors import FieldError
 from expertplane.planner.pipeline.dag import finish_times, schedule_dag
 from expertplane.planner.pipeline.schedules import Layout, Op, layout, rank_orders
 
@@ -97,15 +97,15 @@ def stage_times(stages: Sequence, field: str = "stages") -> np.ndarray:
     try:
         arr = np.asarray([tuple(s) for s in stages], dtype=float)
     except (TypeError, ValueError):
-        raise PlanInputError(field, "must be a sequence of (F, B, W) triples of seconds") from None
+        raise FieldError(field, "must be a sequence of (F, B, W) triples of seconds") from None
     if arr.ndim != 2 or arr.shape[1] != 3 or arr.shape[0] == 0:
-        raise PlanInputError(field, f"must be a non-empty sequence of (F, B, W) triples, got "
+        raise FieldError(field, f"must be a non-empty sequence of (F, B, W) triples, got "
                                     f"shape {arr.shape}")
     for k, (f, b, w) in enumerate(arr):
         if not all(math.isfinite(x) and x >= 0 for x in (f, b, w)):
-            raise PlanInputError(f"{field}[{k}]", f"times must be finite and >= 0, got {(f, b, w)}")
+            raise FieldError(f"{field}[{k}]", f"times must be finite and >= 0, got {(f, b, w)}")
         if w > b:
-            raise PlanInputError(f"{field}[{k}].W", f"must be <= B ({b}), got {w}")
+            raise FieldError(f"{field}[{k}].W", f"must be <= B ({b}), got {w}")
     return arr
 
 
@@ -113,7 +113,7 @@ def _check_scalar(field: str, value: float, upper: float | None = None) -> float
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < 0 or (upper is not None and value > upper):
         bound = f"in [0, {upper}]" if upper is not None else ">= 0"
-        raise PlanInputError(field, f"must be a finite number {bound}, got {value!r}")
+        raise FieldError(field, f"must be a finite number {bound}, got {value!r}")
     return float(value)
 
 

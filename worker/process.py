@@ -35,18 +35,20 @@ from tenacity import (
 
 from expertplane.kernels.balancing import CapacityConfig
 from expertplane.kernels.hotswap import DEFAULT_STEP_BUDGET_BYTES, HotSwapEngine, SwapCoordinator
-from expertplane.kernels.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
-from expertplane.kernels.worker_service import (
+from expertplane.planner.io import load_phy2log
+from expertplane.proto import expertplane_pb2 as pb
+from expertplane.proto import expertplane_pb2_grpc as pb_grpc
+from expertplane.rpc.channels import make_channel
+from expertplane.rpc.security import SecurityConfig
+from expertplane.worker.service import (
     CounterLedger,
     WorkerIdentity,
     WorkerServicer,
     placements_from_plan,
     serve_worker_service,
 )
-from expertplane.proto import expertplane_pb2 as pb
-from expertplane.proto import expertplane_pb2_grpc as pb_grpc
-from expertplane.rpc.channels import make_channel
-from expertplane.rpc.security import SecurityConfig
+from expertplane.worker.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
+
 
 __all__ = ["WorkerConfig", "WorkerResult", "initial_plan", "run_worker"]
 
@@ -151,8 +153,6 @@ def initial_plan(config: WorkerConfig, stop: threading.Event | None = None) -> p
     """The starting plan as a ``Plan`` message: from ``plan_file`` or the controller (retried
     with backoff until it answers or ``stop`` is set)."""
     if config.plan_file:
-        from expertplane.planner.io import load_phy2log
-
         phy2log = load_phy2log(config.plan_file, "plan_file")
         plan = pb.Plan(phy2log=pb.Int64Tensor(shape=list(phy2log.shape),
                                               values=phy2log.ravel().tolist()))

@@ -20,13 +20,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from expertplane.errors import FieldError
 from expertplane.kernels.hotswap import SwapCoordinator, SwapError
 from expertplane.kernels.moe import LayerPlacement, PlacementError
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import bind_local, make_server
 from expertplane.rpc.security import SecurityConfig
-from expertplane.rpc.tensors import TensorError, int64_tensor, to_numpy
+from expertplane.rpc.tensors import int64_tensor, to_numpy
 
 __all__ = ["CounterLedger", "CounterWindow", "WorkerIdentity", "WorkerServicer",
            "placements_from_plan", "serve_worker_service"]
@@ -161,7 +162,7 @@ class WorkerIdentity:
 
 def placements_from_plan(plan: pb.Plan, ident: WorkerIdentity) -> tuple[int, list[LayerPlacement]]:
     """(version, one LayerPlacement per layer) from a ``Plan`` message; raises ValueError
-    (TensorError / PlacementError) naming the field."""
+    (FieldError / PlacementError) naming the field."""
     version = int(plan.summary.version)
     if version < 1:
         raise ValueError("plan.summary.version: must be >= 1")
@@ -243,7 +244,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         started = time.monotonic()
         try:
             version, layers = placements_from_plan(request.plan, self.ident)
-        except (TensorError, PlacementError, ValueError) as exc:
+        except (FieldError, PlacementError, ValueError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             stats = self.coord.prepare(version, layers, _deadline(context, self.max_wait))
@@ -283,7 +284,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         try:
             bias = to_numpy(request.bias, "bias",
                             shape=(self.ident.num_layers, self.ident.num_experts))
-        except TensorError as exc:
+        except FieldError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not np.isfinite(bias).all():
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bias: must be finite")

@@ -1,0 +1,157 @@
+"""``expertplane bench goodput``: cluster goodput under drifting load, ExpertPlane's controller
+policy against SGLang's and vLLM's built-in EPLB, static placement and a free-moving oracle.
+
+Per scenario (a cluster and a trace) every policy runs the same trace from the same initial
+placement (DeepSeek's EPLB on the first ``--profile-steps`` steps, as a deployment profiled
+before serving would start). Output: a table per scenario (tokens/s relative to the oracle,
+mean and p99 step time, stall seconds, seconds lost to slower steps while copying, bytes moved,
+rebalances), ``--json`` rows and one PNG timeline per scenario in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from expertplane.benchmarks.goodput.cost import CostModel
+from expertplane.benchmarks.goodput.movers import Mover, MoverConstants
+from expertplane.benchmarks.goodput.oracle import simulate_oracle
+from expertplane.benchmarks.goodput.policies import (ExpertPlanePolicy, SGLangEPLB, Static,
+                                                     VLLMEPLB, plan)
+from expertplane.benchmarks.goodput.sim import (Cluster, LoadHistory, RunResult, deepseek_v3,
+                                                simulate)
+from expertplane.benchmarks.goodput.traces import KINDS, Trace, TraceSpec, generate
+from expertplane.controller.spec import PolicySpec
+
+CLUSTERS = {
+    "hier-32": deepseek_v3("hier-32", num_nodes=4, gpus_per_node=8, num_replicas=288),
+    "global-144": deepseek_v3("global-144", num_nodes=18, gpus_per_node=8, num_replicas=288),
+    "global-320": deepseek_v3("global-320", num_nodes=40, gpus_per_node=8, num_replicas=640),
+}
+POLICIES = ("static", "sglang", "vllm-sync", "vllm-async", "expertplane", "oracle")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clusters", nargs="+", choices=list(CLUSTERS), default=list(CLUSTERS))
+    parser.add_argument("--traces", nargs="+", choices=KINDS, default=["drift", "shift"])
+    parser.add_argument("--steps", type=int, default=TraceSpec.num_steps, help="steps per trace")
+    parser.add_argument("--steps-per-tick", type=int, default=TraceSpec.steps_per_tick,
+                        help="steps of constant load")
+    parser.add_argument("--profile-steps", type=int, default=1000,
+                        help="steps the initial placement is planned on")
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    parser.add_argument("--policy-interval", type=float, default=10.0,
+                        help="ExpertPlane controller's policy interval (s)")
+    parser.add_argument("--oracle-window", type=int, default=1000, help="oracle re-plan period")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("goodput-out"),
+                        help="directory for the PNG timelines")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+
+
+def make_policy(name: str, cluster: Cluster, args) -> object:
+    if name == "static":
+        return Static()
+    if name == "sglang":
+        return SGLangEPLB(cluster)
+    if name in ("vllm-sync", "vllm-async"):
+        return VLLMEPLB(cluster, use_async=name == "vllm-async")
+    return ExpertPlanePolicy(cluster, PolicySpec(), interval_s=args.policy_interval)
+
+
+def run_scenario(cluster: Cluster, trace: Trace, names, args) -> list[RunResult]:
+    """Every policy in ``names`` on ``trace`` from the same initial placement."""
+    cost = CostModel.measured(cluster.num_gpus, cluster.slots_per_gpu, cluster.top_k)
+    history = LoadHistory(trace)
+    initial = plan(cluster, history.between(0, args.profile_steps), "deepseek")
+    constants = MoverConstants.measured()
+    results = []
+    for name in names:
+        if name != "oracle":
+            policy = make_policy(name, cluster, args)
+            results.append(simulate(cluster, trace, history, cost, policy,
+                                    Mover(policy.mover, constants), initial))
+    if "oracle" in names:
+        pool = [p for r in results for p in r.plans]
+        results.append(simulate_oracle(cluster, trace, history, cost, pool, args.oracle_window))
+    return results
+
+
+def rows(scenario: str, results: list[RunResult]) -> list[dict]:
+    by_name = {r.policy: r for r in results}
+    ref = by_name.get("oracle", results[0]).tokens_per_s
+    return [{"scenario": scenario, "policy": r.policy, "tokens_per_s": r.tokens_per_s,
+             "vs_oracle": r.tokens_per_s / ref, "mean_step_ms": 1e3 * float(r.step_s.mean()),
+             "p99_step_ms": 1e3 * float(np.percentile(r.step_s, 99)), "stall_s": r.stall_s,
+             "slowdown_s": r.extra_s, "bytes_moved": r.bytes_moved,
+             "rebalances": len(r.rebalances), "hours": r.seconds / 3600} for r in results]
+
+
+def table(rows_: list[dict]) -> str:
+    head = ("| policy | tokens/s vs oracle | mean step ms | p99 step ms | stall s | "
+            "slower steps s | GB moved | rebalances |\n|---|---|---|---|---|---|---|---|\n")
+    return head + "".join(
+        f"| {r['policy']} | {r['vs_oracle']:.4f} | {r['mean_step_ms']:.1f} | "
+        f"{r['p99_step_ms']:.1f} | {r['stall_s']:.2f} | {r['slowdown_s']:.2f} | "
+        f"{r['bytes_moved'] / 1e9:,.0f} | {r['rebalances']} |\n" for r in rows_)
+
+
+def timeline_png(path: Path, title: str, trace: Trace, results: list[RunResult]) -> Path:
+    """Step time per policy over the run (mean per tick), rebalances marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = trace.steps_per_tick
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    for r in results:
+        clock = np.concatenate([[0.0], np.cumsum(r.step_s)])
+        ticks = r.step_s[:trace.num_ticks * k].reshape(-1, k).mean(axis=1)
+        line, = ax.plot(clock[:-1:k] / 60, 1e3 * ticks, lw=1, label=r.policy)
+        if r.rebalances and r.policy != "oracle":
+            at = np.asarray(r.rebalances)
+            ax.plot(clock[at] / 60, 1e3 * r.step_s[at], "v", ms=4, color=line.get_color())
+    ax.set_yscale("log")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("step time, ms (mean per tick; log)")
+    ax.set_title(title + "  (triangles: rebalances)")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def run(args) -> int:
+    all_rows = []
+    start = time.perf_counter()
+    for cname in args.clusters:
+        cluster = CLUSTERS[cname]
+        for kind in args.traces:
+            spec = replace(TraceSpec(), kind=kind, num_steps=args.steps,
+                           steps_per_tick=args.steps_per_tick, seed=args.seed)
+            trace = generate(cluster.num_layers, cluster.num_experts, cluster.top_k,
+                             cluster.num_gpus, spec)
+            t0 = time.perf_counter()
+            results = run_scenario(cluster, trace, args.policies, args)
+            scenario = f"{cname}/{kind}"
+            scenario_rows = rows(scenario, results)
+            all_rows += scenario_rows
+            png = timeline_png(args.out / f"goodput-{cname}-{kind}.png", scenario, trace, results)
+            hours = scenario_rows[-1]["hours"]
+            share = getattr(results[-1], "pool_share", None)
+            note = "" if share is None else (f"; the oracle ran another policy's placement on "
+                                             f"{share:.1%} of (tick, layer) pairs")
+            print(f"\n### {scenario} ({trace.num_steps} steps, {hours:.2f} h served by the last "
+                  f"policy{note}; simulated in {time.perf_counter() - t0:.1f} s; {png})\n")
+            print(table(scenario_rows), flush=True)
+    print(f"total {time.perf_counter() - start:.1f} s")
+    if args.json:
+        args.json.write_text(json.dumps(all_rows, indent=1))
+    return 0
