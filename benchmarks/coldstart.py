@@ -80,12 +80,37 @@ _CONTROLLER = textwrap.dedent("""
         planning.ComputePlan(pb.ComputePlanRequest(placement=placement.name,
                                                    load=double_tensor(load)), timeout=600)
         c = time.perf_counter()
+        name = placement.name
+        calls = {
+            "ListPlacements": lambda: plans.ListPlacements(pb.ListPlacementsRequest(), timeout=60),
+            "GetPlan": lambda: plans.GetPlan(pb.GetPlanRequest(placement=name), timeout=60),
+            "ListPlans": lambda: plans.ListPlans(pb.ListPlansRequest(placement=name), timeout=60),
+            "GetLoad": lambda: plans.GetLoad(pb.GetLoadRequest(placement=name), timeout=60),
+            "ListRollouts": lambda: plans.ListRollouts(pb.ListRolloutsRequest(placement=name),
+                                                       timeout=60),
+            "ApplyPlacement (update)": lambda: plans.ApplyPlacement(placement, timeout=600),
+            "ComputePlan (movement-aware)": lambda: planning.ComputePlan(pb.ComputePlanRequest(
+                placement=name, load=double_tensor(load)), timeout=600),
+            "TriggerRebalance (dry run)": lambda: planning.TriggerRebalance(
+                pb.TriggerRebalanceRequest(placement=name, dry_run=True, force=True), timeout=600),
+        }
+        rpc_ms = {}
+        for label, call in calls.items():
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                call()
+                times.append((time.perf_counter() - t) * 1e3)
+            rpc_ms[label] = sorted(times)[2]
+        t = time.perf_counter()
+        plans.DeletePlacement(pb.DeletePlacementRequest(name=name), timeout=60)
+        rpc_ms["DeletePlacement"] = (time.perf_counter() - t) * 1e3
         channel.close()
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     print(json.dumps({"serving": serving, "first_rpc": b - a, "movement_first": c - b,
-                      "notice": "compiling the planner" in err}))
+                      "notice": "compiling the planner" in err, "rpc_ms": rpc_ms}))
 """)
 
 
@@ -103,6 +128,7 @@ class Row:
     load_before: float
     load_after: float
     compiled: int | str = "-"
+    rpc_ms: dict | None = None
 
 
 def add_arguments(parser) -> None:
@@ -136,7 +162,7 @@ def _measure(what: str, cache_label: str, cache: Path, tmp: Path) -> Row:
         r = _python(_CONTROLLER, [str(_free_port()), db,
                                   str(REPO / "examples" / "placements" / "deepseek-v3.yaml")], cache)
         return Row(what, cache_label, r["first_rpc"], r["movement_first"], r["serving"], before,
-                   os.getloadavg()[0], "notice" if r["notice"] else "none")
+                   os.getloadavg()[0], "notice" if r["notice"] else "none", r["rpc_ms"])
     r = _python(_PLANNER, [what], cache)
     return Row(f"planner {what}", cache_label, r["first"], r["movement_first"], r["import"],
                before, os.getloadavg()[0], r["compiled"])
@@ -160,6 +186,13 @@ def print_table(rows: list[Row], warm_seconds: float) -> None:
         print(f"| {r.what} | {r.cache} | {r.first:.2f} s | {r.second:.2f} s | {r.setup:.2f} s "
               f"| {met} | {r.compiled} | {r.load_before:.1f} → {r.load_after:.1f} |")
     print(f"\n`expertplane warm` into an empty cache: {warm_seconds:.1f} s")
+    for r in rows:
+        if r.rpc_ms:
+            print(f"\nlater calls of the {r.cache}-cache controller (median of 5, ms; "
+                  f"DeletePlacement once):\n")
+            print("| RPC | ms |\n|---|---|")
+            for label, ms in r.rpc_ms.items():
+                print(f"| {label} | {ms:.1f} |")
 
 
 def run(args) -> int:
