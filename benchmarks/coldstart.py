@@ -103,7 +103,7 @@ _CONTROLLER = textwrap.dedent("""
                 times.append((time.perf_counter() - t) * 1e3)
             rpc_ms[label] = sorted(times)[2]
         t = time.perf_counter()
-        plans.DeletePlacement(pb.DeletePlacementRequest(name=name), timeout=60)
+        plans.DeletePlacement(pb.DeletePlacementRequest(placement=name), timeout=60)
         rpc_ms["DeletePlacement"] = (time.perf_counter() - t) * 1e3
         channel.close()
     finally:

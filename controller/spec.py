@@ -67,9 +67,21 @@ class PlacementSpec:
 
     def same_shape(self, other: "PlacementSpec") -> bool:
         """True if plans of ``other`` stay valid for this spec (same layers, experts, slots, GPUs)."""
-        return (self.num_layers, self.num_experts, self.num_replicas, self.num_nodes,
-                self.gpus_per_node) == (other.num_layers, other.num_experts, other.num_replicas,
-                                        other.num_nodes, other.gpus_per_node)
+        return self.shape_change(other) is None
+
+    def shape_change(self, other: "PlacementSpec") -> str | None:
+        """The wire field (``Placement`` path) of the first shape difference with ``other`` that
+        invalidates plans: ``model.num_layers``, ``model.num_experts``, ``num_replicas`` or
+        ``topology``; None when the shapes agree."""
+        for field_path, mine, theirs in (
+                ("model.num_layers", self.num_layers, other.num_layers),
+                ("model.num_experts", self.num_experts, other.num_experts),
+                ("num_replicas", self.num_replicas, other.num_replicas),
+                ("topology", (self.num_nodes, self.gpus_per_node),
+                 (other.num_nodes, other.gpus_per_node))):
+            if mine != theirs:
+                return field_path
+        return None
 
     def with_generation(self, generation: int) -> "PlacementSpec":
         return replace(self, generation=generation)

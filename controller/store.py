@@ -159,12 +159,12 @@ class Store:
                                    plan_version=0, created_at=now, updated_at=now)
                 s.add(row)
             else:
-                old = _spec(row)
-                if not old.same_shape(spec) and s.scalar(
+                changed = _spec(row).shape_change(spec)
+                if changed and s.scalar(
                         select(func.count()).select_from(PlanRow).where(PlanRow.placement == spec.name)):
                     raise FailedPrecondition(
-                        "spec", f"placement {spec.name!r} has plans for layers/experts/replicas/"
-                                "topology that differ from the new spec; delete it first")
+                        changed, f"placement {spec.name!r} has plans for another {changed}; "
+                                 "plans cannot carry over: delete the placement first")
                 row.spec_json, row.generation, row.updated_at = spec_json, spec.generation, now
             return StoredPlacement(spec, row.plan_version, _utc(row.last_rebalance))
 

@@ -164,7 +164,7 @@ class _Poller:
                 continue
             summary = self.plans.GetPlan(pb.GetPlanRequest(placement=self.name, version=rec.to_version),
                                          timeout=5).summary
-            cur, new = np.mean(summary.current_balance or [np.nan]), np.mean(summary.predicted_balance)
+            cur, new = np.mean(summary.previous_plan_balance or [np.nan]), np.mean(summary.predicted_balance)
             self._rollouts[rec.rollout_id] = RolloutEvent(
                 t=t, from_version=rec.from_version, to_version=rec.to_version, state=rec.state,
                 slots_moved=summary.slots_moved, bytes_moved=summary.bytes_moved,
