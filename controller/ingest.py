@@ -73,6 +73,8 @@ class LoadIngest:
             res = state.window.ingest(report, now)
             if res.status == Ack.ACCEPTED:
                 state.totals.add(report, state.spec)
+                if report.HasField("gpu"):
+                    self._metrics.set_gpu(report.placement, report.worker_rank, report.gpu)
         self._metrics.ingest_seconds.observe(time.perf_counter() - t0)
         if res.lag_seconds:
             self._metrics.report_lag.observe(res.lag_seconds)

@@ -215,6 +215,7 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
         msg.steps, msg.failed_steps = totals.steps, totals.failed_steps
         if totals.dropped is not None:
             msg.dropped_tokens.CopyFrom(double_tensor(totals.dropped))
+        msg.gpus.extend(totals.gpus[rank] for rank in sorted(totals.gpus))
         return msg
 
     @unary

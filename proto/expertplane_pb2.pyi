@@ -299,7 +299,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self, placement: _Optional[str] = ...) -> None: ...
 
 class LoadWindow(_message.Message):
-    __slots__ = ("placement", "load", "reports", "as_of", "gpu_load", "router_bias", "steps", "failed_steps", "dropped_tokens")
+    __slots__ = ("placement", "load", "reports", "as_of", "gpu_load", "router_bias", "steps", "failed_steps", "dropped_tokens", "gpus")
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     REPORTS_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +309,7 @@ class LoadWindow(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     FAILED_STEPS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
     placement: str
     load: DoubleTensor
     reports: int
@@ -318,7 +319,18 @@ class LoadWindow(_message.Message):
     steps: int
     failed_steps: int
     dropped_tokens: DoubleTensor
-    def __init__(self, placement: _Optional[str] = ..., load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., reports: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpu_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., router_bias: _Optional[_Union[DoubleTensor, _Mapping]] = ..., steps: _Optional[int] = ..., failed_steps: _Optional[int] = ..., dropped_tokens: _Optional[_Union[DoubleTensor, _Mapping]] = ...) -> None: ...
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuReport]
+    def __init__(self, placement: _Optional[str] = ..., load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., reports: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpu_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., router_bias: _Optional[_Union[DoubleTensor, _Mapping]] = ..., steps: _Optional[int] = ..., failed_steps: _Optional[int] = ..., dropped_tokens: _Optional[_Union[DoubleTensor, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuReport, _Mapping]]] = ...) -> None: ...
+
+class GpuReport(_message.Message):
+    __slots__ = ("worker_rank", "node", "stats")
+    WORKER_RANK_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    worker_rank: int
+    node: str
+    stats: GpuStats
+    def __init__(self, worker_rank: _Optional[int] = ..., node: _Optional[str] = ..., stats: _Optional[_Union[GpuStats, _Mapping]] = ...) -> None: ...
 
 class GetBiasHistoryRequest(_message.Message):
     __slots__ = ("placement",)

@@ -6,7 +6,9 @@ and GPU statistics validated, and the protobuf floor matching the generated code
 from __future__ import annotations
 
 import re
+import socket
 import time
+import urllib.request
 import tomllib
 from pathlib import Path
 
@@ -39,15 +41,24 @@ def placement(gpus_per_node: int = 2) -> pb.Placement:
 
 @pytest.fixture
 def stubs(tmp_path):
+    metrics_port = free_port()
     server = ControllerServer(ControllerConfig(
         listen="127.0.0.1:0", db_url=f"sqlite:///{tmp_path / 'c.db'}", tick_seconds=0.02,
-        policy_interval_seconds=3600, security=SecurityConfig(token=TOKEN)))
+        policy_interval_seconds=3600, security=SecurityConfig(token=TOKEN),
+        metrics=f"127.0.0.1:{metrics_port}"))
     port = server.start()
+    server.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     channel = make_channel(f"127.0.0.1:{port}")
     yield (pb_grpc.PlanServiceStub(channel), pb_grpc.PlanningServiceStub(channel),
-           pb_grpc.LoadServiceStub(channel))
+           pb_grpc.LoadServiceStub(channel), server.metrics_url)
     channel.close()
     server.stop(0.5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _code(call, request, metadata=AUTH):
@@ -84,7 +95,7 @@ def test_protobuf_floor_matches_the_generated_code():
 
 
 def test_bearer_scheme_in_any_case(stubs):
-    plans, _, _ = stubs
+    plans, _, _, _ = stubs
     for value in (f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER  {TOKEN}"):
         plans.ListPlacements(pb.ListPlacementsRequest(), timeout=30,
                              metadata=(("authorization", value),))
@@ -95,7 +106,7 @@ def test_bearer_scheme_in_any_case(stubs):
 
 
 def test_delete_latest_version_and_shape_change(stubs):
-    plans, planning, _ = stubs
+    plans, planning, _, _ = stubs
     plans.ApplyPlacement(placement(), timeout=120, metadata=AUTH)
     load = double_tensor(np.arange(16.0).reshape(2, 8))
     planning.ComputePlan(pb.ComputePlanRequest(placement="m", load=load, store=True), timeout=300,
@@ -131,7 +142,7 @@ def _future(seconds: float) -> Timestamp:
      "gpu.memory_used_bytes: 2 is more than memory_total_bytes (1)"),
 ])
 def test_bad_report_fields_are_rejected(stubs, change, field):
-    plans, _, load = stubs
+    plans, _, load, _ = stubs
     plans.ApplyPlacement(placement(), timeout=120, metadata=AUTH)
     good = load_report("n0", 0, "m", 1, 1, np.ones((2, 4), dtype=np.int64))
     good.gpu.CopyFrom(pb.GpuStats(utilization=0.5, memory_used_bytes=1, memory_total_bytes=2,
@@ -147,3 +158,23 @@ def test_bad_report_fields_are_rejected(stubs, change, field):
     acks = list(load.ReportLoad(iter([good, bad]), timeout=30, metadata=AUTH))
     assert acks[0].status == pb.LoadAck.ACCEPTED, acks[0].message
     assert acks[1].status == pb.LoadAck.REJECTED and acks[1].message.startswith(field), acks[1]
+
+
+def test_gpu_statistics_in_get_load_and_metrics(stubs):
+    plans, _, load, metrics_url = stubs
+    plans.ApplyPlacement(placement(), timeout=120, metadata=AUTH)
+    reports = []
+    for rank, util in ((2, 0.75), (0, 0.5)):
+        r = load_report(f"n{rank // 2}", rank, "m", 1, 1, np.ones((2, 4), dtype=np.int64))
+        r.gpu.CopyFrom(pb.GpuStats(utilization=util, memory_used_bytes=rank + 1,
+                                   memory_total_bytes=80 << 30, power_watts=300 + rank,
+                                   temperature_c=60))
+        reports.append(r)
+    acks = list(load.ReportLoad(iter(reports), timeout=30, metadata=AUTH))
+    assert [a.status for a in acks] == [pb.LoadAck.ACCEPTED] * 2
+    window = plans.GetLoad(pb.GetLoadRequest(placement="m"), timeout=30, metadata=AUTH)
+    assert [(g.worker_rank, g.node, g.stats.utilization) for g in window.gpus] == \
+        [(0, "n0", 0.5), (2, "n1", 0.75)]
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    assert 'expertplane_controller_gpu_utilization{placement="m",rank="2"} 0.75' in text
+    assert 'expertplane_controller_gpu_power_watts{placement="m",rank="0"} 300.0' in text
