@@ -73,7 +73,7 @@ def test_placement_update_and_shape_change(store):
     assert store.upsert_placement(updated).plan_version == 1
     got = store.get_placement("m").spec
     assert (got.generation, got.policy.threshold) == (5, 0.3)
-    with pytest.raises(FailedPrecondition, match="spec:"):
+    with pytest.raises(FailedPrecondition, match="^num_replicas: "):   # names what changed
         store.upsert_placement(dataclasses.replace(SPEC, num_replicas=16))
     assert store.get_plan("m").version == 1     # nothing lost
 
