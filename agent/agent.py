@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from expertplane.agent.buffer import ReportBuffer
 from expertplane.agent.collector import Collector
 from expertplane.agent.config import AgentConfig
+from expertplane.agent.engine_load import EngineLoadSink
 from expertplane.agent.gpu import GpuSampler
 from expertplane.agent.metrics import AgentMetrics
 from expertplane.agent.registry import WorkerRegistry
@@ -51,6 +52,7 @@ class Agent:
         self._server = None
         self._collector: Collector | None = None
         self._uplink: LoadUplink | None = None
+        self._engine_sink: EngineLoadSink | None = None
         self.address: str | None = None
         self.metrics_port: int | None = None
         self._lock = threading.Lock()
@@ -78,6 +80,7 @@ class Agent:
         self._relay = RolloutRelay(cfg, self._channel, self.registry, self.metrics)
         self._uplink = LoadUplink(cfg, self._channel, self.buffer, self.metrics)
         self._collector = Collector(cfg, self.registry, self.buffer, self._gpu, self.metrics, self.epoch)
+        self._engine_sink = EngineLoadSink(cfg.node, self.epoch, self._collector.enqueue, self.metrics)
         self._server.start()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self._relay.start()
@@ -93,7 +96,8 @@ class Agent:
         server = make_server(cfg.local_security, max_workers=8)
         pb_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.registry, cfg.interval,
-                          on_registered=lambda: self.metrics.workers.set(len(self.registry))),
+                          on_registered=lambda: self.metrics.workers.set(len(self.registry)),
+                          engine_load=self._engine_load),
             server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -141,6 +145,11 @@ class Agent:
     def load_stream_connected(self) -> bool:
         """True while the load stream to the controller is open and has been acknowledged."""
         return self._uplink is not None and self._uplink.connected.is_set()
+
+    def _engine_load(self, msg) -> bool:
+        """AgentService.ReportEngineLoad: an engine's logical load window (the sink exists before
+        the server starts serving)."""
+        return self._engine_sink.accept(msg)
 
     # --------------------------------------------------------------- registry callbacks
     def _joined(self, info) -> None:

@@ -54,14 +54,12 @@ def register(sub) -> None:
 
 
 def _sizing(args, weight) -> int:
-    from expertplane.planner.sizing import (default_candidates, format_sizing_table,
-                                            recommend_redundancy)
+    from expertplane.planner.deepseek import is_hierarchical
+    from expertplane.planner.sizing import default_candidates, recommend_redundancy
 
     candidates = default_candidates(weight.shape[1], args.gpus, args.max_redundant)
     best, curve = recommend_redundancy(weight, args.groups, args.nodes, args.gpus,
                                        args.target_balance, candidates, args.algorithm)
-    from expertplane.planner.deepseek import is_hierarchical
-
     sys.stdout.write(format_sizing_table(curve, best, is_hierarchical(args.groups, args.nodes)))
     if best is None:
         print(f"no redundant count up to {candidates[-1]} reaches balance "
@@ -97,7 +95,8 @@ def _run(args) -> int:
         weight, args.replicas, args.groups, args.nodes, args.gpus, algorithm=args.algorithm,
         previous=previous, **options)
     bal = balance(weight, phy2log.numpy(), logcnt.numpy(), args.gpus)
-    moved = migration(previous, phy2log.numpy(), args.expert_bytes) if previous is not None else None
+    moved = migration(previous, phy2log.numpy(), args.expert_bytes, num_gpus=args.gpus,
+                      num_nodes=args.nodes) if previous is not None else None
     fmt = format_for(args.output, args.format)
     if fmt == "sglang":
         doc = sglang_document(phy2log.numpy())
@@ -141,3 +140,41 @@ def what_bounds(weight, args) -> str:
         return text + "; topology adds cross-node replicas of hot experts and may go below it"
     return text + ("; --algorithm topology adds cross-node replicas of hot experts to go below "
                    "it, at the cost of tokens sent to other nodes")
+
+
+def _flat_tail(points):
+    """The first point from which the lower bound no longer falls (None when it falls to the
+    last point, or there are fewer than two points)."""
+    i = len(points) - 1
+    while i > 0 and abs(points[i - 1].bound_max - points[-1].bound_max) <= 1e-9:
+        i -= 1
+    return points[i] if i < len(points) - 1 else None
+
+
+def format_sizing_table(points, recommended=None, hierarchical: bool = False) -> str:
+    """The sizing curve as a text table (rich), marking the recommended point, with a note when
+    the lower bound does not fall with more replicas (``hierarchical``: the policy keeps each
+    expert group on one node, so the heaviest node's groups set the bound)."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="redundancy sizing: balance = max / mean GPU load")
+    for name in ("redundant", "replicas", "balance mean", "balance worst layer",
+                 "lower bound worst layer", "recommended"):
+        table.add_column(name, justify="right")
+    for p in points:
+        mark = "<-" if recommended is not None and p == recommended else ""
+        table.add_row(str(p.num_redundant), str(p.num_replicas), f"{p.balance_mean:.4f}",
+                      f"{p.balance_max:.4f}", f"{p.bound_max:.4f}", mark)
+    flat = _flat_tail(points)
+    if flat is not None:
+        why = ("the hierarchical policy keeps each expert group on one node, so the node with the "
+               "heaviest groups sets it" if hierarchical else
+               "the placement's other constraints, not the replica count, set it")
+        table.caption = (f"From {flat.num_redundant} redundant experts on, the lower bound stays "
+                         f"at {flat.bound_max:.4f}: {why}. More replicas cannot go below it.")
+    out = StringIO()
+    Console(file=out, width=120, force_terminal=False, color_system=None).print(table)
+    return out.getvalue()

@@ -213,13 +213,19 @@ class RolloutCoordinator:
                 self._apply_one(eff)
 
     def _apply_one(self, eff: Effects) -> None:
-        for op, rec in eff.saves:
-            if op == "create":
-                self._store.create_rollout(rec)
-            elif op == "decide":
-                self._store.decide_commit(rec)
-            else:
-                self._store.finish_rollout(rec, rec.state)
+        """Save, then report decisions and send: if a record cannot be saved (its placement
+        was deleted meanwhile, or the store failed) nothing of the batch is told to anyone."""
+        try:
+            for op, rec in eff.saves:
+                if op == "create":
+                    self._store.create_rollout(rec)
+                elif op == "decide":
+                    self._store.decide_commit(rec)
+                else:
+                    self._store.finish_rollout(rec, rec.state)
+        except Exception:
+            log.exception("saving rollout records failed; their commands are not sent")
+            eff = Effects(finished=eff.finished)
         for rec in eff.committed:
             self._on_committing(rec)
         for session, cmd in eff.sends:

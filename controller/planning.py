@@ -86,7 +86,8 @@ def compute_candidate(spec: PlacementSpec, load: np.ndarray | None,
         prev_cnt = np.zeros_like(logcnt)
         np.add.at(prev_cnt, (np.arange(spec.num_layers)[:, None], previous), 1)
         current = balance(weight, previous, prev_cnt, spec.num_gpus)
-        moved = migration(previous, phy2log, spec.expert_bytes)
+        moved = migration(previous, phy2log, spec.expert_bytes, num_gpus=spec.num_gpus,
+                          num_nodes=spec.num_nodes)
     return Candidate(algorithm=spec.algorithm, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt,
                      load=weight, predicted_balance=predicted, current_balance=current,
                      slots_moved=moved.slots_moved if moved else 0,

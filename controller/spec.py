@@ -15,10 +15,10 @@ import numpy as np
 
 from expertplane.controller.bias import RouterBiasSpec, router_bias_from_proto, router_bias_to_proto
 from expertplane.errors import FieldError
+from expertplane.planner.eplb import ALGORITHMS
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor, to_numpy
 
-ALGORITHMS = ("deepseek", "balanced", "topology")
 MODES = ("auto", "manual", "off")
 DEFAULT_WINDOW_SECONDS = 300.0
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")

@@ -604,6 +604,30 @@ class RegisterResponse(_message.Message):
     pull_interval_seconds: float
     def __init__(self, node: _Optional[str] = ..., pull_interval_seconds: _Optional[float] = ...) -> None: ...
 
+class EngineLoadReport(_message.Message):
+    __slots__ = ("placement", "engine", "expert_load", "window_start", "window_end", "engine_epoch", "sequence")
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    placement: str
+    engine: str
+    expert_load: DoubleTensor
+    window_start: _timestamp_pb2.Timestamp
+    window_end: _timestamp_pb2.Timestamp
+    engine_epoch: int
+    sequence: int
+    def __init__(self, placement: _Optional[str] = ..., engine: _Optional[str] = ..., expert_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., engine_epoch: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class EngineLoadAck(_message.Message):
+    __slots__ = ("queued",)
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    queued: bool
+    def __init__(self, queued: _Optional[bool] = ...) -> None: ...
+
 class PullCountersRequest(_message.Message):
     __slots__ = ("ack_epoch", "ack_sequence", "agent_epoch")
     ACK_EPOCH_FIELD_NUMBER: _ClassVar[int]

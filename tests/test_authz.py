@@ -439,6 +439,7 @@ def test_role_tables():
     assert all(m.rsplit("/", 1)[1].startswith(("Get", "List", "Watch")) for m in ROLE_METHODS["reader"])
     assert f"{V1}PlanService/ApplyPlacement" not in ROLE_METHODS["reader"]
     assert all(ROLE_METHODS[r] <= ROLE_METHODS["admin"] for r in ROLE_METHODS)
-    assert ROLE_METHODS["worker"] == {f"{V1}PlanService/GetPlan", f"{V1}AgentService/Register"}
+    assert ROLE_METHODS["worker"] == {f"{V1}PlanService/GetPlan", f"{V1}AgentService/Register",
+                                      f"{V1}AgentService/ReportEngineLoad"}
     assert f"{V1}LoadService/ReportLoad" in ROLE_METHODS["agent"]
     assert not any(m.startswith(f"{V1}PlanService/") for m in ROLE_METHODS["agent"])

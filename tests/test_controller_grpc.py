@@ -126,6 +126,25 @@ def test_plan_service_errors_name_the_field(server, call, request_, code, field)
     assert got == code and details.startswith(field)
 
 
+def test_a_controller_bug_answers_internal_and_is_logged(server, monkeypatch, caplog):
+    """An exception that is not a FieldError (here a bare RuntimeError) is the controller's bug:
+    INTERNAL, not a client error, with its traceback in the log; the details leak nothing."""
+    srv, c = server
+    c.plans.ApplyPlacement(placement(), timeout=30)
+
+    def broken(*args, **kw):
+        raise RuntimeError("bookkeeping went wrong")
+
+    monkeypatch.setattr(srv.controller, "rebalance", broken)
+    with caplog.at_level("ERROR", logger="expertplane.rpc.status"):
+        code, details = code_of(c.planning.TriggerRebalance,
+                                pb.TriggerRebalanceRequest(placement="m", force=True))
+    assert code == grpc.StatusCode.INTERNAL and "RuntimeError" in details
+    assert "bookkeeping" not in details
+    [rec] = [r for r in caplog.records if r.name == "expertplane.rpc.status"]
+    assert "TriggerRebalance" in rec.getMessage() and rec.exc_info[0] is RuntimeError
+
+
 def test_planning_errors(server):
     srv, c = server
     c.plans.ApplyPlacement(placement(), timeout=30)

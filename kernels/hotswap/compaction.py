@@ -15,7 +15,7 @@ from expertplane.kernels.experts import LocalExperts
 from expertplane.kernels.hotswap.copies import (Batch, Completion, issue_next, landed,
                                                 side_stream)
 from expertplane.kernels.hotswap.pacing import paced_copies
-from expertplane.kernels.moe import EPMoELayer
+from expertplane.kernels.moe import ExpertParallelExperts
 
 __all__ = ["Compaction", "Compactor"]
 
@@ -49,7 +49,7 @@ class Compactor:
     stopped (:attr:`error`: a copy failed or no memory for a buffer; cleared by the next commit).
     ``side``: the CUDA stream the copies run on (None on CPU), ``device`` the layers' device."""
 
-    def __init__(self, layers: Sequence[EPMoELayer], side: torch.cuda.Stream | None,
+    def __init__(self, layers: Sequence[ExpertParallelExperts], side: torch.cuda.Stream | None,
                  device: torch.device) -> None:
         self.layers = layers
         self.side = side

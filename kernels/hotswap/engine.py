@@ -16,7 +16,7 @@ from expertplane.kernels.hotswap.copies import issue_next, settle
 from expertplane.kernels.hotswap.pacing import DEFAULT_STEP_BUDGET_BYTES
 from expertplane.kernels.hotswap.staging import Staging, SwapStats, TransferGroup, plan_staging
 from expertplane.kernels.hotswap.transfers import SwapError
-from expertplane.kernels.moe import EPMoELayer, LayerPlacement
+from expertplane.kernels.moe import ExpertParallelExperts, LayerPlacement
 
 __all__ = ["HotSwapEngine"]
 
@@ -24,7 +24,8 @@ __all__ = ["HotSwapEngine"]
 class HotSwapEngine:
     """Stages and switches the expert placements of this rank's MoE layers.
 
-    layers: this rank's :class:`EPMoELayer` s (one per MoE layer, same group); group: a
+    layers: this rank's :class:`ExpertParallelExperts` (``EPMoELayer`` or a model's experts
+    through ``engines.hf``; one per MoE layer, same group); group: a
     process group over the same ranks reserved for the weight transfers (so they never
     interleave with the layers' all-to-alls; create it with ``dist.new_group()`` on every
     rank), None for a single process. ``step_budget_bytes``: bytes of weights this rank copies,
@@ -47,7 +48,7 @@ class HotSwapEngine:
     """
 
 
-    def __init__(self, layers: Sequence[EPMoELayer], group: dist.ProcessGroup | None = None,
+    def __init__(self, layers: Sequence[ExpertParallelExperts], group: dist.ProcessGroup | None = None,
                  gpus_per_node: int | None = None,
                  step_budget_bytes: int | None = DEFAULT_STEP_BUDGET_BYTES) -> None:
         if not layers:

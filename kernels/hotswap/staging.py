@@ -162,7 +162,7 @@ def plan_staging(version: int, placements: Sequence[LayerPlacement],
         local_fills=sum(f.source == LOCAL for f in mine),
         remote_fills=sum(f.source == REMOTE for f in mine),
         dup_fills=sum(f.source == DUP for f in mine),
-        bytes_received=expert_bytes * sum(f.source == REMOTE for f in mine),
+        bytes_received=int(plan.received_bytes(expert_bytes)[:, :, where.rank].sum()),
         bytes_sent=expert_bytes * len(plan.sends_from(where.rank)), steps=len(steps))
     with side_stream(where.side):
         stages = {layer: _new_stage(live[layer], [f for f in mine if f.layer == layer])
