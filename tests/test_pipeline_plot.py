@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 from expertplane.planner.pipeline import simulate  # noqa: E402
-from expertplane.planner.pipeline.plot import MAX_PANELS, WIDTH_INCHES, timeline_figure  # noqa: E402
+from expertplane.cli.pipeline_plot import MAX_PANELS, WIDTH_INCHES, timeline_figure  # noqa: E402
 
 
 def _bars(fig):
