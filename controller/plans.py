@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 from collections.abc import Callable
 
@@ -58,11 +59,13 @@ class Plans:
         self._watches: set[PlanWatch] = set()
 
     def add(self, state: PlacementState, cand: Candidate, reason: str, previous: int, *,
-            in_force: bool = False) -> PlanRecord:
-        """Store ``cand`` as the placement's next version (in force at once if ``in_force``:
-        its initial plan) and tell the watchers."""
+            in_force: bool = False, version: int = 0) -> PlanRecord:
+        """Store ``cand`` as the placement's next version, or as ``version`` if higher (a
+        restored plan), in force at once if ``in_force`` (a first plan, a new shape), and tell
+        the watchers."""
         spec = state.spec
-        plan = self._store.add_plan(plan_record(spec, cand, reason, previous), in_force=in_force)
+        plan = self._store.add_plan(dataclasses.replace(
+            plan_record(spec, cand, reason, previous), version=version), in_force=in_force)
         state.window.add_plan(plan.version, plan.phy2log)
         if in_force:
             self.put_in_force(state, plan)

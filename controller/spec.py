@@ -67,21 +67,9 @@ class PlacementSpec:
 
     def same_shape(self, other: "PlacementSpec") -> bool:
         """True if plans of ``other`` stay valid for this spec (same layers, experts, slots, GPUs)."""
-        return self.shape_change(other) is None
-
-    def shape_change(self, other: "PlacementSpec") -> str | None:
-        """The wire field (``Placement`` path) of the first shape difference with ``other`` that
-        invalidates plans: ``model.num_layers``, ``model.num_experts``, ``num_replicas`` or
-        ``topology``; None when the shapes agree."""
-        for field_path, mine, theirs in (
-                ("model.num_layers", self.num_layers, other.num_layers),
-                ("model.num_experts", self.num_experts, other.num_experts),
-                ("num_replicas", self.num_replicas, other.num_replicas),
-                ("topology", (self.num_nodes, self.gpus_per_node),
-                 (other.num_nodes, other.gpus_per_node))):
-            if mine != theirs:
-                return field_path
-        return None
+        return (self.num_layers, self.num_experts, self.num_replicas, self.num_nodes,
+                self.gpus_per_node) == (other.num_layers, other.num_experts, other.num_replicas,
+                                        other.num_nodes, other.gpus_per_node)
 
     def with_generation(self, generation: int) -> "PlacementSpec":
         return replace(self, generation=generation)
@@ -188,3 +176,24 @@ def spec_to_proto(spec: PlacementSpec) -> pb.Placement:
     if spec.router_bias is not None:
         msg.router_bias.CopyFrom(router_bias_to_proto(spec.router_bias))
     return msg
+
+
+@dataclass(frozen=True)
+class Restore:
+    """A plan to restore when the controller holds none for a placement: ``phy2log`` [L, R]
+    (int64 expert ids) put in force as ``version``."""
+
+    version: int
+    phy2log: np.ndarray
+
+
+def restore_from_proto(msg: pb.Placement) -> Restore | None:
+    """``Placement.restore_phy2log`` / ``restore_version`` (None when no map is given); the map's
+    shape and contents are checked against the spec when it is used."""
+    if not msg.HasField("restore_phy2log"):
+        return None
+    if not 1 <= msg.restore_version <= 2 ** 63 - 1:
+        raise FieldError("restore_version", f"must be between 1 and 2^63 - 1 with restore_phy2log, "
+                                            f"got {msg.restore_version}")
+    return Restore(int(msg.restore_version), to_numpy(msg.restore_phy2log, "restore_phy2log",
+                                                      ndim=2).astype(np.int64))

@@ -79,7 +79,7 @@ class RebalancePolicy(_message.Message):
     def __init__(self, mode: _Optional[_Union[RebalancePolicy.Mode, str]] = ..., window_seconds: _Optional[float] = ..., half_life_seconds: _Optional[float] = ..., threshold: _Optional[float] = ..., hysteresis: _Optional[float] = ..., cooldown_seconds: _Optional[float] = ..., move_budget_bytes: _Optional[int] = ..., min_gain_per_gib: _Optional[float] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("name", "model", "topology", "num_replicas", "algorithm", "policy", "initial_load", "generation", "router_bias")
+    __slots__ = ("name", "model", "topology", "num_replicas", "algorithm", "policy", "initial_load", "generation", "router_bias", "restore_phy2log", "restore_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,8 @@ class Placement(_message.Message):
     INITIAL_LOAD_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     ROUTER_BIAS_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_PHY2LOG_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     topology: Topology
@@ -98,7 +100,9 @@ class Placement(_message.Message):
     initial_load: DoubleTensor
     generation: int
     router_bias: RouterBiasPolicy
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., num_replicas: _Optional[int] = ..., algorithm: _Optional[str] = ..., policy: _Optional[_Union[RebalancePolicy, _Mapping]] = ..., initial_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., generation: _Optional[int] = ..., router_bias: _Optional[_Union[RouterBiasPolicy, _Mapping]] = ...) -> None: ...
+    restore_phy2log: Int64Tensor
+    restore_version: int
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., num_replicas: _Optional[int] = ..., algorithm: _Optional[str] = ..., policy: _Optional[_Union[RebalancePolicy, _Mapping]] = ..., initial_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., generation: _Optional[int] = ..., router_bias: _Optional[_Union[RouterBiasPolicy, _Mapping]] = ..., restore_phy2log: _Optional[_Union[Int64Tensor, _Mapping]] = ..., restore_version: _Optional[int] = ...) -> None: ...
 
 class RouterBiasPolicy(_message.Message):
     __slots__ = ("enabled", "speed", "rule", "interval_seconds")
@@ -477,14 +481,18 @@ class PipelinePartition(_message.Message):
     def __init__(self, boundaries: _Optional[_Iterable[int]] = ..., step_time: _Optional[float] = ..., bubble_fraction: _Optional[float] = ..., peak_memory_bytes: _Optional[_Iterable[int]] = ..., stage_busy: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TriggerRebalanceRequest(_message.Message):
-    __slots__ = ("placement", "dry_run", "force")
+    __slots__ = ("placement", "dry_run", "force", "propose", "version")
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    PROPOSE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     placement: str
     dry_run: bool
     force: bool
-    def __init__(self, placement: _Optional[str] = ..., dry_run: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
+    propose: bool
+    version: int
+    def __init__(self, placement: _Optional[str] = ..., dry_run: _Optional[bool] = ..., force: _Optional[bool] = ..., propose: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RebalanceDecision(_message.Message):
     __slots__ = ("placement", "rebalance", "reason", "in_force_balance_mean", "predicted_balance", "gain", "slots_moved", "bytes_moved", "new_version")

@@ -5,7 +5,8 @@ function-local ones included, points down the layers, never up.
     errors, planner <- controller
     errors <- rpc <- agent, controller, worker
     proto  <- rpc
-    cli, demo, benchmarks, engines and __main__ entry points: on top, may import every package
+    errors, planner, kernels, rpc, proto <- engines <- worker
+    cli, demo, benchmarks and __main__ entry points: on top, may import every package
 
 The checker parses sources (ast) and imports nothing, so it also judges planted sources.
 """
@@ -30,7 +31,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "rpc": frozenset({"errors", "proto"}),
     "agent": frozenset({"errors", "proto", "rpc"}),
     "controller": frozenset({"errors", "planner", "proto", "rpc"}),
-    "worker": frozenset({"errors", "planner", "kernels", "proto", "rpc"}),
+    # engine adapters and plugins (Hugging Face models on our layer, SGLang / vLLM plugins)
+    "engines": frozenset({"errors", "planner", "kernels", "proto", "rpc"}),
+    "worker": frozenset({"errors", "planner", "kernels", "engines", "proto", "rpc"}),
 }
 # third-party libraries a package may import (besides the standard library); unlisted: any.
 # The planner is pure computation; PyYAML only reads plan and profile files (planner.io,
@@ -39,7 +42,7 @@ THIRD_PARTY: dict[str, frozenset[str]] = {
     "planner": frozenset({"numpy", "scipy", "numba", "torch", "yaml"}),
     "kernels": frozenset({"numpy", "torch", "triton"}),
 }
-TOP = ("cli", "demo", "benchmarks", "engines")   # engines: plugins run inside SGLang / vLLM
+TOP = ("cli", "demo", "benchmarks")
 SKIPPED_DIRS = {"tests", "docs", "examples", "manifests"}
 
 

@@ -1,7 +1,9 @@
 """The rebalance lifecycle through the operator, against a real kube-apiserver and a real
 controller on loopback that the tests can stop and restart: Warning events and the Degraded
 column, readable mutual-exclusion messages, a large load through ``initialLoadFrom`` (and the
-inline limit in the schema), worker-pod changes debounced, stop/refresh from kubectl."""
+inline limit in the schema), worker-pod changes debounced, stop/refresh from kubectl, a restart
+on an empty store that keeps version and map, reshapes that keep the version growing,
+propose -> approve -> rolled out, rollback."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from expertplane.benchmarks.simagent import SimulatedAgent, load_report
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import make_channel
@@ -72,6 +75,7 @@ def operator(apiserver, operator_kubeconfig, controller, tmp_path_factory):
                          "--controller", f"127.0.0.1:{controller.port}",
                          "--kubeconfig", operator_kubeconfig, "--namespace", NS,
                          "--refresh-seconds", "1", "--rpc-timeout-seconds", "5",
+                         "--proposal-interval-seconds", "1",
                          "--lease-namespace", NAMESPACE, "--identity", "op-life")
     wait_for(lambda: "op-life leads" in op.log(), timeout=60, what="operator start")
     yield op
@@ -79,10 +83,15 @@ def operator(apiserver, operator_kubeconfig, controller, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def plans(controller):
+def channel(controller):
     channel = make_channel(f"127.0.0.1:{controller.port}")
-    yield pb_grpc.PlanServiceStub(channel)
+    yield channel
     channel.close()
+
+
+@pytest.fixture(scope="module")
+def plans(channel):
+    return pb_grpc.PlanServiceStub(channel)
 
 
 def placement(name: str, **spec) -> dict:
@@ -236,3 +245,125 @@ def test_rolling_restart_of_worker_pods_does_not_reshape(apiserver, operator):
     wait_for(ready(apiserver, "rolling", numGPUs=4), timeout=40, what="reshaped to 4 GPUs")
     assert time.monotonic() - gone >= 7.5
     assert "Reshaped" in [e["reason"] for e in events(apiserver, "rolling")]
+
+
+def configmap_map(cluster, name):
+    cm = cluster.get("configmap", name, NS)
+    return cm, np.array(json.loads(cm["data"]["expert_location.json"])["physical_to_logical_map"])
+
+
+def test_reshape_and_a_restart_on_an_empty_store_keep_versions(apiserver, operator, controller,
+                                                                plans):
+    apiserver.apply(placement("kept"))
+    wait_for(ready(apiserver, "kept", planVersion=1), what="kept v1")
+    apiserver.apply(placement("kept", replicas=16))                 # a reshape: the next version
+    obj = wait_for(ready(apiserver, "kept", planVersion=2, replicas=16), what="kept v2")
+    assert [(h["version"], h["reason"]) for h in obj["status"]["history"]] == \
+        [(1, "initial"), (2, "reshape")]
+    assert "plan v2 for 16 slots per layer" in " ".join(
+        e["message"] for e in events(apiserver, "kept") if e["reason"] == "Reshaped")
+    cm, before = configmap_map(apiserver, "kept-expert-location")
+    # The controller goes away: Degraded, shown by kubectl get and a Warning event.
+    controller.stop()
+    wait_for(lambda: (c := condition(apiserver.get("expertplacement", "kept", NS), "Degraded"))
+             and c["status"] == "True" and c["reason"] == "ControllerUnavailable", timeout=60,
+             what="Degraded")
+    row = apiserver.kubectl("get", "epl", "kept", "-n", NS, "--no-headers").stdout.split()
+    assert row[6:8] == ["True", "True"], row                         # READY, DEGRADED
+    wait_for(warning(apiserver, "kept", "ControllerUnavailable"), what="Warning event")
+    # ... and comes back with an empty store: the operator restores v2 and its map.
+    controller.start(empty=True)
+    wait_for(lambda: (c := condition(apiserver.get("expertplacement", "kept", NS), "Degraded"))
+             and c["status"] == "False", timeout=60, what="recovered")
+    state = wait_for(lambda: next((p for p in plans.ListPlacements(
+        pb.ListPlacementsRequest(), timeout=10).placements if p.spec.name == "default-kept"), None),
+        what="kept registered again")
+    assert state.plan_version == 2
+    restored = plans.ListPlans(pb.ListPlansRequest(placement="default-kept"), timeout=10).plans
+    assert [(p.version, p.reason) for p in restored] == [(2, "restored")]
+    cm_after, after = configmap_map(apiserver, "kept-expert-location")
+    assert np.array_equal(before, after)
+    assert cm_after["metadata"]["resourceVersion"] == cm["metadata"]["resourceVersion"]
+    assert status_of(apiserver, "kept")["planVersion"] == 2
+    # Versions go on growing from there.
+    apiserver.apply(placement("kept", replicas=12))
+    wait_for(ready(apiserver, "kept", planVersion=3, replicas=12), what="kept v3")
+
+
+def _connect_agents(channel, name: str, version: int) -> list[SimulatedAgent]:
+    agents = [SimulatedAgent(channel, f"n{i}", name, (2 * i, 2 * i + 1), plan_version=version).start()
+              for i in range(2)]
+    wait_for(lambda: sum(len(a.workers) for a in agents) == 4, what="agents")
+    return agents
+
+
+def _report_skew(channel, plans, name: str, version: int) -> None:
+    """Expert 0 hot in both layers, counted per slot of plan ``version``."""
+    phy2log = to_numpy(plans.GetPlan(pb.GetPlanRequest(placement=name, version=version),
+                                     timeout=10).phy2log, "phy2log")
+    skew = np.ones((2, 8))
+    skew[:, 0] = 200.0
+    counts = np.array([[skew[layer, e] / np.count_nonzero(phy2log[layer] == e) for e in phy2log[layer]]
+                       for layer in range(2)])
+    reports = [load_report(f"n{r // 2}", r, name, version, 1, counts[:, 3 * r:3 * r + 3].astype(int))
+               for r in range(4)]
+    acks = list(pb_grpc.LoadServiceStub(channel).ReportLoad(iter(reports), timeout=10))
+    assert {a.status for a in acks} == {pb.LoadAck.ACCEPTED}
+
+
+def test_propose_approve_rollback_from_kubectl(apiserver, operator, channel, plans):
+    apiserver.apply(placement("gated", rebalancePolicy={"mode": "Auto", "approval": "Manual"}))
+    wait_for(ready(apiserver, "gated", planVersion=1), what="gated v1")
+    _, v1 = configmap_map(apiserver, "gated-expert-location")
+    agents = _connect_agents(channel, "default-gated", 1)
+    try:
+        _report_skew(channel, plans, "default-gated", 1)
+        obj = wait_for(lambda: (o := apiserver.get("expertplacement", "gated", NS))["status"]
+                       .get("proposal") and o, timeout=60, what="a proposal")
+        proposal = obj["status"]["proposal"]
+        assert proposal["version"] == 2 and proposal["previousVersion"] == 1
+        assert proposal["predictedBalance"] < proposal["currentBalance"] and proposal["slotsMoved"] > 0
+        c = condition(obj, "ProposalReady")
+        assert (c["status"], c["reason"]) == ("True", "ProposalReady") and c["message"].startswith("v2: ")
+        time.sleep(2)                                   # nothing is rolled out without approval
+        assert status_of(apiserver, "gated")["planVersion"] == 1
+        assert "2" in apiserver.kubectl("get", "epl", "gated", "-n", NS, "-o", "wide").stdout.split("\n")[1].split()
+        apiserver.kubectl("annotate", "epl", "gated", "-n", NS, "expertplane.io/rebalance=approve")
+        obj = wait_for(ready(apiserver, "gated", planVersion=2), timeout=60, what="v2 rolled out")
+        assert "expertplane.io/rebalance" not in obj["metadata"].get("annotations", {})
+        assert obj["status"].get("proposal") is None
+        assert obj["status"].get("lastRebalanceTime")
+        _, v2 = configmap_map(apiserver, "gated-expert-location")
+        assert not np.array_equal(v1, v2)
+        assert set(agents[0].versions().values()) == {2}
+        # Roll back to v1: its map comes back as v3.
+        apiserver.kubectl("annotate", "epl", "gated", "-n", NS, "expertplane.io/rollback-to=1")
+        obj = wait_for(ready(apiserver, "gated", planVersion=3), timeout=60, what="rolled back")
+        _, v3 = configmap_map(apiserver, "gated-expert-location")
+        assert np.array_equal(v3, v1)
+        assert [(h["version"], h["reason"]) for h in obj["status"]["history"]][:3] == \
+            [(1, "initial"), (2, "proposal"), (3, "rollback to v1")]
+        assert {"RollbackStarted", "ProposalApproved", "ProposalReady"} <= \
+            {e["reason"] for e in events(apiserver, "gated")}
+        # A rollback to a version that does not exist is refused with a Warning event.
+        apiserver.kubectl("annotate", "epl", "gated", "-n", NS, "expertplane.io/rollback-to=42")
+        event = wait_for(warning(apiserver, "gated", "RollbackFailed"), what="RollbackFailed")
+        assert event["message"].startswith("v42: ")
+        # The load is still skewed, so v3 (v1's map) gets a proposal of its own. A planning field
+        # changed: that proposal is superseded by a new one, not silence.
+        first = wait_for(lambda: (status_of(apiserver, "gated").get("proposal") or {}).get("version"),
+                         timeout=60, what="a proposal against v3")
+        apiserver.apply(placement("gated", algorithm="balanced",
+                                  rebalancePolicy={"mode": "Auto", "approval": "Manual"}))
+        try:
+            obj = wait_for(lambda: ((o := apiserver.get("expertplacement", "gated", NS))["status"]
+                                    .get("proposal") or {}).get("version", 0) > first and o,
+                           timeout=60, what="a proposal for the new algorithm")
+        except AssertionError:
+            print("status:", json.dumps(status_of(apiserver, "gated"), indent=1))
+            print("events:", [(e["reason"], e["message"]) for e in events(apiserver, "gated")])
+            raise
+        assert obj["status"]["planVersion"] == 3 and obj["status"]["proposal"]["previousVersion"] == 3
+    finally:
+        for a in agents:
+            a.stop()

@@ -24,7 +24,8 @@ class OperatorConfig:
     (a coordination.k8s.io Lease ``lease_name`` in ``lease_namespace``; durations in seconds).
     liveness: kopf's health endpoint URL (e.g. ``http://0.0.0.0:8080/healthz``) or None.
     cleanup_timeout_seconds: how long a deleted ExpertPlacement waits for an unreachable
-    controller before it is released anyway (with a Warning event).
+    controller before it is released anyway (with a Warning event). proposal_interval_seconds:
+    with approval Manual, how often a placement without a proposal asks for one.
     """
 
     controller: str
@@ -41,12 +42,14 @@ class OperatorConfig:
     retry_period_seconds: float = 2.0
     liveness: str | None = None
     cleanup_timeout_seconds: float = 120.0
+    proposal_interval_seconds: float = 60.0
 
     def __post_init__(self):
         if not self.controller:
             raise ValueError("controller: the controller's gRPC address is required")
         for name in ("refresh_seconds", "rpc_timeout_seconds", "lease_duration_seconds",
-                     "renew_deadline_seconds", "retry_period_seconds", "cleanup_timeout_seconds"):
+                     "renew_deadline_seconds", "retry_period_seconds", "cleanup_timeout_seconds",
+                     "proposal_interval_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if not self.retry_period_seconds < self.renew_deadline_seconds < self.lease_duration_seconds:
@@ -80,6 +83,9 @@ def add_operator_arguments(parser: argparse.ArgumentParser, *, controller_requir
     parser.add_argument("--cleanup-timeout-seconds", type=float, default=120.0,
                         help="a deleted ExpertPlacement waits this long for an unreachable "
                              "controller, then is released anyway (default 120)")
+    parser.add_argument("--proposal-interval-seconds", type=float, default=60.0,
+                        help="approval Manual: how often a placement without a proposal asks "
+                             "the controller for one (default 60)")
     add_security_arguments(parser, prefix="controller-")
 
 
@@ -100,5 +106,6 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         retry_period_seconds=args.retry_period_seconds,
         liveness=args.liveness,
         cleanup_timeout_seconds=args.cleanup_timeout_seconds,
+        proposal_interval_seconds=args.proposal_interval_seconds,
         **extra,
     )

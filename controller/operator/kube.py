@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import kubernetes
+import numpy as np
 from kubernetes.client.exceptions import ApiException
 
 from expertplane.controller.operator.crd import GROUP, PLAN_KEY, SpecError, Topology
@@ -47,12 +48,23 @@ def plan_identity(placement: pb.Placement, version: int) -> str:
 @dataclass(frozen=True)
 class Published:
     """What a plan ConfigMap holds: its ``plan_identity`` (``shape`` is the part after the
-    version), the plan ``version`` (0 if unreadable) and the uid of the object owning it."""
+    version), the plan ``version`` (0 if unreadable), the uid of the object owning it and the
+    raw ``expert_location.json`` text."""
 
     identity: str
     version: int
     shape: str
     owner_uid: str | None
+    document: str
+
+    def phy2log(self) -> np.ndarray | None:
+        """The published map [rows, slots] (None if unreadable)."""
+        try:
+            rows = json.loads(self.document)["physical_to_logical_map"]
+            out = np.asarray(rows, dtype=np.int64)
+        except (ValueError, KeyError, TypeError):
+            return None
+        return out if out.ndim == 2 else None
 
 
 class NoWorkers(Exception):
@@ -115,7 +127,8 @@ class Kube:
         version = annotations.get(VERSION_ANNOTATION, "")
         owners = [o.uid for o in cm.metadata.owner_references or [] if o.controller]
         return Published(identity, int(version) if version.isdigit() else 0,
-                         identity.partition(" ")[2], owners[0] if owners else None)
+                         identity.partition(" ")[2], owners[0] if owners else None,
+                         (cm.data or {}).get(PLAN_KEY, ""))
 
     def publish_plan(self, namespace: str, name: str, owner: Owner, plan: pb.Plan,
                      identity: str) -> None:

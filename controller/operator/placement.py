@@ -30,9 +30,15 @@ from expertplane.controller.operator.crd import (
     topology_from_spec,
 )
 from expertplane.controller.operator.kube import NoWorkers, Owner, plan_identity
+from expertplane.controller.operator.rebalance import (
+    REBALANCE_ANNOTATION,
+    ROLLING,
+    act,
+    planning_changes,
+    take_requests,
+)
 from expertplane.controller.operator.reconcile import (
     NORMAL,
-    WARNING,
     OperatorContext,
     Outcome,
     health,
@@ -40,10 +46,10 @@ from expertplane.controller.operator.reconcile import (
     warnings,
 )
 from expertplane.proto import expertplane_pb2 as pb
+from expertplane.rpc.tensors import int64_tensor
 
-REBALANCE_ANNOTATION = f"{GROUP}/rebalance"
 HISTORY = 10                    # plans kept in status.history
-_ROLLING = ("preparing", "committing")
+PROPOSAL_READY = "ProposalReady"
 
 
 def _rfc3339(ts) -> str:
@@ -113,25 +119,6 @@ def _mode(spec: Mapping, stopped: bool) -> int | None:
     return None
 
 
-def _request(ctx: OperatorContext, obj: Mapping, status: dict, out: Outcome) -> None:
-    """Act on ``expertplane.io/rebalance`` (stop | refresh) and drop the annotation."""
-    annotations = obj["metadata"].get("annotations") or {}
-    request = annotations.get(REBALANCE_ANNOTATION)
-    if request is None:
-        return
-    out.annotations[REBALANCE_ANNOTATION] = None
-    if request == "stop":
-        status["stopped"] = True
-        out.events.append((NORMAL, "RebalanceStopped", "rebalancing paused; resume with "
-                                                       f"{REBALANCE_ANNOTATION}=refresh"))
-    elif request == "refresh":
-        status["stopped"] = None
-        out.events.append((NORMAL, "RebalanceRefreshed", "rebalancing resumed"))
-    else:
-        out.events.append((WARNING, "InvalidRequest", f"{REBALANCE_ANNOTATION}={request!r} "
-                                                      "ignored: use approve, refresh or stop"))
-
-
 def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> Outcome | None:
     """Reconcile one ExpertPlacement ``obj`` (the full object as a mapping).
 
@@ -164,7 +151,6 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
         if reason == "WorkersSettling" and (previous or {}).get("reason") != reason:
             out.events.append((NORMAL, reason, message))
 
-    _request(ctx, obj, status, out)
     try:
         inputs = read_spec(ctx, namespace, spec)
     except SpecError as exc:
@@ -188,6 +174,9 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
         selector = label_selector(spec["topology"]["workerSelector"])
         return done(False, "NoWorkers", f"no worker pods match {selector!r} in namespace "
                                         f"{namespace!r}")
+    if unreachable is not None:
+        return done(None, degraded=("ControllerUnavailable", str(unreachable)))
+    requests = take_requests(obj, status, out)
     try:
         placement = placement_from_cr(pname, spec, settled.topology, gen, inputs.initial,
                                       mode=_mode(spec, bool(status.get("stopped"))),
@@ -197,17 +186,18 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
         return done(False, "InvalidSpec", str(exc))
     status.update(numGPUs=settled.topology.nodes * settled.topology.gpus_per_node,
                   replicas=placement.num_replicas)
-    if unreachable is not None:
-        return done(None, degraded=("ControllerUnavailable", str(unreachable)))
+    reshaped = state is not None and _shape(state.spec) != _shape(placement)
+    changed = planning_changes(state.spec, placement) if state is not None and not reshaped else []
     try:
-        if state is not None and _shape(state.spec) != _shape(placement):
-            # The controller keeps plans of one shape per placement: start it afresh.
-            ctx.client.delete_placement(pname)
-            out.events.append((NORMAL, "Reshaped", f"re-registered with {placement.num_replicas} "
-                                                   f"slots per layer on {status['numGPUs']} GPUs"))
-            state = None
+        if state is None:
+            _restore(ctx, obj, cm_name, placement)
         if apply or state is None or _without_load(state.spec) != _without_load(placement):
             state = ctx.client.apply_placement(placement)
+        if reshaped:
+            out.events.append((NORMAL, "Reshaped", f"plan v{state.plan_version} for "
+                                                   f"{placement.num_replicas} slots per layer on "
+                                                   f"{status['numGPUs']} GPUs"))
+        proposal = act(ctx, pname, spec, state, requests, changed, status, out)
         regression = _publish(ctx, obj, cm_name, placement, state, old, status, out)
         _history(ctx, pname, state, status)
     except Rejected as exc:
@@ -217,13 +207,17 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
     except ApiException as exc:
         return done(None, degraded=("PublishFailed", f"could not write ConfigMap {cm_name!r}: "
                                                      f"{exc.status} {exc.reason}"))
+    if proposal is None:
+        conds = [c for c in conds if c.get("type") != PROPOSAL_READY]
+    else:
+        conds = cond.set_condition(conds, PROPOSAL_READY, *proposal, gen)
     if settled.waiting:
         now = settled.observed
         shown = f"{now.nodes}x{now.gpus_per_node} GPUs" if now else "no pods"
         rebalancing(False, "WorkersSettling",
                     f"worker pods changed ({shown}); the plan keeps {status['numGPUs']} GPUs "
                     f"unless they stay so for {spec['topology'].get('stableSeconds', 60)} s")
-    elif state.rollout_state in _ROLLING:
+    elif state.rollout_state in ROLLING:
         rebalancing(True, "RolloutInProgress", f"rollout {state.rollout_state}")
     elif status.get("stopped"):
         rebalancing(False, "Stopped", f"paused by {REBALANCE_ANNOTATION}=stop; resume with "
@@ -235,6 +229,22 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
     return done(True, "PlanPublished",
                 f"plan v{status['planVersion']} published in ConfigMap {cm_name} key {PLAN_KEY}",
                 degraded=regression)
+
+
+def _restore(ctx: OperatorContext, obj: Mapping, cm_name: str, placement: pb.Placement) -> None:
+    """The controller does not know the placement: if this object's ConfigMap holds a plan of
+    the same shape, ask the controller to restore it (same version and map) should its store
+    have been lost, rather than plan anew (the controller ignores it when it has plans)."""
+    published = ctx.kube.published_plan(obj["metadata"]["namespace"], cm_name)
+    if published is None or published.owner_uid != obj["metadata"]["uid"] or not published.version:
+        return
+    if published.shape != plan_identity(placement, published.version).split(" ", 1)[1]:
+        return
+    phy2log = published.phy2log()
+    if phy2log is None or phy2log.shape != (placement.model.num_layers, placement.num_replicas):
+        return
+    placement.restore_phy2log.CopyFrom(int64_tensor(phy2log))
+    placement.restore_version = published.version
 
 
 def _publish(ctx: OperatorContext, obj: Mapping, cm_name: str, placement: pb.Placement,

@@ -6,6 +6,8 @@ Calling a reconciler again changes nothing."""
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -25,14 +27,34 @@ _BAD_READY = ("InvalidSpec", "NoWorkers")
 
 
 @dataclass
+class ProposalClock:
+    """When each placement last asked for a proposal (monotonic seconds), to space the asks
+    ``interval`` seconds apart (thread-safe)."""
+
+    interval: float = 60.0
+    _last: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def due(self, key: str, now: float | None = None) -> bool:
+        """True (and the clock restarts) if ``key`` last asked ``interval`` seconds ago or never."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if now - self._last.get(key, -self.interval) < self.interval:
+                return False
+            self._last[key] = now
+            return True
+
+
+@dataclass
 class OperatorContext:
     """What reconcilers share: the controller client, Kubernetes calls, the controller address
-    (published in status.planRef), the worker-pod debounce."""
+    (published in status.planRef), the worker-pod debounce, the spacing of proposals."""
 
     client: ControllerClient
     kube: Kube
     controller_address: str
     workers: WorkerSettle = field(default_factory=WorkerSettle)
+    proposals: ProposalClock = field(default_factory=ProposalClock)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from expertplane.controller.operator.config import OperatorConfig
 from expertplane.controller.operator.handlers import build_registry, operator_settings
 from expertplane.controller.operator.kube import Kube
 from expertplane.controller.operator.leader import LeaseElector
-from expertplane.controller.operator.reconcile import OperatorContext
+from expertplane.controller.operator.reconcile import OperatorContext, ProposalClock
 from expertplane.controller.operator.sweep import refresh_pipelines
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ async def run_operator(config: OperatorConfig, stop: asyncio.Event | None = None
     try:
         if not await elector.acquire(stop):
             return 0
-        ctx = OperatorContext(client, Kube(api_client, config.identity), config.controller)
+        ctx = OperatorContext(client, Kube(api_client, config.identity), config.controller,
+                              proposals=ProposalClock(config.proposal_interval_seconds))
         locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         kopf_stop, kopf_ready = asyncio.Event(), asyncio.Event()
         # Tasks made before kopf starts: kopf waits at exit for tasks spawned while it runs.
