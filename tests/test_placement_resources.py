@@ -67,8 +67,9 @@ def test_readme_placements_folder_and_kubernetes_samples_load():
     for folder in folders:
         assert {s.name for s in load_placements(REPO / folder)} == {"deepseek-v3", "small-moe"}
     samples = read_placement_files(REPO / "manifests" / "samples")
-    assert [p.name for p in samples.placements] == ["deepseek-v3"]
-    assert len(samples.skipped) == 2       # the PipelinePlan and the Kustomization
+    assert "deepseek-v3" in [p.name for p in samples.placements]
+    kinds = {note.split("kind ")[1].split(" ")[0] for note in samples.skipped}
+    assert {"'PipelinePlan'", "'Kustomization'"} <= kinds     # other kinds are skipped
 
 
 @pytest.mark.parametrize("change, field", [
