@@ -18,9 +18,10 @@ def register(sub) -> None:
     parser = sub.add_parser(
         "plan", help="compute an expert placement (EPLB) from expert loads",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--loads", required=True, metavar="FILE",
-                        help="expert loads [layers, experts]: .npy, .pt, .json, .csv, or an SGLang "
-                             "expert-distribution dump (logical_count; window dims are summed)")
+    parser.add_argument("--loads", required=True, metavar="PATH",
+                        help="expert loads [layers, experts]: .npy, .pt, .json, .csv; an SGLang "
+                             "expert-distribution dump (.pt, stat or per_pass) or a directory of "
+                             "them; a TensorRT-LLM statistics directory (meta_info.json)")
     parser.add_argument("--replicas", type=int, metavar="R",
                         help="physical expert slots per layer (multiple of --gpus; required "
                              "unless --sizing)")
@@ -40,9 +41,17 @@ def register(sub) -> None:
                              "(without it the size is reported unknown)")
     parser.add_argument("-o", "--output", metavar="FILE",
                         help="output file (.json or .yaml; default: JSON on stdout)")
-    parser.add_argument("--format", choices=("json", "yaml", "sglang"),
+    parser.add_argument("--format", choices=("json", "yaml", "sglang", "trtllm"),
                         help="output format (default from the -o suffix; sglang writes "
-                             "physical_to_logical_map for --init-expert-location)")
+                             "physical_to_logical_map for --init-expert-location, one row per "
+                             "hidden layer; trtllm writes the moe_config.load_balancer YAML)")
+    parser.add_argument("--hidden-layers", type=int, metavar="H",
+                        help="the model's hidden (decoder) layers, e.g. 61 for DeepSeek-V3 "
+                             "(known from an SGLang dump)")
+    parser.add_argument("--moe-layers", metavar="LIST",
+                        help="hidden-layer index of each MoE layer, e.g. 3-60 (default: the rows "
+                             "of an SGLang dump that carry load, else the last layers of "
+                             "--hidden-layers)")
     parser.add_argument("--sizing", action="store_true",
                         help="instead of a plan, print balance against the number of redundant "
                              "experts and recommend the smallest count reaching --target-balance")
@@ -51,6 +60,29 @@ def register(sub) -> None:
     parser.add_argument("--max-redundant", type=int, metavar="N",
                         help="--sizing: largest redundant count to try (default: experts)")
     parser.set_defaults(func=_run)
+
+
+def _layers(args, loaded, given):
+    """(num_hidden_layers or None, hidden-layer index of each load row or None)."""
+    from expertplane.errors import FieldError
+
+    hidden = args.hidden_layers if args.hidden_layers is not None else loaded.num_hidden_layers
+    if hidden is not None and hidden < 1:
+        raise FieldError("--hidden-layers", f"must be >= 1, got {hidden}")
+    if loaded.num_hidden_layers is not None and hidden != loaded.num_hidden_layers:
+        raise FieldError("--hidden-layers", f"is {hidden} but the SGLang dump has "
+                                            f"{loaded.num_hidden_layers} hidden layers")
+    rows = loaded.loads.shape[0]
+    moe = loaded.layers if loaded.layers is not None else given
+    if moe is None and hidden is not None:
+        if rows > hidden:
+            raise FieldError("--hidden-layers", f"{hidden} is fewer than the {rows} load rows")
+        moe = tuple(range(hidden - rows, hidden))
+    if moe is not None and len(moe) != rows:
+        raise FieldError("--moe-layers", f"names {len(moe)} layers for {rows} load rows")
+    if moe is not None and hidden is not None and max(moe) >= hidden:
+        raise FieldError("--moe-layers", f"layer {max(moe)} is beyond --hidden-layers {hidden}")
+    return hidden, moe
 
 
 def _sizing(args, weight) -> int:
@@ -77,15 +109,22 @@ def _run(args) -> int:
     from expertplane.errors import FieldError
     from expertplane.planner import balance, migration, rebalance_experts
     from expertplane.planner.deepseek import is_hierarchical
-    from expertplane.planner.io import (PlanSetup, dump_document, format_for, load_loads,
-                                        load_phy2log, plan_document, sglang_document)
+    from expertplane.engines.loads import parse_layers, read_loads
+    from expertplane.planner.io import (PlanSetup, dump_document, format_for, load_phy2log,
+                                        plan_document, sglang_document)
 
-    weight = load_loads(args.loads)
+    given = parse_layers(args.moe_layers) if args.moe_layers else None
+    loaded = read_loads(args.loads, given)
+    weight = loaded.loads
+    hidden, moe = _layers(args, loaded, given)
     if args.sizing:
         return _sizing(args, weight)
     if args.replicas is None:
         raise FieldError("--replicas", "is required")
     previous = load_phy2log(args.previous) if args.previous else None
+    if previous is not None and moe is not None and hidden is not None \
+            and previous.shape[0] == hidden != weight.shape[0]:
+        previous = previous[list(moe)]               # an SGLang map: keep the MoE rows
     options = {}
     if args.remote_cost is not None:
         if args.algorithm != "topology":
@@ -99,12 +138,21 @@ def _run(args) -> int:
                       num_nodes=args.nodes) if previous is not None else None
     fmt = format_for(args.output, args.format)
     if fmt == "sglang":
-        doc = sglang_document(phy2log.numpy())
+        doc = sglang_document(phy2log.numpy(), moe, hidden, weight.shape[1])
+    elif fmt == "trtllm":
+        from expertplane.engines.trtllm import load_balancer_config
+
+        if moe is None:
+            raise FieldError("--moe-layers", "--format trtllm keys layers by decoder index: give "
+                                             "--moe-layers or --hidden-layers")
+        doc = load_balancer_config(phy2log.numpy(), moe)
     else:
         policy = "hierarchical" if is_hierarchical(args.groups, args.nodes) else "global"
         setup = PlanSetup(args.replicas, args.groups, args.nodes, args.gpus, args.algorithm, policy)
-        doc = plan_document(setup, phy2log.numpy(), log2phy.numpy(), logcnt.numpy(), bal, moved)
-    text = dump_document(doc, "yaml" if fmt == "yaml" else "json")
+        doc = plan_document(setup, phy2log.numpy(), log2phy.numpy(), logcnt.numpy(), bal, moved,
+                            moe_layers=None if moe is None else list(moe),
+                            num_hidden_layers=hidden)
+    text = dump_document(doc, "yaml" if fmt in ("yaml", "trtllm") else "json")
     if args.output:
         Path(args.output).write_text(text)
         summary = (f"plan: {args.algorithm}, {phy2log.shape[0]} layers x {phy2log.shape[1]} "
