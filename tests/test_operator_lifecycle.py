@@ -52,8 +52,11 @@ class Controller:
 
         self.stores += int(empty)
         db = self.tmp / f"plans-{self.stores}.db"
+        self.load_dir = self.tmp / "loads"
+        self.load_dir.mkdir(exist_ok=True)
         self.server = ControllerServer(ControllerConfig(
-            listen=f"127.0.0.1:{self.port}", db_url=f"sqlite:///{db}", policy_interval_seconds=1.0))
+            listen=f"127.0.0.1:{self.port}", db_url=f"sqlite:///{db}", policy_interval_seconds=1.0,
+            load_dir=str(self.load_dir)))
         self.server.start()
 
     def stop(self) -> None:
@@ -150,7 +153,8 @@ def test_mutually_exclusive_fields_get_a_readable_message_and_a_warning(apiserve
     apiserver.kubectl("delete", "expertplacement", "both", "--timeout=30s")
 
 
-def test_large_load_through_initial_load_from_and_the_inline_limit(apiserver, operator, plans):
+def test_large_load_through_initial_load_from_and_the_inline_limit(apiserver, operator, plans,
+                                                                   controller):
     rng = np.random.default_rng(0)
     load = rng.gamma(0.5, 1000.0, size=(58, 256))          # a skewed DeepSeek-V3-sized load
     text = json.dumps({"load": load.tolist()})
@@ -180,6 +184,22 @@ def test_large_load_through_initial_load_from_and_the_inline_limit(apiserver, op
     assert "at most 64 layers x 128 experts" in explain and "spec.initialLoadFrom" in explain
     apiserver.kubectl("delete", "expertplacement", "big", "--timeout=60s")
     assert apiserver.get("configmap", "big-expert-location", NS) is None
+    # Or a file in the controller's load directory (its volume), which the controller reads.
+    np.save(controller.load_dir / "ds.npy", load)
+    apiserver.apply(placement("big-file", model={"layers": 58, "experts": 256, "groups": 8},
+                              topology={"nodes": 4, "gpusPerNode": 8}, replicas=288,
+                              initialLoadFrom={"file": "ds.npy"}))
+    wait_for(ready(apiserver, "big-file"), timeout=120, what="big-file Ready")
+    plan = plans.GetPlan(pb.GetPlanRequest(placement="default-big-file"), timeout=30)
+    assert np.array_equal(to_numpy(plan.load_snapshot, "load_snapshot"), load)
+    apiserver.apply(placement("no-file", initialLoadFrom={"file": "missing.json"}))
+    c = wait_for(lambda: condition(apiserver.get("expertplacement", "no-file", NS), "Ready"),
+                 what="no-file condition")
+    assert (c["reason"], c["message"]) == ("InvalidSpec", "rejected by the controller: "
+                                           "spec.initialLoadFrom.file: no file 'missing.json' in "
+                                           "the load directory")
+    for name in ("big-file", "no-file"):
+        apiserver.kubectl("delete", "expertplacement", name, "--timeout=60s")
 
 
 def test_stop_and_refresh_from_kubectl(apiserver, operator, plans):
