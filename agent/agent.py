@@ -6,12 +6,21 @@ In-process use (the demo starts one per simulated node)::
     address = agent.start()          # workers register at this AgentService address
     ...
     agent.stop()                     # final pull, flush (bounded), close
+
+Sidecars: ``Agent(config, sidecars=[factory, ...])``; each factory gets the started agent's
+``SidecarContext`` and returns an object with ``start()`` and ``stop()`` (started after the
+agent's own loops, stopped before them). The engines' plan-file writer and load sources use it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -32,6 +41,22 @@ from expertplane.rpc.channels import bind_local, make_channel, make_server
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SidecarContext:
+    """What a sidecar may use: the controller ``channel``, and ``engine_load`` (queues an
+    ``EngineLoadReport`` as the agent's AgentService.ReportEngineLoad does; True when queued)."""
+
+    config: AgentConfig
+    channel: grpc.Channel
+    engine_load: Callable[[object], bool]
+
+
+class Sidecar(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class Agent:
     """One node agent. ``start()`` returns the AgentService address; ``stop()`` shuts down.
 
@@ -39,8 +64,11 @@ class Agent:
     Prometheus metrics; ``registry`` the registered workers; ``buffer`` the unacknowledged reports.
     """
 
-    def __init__(self, config: AgentConfig):
+    def __init__(self, config: AgentConfig,
+                 sidecars: Sequence[Callable[[SidecarContext], Sidecar]] = ()):
         self.config = config
+        self._sidecar_factories = tuple(sidecars)
+        self.sidecars: list[Sidecar] = []
         self.epoch = new_agent_epoch()
         self.metrics = AgentMetrics(config.node)
         self.buffer = ReportBuffer(config.buffer)
@@ -86,6 +114,11 @@ class Agent:
         self._relay.start()
         self._uplink.start()
         self._collector.start()
+        context = SidecarContext(cfg, self._channel, self._engine_load)
+        for factory in self._sidecar_factories:
+            sidecar = factory(context)
+            sidecar.start()
+            self.sidecars.append(sidecar)
         log.info("agent %s (epoch %d) serving workers at %s, reporting to %s every %.3gs",
                  cfg.node, self.epoch, self.address, cfg.controller, cfg.interval)
         return self.address
@@ -119,6 +152,8 @@ class Agent:
             self._started = False
         timeout = self.config.flush_timeout if flush_timeout is None else flush_timeout
         stopped = self._server.stop(grace=1.0)
+        for sidecar in reversed(self.sidecars):
+            sidecar.stop()
         self._collector.stop(final_pull=True)
         flushed = self.buffer.wait_empty(timeout)
         if not flushed:

@@ -60,7 +60,7 @@ class LoadForwarder:
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_WINDOWS)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._channel: grpc.Channel | None = None
+        self._stopping = threading.Event()
 
     def offer(self, load: np.ndarray) -> bool:
         """Queue ``load`` [L, E] (tokens per logical expert) for sending; False when dropped
@@ -87,41 +87,50 @@ class LoadForwarder:
 
     def _run(self) -> None:
         token = os.environ.get(LOCAL_TOKEN_ENV) or None
-        self._channel = make_channel(self.address, SecurityConfig(token=token))
-        stub = pb_grpc.AgentServiceStub(self._channel)
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            sequence, end_ns, load = item
-            msg = pb.EngineLoadReport(placement=self.placement, engine=self.engine,
-                                      expert_load=double_tensor(load), engine_epoch=self._epoch,
-                                      sequence=sequence)
-            msg.window_end.FromNanoseconds(end_ns)
-            try:
-                stub.ReportEngineLoad(msg, timeout=DEADLINE_SECONDS, wait_for_ready=False)
-            except grpc.RpcError as exc:
-                with self._lock:
-                    self.counts.dropped_unreachable += 1
-                    dropped = self.counts.dropped_unreachable
-                if dropped == 1 or dropped % 100 == 0:
-                    log.warning("expertplane: load window not delivered to the agent at %s "
-                                "(%s: %s); %d dropped so far", self.address,
-                                exc.code().name if hasattr(exc, "code") else "error",
-                                exc.details() if hasattr(exc, "details") else exc, dropped)
-                continue
+        channel = make_channel(self.address, SecurityConfig(token=token))
+        stub = pb_grpc.AgentServiceStub(channel)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    item = self._queue.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is _STOP:
+                    return
+                self._send(stub, *item)
+        finally:
+            channel.close()
+
+    def _send(self, stub, sequence: int, end_ns: int, load: np.ndarray) -> None:
+        msg = pb.EngineLoadReport(placement=self.placement, engine=self.engine,
+                                  expert_load=double_tensor(load), engine_epoch=self._epoch,
+                                  sequence=sequence)
+        msg.window_end.FromNanoseconds(end_ns)
+        try:
+            stub.ReportEngineLoad(msg, timeout=DEADLINE_SECONDS, wait_for_ready=False)
+        except grpc.RpcError as exc:
             with self._lock:
-                self.counts.sent += 1
+                self.counts.dropped_unreachable += 1
+                dropped = self.counts.dropped_unreachable
+            if dropped == 1 or dropped % 100 == 0:
+                log.warning("expertplane: load window not delivered to the agent at %s (%s: %s); "
+                            "%d dropped so far", self.address,
+                            exc.code().name if hasattr(exc, "code") else "error",
+                            exc.details() if hasattr(exc, "details") else exc, dropped)
+            return
+        with self._lock:
+            self.counts.sent += 1
 
     def close(self, timeout: float = 5.0) -> None:
-        """Send what is queued (bounded by ``timeout``), then stop the thread and the channel."""
+        """Stop the sender: windows queued before are sent when the agent answers within
+        ``timeout`` seconds in all; a send still running then ends on its own deadline."""
         with self._lock:
             thread = self._thread
-        if thread is not None:
-            try:
-                self._queue.put(_STOP, timeout=timeout)
-            except queue.Full:
-                pass           # a daemon thread stuck on an unreachable agent: left behind
-            thread.join(timeout)
-        if self._channel is not None:
-            self._channel.close()
+        if thread is None:
+            return
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            self._stopping.set()       # the sender is stuck on an unreachable agent
+        thread.join(timeout)
+        self._stopping.set()

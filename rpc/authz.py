@@ -60,10 +60,11 @@ def _methods(*names: str) -> frozenset[str]:
 
 
 # What each component calls (the stubs' uses): agent/uplink.py, agent/rollout.py,
-# agent/collector.py; worker/process.py; controller/operator/client.py; engines/ (the vLLM
+# agent/collector.py, engines/plan_file_writer.py (GetPlan); worker/process.py;
+# controller/operator/client.py; engines/ (the vLLM
 # plugin sends its load windows with the worker role).
 ROLE_METHODS: Mapping[str, frozenset[str]] = {
-    "agent": _methods("LoadService/ReportLoad", "RolloutService/Connect",
+    "agent": _methods("LoadService/ReportLoad", "RolloutService/Connect", "PlanService/GetPlan",
                       "WorkerService/PullCounters", "WorkerService/Prepare",
                       "WorkerService/Commit", "WorkerService/Abort", "WorkerService/SetBias"),
     "worker": _methods("PlanService/GetPlan", "AgentService/Register",
