@@ -21,7 +21,8 @@ def register(sub) -> None:
                         help="plan store: SQLAlchemy URL (sqlite:///FILE or "
                              "postgresql+psycopg://USER@HOST:PORT/DB)")
     parser.add_argument("--placements", metavar="DIR",
-                        help="apply every placement in DIR/*.yaml at start (see docs/controller.md)")
+                        help="apply every placement in DIR/*.yaml at start: the controller's YAML or "
+                             "ExpertPlacement resources (examples/placements/, docs/controller.md)")
     parser.add_argument("--load-dir", metavar="DIR",
                         help="directory of the load files placements name in initial_load_file "
                              "(the operator's spec.initialLoadFrom.file)")
