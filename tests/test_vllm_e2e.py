@@ -61,11 +61,11 @@ def gpu_balance(phy2log: np.ndarray, tokens: np.ndarray) -> float:
 
 
 def _serving_rank(rank: int, store: str, plan_path: str, agent: str, out: str) -> None:
+    eplb = init_rank(rank, WORLD, store, {PLAN_FILE_ENV: plan_path, plugin.AGENT_ENV: agent,
+                                          plugin.PLACEMENT_ENV: PLACEMENT})
     from vllm.distributed.eplb.eplb_state import EplbState
     from vllm.distributed.eplb.policy import EPLB_POLICIES
 
-    eplb = init_rank(rank, WORLD, store, {PLAN_FILE_ENV: plan_path, plugin.AGENT_ENV: agent,
-                                          plugin.PLACEMENT_ENV: PLACEMENT})
     policy = EPLB_POLICIES["default"]
     start = np.tile(np.asarray(EplbState.build_initial_global_physical_to_logical_map(E, R - E)),
                     (L, 1)).astype(np.int64)

@@ -22,7 +22,10 @@ from expertplane.engines import vllm as plugin
 from expertplane.engines.plan_file import PLAN_FILE_ENV, write_plan_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from engine_env import allow_torchvision_import  # noqa: E402
 from vllm_ranks import RankExperts, init_rank, same_on_every_rank  # noqa: E402
+
+allow_torchvision_import()          # before vLLM is imported in this process (its imports reach it)
 
 L, E, R, WORLD = 2, 8, 12, 2
 

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
+from engine_env import allow_torchvision_import
 
 HIDDEN = (6, 4)          # widths of the two weight tensors of every expert
 
@@ -26,6 +27,7 @@ def init_rank(rank: int, world: int, store_path: str, env: dict[str, str]):
     group over all ranks; returns that group coordinator."""
     os.environ.update(env)
     os.environ["VLLM_TARGET_DEVICE"] = "cpu"    # vLLM's CPU platform: no pinned host memory
+    allow_torchvision_import()                  # vLLM's imports reach torchvision
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                             world_size=world)
     from vllm.distributed import parallel_state
