@@ -4,16 +4,20 @@ PY         := $(VENV)/bin/python
 # CPU machines take the local CPU wheel; on a GPU machine with its own torch: make TORCH_SPEC= ...
 TORCH_SPEC ?= torch==2.13.0
 SHARED     ?= ../shared
+# Engines whose own code the tests run, from their PyPI wheels without their GPU stacks (--no-deps;
+# the light packages their imports need are in the test extra). torchvision: see tests/engine_env.py.
+ENGINES_SPEC ?= sglang==0.5.23 vllm==0.34.0 torchvision==0.28.0 compressed-tensors==0.18.0
 
 .PHONY: setup demo test test-all k8s-apiserver proto
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(PY) -m pip install -q $(TORCH_SPEC))
 	$(PY) -m pip install -q -e '.[test]'
+	$(if $(ENGINES_SPEC),$(PY) -m pip install -q --no-deps $(ENGINES_SPEC))
 	touch $@
 
 # Build (once, cached in ~/.cache/expertplane-k8s) the real kube-apiserver the operator tests use.

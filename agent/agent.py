@@ -6,18 +6,28 @@ In-process use (the demo starts one per simulated node)::
     address = agent.start()          # workers register at this AgentService address
     ...
     agent.stop()                     # final pull, flush (bounded), close
+
+Sidecars: ``Agent(config, sidecars=[factory, ...])``; each factory gets the started agent's
+``SidecarContext`` and returns an object with ``start()`` and ``stop()`` (started after the
+agent's own loops, stopped before them). The engines' plan-file writer and load sources use it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from expertplane.agent.buffer import ReportBuffer
 from expertplane.agent.collector import Collector
 from expertplane.agent.config import AgentConfig
+from expertplane.agent.engine_load import EngineLoadSink
 from expertplane.agent.gpu import GpuSampler
 from expertplane.agent.metrics import AgentMetrics
 from expertplane.agent.registry import WorkerRegistry
@@ -31,6 +41,22 @@ from expertplane.rpc.channels import bind_local, make_channel, make_server
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SidecarContext:
+    """What a sidecar may use: the controller ``channel``, and ``engine_load`` (queues an
+    ``EngineLoadReport`` as the agent's AgentService.ReportEngineLoad does; True when queued)."""
+
+    config: AgentConfig
+    channel: grpc.Channel
+    engine_load: Callable[[object], bool]
+
+
+class Sidecar(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class Agent:
     """One node agent. ``start()`` returns the AgentService address; ``stop()`` shuts down.
 
@@ -38,8 +64,11 @@ class Agent:
     Prometheus metrics; ``registry`` the registered workers; ``buffer`` the unacknowledged reports.
     """
 
-    def __init__(self, config: AgentConfig):
+    def __init__(self, config: AgentConfig,
+                 sidecars: Sequence[Callable[[SidecarContext], Sidecar]] = ()):
         self.config = config
+        self._sidecar_factories = tuple(sidecars)
+        self.sidecars: list[Sidecar] = []
         self.epoch = new_agent_epoch()
         self.metrics = AgentMetrics(config.node)
         self.buffer = ReportBuffer(config.buffer)
@@ -51,6 +80,7 @@ class Agent:
         self._server = None
         self._collector: Collector | None = None
         self._uplink: LoadUplink | None = None
+        self._engine_sink: EngineLoadSink | None = None
         self.address: str | None = None
         self.metrics_port: int | None = None
         self._lock = threading.Lock()
@@ -78,11 +108,17 @@ class Agent:
         self._relay = RolloutRelay(cfg, self._channel, self.registry, self.metrics)
         self._uplink = LoadUplink(cfg, self._channel, self.buffer, self.metrics)
         self._collector = Collector(cfg, self.registry, self.buffer, self._gpu, self.metrics, self.epoch)
+        self._engine_sink = EngineLoadSink(cfg.node, self.epoch, self._collector.enqueue, self.metrics)
         self._server.start()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self._relay.start()
         self._uplink.start()
         self._collector.start()
+        context = SidecarContext(cfg, self._channel, self._engine_load)
+        for factory in self._sidecar_factories:
+            sidecar = factory(context)
+            sidecar.start()
+            self.sidecars.append(sidecar)
         log.info("agent %s (epoch %d) serving workers at %s, reporting to %s every %.3gs",
                  cfg.node, self.epoch, self.address, cfg.controller, cfg.interval)
         return self.address
@@ -93,7 +129,8 @@ class Agent:
         server = make_server(cfg.local_security, max_workers=8)
         pb_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.registry, cfg.interval,
-                          on_registered=lambda: self.metrics.workers.set(len(self.registry))),
+                          on_registered=lambda: self.metrics.workers.set(len(self.registry)),
+                          engine_load=self._engine_load),
             server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -115,6 +152,8 @@ class Agent:
             self._started = False
         timeout = self.config.flush_timeout if flush_timeout is None else flush_timeout
         stopped = self._server.stop(grace=1.0)
+        for sidecar in reversed(self.sidecars):
+            sidecar.stop()
         self._collector.stop(final_pull=True)
         flushed = self.buffer.wait_empty(timeout)
         if not flushed:
@@ -141,6 +180,11 @@ class Agent:
     def load_stream_connected(self) -> bool:
         """True while the load stream to the controller is open and has been acknowledged."""
         return self._uplink is not None and self._uplink.connected.is_set()
+
+    def _engine_load(self, msg) -> bool:
+        """AgentService.ReportEngineLoad: an engine's logical load window (the sink exists before
+        the server starts serving)."""
+        return self._engine_sink.accept(msg)
 
     # --------------------------------------------------------------- registry callbacks
     def _joined(self, info) -> None:

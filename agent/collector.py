@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import grpc
@@ -125,6 +126,16 @@ class Collector:
         if dropped:
             self._metrics.reports_dropped.inc(dropped)
         self._metrics.buffer_depth.set(len(self._buffer))
+
+    def enqueue(self, rank: int, build: Callable[[int], pb.LoadReport]) -> int:
+        """Buffer ``build(sequence)`` under ``rank``'s next sequence (numbered and buffered under
+        one lock, so each rank's reports wait in sequence order); returns reports dropped."""
+        with self._seq_lock:
+            sequence = self._sequences.get(rank, 0) + 1
+            self._sequences[rank] = sequence
+            dropped = self._buffer.put(build(sequence))
+        self._metrics.buffer_depth.set(len(self._buffer))
+        return dropped
 
     def _missed(self, handle: WorkerHandle, exc: grpc.RpcError) -> None:
         code = exc.code() if hasattr(exc, "code") else None

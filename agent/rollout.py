@@ -26,7 +26,7 @@ _COMMANDS = {
     "prepare": ("Prepare", "prepare", pb.RolloutEvent.PREPARED),
     "commit": ("Commit", "commit", pb.RolloutEvent.COMMITTED),
     "abort": ("Abort", "abort", pb.RolloutEvent.ABORTED),
-    "bias": ("SetBias", "bias", pb.RolloutEvent.COMMITTED),
+    "bias": ("SetBias", "bias", pb.RolloutEvent.BIAS_APPLIED),
 }
 
 
@@ -59,7 +59,7 @@ class RolloutRelay:
     (WORKER_JOINED / WORKER_LOST and answers; at most ``OUTBOX_LIMIT`` are held while
     disconnected, oldest dropped). Each command goes to every local worker of its placement in
     parallel, with the command's deadline; each worker's outcome is ONE event: PREPARED /
-    COMMITTED / ABORTED, or FAILED with a message (a SetBias success is answered COMMITTED with
+    COMMITTED / ABORTED, or FAILED with a message (a SetBias success is answered BIAS_APPLIED with
     ``version`` = the bias sequence). A worker that is UNAVAILABLE is also dropped (WORKER_LOST).
     """
 

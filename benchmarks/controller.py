@@ -68,7 +68,7 @@ def _report_prefixes(node: str, ranks: range, counts: np.ndarray, epoch: int) ->
     """Serialized LoadReports of ``counts`` [L, S] for each rank, without sequence and
     window_end: a generator appends those per report (protobuf merges concatenated messages),
     so it never re-serializes the 58 x 9 counts."""
-    from expertplane.controller.simagent import load_report
+    from expertplane.benchmarks.simagent import load_report
 
     prefixes = []
     for rank in ranks:
@@ -251,7 +251,7 @@ def bench_echo(args, echo_server) -> dict:
 
 
 def bench_ingest(server, args) -> dict:
-    from expertplane.controller.simagent import load_report
+    from expertplane.benchmarks.simagent import load_report
 
     c = server.controller
     spec = _ingest_spec(args)
@@ -354,7 +354,7 @@ def bench_flood(server, args) -> dict:
 
 def _agents(port: int, placement: str, nodes: int, per_node: int, ready, stop) -> None:
     """Process holding ``nodes`` simulated agents of ``per_node`` workers each."""
-    from expertplane.controller.simagent import SimulatedAgent
+    from expertplane.benchmarks.simagent import SimulatedAgent
     from expertplane.rpc.channels import make_channel
 
     channels = [make_channel(f"127.0.0.1:{port}") for _ in range(4)]

@@ -2,8 +2,8 @@
 
 A DeepSeek-V3-like router (256 experts in 8 groups, top-4 groups, top-8 experts) routes tokens
 that start evenly on 4 nodes x 8 GPUs. Plans are computed from the expert loads of one trace
-and evaluated with ``planner.dispatch.simulate_dispatch`` (the workers' replica-choice rule) on
-another: "zipf" = same Zipf popularity, fresh tokens; "drift" = popularity drifted first.
+and evaluated with ``benchmarks.dispatch_sim.simulate_dispatch`` (the workers' replica-choice
+rule) on another: "zipf" = same Zipf popularity, fresh tokens; "drift" = popularity drifted first.
 Compared: DeepSeek hierarchical, DeepSeek global, "balanced" global, and "topology" for a sweep
 of ``remote_cost``. Writes a table (markdown) and a plot of the trade-off curve.
 """
@@ -61,7 +61,7 @@ def _machine() -> str:
 
 def _evaluate(args, weight, trace, topo, scenario, replicas) -> list[Point]:
     from expertplane.planner import balance, rebalance_experts
-    from expertplane.planner.dispatch import simulate_dispatch
+    from expertplane.benchmarks.dispatch_sim import simulate_dispatch
 
     eval_loads = trace.expert_loads(EXPERTS)
     configs = [("hierarchical (deepseek)", None, dict(num_groups=GROUPS, num_nodes=NODES)),
@@ -171,8 +171,8 @@ def _markdown(args, points: list[Point], seconds: float) -> str:
 
 
 def run(args) -> int:
-    from expertplane.planner.dispatch import (RoutingModel, Topology, drift_popularity,
-                                              generate_trace, zipf_popularity)
+    from expertplane.benchmarks.dispatch_sim import (RoutingModel, Topology, drift_popularity,
+                                                     generate_trace, zipf_popularity)
 
     start = time.perf_counter()
     rng = np.random.default_rng(args.seed)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+PLAN_FILE_ENV = "EXPERTPLANE_PLAN_FILE"   # engines.plan_file.PLAN_FILE_ENV (not imported: --help)
 
 
 def register(sub) -> None:
@@ -33,6 +36,15 @@ def register(sub) -> None:
                         help="the longest shutdown waits for buffered reports to be acknowledged")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics here (e.g. 0.0.0.0:9101)")
+    engines = parser.add_argument_group(
+        "engines", "serving engines (SGLang, vLLM) on this node: see docs/engines.md")
+    engines.add_argument("--placement", default="", metavar="NAME",
+                         help="the placement the node's engine serves (with --plan-file)")
+    engines.add_argument("--plan-file", metavar="PATH", default=os.environ.get(PLAN_FILE_ENV),
+                         help="keep the plan in force of --placement in this file for the "
+                              f"engine's plugin (default: ${PLAN_FILE_ENV})")
+    engines.add_argument("--plan-poll", default="2s",
+                         help="how often the plan in force is asked for (--plan-file)")
     add_security_arguments(parser.add_argument_group(
         "controller uplink TLS/auth", "the agent's connection to the controller"))
     add_security_arguments(parser.add_argument_group(
@@ -61,13 +73,29 @@ def config_from_args(args):
         local_security=security_from_args(args, "local-", LOCAL_TOKEN_ENV))
 
 
+def sidecars_from_args(args) -> list:
+    """The agent's sidecar factories for the engine options (raises ValueError naming one)."""
+    from expertplane.agent.config import parse_duration
+
+    sidecars = []
+    if args.plan_file:
+        from expertplane.engines.plan_file_writer import PlanFileWriter
+
+        if not args.placement:
+            raise ValueError("--placement: required with --plan-file")
+        poll = parse_duration(args.plan_poll, "--plan-poll")
+        sidecars.append(lambda ctx: PlanFileWriter(args.placement, args.plan_file, ctx.channel,
+                                                   poll=poll))
+    return sidecars
+
+
 def _run(args) -> int:
     import signal
     import threading
 
     from expertplane.agent.agent import Agent
 
-    agent = Agent(config_from_args(args))
+    agent = Agent(config_from_args(args), sidecars_from_args(args))
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

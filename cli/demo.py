@@ -29,6 +29,10 @@ def register(sub) -> None:
     parser.add_argument("--nodes", type=int, help="simulated nodes")
     parser.add_argument("--gpus-per-node", type=int, help="workers per node")
     parser.add_argument("--redundant", type=int, help="redundant expert slots per layer")
+    parser.add_argument("--model", metavar="NAME", choices=("tiny-deepseek-v3", "tiny-qwen3-moe",
+                                                          "tiny-mixtral"),
+                        help="serve a tiny random-init HuggingFace model of this family, saved as "
+                        "a checkpoint, instead of the synthetic model (docs/models.md)")
     parser.add_argument("--no-live", dest="live", action="store_const", const=False, default=None,
                         help="print progress lines instead of the live view")
     parser.set_defaults(func=_run)
@@ -43,4 +47,4 @@ def _run(args) -> int:
         config=args.config, duration=args.duration, settle=args.settle, out_dir=args.out,
         seed=args.seed, rebalance=args.rebalance, device=args.device, layers=args.layers,
         experts=args.experts, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-        redundant=args.redundant, live=args.live))
+        redundant=args.redundant, live=args.live, model=args.model))

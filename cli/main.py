@@ -14,7 +14,7 @@ import logging
 import sys
 
 SUBCOMMANDS = ("plan", "pipeline", "controller", "agent", "worker", "demo", "bench",
-               "get", "describe", "apply", "delete", "rebalance", "watch")
+               "get", "describe", "apply", "delete", "rebalance", "watch", "operator")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,7 +71,7 @@ def _run(args) -> int:
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")
-        from expertplane.planner.pipeline.plot import timeline_figure
+        from expertplane.cli.pipeline_plot import timeline_figure
         result = simulate(plan.stage_times, plan.schedule, plan.micro_batches, p2p=args.p2p,
                           overlap=args.overlap)
         timeline_figure(result, f"{profile.name}: {plan.schedule}, {args.stages} stages, "

@@ -53,8 +53,7 @@ def register(sub) -> None:
 
 
 def _sizing(args, weight) -> int:
-    from expertplane.planner.sizing import (default_candidates, format_sizing_table,
-                                            recommend_redundancy)
+    from expertplane.planner.sizing import default_candidates, recommend_redundancy
 
     candidates = default_candidates(weight.shape[1], args.gpus, args.max_redundant)
     best, curve = recommend_redundancy(weight, args.groups, args.nodes, args.gpus,
@@ -93,7 +92,8 @@ def _run(args) -> int:
         weight, args.replicas, args.groups, args.nodes, args.gpus, algorithm=args.algorithm,
         previous=previous, **options)
     bal = balance(weight, phy2log.numpy(), logcnt.numpy(), args.gpus)
-    moved = migration(previous, phy2log.numpy(), args.expert_bytes) if previous is not None else None
+    moved = migration(previous, phy2log.numpy(), args.expert_bytes, num_gpus=args.gpus,
+                      num_nodes=args.nodes) if previous is not None else None
     fmt = format_for(args.output, args.format)
     if fmt == "sglang":
         doc = sglang_document(phy2log.numpy())
@@ -113,3 +113,23 @@ def _run(args) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def format_sizing_table(points, recommended=None) -> str:
+    """The sizing curve (``planner.sizing.SizingPoint`` s) as a text table (rich), marking the
+    ``recommended`` point."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="redundancy sizing: balance = max / mean GPU load")
+    for name in ("redundant", "replicas", "balance mean", "balance worst", "bound worst", ""):
+        table.add_column(name, justify="right")
+    for p in points:
+        mark = "<- recommended" if recommended is not None and p == recommended else ""
+        table.add_row(str(p.num_redundant), str(p.num_replicas), f"{p.balance_mean:.4f}",
+                      f"{p.balance_max:.4f}", f"{p.bound_max:.4f}", mark)
+    out = StringIO()
+    Console(file=out, width=100, force_terminal=False, color_system=None).print(table)
+    return out.getvalue()

@@ -43,6 +43,10 @@ def register(sub) -> None:
     g.add_argument("--swap-step-budget-mb", type=float, default=256.0, metavar="MIB",
                    help="hot-swap staging MiB a rank copies per serving step; 0 = all at once")
 
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", metavar="DIR", default=None,
+                   help="serve this HuggingFace MoE checkpoint (config.json + safetensors; "
+                        "each rank loads only its slots' experts) instead of the synthetic model")
     g = parser.add_argument_group("synthetic model")
     g.add_argument("--layers", type=int, default=4, help="MoE layers L")
     g.add_argument("--experts", type=int, default=16, help="logical experts E per layer")
@@ -109,7 +113,7 @@ def config_from_args(args):
         capacity=CapacityConfig(args.capacity_factor, args.capacity_mode)
         if args.capacity_factor else None,
         swap_step_budget_bytes=None if args.swap_step_budget_mb == 0
-        else int(args.swap_step_budget_mb * 2**20))
+        else int(args.swap_step_budget_mb * 2**20), hf_model=args.model)
 
 
 def _run(args) -> int:

@@ -1,7 +1,7 @@
 """The controller's router-bias update: DeepSeek-V3's auxiliary-loss-free balancing computed from
 the GLOBAL load window (all data-parallel ranks summed), which no single rank sees.
 
-Pure computation. ``global_bias_step`` applies ``kernels.balancing.BiasUpdate`` (the same rule
+Pure computation. ``global_bias_step`` applies ``planner.bias_rule.BiasUpdate`` (the same rule
 the workers use for local updates: ``sign`` or ``proportional``) to every layer of the
 window's logical load [L, E]. The bias only enters top-k expert selection on the workers; the
 gating weights stay those of the unbiased scores.
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from expertplane.errors import FieldError
-from expertplane.kernels.balancing import BIAS_RULES, BiasUpdate
+from expertplane.planner.bias_rule import BIAS_RULES, BiasUpdate
 from expertplane.proto import expertplane_pb2 as pb
 
 __all__ = ["DEFAULT_INTERVAL_SECONDS", "DEFAULT_SPEED", "RouterBiasSpec", "global_bias_step",

@@ -1,4 +1,5 @@
-"""Conversions between the controller's records and wire messages."""
+"""Conversions between the controller's plan forms: planner candidate -> stored record -> wire
+messages (the one place each is built)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import datetime as dt
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from expertplane.controller.store import PlanRecord, RolloutRecord
+from expertplane.controller.planning import Candidate
+from expertplane.controller.spec import PlacementSpec
+from expertplane.controller.store import PlanRecord, RolloutRecord, utcnow
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor, int64_tensor
 
@@ -21,6 +24,18 @@ def timestamp(value: dt.datetime | float | None) -> Timestamp | None:
     else:
         ts.FromNanoseconds(int(value * 1e9))
     return ts
+
+
+def plan_record(spec: PlacementSpec, cand: Candidate, reason: str, previous: int) -> PlanRecord:
+    """A record of ``cand`` planned for ``spec`` against version ``previous`` (0: none); its
+    version is 0 until stored."""
+    return PlanRecord(
+        placement=spec.name, version=0, algorithm=cand.algorithm, reason=reason,
+        previous_version=previous, num_nodes=spec.num_nodes, gpus_per_node=spec.gpus_per_node,
+        phy2log=cand.phy2log, log2phy=cand.log2phy, logcnt=cand.logcnt, load_snapshot=cand.load,
+        predicted_balance=cand.predicted_balance.tolist(),
+        current_balance=cand.current_balance.tolist(), slots_moved=cand.slots_moved,
+        bytes_moved=cand.bytes_moved, created_at=utcnow())
 
 
 def plan_summary(p: PlanRecord) -> pb.PlanSummary:

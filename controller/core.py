@@ -19,16 +19,16 @@ import numpy as np
 
 from expertplane.controller.aggregation import IngestResult, PlacementWindow, WindowView
 from expertplane.controller.config import ControllerConfig
+from expertplane.controller.coordinator import RolloutCoordinator
 from expertplane.controller.ingest import LoadIngest
 from expertplane.controller.metrics import ControllerMetrics
 from expertplane.controller.placements import PlacementState, Placements
-from expertplane.controller.planning import compute_candidate, warm_up
+from expertplane.controller.planning import candidate_from_map, compute_candidate, warm_up
 from expertplane.controller.plans import Plans, PlanWatch
 from expertplane.controller.policy import PolicyState
 from expertplane.controller.rebalance import RebalanceOutcome, Rebalancer
-from expertplane.controller.rollout import RolloutCoordinator
 from expertplane.controller.router_balancer import PlacementTotals, RouterBalancer
-from expertplane.controller.spec import PlacementSpec
+from expertplane.controller.spec import PlacementSpec, Restore
 from expertplane.controller.store import PlanRecord, RolloutRecord, Store, StoredPlacement
 from expertplane.errors import FailedPrecondition, FieldError, NotFound
 from expertplane.planner.metrics import balance_of_gpu_loads
@@ -100,9 +100,15 @@ class Controller:
                 state.window = PlacementWindow(sp.spec, self._stored_phy2log)
             if sp.plan_version:
                 self.plans.put_in_force(state, self.store.get_plan(name, sp.plan_version))
+            else:                       # a new shape: the plan in force no longer applies
+                state.in_force = None
             latest = self.store.latest_version(name)
             if latest > sp.plan_version:
-                state.window.add_plan(latest, self.store.get_plan(name, latest).phy2log)
+                plan = self.store.get_plan(name, latest)
+                if plan.phy2log.shape == (sp.spec.num_layers, sp.spec.num_replicas) and \
+                        (plan.num_nodes, plan.gpus_per_node) == (sp.spec.num_nodes,
+                                                                 sp.spec.gpus_per_node):
+                    state.window.add_plan(latest, plan.phy2log)
             self.metrics.plan_version.labels(name, "latest").set(latest)
         self.placements.put(state)
         warm_up(sp.spec)  # compile the planner for this placement before its policy needs it
@@ -145,18 +151,37 @@ class Controller:
 
     # ------------------------------------------------------------------ placements
 
-    def apply_placement(self, spec: PlacementSpec) -> PlacementView:
-        """Register or update a placement; computes and puts in force its first plan."""
+    def apply_placement(self, spec: PlacementSpec, restore: Restore | None = None) -> PlacementView:
+        """Register or update a placement and put a plan in force when it has none: its first
+        plan (``restore``'s map under its version when given: the store was lost), or, for a
+        new shape, the next version planned for the new shape (reason ``reshape``) on the
+        window's load when layers and experts stay the same. Versions only grow."""
+        old = self.placements.get(spec.name)
+        carried = None
+        if old is not None and (old.spec.num_layers, old.spec.num_experts) == \
+                (spec.num_layers, spec.num_experts):
+            view = old.view(self.clock())
+            carried = view.load if view.reports else None
+        previous = old.version_in_force if old is not None else 0
         stored = self.store.upsert_placement(spec)
         self._load(stored)
-        if stored.plan_version == 0 and self.store.latest_version(spec.name) == 0:
+        if stored.plan_version == 0:
             state = self.placements.require(spec.name)
+            latest = self.store.latest_version(spec.name)
             with state.lock:
-                plan = self.plans.add(state, compute_candidate(spec, None), "initial", 0,
-                                      in_force=True)
+                if latest:
+                    plan = self.plans.add(state, compute_candidate(spec, carried), "reshape",
+                                          previous, in_force=True)
+                elif restore is not None:
+                    plan = self.plans.add(state, candidate_from_map(
+                        spec, None, restore.phy2log, field="restore_phy2log"), "restored", 0,
+                        in_force=True, version=restore.version)
+                else:
+                    plan = self.plans.add(state, compute_candidate(spec, None), "initial", 0,
+                                          in_force=True)
             state.stored = dataclasses.replace(stored, plan_version=plan.version)
-            log.info("placement %s: initial plan v%d (balance %.3f)", spec.name, plan.version,
-                     float(np.mean(plan.predicted_balance)))
+            log.info("placement %s: %s plan v%d (balance %.3f)", spec.name, plan.reason,
+                     plan.version, float(np.mean(plan.predicted_balance)))
         if self.placements.require(spec.name).in_force is not None:
             self.rollouts.reconcile_placement(spec.name)
         return self.placement_view(spec.name)
@@ -240,8 +265,12 @@ class Controller:
         return self.planner.compute_plan(name, spec, load, previous, store=store, rollout=rollout)
 
     def rebalance(self, name: str, *, manual: bool = False, force: bool = False,
-                  dry_run: bool = False) -> RebalanceOutcome:
-        return self.planner.rebalance(name, manual=manual, force=force, dry_run=dry_run)
+                  dry_run: bool = False, propose: bool = False) -> RebalanceOutcome:
+        return self.planner.rebalance(name, manual=manual, force=force, dry_run=dry_run,
+                                      propose=propose)
+
+    def roll_out_version(self, name: str, version: int) -> RebalanceOutcome:
+        return self.planner.roll_out_version(name, version)
 
     def end_streams(self) -> None:
         """Shutting down: end every open WatchPlans stream and agent rollout stream, so that no
@@ -270,8 +299,16 @@ class Controller:
 
     def _rollout_committing(self, rec: RolloutRecord) -> None:
         state = self.placements.get(rec.placement)
-        if state is not None:
-            self.plans.put_in_force(state, self.store.get_plan(rec.placement, rec.to_version))
+        if state is None:
+            return
+        plan = self.store.get_plan(rec.placement, rec.to_version)
+        if plan.phy2log.shape != (state.spec.num_layers, state.spec.num_replicas):
+            log.warning("rollout %s of %s v%d committed after the placement changed shape; "
+                        "its plan stays out of force", rec.id, rec.placement, rec.to_version)
+            return
+        self.plans.put_in_force(state, plan)
+        # The store recorded the commit's time: keep the in-memory copy (status) current.
+        state.stored = self.store.get_placement(rec.placement)
 
     def _rollout_finished(self, rec: RolloutRecord) -> None:
         self.metrics.rollouts.labels(rec.placement, rec.state).inc()

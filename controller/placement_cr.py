@@ -8,7 +8,7 @@ a cluster. Differences, since no apiserver is there:
 
 * the placement is named ``metadata.name`` (the operator, which serves many namespaces, names it
   ``<namespace>-<name>``);
-* ``spec.topology.workerSelector`` and ``spec.initialLoad.configMapRef`` need the cluster and are
+* ``spec.topology.workerSelector`` and ``spec.initialLoadFrom`` need the cluster and are
   refused naming the field; give ``nodes``/``gpusPerNode`` and ``initialLoad.values``.
 """
 
@@ -55,7 +55,8 @@ def placement_from_resource(doc: Mapping) -> pb.Placement:
 
     Raises ``FieldError`` whose field is the object's path (``spec.model.layers``).
     """
-    from expertplane.controller.operator.crd import load_matrix, placement_from_cr, topology_from_spec
+    from expertplane.controller.operator.crd import (initial_load_source, load_matrix,
+                                                     placement_from_cr, topology_from_spec)
 
     if doc.get("apiVersion") != API_VERSION:
         raise FieldError("apiVersion", f"must be {API_VERSION}, got {doc.get('apiVersion')!r}")
@@ -70,10 +71,10 @@ def placement_from_resource(doc: Mapping) -> pb.Placement:
     if topology is None:
         raise FieldError("spec.topology.workerSelector", "needs Kubernetes (the operator counts "
                          "the worker pods); without it give nodes and gpusPerNode")
-    load = spec.get("initialLoad") or {}
-    if "configMapRef" in load:
-        raise FieldError("spec.initialLoad.configMapRef", "needs Kubernetes; without it give "
+    source = initial_load_source(spec)
+    if source is not None and source[0] != "spec.initialLoad.values":
+        raise FieldError("spec.initialLoadFrom", "needs Kubernetes; without it give "
                          "initialLoad.values")
-    initial = load_matrix(load["values"], "spec.initialLoad.values") if "values" in load else None
+    initial = load_matrix(source[1], source[0]) if source else None
     generation = int(doc["metadata"].get("generation", 0))
     return placement_from_cr(str(name), spec, topology, generation, initial)

@@ -50,7 +50,7 @@ import yaml
 from expertplane.controller.placement_cr import KIND, is_custom_resource, placement_from_resource
 from expertplane.controller.spec import ALGORITHMS, MODES, PlacementSpec, spec_from_proto
 from expertplane.errors import FieldError, one_line
-from expertplane.kernels.balancing import BIAS_RULES
+from expertplane.planner.bias_rule import BIAS_RULES
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor
 

@@ -13,7 +13,7 @@ from expertplane.controller.spec import PlacementSpec
 from expertplane.errors import FieldError
 from expertplane.planner.eplb import rebalance_experts
 from expertplane.planner.metrics import balance
-from expertplane.planner.plan import migration
+from expertplane.planner.plan import build_log2phy, migration
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,42 @@ def compute_candidate(spec: PlacementSpec, load: np.ndarray | None,
     (the phy2log [L, R] in force) when given, and movement-aware against it unless
     ``movement_aware`` is False (a fresh plan). Raises ``FieldError`` naming the field."""
     weight = planning_load(spec, load)
-    if previous is not None:
-        previous = np.asarray(previous, dtype=np.int64)
-        if previous.shape != (spec.num_layers, spec.num_replicas):
-            raise FieldError("previous_phy2log", f"must have shape "
-                                  f"{[spec.num_layers, spec.num_replicas]}, got {list(previous.shape)}")
+    previous = _checked_map(spec, previous, "previous_phy2log")
     phy2log, log2phy, logcnt = (t.numpy() for t in rebalance_experts(
         weight, spec.num_replicas, spec.num_groups, spec.num_nodes, spec.num_gpus,
         algorithm=spec.algorithm, previous=previous if movement_aware else None))
+    return _scored(spec, weight, phy2log, log2phy, logcnt, previous)
+
+
+def candidate_from_map(spec: PlacementSpec, load: np.ndarray | None, phy2log: np.ndarray,
+                       previous: np.ndarray | None = None, field: str = "phy2log") -> Candidate:
+    """A given map phy2log [L, R] as a candidate (restoring a lost plan, rolling back), scored on
+    ``load`` like ``compute_candidate``. Raises ``FieldError`` on ``field`` for a map of another
+    shape, an expert id out of range or an expert without a slot."""
+    weight = planning_load(spec, load)
+    phy2log = _checked_map(spec, phy2log, field)
+    if phy2log.size and (phy2log.min() < 0 or phy2log.max() >= spec.num_experts):
+        raise FieldError(field, f"expert ids must lie in [0, {spec.num_experts})")
+    log2phy, logcnt = build_log2phy(phy2log, spec.num_experts)
+    if (logcnt == 0).any():
+        raise FieldError(field, "every expert of every layer needs a slot")
+    return _scored(spec, weight, phy2log, log2phy, logcnt, _checked_map(spec, previous, "previous"))
+
+
+def _checked_map(spec: PlacementSpec, phy2log: np.ndarray | None, field: str) -> np.ndarray | None:
+    if phy2log is None:
+        return None
+    phy2log = np.asarray(phy2log, dtype=np.int64)
+    if phy2log.shape != (spec.num_layers, spec.num_replicas):
+        raise FieldError(field, f"must have shape {[spec.num_layers, spec.num_replicas]}, "
+                                f"got {list(phy2log.shape)}")
+    return phy2log
+
+
+def _scored(spec: PlacementSpec, weight: np.ndarray, phy2log: np.ndarray, log2phy: np.ndarray,
+            logcnt: np.ndarray, previous: np.ndarray | None) -> Candidate:
+    """The candidate ``phy2log`` with its balance on ``weight`` [L, E] and its migration from
+    ``previous`` [L, R] (None: a first plan)."""
     predicted = balance(weight, phy2log, logcnt, spec.num_gpus)
     if previous is None:
         current, moved = predicted, None
@@ -88,7 +116,8 @@ def compute_candidate(spec: PlacementSpec, load: np.ndarray | None,
         prev_cnt = np.zeros_like(logcnt)
         np.add.at(prev_cnt, (np.arange(spec.num_layers)[:, None], previous), 1)
         current = balance(weight, previous, prev_cnt, spec.num_gpus)
-        moved = migration(previous, phy2log, spec.expert_bytes)
+        moved = migration(previous, phy2log, spec.expert_bytes, num_gpus=spec.num_gpus,
+                          num_nodes=spec.num_nodes)
     return Candidate(algorithm=spec.algorithm, phy2log=phy2log, log2phy=log2phy, logcnt=logcnt,
                      load=weight, predicted_balance=predicted, current_balance=current,
                      slots_moved=moved.slots_moved if moved else 0,

@@ -1,34 +1,22 @@
-"""Stored plans: building a plan record, storing it, and telling the watchers.
+"""Stored plans: storing them, the plan-version gauges, and the watchers.
 
-``plan_record`` is the one place a plan record is built from a planner candidate; ``Plans``
-stores records, keeps the plan-version gauges and feeds ``PlanWatch`` subscribers.
+``Plans`` stores records (built by ``convert.plan_record``) and feeds ``PlanWatch`` subscribers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 from collections.abc import Callable
 
+from expertplane.controller.convert import plan_record
 from expertplane.controller.metrics import ControllerMetrics
 from expertplane.controller.placements import PlacementState, Placements
 from expertplane.controller.planning import Candidate
-from expertplane.controller.spec import PlacementSpec
-from expertplane.controller.store import PlanRecord, Store, utcnow
+from expertplane.controller.store import PlanRecord, Store
 from expertplane.errors import FieldError, NotFound
 
 MAX_VERSION = 2 ** 63 - 1      # plan versions are stored as signed 64-bit integers
-
-
-def plan_record(spec: PlacementSpec, cand: Candidate, reason: str, previous: int) -> PlanRecord:
-    """A record of ``cand`` planned for ``spec`` against version ``previous`` (0: none); its
-    version is 0 until stored."""
-    return PlanRecord(
-        placement=spec.name, version=0, algorithm=cand.algorithm, reason=reason,
-        previous_version=previous, num_nodes=spec.num_nodes, gpus_per_node=spec.gpus_per_node,
-        phy2log=cand.phy2log, log2phy=cand.log2phy, logcnt=cand.logcnt, load_snapshot=cand.load,
-        predicted_balance=cand.predicted_balance.tolist(),
-        current_balance=cand.current_balance.tolist(), slots_moved=cand.slots_moved,
-        bytes_moved=cand.bytes_moved, created_at=utcnow())
 
 
 class PlanWatch:
@@ -71,11 +59,13 @@ class Plans:
         self._watches: set[PlanWatch] = set()
 
     def add(self, state: PlacementState, cand: Candidate, reason: str, previous: int, *,
-            in_force: bool = False) -> PlanRecord:
-        """Store ``cand`` as the placement's next version (in force at once if ``in_force``:
-        its initial plan) and tell the watchers."""
+            in_force: bool = False, version: int = 0) -> PlanRecord:
+        """Store ``cand`` as the placement's next version, or as ``version`` if higher (a
+        restored plan), in force at once if ``in_force`` (a first plan, a new shape), and tell
+        the watchers."""
         spec = state.spec
-        plan = self._store.add_plan(plan_record(spec, cand, reason, previous), in_force=in_force)
+        plan = self._store.add_plan(dataclasses.replace(
+            plan_record(spec, cand, reason, previous), version=version), in_force=in_force)
         state.window.add_plan(plan.version, plan.phy2log)
         if in_force:
             self.put_in_force(state, plan)

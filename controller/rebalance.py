@@ -14,13 +14,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from expertplane.controller.convert import plan_message
+from expertplane.controller.convert import plan_message, plan_record
+from expertplane.controller.coordinator import RolloutCoordinator
 from expertplane.controller.metrics import ControllerMetrics
 from expertplane.controller.placements import PlacementState, Placements
-from expertplane.controller.planning import Candidate, check_load, compute_candidate
-from expertplane.controller.plans import Plans, plan_record
+from expertplane.controller.planning import (
+    Candidate,
+    candidate_from_map,
+    check_load,
+    compute_candidate,
+)
+from expertplane.controller.plans import Plans
 from expertplane.controller.policy import Decision, candidate_for, decide, record
-from expertplane.controller.rollout import RolloutCoordinator
 from expertplane.controller.spec import PlacementSpec
 from expertplane.controller.store import PlanRecord, RolloutRecord
 from expertplane.errors import FailedPrecondition, FieldError
@@ -84,17 +89,54 @@ class Rebalancer:
             return plan
 
     def rebalance(self, name: str, *, manual: bool = False, force: bool = False,
-                  dry_run: bool = False) -> RebalanceOutcome:
-        """Evaluate the policy for ``name`` on its window; store and roll out a plan if it says so.
+                  dry_run: bool = False, propose: bool = False) -> RebalanceOutcome:
+        """Evaluate the policy for ``name`` on its window; store and roll out a plan if it says so
+        (``propose``: store it as a proposal, not rolled out, reason ``proposal``).
 
         Every decision is logged with its numbers.
         """
         state = self._placements.require(name)
         with state.lock:
-            return self._rebalance(state, manual=manual, force=force, dry_run=dry_run)
+            return self._rebalance(state, manual=manual, force=force, dry_run=dry_run,
+                                   propose=propose)
+
+    def roll_out_version(self, name: str, version: int) -> RebalanceOutcome:
+        """Roll out stored plan ``version`` of ``name`` (an approval or a rollback; no policy
+        check): a proposal made against the plan in force as it is, any other plan as a new
+        version holding its map (reason ``rollback to vN``). ``FailedPrecondition`` when it is
+        in force already, has another shape, or a rollout is in progress."""
+        state = self._placements.require(name)
+        with state.lock:
+            in_force = state.in_force
+            if in_force is None:
+                raise FailedPrecondition("placement", f"placement {name!r} has no plan in force")
+            plan = self._plans.get(name, version)
+            current = in_force.plan.version
+            if version == current:
+                raise FailedPrecondition("version", f"v{version} is the plan in force")
+            if self._rollouts.busy(name):
+                raise FailedPrecondition("rollout", f"placement {name!r} has a rollout in progress")
+            view = state.view(self._clock())
+            load = view.load if view.reports else None
+            try:
+                cand = candidate_from_map(state.spec, load, plan.phy2log, in_force.plan.phy2log,
+                                          field="version")
+            except FieldError:
+                raise FailedPrecondition("version", f"v{version} was planned for another shape "
+                                                    "of the placement") from None
+            if not (plan.reason == "proposal" and plan.previous_version == current
+                    and version > current):
+                plan = self._plans.add(state, cand, f"rollback to v{version}", current)
+            decision = Decision(True, plan.reason, float(np.mean(cand.current_balance)),
+                                float(np.mean(cand.predicted_balance)), cand.gain,
+                                cand.slots_moved, cand.bytes_moved)
+            log.info("placement %s: rolling out v%d (%s)", name, plan.version, plan.reason)
+            rollout = self._start(state, plan, current)
+            record(state.policy, decision, state.spec.policy, self._clock(), rolled_out=True)
+            return RebalanceOutcome(decision, plan, rollout)
 
     def _rebalance(self, state: PlacementState, *, manual: bool, force: bool,
-                   dry_run: bool) -> RebalanceOutcome:
+                   dry_run: bool, propose: bool = False) -> RebalanceOutcome:
         name, spec, in_force = state.name, state.spec, state.in_force
         if in_force is None:
             raise FailedPrecondition("placement", f"placement {name!r} has no plan in force")
@@ -110,7 +152,11 @@ class Rebalancer:
         now = self._clock()
         decision = self._decide(state, cand, now, manual=manual, force=force, dry_run=dry_run)
         plan = rollout = None
-        if decision.rebalance:
+        if decision.rebalance and propose:
+            plan = self._plans.add(state, cand, "proposal", in_force.plan.version)
+            decision = dataclasses.replace(decision, rebalance=False,
+                                           reason=f"proposed as v{plan.version}: {decision.reason}")
+        elif decision.rebalance:
             reason = "manual" if manual or force else "auto"
             plan = self._plans.add(state, cand, reason, in_force.plan.version)
             rollout = self._start(state, plan, in_force.plan.version)

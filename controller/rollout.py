@@ -1,13 +1,18 @@
-"""Two-phase plan rollout to the workers of a placement, through their node agents.
+"""Two-phase plan rollout to the workers of a placement: a pure state machine.
 
-Agents hold a ``RolloutService.Connect`` stream (an ``AgentSession`` here). A rollout of version
-v to a placement with G GPUs:
+``RolloutMachine`` does no I/O and takes no locks. Each method takes an event (a rollout to
+start, an agent's answer, a worker joining or lost, the clock passing a deadline) and returns
+``Effects``: the records to save, the commands to send to agent sessions, the decisions that
+put a version in force and the rollouts that ended. ``coordinator.RolloutCoordinator`` applies
+them in order: records first, then commands ("durable first, then tell the workers").
+
+A rollout of version v to a placement with G GPUs:
 
 1. *prepare*: needs a connected worker for every rank 0..G-1 (none at all: nothing to switch, v
    is in force at once; some missing: aborted). ``prepare=Plan`` goes to each agent serving
    participants; each worker answers PREPARED or FAILED.
-2. when all G ranks are PREPARED the decision to commit is written to the store (state
-   ``committing``, v in force) and ``commit=v`` goes out; COMMITTED answers end the rollout.
+2. when all G ranks are PREPARED the decision to commit is saved (state ``committing``, v in
+   force) and ``commit=v`` goes out; COMMITTED answers end the rollout.
 3. abort (``abort=v`` to every participant agent) on timeout, any FAILED, or the loss of a
    participant (WORKER_LOST or its agent's stream closing) before the decision.
 
@@ -21,59 +26,41 @@ already up to date see an idempotent prepare/commit of the version in force.
 
 from __future__ import annotations
 
+import copy
 import logging
-import queue
-import threading
-import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
 
-from expertplane.controller.store import RolloutRecord, Store, utcnow
+from expertplane.controller.sessions import AgentSession
+from expertplane.controller.store import RolloutRecord, utcnow
+from expertplane.errors import FailedPrecondition
 from expertplane.proto import expertplane_pb2 as pb
 
 log = logging.getLogger(__name__)
 Event = pb.RolloutEvent
-OUTBOX_SIZE = 4096
+InForce = tuple[int, "pb.Plan | None"]     # (version in force, its plan message) of a placement
+Workers = dict[int, tuple[AgentSession, pb.WorkerInfo]]     # rank -> (session, info)
 
 
-class AgentSession:
-    """One agent's Connect stream: a bounded outbox of commands and the workers it serves.
+@dataclass
+class Effects:
+    """What an event asks of the outside world, in the order to apply it. ``saves`` are
+    (operation, copy of the record) with operation ``create``, ``decide`` or ``finish``;
+    ``committed`` are decisions of (non-sync) rollouts: their version is in force."""
 
-    ``wake()`` is called (from any thread) after every change of the outbox or of ``closed``, so
-    that the stream's writer can wait for commands without holding a thread."""
+    saves: list[tuple[str, RolloutRecord]] = field(default_factory=list)
+    committed: list[RolloutRecord] = field(default_factory=list)
+    sends: list[tuple[AgentSession, pb.RolloutCommand | bytes]] = field(default_factory=list)
+    finished: list[RolloutRecord] = field(default_factory=list)
 
-    def __init__(self, node: str = "", outbox_size: int = OUTBOX_SIZE,
-                 wake: Callable[[], None] = lambda: None):
-        self.id = uuid.uuid4().hex[:12]
-        self.node = node
-        # commands, or bytes of a command serialized once for many agents; None ends the stream
-        self.outbox: queue.Queue[pb.RolloutCommand | bytes | None] = queue.Queue(outbox_size)
-        self.workers: dict[tuple[str, int], pb.WorkerInfo] = {}
-        self.closed = False
-        self._wake = wake
+    def extend(self, other: Effects) -> None:
+        self.saves += other.saves
+        self.committed += other.committed
+        self.sends += other.sends
+        self.finished += other.finished
 
-    def send(self, cmd: pb.RolloutCommand | bytes) -> bool:
-        """Queue ``cmd``; False (and the session closes) if the agent is too far behind."""
-        if self.closed:
-            return False
-        try:
-            self.outbox.put_nowait(cmd)
-        except queue.Full:
-            log.warning("agent %s: command queue full, closing its stream", self.node)
-            self.close()
-            return False
-        self._wake()
-        return True
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            try:
-                self.outbox.put_nowait(None)
-            except queue.Full:      # the writer sees ``closed`` once woken
-                pass
-            self._wake()
+    def save(self, op: str, rec: RolloutRecord) -> None:
+        self.saves.append((op, copy.deepcopy(rec)))
 
 
 @dataclass
@@ -82,197 +69,88 @@ class _Active:
     plan: pb.Plan
     participants: dict[int, AgentSession]      # rank -> agent session serving it
     deadline: float
-    t0: float = field(default_factory=time.perf_counter)
+    t0: float
     t_commit: float = 0.0
 
     def sessions(self) -> list[AgentSession]:
         return list({s.id: s for s in self.participants.values()}.values())
 
 
-class RolloutCoordinator:
-    """Runs rollouts; thread-safe. ``in_force(placement) -> (version, pb.Plan | None)`` gives the
-    plan in force; ``on_finished(record)`` is called after every rollout ends (not under lock)."""
+class RolloutMachine:
+    """The active rollouts. Times are monotonic seconds (``now``); a phase that outlives
+    ``timeout_seconds`` ends (``expire``)."""
 
-    def __init__(self, store: Store, *, timeout_seconds: float = 30.0,
-                 in_force: Callable[[str], tuple[int, "pb.Plan | None"]],
-                 on_finished: Callable[[RolloutRecord], None] = lambda rec: None,
-                 on_committing: Callable[[RolloutRecord], None] = lambda rec: None):
-        self._store = store
-        self._timeout = timeout_seconds
-        self._in_force = in_force
-        self._on_finished = on_finished
-        self._on_committing = on_committing
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
-        self._sessions: dict[str, AgentSession] = {}
-        self._workers: dict[str, dict[int, tuple[AgentSession, pb.WorkerInfo]]] = {}
+    def __init__(self, timeout_seconds: float = 30.0):
+        self.timeout = timeout_seconds
         self._active: dict[str, _Active] = {}        # rollout id -> state
         self._by_placement: dict[str, str] = {}      # placement -> id of its main rollout
-        self._bias: dict[str, pb.RouterBias] = {}
-        self._finished: list[RolloutRecord] = []
 
-    # ------------------------------------------------------------------ sessions and workers
+    # ------------------------------------------------------------------ queries
 
-    def connect(self, wake: Callable[[], None] = lambda: None) -> AgentSession:
-        """A new agent stream; ``wake`` as in ``AgentSession``."""
-        s = AgentSession(wake=wake)
-        with self._lock:
-            self._sessions[s.id] = s
-        return s
+    def active(self, rollout_id: str) -> bool:
+        return rollout_id in self._active
 
-    def disconnect(self, session: AgentSession) -> None:
-        """The agent's stream ended: all its workers are lost."""
-        with self._lock:
-            session.close()
-            self._sessions.pop(session.id, None)
-            for (placement, rank) in list(session.workers):
-                self._lose(session, placement, rank, "agent stream closed")
-        self._flush()
+    def active_ids(self) -> list[str]:
+        return list(self._active)
 
-    def close_sessions(self) -> None:
-        """Shutting down: end every agent's command stream (its handler returns)."""
-        with self._lock:
-            sessions = list(self._sessions.values())
-        for s in sessions:
-            s.close()
+    def state(self, placement: str) -> str:
+        act = self._main(placement)
+        return act.rec.state if act else ""
 
-    def workers(self, placement: str) -> dict[int, pb.WorkerInfo]:
-        with self._lock:
-            return {r: info for r, (_, info) in self._workers.get(placement, {}).items()}
+    def busy(self, placement: str) -> bool:
+        return placement in self._by_placement
 
-    def handle(self, session: AgentSession, ev: pb.RolloutEvent) -> None:
-        """Process one event from ``session``'s agent."""
-        with self._lock:
-            if ev.node:
-                session.node = ev.node
-            if ev.kind in (Event.HELLO, Event.WORKER_JOINED):
-                if ev.kind == Event.HELLO:
-                    listed = {(w.placement, w.rank) for w in ev.workers}
-                    for key in [k for k in session.workers if k not in listed]:
-                        self._lose(session, *key, "not listed in HELLO")
-                for w in ev.workers:
-                    self._join(session, w)
-            elif ev.kind == Event.WORKER_LOST:
-                for w in ev.workers:
-                    self._lose(session, w.placement, w.rank, ev.message or "worker lost")
-            elif ev.kind in (Event.PREPARED, Event.COMMITTED, Event.ABORTED, Event.FAILED):
-                act = self._active.get(ev.rollout_id)
-                if act is not None:
-                    self._answer(act, session, ev)
-                else:
-                    log.debug("event %s for finished rollout %s ignored",
-                              Event.Kind.Name(ev.kind), ev.rollout_id)
-        self._flush()
-
-    def _join(self, session: AgentSession, w: pb.WorkerInfo) -> None:
-        placement = w.placement
-        info = pb.WorkerInfo()
-        info.CopyFrom(w)
-        if not info.node:
-            info.node = session.node
-        prev = self._workers.setdefault(placement, {}).get(w.rank)
-        self._workers[placement][w.rank] = (session, info)
-        session.workers[(placement, w.rank)] = info
-        if prev is not None and prev[0] is not session:
-            prev[0].workers.pop((placement, w.rank), None)
-        act = self._active.get(self._by_placement.get(placement, ""))
-        if act is not None and w.rank in act.participants and act.participants[w.rank] is not session:
-            if act.rec.state == "preparing":
-                self._abort(act, f"rank {w.rank} changed agents during prepare")
-                return
-            act.participants[w.rank] = session
-        self._reconcile(session, info)
-
-    def _reconcile(self, session: AgentSession, info: pb.WorkerInfo) -> None:
-        """Bring a worker to the version in force, or drop a version staged for nothing."""
-        placement = info.placement
-        version, plan = self._in_force(placement)
-        main = self._active.get(self._by_placement.get(placement, ""))
-        if main is not None and main.rec.state == "committing" and \
-                info.plan_version < main.rec.to_version and info.rank not in main.rec.acks.get("committed", {}):
-            if info.prepared_version == main.rec.to_version:
-                session.send(pb.RolloutCommand(rollout_id=main.rec.id, placement=placement,
-                                               commit=main.rec.to_version))
-                return
-        staged = info.prepared_version
-        if staged and staged != version and not (main and main.rec.to_version == staged):
-            session.send(pb.RolloutCommand(rollout_id="", placement=placement, abort=staged))
-        if info.plan_version > version and version:
-            log.warning("worker %s rank %d of %s reports plan %d, newer than the %d in force",
-                        info.node, info.rank, placement, info.plan_version, version)
-        if plan is not None and info.plan_version < version and not self._syncing(placement, info.rank):
-            self._start_sync(session, placement, info.rank, version, plan)
-
-    def reconcile_placement(self, placement: str) -> None:
-        """Bring every connected worker of ``placement`` to the plan in force (see _reconcile)."""
-        with self._lock:
-            for session, info in list(self._workers.get(placement, {}).values()):
-                self._reconcile(session, info)
-
-    def _syncing(self, placement: str, rank: int) -> bool:
-        return any(a.rec.sync and a.rec.placement == placement and rank in a.participants
-                   for a in self._active.values())
-
-    def _lose(self, session: AgentSession, placement: str, rank: int, why: str) -> None:
-        session.workers.pop((placement, rank), None)
-        cur = self._workers.get(placement, {}).get(rank)
-        if cur is not None and cur[0] is session:
-            del self._workers[placement][rank]
-        for act in list(self._active.values()):
-            if act.rec.placement == placement and act.participants.get(rank) is session \
-                    and act.rec.state == "preparing":
-                self._abort(act, f"rank {rank} lost during prepare: {why}")
+    def _main(self, placement: str) -> _Active | None:
+        return self._active.get(self._by_placement.get(placement, ""))
 
     # ------------------------------------------------------------------ rollouts
 
-    def start(self, placement: str, plan: pb.Plan, from_version: int, num_gpus: int) -> RolloutRecord:
-        """Begin rolling ``plan`` out to all ranks 0..num_gpus-1 of ``placement``.
-
-        Returns the record: ``preparing``, or already ``committed`` when no worker is connected,
-        or ``aborted`` when only some ranks are connected. Raises ``RuntimeError`` if a rollout of
-        the placement is in progress.
-        """
-        version = plan.summary.version
+    def start(self, placement: str, plan: pb.Plan, from_version: int, num_gpus: int,
+              workers: Workers, now: float) -> tuple[RolloutRecord, Effects]:
+        """Begin rolling ``plan`` out to ranks 0..num_gpus-1 of ``placement`` (``workers``: its
+        connected ones). The record is ``preparing``, or already ``committed`` when no worker is
+        connected, or ``aborted`` when only some ranks are. ``FailedPrecondition`` if a rollout
+        of the placement is in progress."""
+        if placement in self._by_placement:
+            raise FailedPrecondition("rollout", f"placement {placement!r} has a rollout in progress")
         rec = RolloutRecord(id=uuid.uuid4().hex, placement=placement, from_version=from_version,
-                            to_version=version, state="preparing")
-        with self._lock:
-            if placement in self._by_placement:
-                raise RuntimeError(f"placement {placement!r} has a rollout in progress")
-            workers = self._workers.get(placement, {})
-            missing = [r for r in range(num_gpus) if r not in workers]
-            self._store.create_rollout(rec)
-            act = _Active(rec, plan, {r: workers[r][0] for r in range(num_gpus) if r in workers},
-                          deadline=time.monotonic() + self._timeout)
-            self._active[rec.id] = act
-            self._by_placement[placement] = rec.id
-            if len(missing) == num_gpus:
-                rec.reason = "no workers connected: nothing to switch"
-                self._decide(act)
-                self._finish(act, "committed")
-            elif missing:
-                self._abort(act, f"ranks {_ranges(missing)} not connected")
-            else:
-                # serialized once for every agent (see servicers.serialize_command)
-                cmd = pb.RolloutCommand(rollout_id=rec.id, placement=placement,
-                                        prepare=plan).SerializeToString()
-                for s in act.sessions():
-                    if not s.send(cmd):
-                        self._abort(act, f"agent {s.node} unreachable")
-                        break
-        self._flush()
-        return rec
-
-    def _start_sync(self, session: AgentSession, placement: str, rank: int, version: int,
-                    plan: pb.Plan) -> None:
-        rec = RolloutRecord(id=f"sync-{uuid.uuid4().hex}", placement=placement,
-                            from_version=0, to_version=version, state="preparing", sync=True)
-        self._store.create_rollout(rec)
-        act = _Active(rec, plan, {rank: session}, deadline=time.monotonic() + self._timeout)
+                            to_version=plan.summary.version, state="preparing")
+        eff = Effects()
+        eff.save("create", rec)
+        missing = [r for r in range(num_gpus) if r not in workers]
+        act = _Active(rec, plan, {r: workers[r][0] for r in range(num_gpus) if r in workers},
+                      deadline=now + self.timeout, t0=now)
         self._active[rec.id] = act
-        log.info("syncing rank %d of %s (agent %s) to plan %d", rank, placement, session.node, version)
-        session.send(pb.RolloutCommand(rollout_id=rec.id, placement=placement, prepare=plan))
+        self._by_placement[placement] = rec.id
+        if len(missing) == num_gpus:
+            rec.reason = "no workers connected: nothing to switch"
+            self._decide(act, now, eff)
+            self._finish(act, "committed", now, eff)
+        elif missing:
+            self._abort(act, f"ranks {ranges(missing)} not connected", now, eff)
+        else:
+            # serialized once for every agent (see servicers.serialize_command)
+            cmd = pb.RolloutCommand(rollout_id=rec.id, placement=placement,
+                                    prepare=plan).SerializeToString()
+            eff.sends += [(s, cmd) for s in act.sessions()]
+        return rec, eff
 
-    def _answer(self, act: _Active, session: AgentSession, ev: pb.RolloutEvent) -> None:
+    def unreachable(self, rollout_id: str, session: AgentSession, now: float) -> Effects:
+        """A command of rollout ``rollout_id`` could not be queued for ``session``."""
+        eff = Effects()
+        act = self._active.get(rollout_id)
+        if act is not None and act.rec.state == "preparing" and session in act.sessions():
+            self._abort(act, f"agent {session.node} unreachable", now, eff)
+        return eff
+
+    def answer(self, session: AgentSession, ev: pb.RolloutEvent, now: float) -> Effects:
+        """An agent's PREPARED, COMMITTED, ABORTED or FAILED for its workers in ``ev``."""
+        eff = Effects()
+        act = self._active.get(ev.rollout_id)
+        if act is None:
+            log.debug("event %s for finished rollout %s ignored", Event.Kind.Name(ev.kind),
+                      ev.rollout_id)
+            return eff
         rec = act.rec
         for w in ev.workers:
             if w.rank not in act.participants:
@@ -281,153 +159,175 @@ class RolloutCoordinator:
             if ev.kind == Event.FAILED:
                 rec.acks.setdefault("failed", {})[w.rank] = node
                 if rec.state == "preparing":
-                    self._abort(act, f"rank {w.rank} on {node} failed: {ev.message}")
-                    return
+                    self._abort(act, f"rank {w.rank} on {node} failed: {ev.message}", now, eff)
+                    return eff
                 log.error("rollout %s: rank %d failed to commit: %s", rec.id, w.rank, ev.message)
             elif ev.kind == Event.PREPARED and rec.state == "preparing":
                 rec.acks.setdefault("prepared", {})[w.rank] = node
-                self._note(session, rec.placement, w.rank, prepared=rec.to_version)
+                _note(session, rec.placement, w.rank, prepared=rec.to_version)
             elif ev.kind == Event.COMMITTED and rec.state == "committing":
                 rec.acks.setdefault("committed", {})[w.rank] = node
-                self._note(session, rec.placement, w.rank, committed=rec.to_version)
+                _note(session, rec.placement, w.rank, committed=rec.to_version)
         if rec.state == "preparing" and len(rec.acks.get("prepared", {})) == len(act.participants):
-            self._decide(act)
+            self._decide(act, now, eff)
             cmd = pb.RolloutCommand(rollout_id=rec.id, placement=rec.placement, commit=rec.to_version)
-            for s in act.sessions():
-                s.send(cmd)
+            eff.sends += [(s, cmd) for s in act.sessions()]
         done = len(rec.acks.get("committed", {})) + sum(
             1 for r in rec.acks.get("failed", {}) if r in rec.acks.get("prepared", {}))
         if rec.state == "committing" and done >= len(act.participants):
-            self._finish(act, "committed")
+            self._finish(act, "committed", now, eff)
+        return eff
 
-    def _note(self, session: AgentSession, placement: str, rank: int, *, prepared: int = 0,
-              committed: int = 0) -> None:
-        """Keep the registry's view of a worker's versions current."""
-        info = session.workers.get((placement, rank))
-        if info is None:
-            return
-        if prepared:
-            info.prepared_version = prepared
-        if committed:
-            info.plan_version, info.prepared_version = committed, 0
+    def joined(self, session: AgentSession, info: pb.WorkerInfo, in_force: InForce,
+               now: float) -> Effects:
+        """Worker ``info`` is served by ``session`` now (a HELLO or WORKER_JOINED)."""
+        eff = Effects()
+        act = self._main(info.placement)
+        if act is not None and act.participants.get(info.rank, session) is not session:
+            if act.rec.state == "preparing":
+                self._abort(act, f"rank {info.rank} changed agents during prepare", now, eff)
+                return eff
+            act.participants[info.rank] = session
+        eff.extend(self.reconcile(session, info, in_force, now))
+        return eff
 
-    def _decide(self, act: _Active) -> None:
-        act.rec.prepare_seconds = time.perf_counter() - act.t0
-        act.t_commit = time.perf_counter()
-        self._store.decide_commit(act.rec)
+    def reconcile(self, session: AgentSession, info: pb.WorkerInfo, in_force: InForce,
+                  now: float) -> Effects:
+        """Bring a worker to the version in force, or drop a version staged for nothing."""
+        eff = Effects()
+        placement = info.placement
+        main = self._main(placement)
+        if main is not None and main.rec.state == "committing":
+            if info.plan_version < main.rec.to_version and \
+                    info.rank not in main.rec.acks.get("committed", {}) and \
+                    info.prepared_version == main.rec.to_version:
+                eff.sends.append((session, pb.RolloutCommand(
+                    rollout_id=main.rec.id, placement=placement, commit=main.rec.to_version)))
+                return eff
+            in_force = (main.rec.to_version, main.plan)   # decided: in force
+        version, plan = in_force
+        staged = info.prepared_version
+        if staged and staged != version and not (main and main.rec.to_version == staged):
+            eff.sends.append((session, pb.RolloutCommand(rollout_id="", placement=placement,
+                                                         abort=staged)))
+        if info.plan_version > version and version:
+            log.warning("worker %s rank %d of %s reports plan %d, newer than the %d in force",
+                        info.node, info.rank, placement, info.plan_version, version)
+        if plan is not None and info.plan_version < version and not self._syncing(placement, info.rank):
+            self._start_sync(session, placement, info.rank, version, plan, now, eff)
+        return eff
+
+    def lost(self, session: AgentSession, placement: str, rank: int, why: str,
+             now: float) -> Effects:
+        """``session`` no longer serves (placement, rank): abort prepares that needed it."""
+        eff = Effects()
+        for act in list(self._active.values()):
+            if act.rec.placement == placement and act.participants.get(rank) is session \
+                    and act.rec.state == "preparing":
+                self._abort(act, f"rank {rank} lost during prepare: {why}", now, eff)
+        return eff
+
+    def expire(self, now: float) -> Effects:
+        """Abort prepares past their deadline; end commits past theirs (decision stands)."""
+        eff = Effects()
+        for act in [a for a in self._active.values() if a.deadline < now]:
+            if act.rec.state == "preparing":
+                waiting = sorted(set(act.participants) - set(act.rec.acks.get("prepared", {})))
+                self._abort(act, f"timeout: ranks {ranges(waiting)} did not prepare "
+                                 f"within {self.timeout:g} s", now, eff)
+            else:
+                waiting = sorted(set(act.participants) - set(act.rec.acks.get("committed", {})))
+                act.rec.reason = (f"ranks {ranges(waiting)} did not confirm the commit; they "
+                                  "are synced when they reconnect")
+                self._finish(act, "committed", now, eff)
+        return eff
+
+    def forget(self, placement: str) -> None:
+        """The placement was deleted: drop its rollouts (nothing is saved: its rows are gone)."""
+        for act in [a for a in self._active.values() if a.rec.placement == placement]:
+            act.rec.state = "aborted"
+            self._active.pop(act.rec.id, None)
+        self._by_placement.pop(placement, None)
+
+    # ------------------------------------------------------------------ transitions
+
+    def _syncing(self, placement: str, rank: int) -> bool:
+        return any(a.rec.sync and a.rec.placement == placement and rank in a.participants
+                   for a in self._active.values())
+
+    def _start_sync(self, session: AgentSession, placement: str, rank: int, version: int,
+                    plan: pb.Plan, now: float, eff: Effects) -> None:
+        rec = RolloutRecord(id=f"sync-{uuid.uuid4().hex}", placement=placement,
+                            from_version=0, to_version=version, state="preparing", sync=True)
+        eff.save("create", rec)
+        self._active[rec.id] = _Active(rec, plan, {rank: session}, deadline=now + self.timeout,
+                                       t0=now)
+        log.info("syncing rank %d of %s (agent %s) to plan %d", rank, placement, session.node,
+                 version)
+        eff.sends.append((session, pb.RolloutCommand(rollout_id=rec.id, placement=placement,
+                                                     prepare=plan)))
+
+    def _decide(self, act: _Active, now: float, eff: Effects) -> None:
+        act.rec.prepare_seconds = now - act.t0
+        act.t_commit = now
         act.rec.state = "committing"
-        act.deadline = time.monotonic() + self._timeout
+        act.deadline = now + self.timeout
+        eff.save("decide", act.rec)
         if not act.rec.sync:
-            self._on_committing(act.rec)
+            eff.committed.append(copy.deepcopy(act.rec))
 
-    def _abort(self, act: _Active, reason: str) -> None:
+    def _abort(self, act: _Active, reason: str, now: float, eff: Effects) -> None:
         rec = act.rec
         rec.reason = reason
-        rec.prepare_seconds = time.perf_counter() - act.t0
+        rec.prepare_seconds = now - act.t0
         log.warning("rollout %s of %s v%d aborted: %s", rec.id, rec.placement, rec.to_version, reason)
-        self._finish(act, "aborted")          # durable first, then tell the workers
+        self._finish(act, "aborted", now, eff)
         cmd = pb.RolloutCommand(rollout_id=rec.id, placement=rec.placement, abort=rec.to_version)
-        for s in act.sessions():
-            s.send(cmd)
+        eff.sends += [(s, cmd) for s in act.sessions()]
 
-    def _finish(self, act: _Active, state: str) -> None:
+    def _finish(self, act: _Active, state: str, now: float, eff: Effects) -> None:
         rec = act.rec
         if state == "committed" and act.t_commit:
-            rec.commit_seconds = time.perf_counter() - act.t_commit
+            rec.commit_seconds = now - act.t_commit
         rec.state, rec.finished_at = state, utcnow()
-        self._store.finish_rollout(rec, state)
+        eff.save("finish", rec)
         self._active.pop(rec.id, None)
         if self._by_placement.get(rec.placement) == rec.id:
             del self._by_placement[rec.placement]
-        self._finished.append(rec)
-        self._changed.notify_all()
-
-    def _flush(self) -> None:
-        """Run ``on_finished`` callbacks outside the lock."""
-        with self._lock:
-            done, self._finished = self._finished, []
-        for rec in done:
-            self._on_finished(rec)
-
-    def expire(self) -> None:
-        """Abort prepares past their deadline; end commits past theirs (decision stands)."""
-        now = time.monotonic()
-        with self._lock:
-            for act in [a for a in self._active.values() if a.deadline < now]:
-                if act.rec.state == "preparing":
-                    waiting = sorted(set(act.participants) - set(act.rec.acks.get("prepared", {})))
-                    self._abort(act, f"timeout: ranks {_ranges(waiting)} did not prepare "
-                                     f"within {self._timeout:g} s")
-                else:
-                    waiting = sorted(set(act.participants) - set(act.rec.acks.get("committed", {})))
-                    act.rec.reason = (f"ranks {_ranges(waiting)} did not confirm the commit; they "
-                                      "are synced when they reconnect")
-                    self._finish(act, "committed")
-        self._flush()
-
-    def resume(self) -> list[RolloutRecord]:
-        """After a restart: abort rollouts that were preparing, keep committed decisions.
-
-        Returns the records it touched.
-        """
-        touched = []
-        with self._lock:
-            for rec in self._store.active_rollouts():
-                if rec.state == "preparing":
-                    rec.reason = "controller restarted before the commit decision"
-                    rec.finished_at = utcnow()
-                    self._store.finish_rollout(rec, "aborted")
-                    rec.state = "aborted"
-                else:
-                    rec.reason = "controller restarted after the commit decision; workers are " \
-                                 "synced to it as they reconnect"
-                    rec.finished_at = utcnow()
-                    self._store.finish_rollout(rec, "committed")
-                    rec.state = "committed"
-                touched.append(rec)
-        return touched
-
-    def wait(self, rollout_id: str, timeout: float) -> bool:
-        """Block until rollout ``rollout_id`` is no longer active; False on timeout."""
-        with self._changed:
-            return self._changed.wait_for(lambda: rollout_id not in self._active, timeout)
-
-    def state(self, placement: str) -> str:
-        with self._lock:
-            act = self._active.get(self._by_placement.get(placement, ""))
-            return act.rec.state if act else ""
-
-    def busy(self, placement: str) -> bool:
-        with self._lock:
-            return placement in self._by_placement
-
-    def forget(self, placement: str) -> None:
-        """The placement was deleted: abort its rollouts and drop its workers' registry."""
-        with self._lock:
-            for act in [a for a in self._active.values() if a.rec.placement == placement]:
-                act.rec.state = "aborted"
-                self._active.pop(act.rec.id, None)
-            self._by_placement.pop(placement, None)
-            self._workers.pop(placement, None)
-            self._bias.pop(placement, None)
-            self._changed.notify_all()
-
-    # ------------------------------------------------------------------ router bias
-
-    def push_bias(self, bias: pb.RouterBias) -> int:
-        """Send a router bias to every agent serving the placement; returns how many agents."""
-        with self._lock:
-            self._bias[bias.placement] = bias
-            sessions = {s.id: s for s, _ in self._workers.get(bias.placement, {}).values()}
-            cmd = pb.RolloutCommand(placement=bias.placement, bias=bias)
-            return sum(s.send(cmd) for s in sessions.values())
-
-    def bias(self, placement: str) -> pb.RouterBias | None:
-        with self._lock:
-            return self._bias.get(placement)
+        eff.finished.append(copy.deepcopy(rec))
 
 
-def _ranges(ranks: list[int]) -> str:
+def resume(records: list[RolloutRecord]) -> list[RolloutRecord]:
+    """After a restart: the active rollouts ``records`` of the store, finished (their copies to
+    save): ``preparing`` ones aborted, ``committing`` ones committed (the decision stands)."""
+    out = []
+    for rec in records:
+        rec = copy.deepcopy(rec)
+        if rec.state == "preparing":
+            rec.reason = "controller restarted before the commit decision"
+            rec.state = "aborted"
+        else:
+            rec.reason = "controller restarted after the commit decision; workers are " \
+                         "synced to it as they reconnect"
+            rec.state = "committed"
+        rec.finished_at = utcnow()
+        out.append(rec)
+    return out
+
+
+def _note(session: AgentSession, placement: str, rank: int, *, prepared: int = 0,
+          committed: int = 0) -> None:
+    """Keep the session's view of a worker's plan versions current."""
+    info = session.workers.get((placement, rank))
+    if info is None:
+        return
+    if prepared:
+        info.prepared_version = prepared
+    if committed:
+        info.plan_version, info.prepared_version = committed, 0
+
+
+def ranges(ranks: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5'."""
     out, start = [], None
     for i, r in enumerate(ranks):

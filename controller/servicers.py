@@ -17,8 +17,8 @@ import numpy as np
 from expertplane.controller.convert import (plan_message, plan_summary, rollout_message,
                                             timestamp)
 from expertplane.controller.core import Controller, PlacementView
-from expertplane.controller.rollout import AgentSession
-from expertplane.controller.spec import spec_from_proto, spec_to_proto
+from expertplane.controller.sessions import AgentSession
+from expertplane.controller.spec import restore_from_proto, spec_from_proto, spec_to_proto
 from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
@@ -226,7 +226,8 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
 
     @unary
     def ApplyPlacement(self, request, context):
-        return placement_state(self._c.apply_placement(spec_from_proto(request)))
+        return placement_state(self._c.apply_placement(spec_from_proto(request),
+                                                       restore_from_proto(request)))
 
     @unary
     def DeletePlacement(self, request, context):
@@ -265,8 +266,14 @@ class PlanningServicer(pb_grpc.PlanningServiceServicer):
 
     @unary
     def TriggerRebalance(self, request, context):
-        out = self._c.rebalance(request.placement, manual=True, force=request.force,
-                                dry_run=request.dry_run)
+        if request.version:
+            if request.propose or request.dry_run:
+                raise FieldError("version", "rolls out a stored plan: give it without propose "
+                                            "or dry_run")
+            out = self._c.roll_out_version(request.placement, request.version)
+        else:
+            out = self._c.rebalance(request.placement, manual=True, force=request.force,
+                                    dry_run=request.dry_run, propose=request.propose)
         d = out.decision
         return pb.RebalanceDecision(
             placement=request.placement, rebalance=d.rebalance, reason=d.reason,

@@ -15,10 +15,10 @@ import numpy as np
 
 from expertplane.controller.bias import RouterBiasSpec, router_bias_from_proto, router_bias_to_proto
 from expertplane.errors import FieldError
+from expertplane.planner.eplb import ALGORITHMS
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor, to_numpy
 
-ALGORITHMS = ("deepseek", "balanced", "topology")
 MODES = ("auto", "manual", "off")
 DEFAULT_WINDOW_SECONDS = 30.0
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -176,3 +176,24 @@ def spec_to_proto(spec: PlacementSpec) -> pb.Placement:
     if spec.router_bias is not None:
         msg.router_bias.CopyFrom(router_bias_to_proto(spec.router_bias))
     return msg
+
+
+@dataclass(frozen=True)
+class Restore:
+    """A plan to restore when the controller holds none for a placement: ``phy2log`` [L, R]
+    (int64 expert ids) put in force as ``version``."""
+
+    version: int
+    phy2log: np.ndarray
+
+
+def restore_from_proto(msg: pb.Placement) -> Restore | None:
+    """``Placement.restore_phy2log`` / ``restore_version`` (None when no map is given); the map's
+    shape and contents are checked against the spec when it is used."""
+    if not msg.HasField("restore_phy2log"):
+        return None
+    if not 1 <= msg.restore_version <= 2 ** 63 - 1:
+        raise FieldError("restore_version", f"must be between 1 and 2^63 - 1 with restore_phy2log, "
+                                            f"got {msg.restore_version}")
+    return Restore(int(msg.restore_version), to_numpy(msg.restore_phy2log, "restore_phy2log",
+                                                      ndim=2).astype(np.int64))

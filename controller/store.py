@@ -144,8 +144,9 @@ class Store:
     # ------------------------------------------------------------------ placements
 
     def upsert_placement(self, spec: PlacementSpec) -> StoredPlacement:
-        """Insert or update a placement by name. Changing its shape (layers, experts, slots,
-        GPUs) while plans exist is refused: delete and re-create it instead."""
+        """Insert or update a placement by name. A new shape (layers, experts, slots, GPUs)
+        leaves it with no plan in force (``plan_version`` 0; its plans stay in its history): the
+        caller then stores a plan of the new shape, with the next version."""
         spec_json = json_format.MessageToJson(spec_to_proto(spec), indent=None)
         now = utcnow()
         with self._tx("upsert_placement") as s:
@@ -155,12 +156,8 @@ class Store:
                                    plan_version=0, created_at=now, updated_at=now)
                 s.add(row)
             else:
-                old = _spec(row)
-                if not old.same_shape(spec) and s.scalar(
-                        select(func.count()).select_from(PlanRow).where(PlanRow.placement == spec.name)):
-                    raise FailedPrecondition(
-                        "spec", f"placement {spec.name!r} has plans for layers/experts/replicas/"
-                                "topology that differ from the new spec; delete it first")
+                if not _spec(row).same_shape(spec):
+                    row.plan_version = 0
                 row.spec_json, row.generation, row.updated_at = spec_json, spec.generation, now
             return StoredPlacement(spec, row.plan_version, _utc(row.last_rebalance))
 
@@ -192,9 +189,10 @@ class Store:
     # ------------------------------------------------------------------ plans
 
     def add_plan(self, plan: PlanRecord, *, in_force: bool = False) -> PlanRecord:
-        """Store ``plan`` as the next version (its ``version`` field is ignored); returns it with
-        the assigned version. ``in_force`` also makes it the placement's plan in force (used for
-        first plans; rollouts go through ``decide_commit``)."""
+        """Store ``plan`` as the next version, or as ``plan.version`` when that is higher (a plan
+        restored under the version it had; versions only grow); returns it with the assigned
+        version. ``in_force`` also makes it the placement's plan in force (used for first plans;
+        rollouts go through ``decide_commit``)."""
         for attempt in range(5):
             try:
                 with self._tx("add_plan") as s:
@@ -203,7 +201,7 @@ class Store:
                         raise NotFound("placement", f"unknown placement {plan.placement!r}")
                     latest = s.scalar(select(func.max(PlanRow.version))
                                       .where(PlanRow.placement == plan.placement)) or 0
-                    stored = replace(plan, version=latest + 1)
+                    stored = replace(plan, version=max(latest + 1, plan.version))
                     s.add(_plan_row(stored))
                     if in_force:  # a first plan: not a rebalance, so no last_rebalance
                         owner.plan_version = stored.version

@@ -59,6 +59,7 @@ class DemoOptions:
     gpus_per_node: int | None = None
     redundant: int | None = None
     live: bool | None = None  # None = live view when stdout is a terminal
+    model: str | None = None  # a tiny HuggingFace model (engines.hf.tiny) instead of synthetic
 
 
 def load_config(opts: DemoOptions) -> tuple[dict, dict]:
@@ -95,6 +96,20 @@ def load_config(opts: DemoOptions) -> tuple[dict, dict]:
     if not opts.rebalance:
         placement.setdefault("policy", {})["mode"] = "off"
     return placement, workload
+
+
+def _save_tiny_model(opts: DemoOptions, mdoc: dict, workload: dict, out: pathlib.Path) -> str:
+    """Write the tiny HuggingFace model ``opts.model`` at the placement's sizes to
+    ``out/model`` (its routing is skewed by its init: engines.hf.tiny); returns the path."""
+    from expertplane.engines.hf.tiny import TinySpec, save_tiny
+
+    groups = mdoc.get("num_groups", 1)
+    spec = TinySpec(layers=mdoc["num_layers"], experts=mdoc["num_experts"],
+                    top_k=workload["top_k"], hidden=workload["hidden"],
+                    intermediate=workload["intermediate"], groups=groups,
+                    topk_groups=min(workload.get("topk_groups", 1), groups))
+    mdoc["expert_bytes"] = 3 * spec.hidden * spec.intermediate * 4      # fp32
+    return str(save_tiny(opts.model, out / "model", spec, opts.seed))
 
 
 def _free_port() -> int:
@@ -207,6 +222,7 @@ def run_demo(opts: DemoOptions) -> int:
 
     out = pathlib.Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    hf_model = _save_tiny_model(opts, mdoc, workload, out) if opts.model else None
     (out / "controller.db").unlink(missing_ok=True)
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -255,7 +271,8 @@ def run_demo(opts: DemoOptions) -> int:
                 listen=f"unix:{sockets}/worker-{rank}.sock", model=model, stream=stream,
                 device=opts.device, backend="nccl" if opts.device == "cuda" else "gloo",
                 gpus_per_node=per_node, step_interval=workload.get("step_interval", 0.0),
-                verify_every=workload.get("verify_every", 0))
+                verify_every=0 if hf_model else workload.get("verify_every", 0),
+                hf_model=hf_model)
             proc = ctx.Process(target=_worker_main, name=f"worker-{rank}", daemon=True,
                                args=(cfg, str(out / f"worker-{rank}.log"), result_queue))
             proc.start()

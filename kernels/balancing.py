@@ -1,11 +1,9 @@
 """Router-side load balancing: DeepSeek-V3's auxiliary-loss-free selection bias and
-capacity-based token dropping (issue 12, worker side).
+capacity-based token dropping (worker side).
 
 Bias. The router adds a per-expert bias to the scores used for top-k selection only
-(``routing.route``); after each step the bias moves against the load:
-``rule="sign"`` (DeepSeek-V3): ``bias -= speed * sign(load - mean(load))``;
-``rule="proportional"``: ``bias -= speed * (load - mean) / mean``.
-The bias can be updated from the worker's own counts (:func:`expert_load`,
+(``routing.route``); after each step the bias moves against the load by the rule
+:class:`~expertplane.planner.bias_rule.BiasUpdate` (shared with the controller). The bias can be updated from the worker's own counts (:func:`expert_load`,
 :func:`logical_load`) or set from outside (``EPMoELayer.set_selection_bias``).
 
 Capacity. Every physical slot accepts at most ``C = ceil(factor * rows / R)`` (token, expert)
@@ -29,45 +27,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from expertplane.kernels.replica_choice import rank_among_equal
+from expertplane.planner.bias_rule import BIAS_RULES, BalancingError, BiasUpdate
 
 __all__ = ["BIAS_RULES", "CAPACITY_MODES", "BalancingError", "BiasUpdate", "CapacityConfig",
            "CapacityResult", "Rerouter", "enforce_capacity", "expert_load", "gather_per_slot",
            "grant_capacity", "keep_within_grant", "logical_load", "slot_capacity"]
 
-BIAS_RULES = ("sign", "proportional")
 CAPACITY_MODES = ("drop", "next_best")
-
-
-class BalancingError(ValueError):
-    """A balancing setting or input is invalid; the message names the field."""
-
-
-@dataclass(frozen=True)
-class BiasUpdate:
-    """The selection-bias update rule: ``speed`` (gamma, > 0) and ``rule`` (see module doc)."""
-
-    speed: float = 1e-3
-    rule: str = "sign"
-
-    def __post_init__(self) -> None:
-        if not self.speed > 0 or not math.isfinite(self.speed):
-            raise BalancingError(f"speed must be a finite number > 0, got {self.speed}")
-        if self.rule not in BIAS_RULES:
-            raise BalancingError(f"rule must be one of {BIAS_RULES}, got {self.rule!r}")
-
-    def step(self, bias: Tensor, load: Tensor) -> Tensor:
-        """New bias [E] (fp32) from the current bias [E] and one step's expert load [E]."""
-        if bias.shape != load.shape or bias.dim() != 1:
-            raise BalancingError(f"load must be [{bias.shape[0] if bias.dim() else '?'}] like "
-                                 f"bias, got {list(load.shape)}")
-        load = load.to(device=bias.device, dtype=torch.float32)
-        mean = load.mean()
-        error = load - mean
-        if self.rule == "sign":
-            delta = torch.sign(error)
-        else:
-            delta = error / mean.clamp_min(1.0)
-        return bias.float() - self.speed * delta
 
 
 def expert_load(topk_ids: Tensor, num_experts: int) -> Tensor:

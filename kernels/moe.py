@@ -4,6 +4,8 @@ forward(x [T, H]) on each rank of ``group``: router top-k over logical experts (
 group-limited routing and selection bias) -> replica choice (``kernels.replica_choice``) ->
 all_to_all dispatch -> SwiGLU grouped GEMM over this rank's S slots -> all_to_all combine ->
 top-k weighted sum. Per-slot token counters accumulate on the device.
+:class:`ExpertParallelExperts` is everything after the router (a model's own router feeds it:
+``engines.hf``); :class:`EPMoELayer` adds ExpertPlane's router, selection bias and capacity.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from expertplane.kernels.experts import ExpertWeightFn, LocalExperts, seeded_exp
 from expertplane.kernels.replica_choice import choose_replicas
 from expertplane.kernels.routing import RouterConfig, gating_weights, ranked_experts, route
 
-__all__ = ["EPMoELayer", "LayerPlacement", "PlacementError", "seeded_router_weight"]
+__all__ = ["EPMoELayer", "ExpertParallelExperts", "LayerPlacement", "PlacementError", "seeded_router_weight"]
 
 
 class PlacementError(ValueError):
@@ -100,15 +102,123 @@ def seeded_router_weight(seed: int, layer: int, num_experts: int, hidden: int,
     return torch.randn(num_experts, hidden, generator=gen, device=device) / hidden ** 0.5
 
 
-class EPMoELayer(nn.Module):
-    """Expert-parallel MoE layer over ``group`` (all ranks call forward together).
+class ExpertParallelExperts(nn.Module):
+    """The expert-parallel part of an MoE layer over ``group``, for a router's choices (all
+    ranks call forward together).
 
-    hidden H, intermediate I, num_experts E; placement: this layer's :class:`LayerPlacement`
-    with R slots, S = R / world size of them on each rank (rank r holds r*S .. r*S+S-1).
-    gpus_per_node: ranks per node for the replica choice (None: one node).
-    router_weight: [E, H] (default: :func:`seeded_router_weight`); expert_weights: logical
-    expert id -> (w13 [H, 2I], w2 [I, H]) (default: :func:`seeded_expert_weights`), so any
-    placement of the same (seed, layer) computes the same function.
+    forward(x [T, H], topk_ids [T, k] logical experts, weights [T, k]) -> [T, H]: replica
+    choice, all_to_all dispatch, SwiGLU grouped GEMM over this rank's S slots, all_to_all
+    combine and the top-k weighted sum. hidden H, intermediate I, num_experts E; placement:
+    this layer's :class:`LayerPlacement` with R slots, S = R / world size of them on each rank
+    (rank r holds r*S .. r*S+S-1). gpus_per_node: ranks per node for the replica choice (None:
+    one node). expert_weights: logical expert id -> (w13 [H, 2I], w2 [I, H]) for this rank's
+    slots (and for hot-swap sources). Per-slot token counts (:meth:`read_counters`) and
+    per-logical-expert selections of this rank's tokens (:meth:`read_selections`) accumulate
+    on the device.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int,
+                 placement: LayerPlacement, expert_weights: ExpertWeightFn, *,
+                 group: dist.ProcessGroup | None = None, gpus_per_node: int | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.group = group
+        self.rank, self.world_size = world_of(group)
+        self.device = torch.device(device)
+        self.num_experts = num_experts
+        if gpus_per_node is not None and gpus_per_node < 1:
+            raise PlacementError(f"gpus_per_node must be >= 1, got {gpus_per_node}")
+        self.gpus_per_node = gpus_per_node or self.world_size
+        self.expert_weights = expert_weights
+        self.hidden, self.intermediate = hidden, intermediate
+        self._check_placement(placement)
+        self.num_slots = placement.num_slots
+        self.slots_per_rank = placement.num_slots // self.world_size
+        self.slot_gpu = torch.arange(self.num_slots, device=self.device) // self.slots_per_rank
+        self.counters = SlotCounters(self.slots_per_rank, self.device)
+        self.selections = SlotCounters(num_experts, self.device)
+        self._set_placement(placement)
+        self.experts = LocalExperts.from_logical(self.local_logical_ids(), self.expert_weights)
+
+    def forward(self, x: Tensor, topk_ids: Tensor, weights: Tensor) -> Tensor:
+        """x [T, H], topk_ids [T, k] int logical experts, weights [T, k] -> [T, H] (x's dtype).
+        Every rank of the group must call it (T and k may differ between ranks, not k)."""
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"x must be [T, {self.hidden}], got {list(x.shape)}")
+        if topk_ids.shape != weights.shape or topk_ids.shape[:1] != x.shape[:1]:
+            raise ValueError(f"topk_ids and weights must be [{x.shape[0]}, k], got "
+                             f"{list(topk_ids.shape)} and {list(weights.shape)}")
+        topk_ids = topk_ids.long()
+        self.selections.add(expert_load(topk_ids, self.num_experts))
+        return self.run_experts(x, self._replicas(topk_ids), weights)
+
+    def run_experts(self, x: Tensor, phys: Tensor, weights: Tensor) -> Tensor:
+        """Dispatch x [T, H] to physical slots ``phys`` [T, k] (-1: not sent), the experts,
+        combine with ``weights`` [T, k] -> [T, H] (x's dtype); counts the rows per local slot."""
+        layout = plan_dispatch(phys, self.num_slots, self.group)
+        x_local = dispatch(x.to(self.experts.dtype), layout, phys.shape[1], self.group)
+        self.counters.add(layout.tokens_per_slot)
+        y_local = self.experts(x_local, layout.tokens_per_slot, layout.slot_counts)
+        return combine(y_local, layout, weights, self.group).to(x.dtype)
+
+    def read_selections(self, reset: bool = True) -> Tensor:
+        """Router selections of each logical expert by this rank's tokens since the last reset:
+        host LongTensor [E]."""
+        return self.selections.read(reset)
+
+    def local_logical_ids(self, placement: LayerPlacement | None = None) -> list[int]:
+        """Logical expert of each of this rank's S slots under ``placement`` (default: current)."""
+        placement = placement or self.placement
+        start = self.rank * (placement.num_slots // self.world_size)
+        return placement.phy2log[start:start + placement.num_slots // self.world_size].tolist()
+
+    def read_counters(self, reset: bool = True) -> Tensor:
+        """Tokens processed by each local slot since the last reset: host LongTensor [S]."""
+        return self.counters.read(reset)
+
+    def swap(self, placement: LayerPlacement, experts: LocalExperts) -> None:
+        """Switch to ``placement`` with this rank's new slot weights ``experts`` (call at a step
+        boundary, on every rank). Counts taken under the old placement are read out first by
+        the caller; the counters keep running (the slot count does not change)."""
+        self._check_placement(placement)
+        if placement.num_slots != self.num_slots:
+            raise PlacementError(f"phy2log must keep R={self.num_slots} slots, "
+                                 f"got {placement.num_slots}")
+        expected = (self.slots_per_rank, self.hidden, self.intermediate)
+        got = (experts.num_slots, experts.hidden, experts.intermediate)
+        if got != expected:
+            raise ValueError(f"experts must have (slots, hidden, intermediate) {expected}, "
+                             f"got {got}")
+        self._set_placement(placement)
+        self.experts = experts
+
+    def _replicas(self, topk_ids: Tensor) -> Tensor:
+        return choose_replicas(topk_ids, self.rank, self._log2phy, self._logcnt, self.slot_gpu,
+                               self.gpus_per_node)
+
+    def _check_placement(self, placement: LayerPlacement) -> None:
+        if placement.num_experts != self.num_experts:
+            raise PlacementError(f"log2phy must have {self.num_experts} rows, "
+                                 f"got {placement.num_experts}")
+        if placement.num_slots % self.world_size:
+            raise PlacementError(f"phy2log length {placement.num_slots} must be a multiple of "
+                                 f"the world size {self.world_size}")
+
+    def _set_placement(self, placement: LayerPlacement) -> None:
+        self.placement = placement
+        self._log2phy = placement.log2phy.to(self.device)
+        self._logcnt = placement.logcnt.to(self.device)
+
+
+class EPMoELayer(ExpertParallelExperts):
+    """Expert-parallel MoE layer with its own router over ``group`` (all ranks call forward
+    together): :class:`ExpertParallelExperts` behind a top-k router.
+
+    hidden H, intermediate I, num_experts E, placement, gpus_per_node: as
+    :class:`ExpertParallelExperts`. router_weight: [E, H] (default:
+    :func:`seeded_router_weight`); expert_weights: logical expert id -> (w13 [H, 2I],
+    w2 [I, H]) (default: :func:`seeded_expert_weights`), so any placement of the same
+    (seed, layer) computes the same function.
     capacity: optional per-slot capacity (``kernels.balancing``; drops counted per local slot,
     :meth:`read_dropped`). bias_update: the rule :meth:`update_selection_bias` applies.
     """
@@ -123,44 +233,26 @@ class EPMoELayer(nn.Module):
                  expert_weights: ExpertWeightFn | None = None,
                  capacity: CapacityConfig | None = None,
                  bias_update: BiasUpdate | None = None) -> None:
-        super().__init__()
-        self.group = group
-        self.rank, self.world_size = world_of(group)
-        self.device = torch.device(device)
-        self.router = RouterConfig(num_experts=num_experts, top_k=top_k, num_groups=num_groups,
-                                   topk_groups=topk_groups, scoring=scoring,
-                                   normalize=normalize, scaling=scaling)
-        if gpus_per_node is not None and gpus_per_node < 1:
-            raise PlacementError(f"gpus_per_node must be >= 1, got {gpus_per_node}")
-        self.gpus_per_node = gpus_per_node or self.world_size
+        device = torch.device(device)
         if router_weight is None:
-            router_weight = seeded_router_weight(seed, layer, num_experts, hidden, self.device)
+            router_weight = seeded_router_weight(seed, layer, num_experts, hidden, device)
         if router_weight.shape != (num_experts, hidden):
             raise ValueError(f"router_weight must be [{num_experts}, {hidden}], "
                              f"got {list(router_weight.shape)}")
+        super().__init__(hidden, intermediate, num_experts, placement,
+                         expert_weights or seeded_expert_weights(
+                             seed, layer, hidden, intermediate, dtype=dtype, device=device),
+                         group=group, gpus_per_node=gpus_per_node, device=device)
+        self.router = RouterConfig(num_experts=num_experts, top_k=top_k, num_groups=num_groups,
+                                   topk_groups=topk_groups, scoring=scoring,
+                                   normalize=normalize, scaling=scaling)
         self.router_weight = nn.Parameter(router_weight.to(self.device, torch.float32),
                                           requires_grad=False)
-        self.expert_weights = expert_weights or seeded_expert_weights(
-            seed, layer, hidden, intermediate, dtype=dtype, device=self.device)
-        self.hidden, self.intermediate = hidden, intermediate
         self.selection_bias: Tensor | None = None
         self.capacity = capacity
         self.bias_update = bias_update
         self._selections = torch.zeros(num_experts, dtype=torch.int64, device=self.device)
-        self._check_placement(placement)
-        self.num_slots = placement.num_slots
-        self.slots_per_rank = placement.num_slots // self.world_size
-        self.slot_gpu = torch.arange(self.num_slots, device=self.device) // self.slots_per_rank
-        self.counters = SlotCounters(self.slots_per_rank, self.device)
         self.dropped = SlotCounters(self.slots_per_rank, self.device)
-        self._set_placement(placement)
-        self.experts = LocalExperts.from_logical(self.local_logical_ids(), self.expert_weights)
-
-    def local_logical_ids(self, placement: LayerPlacement | None = None) -> list[int]:
-        """Logical expert of each of this rank's S slots under ``placement`` (default: current)."""
-        placement = placement or self.placement
-        start = self.rank * (placement.num_slots // self.world_size)
-        return placement.phy2log[start:start + placement.num_slots // self.world_size].tolist()
 
     def set_selection_bias(self, bias: Tensor | None) -> None:
         """Per-logical-expert selection bias [E] (top-k selection only), or None."""
@@ -177,11 +269,7 @@ class EPMoELayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x [T, H] -> [T, H] (same dtype). Every rank of the group must call it."""
         phys, weights = self.assign(x)
-        layout = plan_dispatch(phys, self.num_slots, self.group)
-        x_local = dispatch(x.to(self.experts.dtype), layout, self.router.top_k, self.group)
-        self.counters.add(layout.tokens_per_slot)
-        y_local = self.experts(x_local, layout.tokens_per_slot, layout.slot_counts)
-        return combine(y_local, layout, weights, self.group).to(x.dtype)
+        return self.run_experts(x, phys, weights)
 
     def assign(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """One step's routing of x [T, H]: router, replica choice and capacity. Returns
@@ -228,34 +316,10 @@ class EPMoELayer(nn.Module):
         """Rows dropped by the capacity at each local slot: host LongTensor [S]."""
         return self.dropped.read(reset)
 
-    def read_counters(self, reset: bool = True) -> Tensor:
-        """Tokens processed by each local slot since the last reset: host LongTensor [S]."""
-        return self.counters.read(reset)
-
-    def swap(self, placement: LayerPlacement, experts: LocalExperts) -> None:
-        """Switch to ``placement`` with this rank's new slot weights ``experts`` (call at a step
-        boundary, on every rank). Counts taken under the old placement are read out first by
-        the caller; the counters keep running (the slot count does not change)."""
-        self._check_placement(placement)
-        if placement.num_slots != self.num_slots:
-            raise PlacementError(f"phy2log must keep R={self.num_slots} slots, "
-                                 f"got {placement.num_slots}")
-        expected = (self.slots_per_rank, self.hidden, self.intermediate)
-        got = (experts.num_slots, experts.hidden, experts.intermediate)
-        if got != expected:
-            raise ValueError(f"experts must have (slots, hidden, intermediate) {expected}, "
-                             f"got {got}")
-        self._set_placement(placement)
-        self.experts = experts
-
     def _logits(self, x: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"x must be [T, {self.hidden}], got {list(x.shape)}")
         return x.float() @ self.router_weight.t()
-
-    def _replicas(self, topk_ids: Tensor) -> Tensor:
-        return choose_replicas(topk_ids, self.rank, self._log2phy, self._logcnt, self.slot_gpu,
-                               self.gpus_per_node)
 
     def _rerouter(self, ranked: Tensor, eligible: Tensor, scores: Tensor, topk_ids: Tensor,
                   weights: Tensor):
@@ -278,16 +342,3 @@ class EPMoELayer(nn.Module):
                 phys[has] = self._replicas(substitute[has].unsqueeze(1)).squeeze(1)
             return phys, scores.gather(1, substitute) * norm
         return reroute
-
-    def _check_placement(self, placement: LayerPlacement) -> None:
-        if placement.num_experts != self.router.num_experts:
-            raise PlacementError(f"log2phy must have {self.router.num_experts} rows, "
-                                 f"got {placement.num_experts}")
-        if placement.num_slots % self.world_size:
-            raise PlacementError(f"phy2log length {placement.num_slots} must be a multiple of "
-                                 f"the world size {self.world_size}")
-
-    def _set_placement(self, placement: LayerPlacement) -> None:
-        self.placement = placement
-        self._log2phy = placement.log2phy.to(self.device)
-        self._logcnt = placement.logcnt.to(self.device)

@@ -108,14 +108,25 @@ class PlanSetup:
 
 
 def plan_document(setup: PlanSetup, phy2log, log2phy, logcnt, balance,
-                  migration: Migration | None) -> dict:
-    """The JSON/YAML-serialisable plan: maps, per-layer predicted balance, migration summary."""
+                  migration: Migration | None, *, placement: str = "", version: int = 0,
+                  moe_layers: list[int] | None = None,
+                  num_hidden_layers: int | None = None) -> dict:
+    """The JSON/YAML-serialisable plan: maps, per-layer predicted balance, migration summary.
+
+    ``placement``/``version`` name the plan (the plan-delivery file needs them; the CLI writes ""
+    and 0); ``moe_layers`` (hidden-layer index of each row) and ``num_hidden_layers`` are None
+    when unknown.
+    """
     bal = np.asarray(balance, dtype=np.float64)
     doc = {
+        "placement": placement,
+        "version": int(version),
         "algorithm": setup.algorithm,
         "policy": setup.policy,
         "num_layers": int(np.asarray(phy2log).shape[0]),
         "num_logical_experts": int(np.asarray(logcnt).shape[1]),
+        "num_hidden_layers": num_hidden_layers,
+        "moe_layers": None if moe_layers is None else [int(x) for x in moe_layers],
         "num_replicas": setup.num_replicas,
         "num_groups": setup.num_groups,
         "num_nodes": setup.num_nodes,

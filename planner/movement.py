@@ -6,7 +6,7 @@ Given the plan in force (``previous`` phy2log [L, R]) and new loads, per layer:
    look like ``previous``: nodes (hierarchical or topology plans) and GPUs are matched to the old
    ones by the number of replicas they keep (``scipy.optimize.linear_sum_assignment`` on the
    overlap), and inside each GPU every replica that already sat on that GPU keeps its old slot.
-   Relabelling never changes the balance.
+   Relabelling never changes the balance (:mod:`planner.alignment`).
 2. **Repair of the old plan** (algorithms "deepseek" and "balanced"). Starting from
    ``previous`` itself, apply the best move per changed slot until the layer's balance is within
    ``tolerance`` (2%) of the fresh plan's: re-assign one slot to another expert (1 slot changed,
@@ -30,8 +30,9 @@ import itertools
 
 import numpy as np
 from numba import njit, prange
-from scipy.optimize import linear_sum_assignment
 
+from expertplane.planner.algorithms import fresh_placement
+from expertplane.planner.alignment import align, match_sets
 from expertplane.planner.balanced import pack_items
 from expertplane.planner.deepseek import is_hierarchical
 from expertplane.planner.metrics import gpu_loads
@@ -42,102 +43,6 @@ TOLERANCE = 0.02  # allowed relative balance loss against a fresh plan
 SLACKS = (0.01, 0.04)
 _REL = 1e-12
 _REPAIRABLE = ("deepseek", "balanced")
-
-
-@njit(cache=True)
-def _overlap(new_sets, old_sets, num_experts):
-    """Replicas kept when unit a of ``new_sets`` replaces unit b of ``old_sets``.
-
-    new_sets, old_sets: int64 [U, s] experts held by each unit (GPU or node).
-    Returns int64 [U, U]: sum over experts of min(count in new a, count in old b).
-    """
-    units = new_sets.shape[0]
-    cnt_old = np.zeros((units, num_experts), dtype=np.int64)
-    for b in range(units):
-        for x in old_sets[b]:
-            cnt_old[b, x] += 1
-    out = np.zeros((units, units), dtype=np.int64)
-    cnt_new = np.zeros(num_experts, dtype=np.int64)
-    for a in range(units):
-        for x in new_sets[a]:
-            cnt_new[x] += 1
-        for x in new_sets[a]:
-            if cnt_new[x] == 0:  # already counted
-                continue
-            for b in range(units):
-                out[a, b] += min(cnt_new[x], cnt_old[b, x])
-            cnt_new[x] = 0
-    return out
-
-
-def _match(new_sets: np.ndarray, old_sets: np.ndarray, num_experts: int) -> np.ndarray:
-    """[U] old unit taking each new unit, maximising kept replicas."""
-    rows, cols = linear_sum_assignment(_overlap(new_sets, old_sets, num_experts), maximize=True)
-    target = np.empty_like(rows)
-    target[rows] = cols
-    return target
-
-
-@njit(cache=True)
-def _keep_slots(new_gpu, old_gpu):
-    """Order the experts of one GPU (``new_gpu`` [s]) so that those already in an old slot
-    (``old_gpu`` [s]) stay there; the rest fill the remaining slots in order."""
-    s = new_gpu.shape[0]
-    out = np.full(s, -1, dtype=np.int64)
-    placed = np.zeros(s, dtype=np.bool_)
-    for j in range(s):
-        for i in range(s):
-            if not placed[i] and new_gpu[i] == old_gpu[j]:
-                out[j] = new_gpu[i]
-                placed[i] = True
-                break
-    k = 0
-    for i in range(s):
-        if not placed[i]:
-            while out[k] >= 0:
-                k += 1
-            out[k] = new_gpu[i]
-    return out
-
-
-@njit(cache=True)
-def _keep_slots_all(new, old):
-    """[G, s] per-GPU slot alignment of ``new`` to ``old`` (both [G, s])."""
-    out = np.empty_like(new)
-    for g in range(new.shape[0]):
-        out[g] = _keep_slots(new[g], old[g])
-    return out
-
-
-def align(fresh: np.ndarray, previous: np.ndarray, num_gpus: int, num_nodes: int,
-          by_node: bool) -> np.ndarray:
-    """Relabel nodes, GPUs and slots of ``fresh`` [L, R] to keep most of ``previous`` [L, R].
-
-    by_node: match nodes first and GPUs only inside matched nodes (hierarchical / topology
-    plans, where a node's content matters); else match all GPUs freely. Balance is unchanged.
-    """
-    layers, replicas = fresh.shape
-    experts = int(max(fresh.max(), previous.max())) + 1
-    per_gpu = replicas // num_gpus
-    gpus_per_node = num_gpus // num_nodes
-    out = np.empty_like(fresh)
-    for layer in range(layers):
-        new = fresh[layer].reshape(num_gpus, per_gpu)
-        old = previous[layer].reshape(num_gpus, per_gpu)
-        if by_node and num_nodes > 1:
-            node_of = _match(new.reshape(num_nodes, -1), old.reshape(num_nodes, -1), experts)
-            gpu_target = np.empty(num_gpus, dtype=np.int64)
-            for node in range(num_nodes):
-                mine = slice(node * gpus_per_node, (node + 1) * gpus_per_node)
-                theirs = node_of[node] * gpus_per_node
-                local = _match(new[mine], old[theirs:theirs + gpus_per_node], experts)
-                gpu_target[mine] = theirs + local
-        else:
-            gpu_target = _match(new, old, experts)
-        placed = np.empty_like(new)
-        placed[gpu_target] = new
-        out[layer] = _keep_slots_all(placed, old).reshape(-1)
-    return out
 
 
 @njit(cache=True)
@@ -539,11 +444,8 @@ def _repack_worst(w_row, plan_row, prev_row, num_gpus, target, best_moves):
         if packed.max() <= target:
             new_sets = gpus[chosen].ravel()[order][members]
             old_sets = prev_row.reshape(num_gpus, per_gpu)[chosen]
-            target_of = _match(new_sets, old_sets, w_row.size)
-            placed = np.empty_like(new_sets)
-            placed[target_of] = new_sets
             out = gpus.copy()
-            out[chosen] = _keep_slots_all(placed, old_sets)
+            out[chosen] = match_sets(new_sets, old_sets, w_row.size)
             out = out.ravel()
             return out if (out != prev_row).sum() < best_moves else None
         light = max(light + 1, light * 5 // 4)
@@ -570,14 +472,12 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
     Arguments are validated by the caller (``rebalance_experts``); ``options`` go to the
     algorithm.
     """
-    from expertplane.planner.eplb import plan_placement  # eplb imports this module lazily
-
     w = np.ascontiguousarray(weight, dtype=np.float64)
     prev = np.ascontiguousarray(previous, dtype=np.int64)
     r, g, n, p = int(num_replicas), int(num_groups), int(num_nodes), int(num_gpus)
     layers, experts = w.shape
     hier = is_hierarchical(g, n)
-    fresh = plan_placement(w, r, g, n, p, algorithm=algorithm, **options)[0]
+    fresh = fresh_placement(w, r, g, n, p, algorithm, **options)[0]
     aligned = align(fresh, prev, p, n, by_node=hier or algorithm == "topology")
     if algorithm not in _REPAIRABLE:
         return aligned
@@ -616,16 +516,3 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
         best = np.where(use[:, None], repaired, best)
         best_moves = np.where(use, moves, best_moves)
     return best
-
-
-
-def keep_gpu_slots(phy2log: np.ndarray, previous: np.ndarray, num_gpus: int) -> np.ndarray:
-    """``phy2log`` [L, R] with each GPU's experts reordered so that every expert that already sat
-    in a slot of that GPU in ``previous`` [L, R] keeps that slot; the others fill the free slots
-    in order. The GPUs' expert sets, hence the balance, are unchanged (vLLM's default EPLB
-    policy does the same after DeepSeek's algorithm)."""
-    new = np.ascontiguousarray(phy2log, dtype=np.int64)
-    old = np.ascontiguousarray(previous, dtype=np.int64)
-    layers, replicas = new.shape
-    rows = layers * int(num_gpus)
-    return _keep_slots_all(new.reshape(rows, -1), old.reshape(rows, -1)).reshape(layers, replicas)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from expertplane.errors import FieldError
+from expertplane.planner.transfers import plan_transfers
 
 
 def replica_ranks(phy2log) -> np.ndarray:
@@ -52,7 +53,9 @@ class Migration:
     """Change from one placement to another.
 
     slots_moved: physical slots whose logical expert changed (summed over layers);
-    bytes_moved: slots_moved * bytes per expert; per_layer: int64 [L] slots changed per layer.
+    bytes_moved: bytes the hot-swap moves between GPUs for it
+    (:meth:`~expertplane.planner.transfers.TransferPlan.bytes_moved`: one expert per slot
+    that receives an expert its GPU did not hold); per_layer: int64 [L] slots changed per layer.
     """
 
     slots_moved: int
@@ -60,8 +63,12 @@ class Migration:
     per_layer: np.ndarray
 
 
-def migration(previous_phy2log, phy2log, expert_bytes=0) -> Migration:
-    """Slots whose expert changed between ``previous_phy2log`` and ``phy2log`` (both [L, R])."""
+def migration(previous_phy2log, phy2log, expert_bytes=0, *, num_gpus: int | None = None,
+              num_nodes: int = 1) -> Migration:
+    """Slots whose expert changed between ``previous_phy2log`` and ``phy2log`` (both [L, R]),
+    and the bytes that change moves over ``num_gpus`` GPUs in ``num_nodes`` nodes, one expert
+    being ``expert_bytes`` (``num_gpus`` is needed when slots changed and ``expert_bytes`` > 0:
+    the bytes depend on which GPU holds which slot)."""
     old = np.asarray(previous_phy2log, dtype=np.int64)
     new = np.asarray(phy2log, dtype=np.int64)
     if old.shape != new.shape:
@@ -71,4 +78,13 @@ def migration(previous_phy2log, phy2log, expert_bytes=0) -> Migration:
         raise FieldError("expert_bytes", f"must be >= 0, got {expert_bytes}")
     per_layer = (old != new).sum(axis=1).astype(np.int64)
     moved = int(per_layer.sum())
-    return Migration(slots_moved=moved, bytes_moved=moved * int(expert_bytes), per_layer=per_layer)
+    if moved == 0 or int(expert_bytes) == 0:
+        return Migration(slots_moved=moved, bytes_moved=0, per_layer=per_layer)
+    if num_gpus is None:
+        raise FieldError("num_gpus", "is needed to count the bytes a changed plan moves")
+    if num_nodes < 1 or num_gpus % num_nodes:
+        raise FieldError("num_nodes", f"must be >= 1 and divide num_gpus ({num_gpus}), "
+                                      f"got {num_nodes}")
+    moves = plan_transfers(old, new, num_gpus, num_gpus // num_nodes)
+    return Migration(slots_moved=moved, bytes_moved=moves.bytes_moved(expert_bytes),
+                     per_layer=per_layer)

@@ -14,6 +14,7 @@ import numpy as np
 from expertplane.errors import FieldError
 from expertplane.planner.bounds import lower_bound
 from expertplane.planner.deepseek import is_hierarchical
+from expertplane.planner.eplb import rebalance_experts
 from expertplane.planner.metrics import balance
 from expertplane.planner.validation import as_int, check_loads
 
@@ -62,8 +63,6 @@ def sizing_curve(weight, num_groups, num_nodes, num_gpus, candidates=None,
     weight: [L, E] loads (tensor, array or list); candidates: redundant counts (each giving a
     multiple of num_gpus slots; default ``default_candidates``). Returns points sorted by count.
     """
-    from expertplane.planner.eplb import rebalance_experts
-
     w = check_loads(weight)
     num_gpus = as_int(num_gpus, "num_gpus")
     experts = w.shape[1]
@@ -102,22 +101,3 @@ def recommend_redundancy(weight, num_groups, num_nodes, num_gpus, target_balance
         if value <= target:
             return point, curve
     return None, curve
-
-
-def format_sizing_table(points, recommended: SizingPoint | None = None) -> str:
-    """The sizing curve as a text table (rich), marking the recommended point."""
-    from io import StringIO
-
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="redundancy sizing: balance = max / mean GPU load")
-    for name in ("redundant", "replicas", "balance mean", "balance worst", "bound worst", ""):
-        table.add_column(name, justify="right")
-    for p in points:
-        mark = "<- recommended" if recommended is not None and p == recommended else ""
-        table.add_row(str(p.num_redundant), str(p.num_replicas), f"{p.balance_mean:.4f}",
-                      f"{p.balance_max:.4f}", f"{p.bound_max:.4f}", mark)
-    out = StringIO()
-    Console(file=out, width=100, force_terminal=False, color_system=None).print(table)
-    return out.getvalue()

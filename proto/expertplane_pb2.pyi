@@ -79,7 +79,7 @@ class RebalancePolicy(_message.Message):
     def __init__(self, mode: _Optional[_Union[RebalancePolicy.Mode, str]] = ..., window_seconds: _Optional[float] = ..., half_life_seconds: _Optional[float] = ..., threshold: _Optional[float] = ..., hysteresis: _Optional[float] = ..., cooldown_seconds: _Optional[float] = ..., move_budget_bytes: _Optional[int] = ..., min_gain_per_gib: _Optional[float] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("name", "model", "topology", "num_replicas", "algorithm", "policy", "initial_load", "generation", "router_bias")
+    __slots__ = ("name", "model", "topology", "num_replicas", "algorithm", "policy", "initial_load", "generation", "router_bias", "restore_phy2log", "restore_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,8 @@ class Placement(_message.Message):
     INITIAL_LOAD_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     ROUTER_BIAS_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_PHY2LOG_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     topology: Topology
@@ -98,7 +100,9 @@ class Placement(_message.Message):
     initial_load: DoubleTensor
     generation: int
     router_bias: RouterBiasPolicy
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., num_replicas: _Optional[int] = ..., algorithm: _Optional[str] = ..., policy: _Optional[_Union[RebalancePolicy, _Mapping]] = ..., initial_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., generation: _Optional[int] = ..., router_bias: _Optional[_Union[RouterBiasPolicy, _Mapping]] = ...) -> None: ...
+    restore_phy2log: Int64Tensor
+    restore_version: int
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., num_replicas: _Optional[int] = ..., algorithm: _Optional[str] = ..., policy: _Optional[_Union[RebalancePolicy, _Mapping]] = ..., initial_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., generation: _Optional[int] = ..., router_bias: _Optional[_Union[RouterBiasPolicy, _Mapping]] = ..., restore_phy2log: _Optional[_Union[Int64Tensor, _Mapping]] = ..., restore_version: _Optional[int] = ...) -> None: ...
 
 class RouterBiasPolicy(_message.Message):
     __slots__ = ("enabled", "speed", "rule", "interval_seconds")
@@ -457,14 +461,18 @@ class PipelinePartition(_message.Message):
     def __init__(self, boundaries: _Optional[_Iterable[int]] = ..., step_time: _Optional[float] = ..., bubble_fraction: _Optional[float] = ..., peak_memory_bytes: _Optional[_Iterable[int]] = ..., stage_busy: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TriggerRebalanceRequest(_message.Message):
-    __slots__ = ("placement", "dry_run", "force")
+    __slots__ = ("placement", "dry_run", "force", "propose", "version")
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    PROPOSE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     placement: str
     dry_run: bool
     force: bool
-    def __init__(self, placement: _Optional[str] = ..., dry_run: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
+    propose: bool
+    version: int
+    def __init__(self, placement: _Optional[str] = ..., dry_run: _Optional[bool] = ..., force: _Optional[bool] = ..., propose: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RebalanceDecision(_message.Message):
     __slots__ = ("placement", "rebalance", "reason", "current_balance", "predicted_balance", "gain", "slots_moved", "bytes_moved", "new_version")
@@ -544,6 +552,7 @@ class RolloutEvent(_message.Message):
         FAILED: _ClassVar[RolloutEvent.Kind]
         WORKER_LOST: _ClassVar[RolloutEvent.Kind]
         WORKER_JOINED: _ClassVar[RolloutEvent.Kind]
+        BIAS_APPLIED: _ClassVar[RolloutEvent.Kind]
     KIND_UNSPECIFIED: RolloutEvent.Kind
     HELLO: RolloutEvent.Kind
     PREPARED: RolloutEvent.Kind
@@ -552,6 +561,7 @@ class RolloutEvent(_message.Message):
     FAILED: RolloutEvent.Kind
     WORKER_LOST: RolloutEvent.Kind
     WORKER_JOINED: RolloutEvent.Kind
+    BIAS_APPLIED: RolloutEvent.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -581,6 +591,30 @@ class RegisterResponse(_message.Message):
     node: str
     pull_interval_seconds: float
     def __init__(self, node: _Optional[str] = ..., pull_interval_seconds: _Optional[float] = ...) -> None: ...
+
+class EngineLoadReport(_message.Message):
+    __slots__ = ("placement", "engine", "expert_load", "window_start", "window_end", "engine_epoch", "sequence")
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    placement: str
+    engine: str
+    expert_load: DoubleTensor
+    window_start: _timestamp_pb2.Timestamp
+    window_end: _timestamp_pb2.Timestamp
+    engine_epoch: int
+    sequence: int
+    def __init__(self, placement: _Optional[str] = ..., engine: _Optional[str] = ..., expert_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., engine_epoch: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class EngineLoadAck(_message.Message):
+    __slots__ = ("queued",)
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    queued: bool
+    def __init__(self, queued: _Optional[bool] = ...) -> None: ...
 
 class PullCountersRequest(_message.Message):
     __slots__ = ("ack_epoch", "ack_sequence", "agent_epoch")

@@ -762,6 +762,11 @@ class AgentServiceStub:
                 request_serializer=expertplane_dot_proto_dot_expertplane__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=expertplane_dot_proto_dot_expertplane__pb2.RegisterResponse.FromString,
                 _registered_method=True)
+        self.ReportEngineLoad = channel.unary_unary(
+                '/expertplane.v1.AgentService/ReportEngineLoad',
+                request_serializer=expertplane_dot_proto_dot_expertplane__pb2.EngineLoadReport.SerializeToString,
+                response_deserializer=expertplane_dot_proto_dot_expertplane__pb2.EngineLoadAck.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -774,6 +779,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportEngineLoad(self, request, context):
+        """An engine's load window per logical expert; INVALID_ARGUMENT names the field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -781,6 +793,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Register,
                     request_deserializer=expertplane_dot_proto_dot_expertplane__pb2.RegisterRequest.FromString,
                     response_serializer=expertplane_dot_proto_dot_expertplane__pb2.RegisterResponse.SerializeToString,
+            ),
+            'ReportEngineLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEngineLoad,
+                    request_deserializer=expertplane_dot_proto_dot_expertplane__pb2.EngineLoadReport.FromString,
+                    response_serializer=expertplane_dot_proto_dot_expertplane__pb2.EngineLoadAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -811,6 +828,33 @@ class AgentService:
             '/expertplane.v1.AgentService/Register',
             expertplane_dot_proto_dot_expertplane__pb2.RegisterRequest.SerializeToString,
             expertplane_dot_proto_dot_expertplane__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEngineLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expertplane.v1.AgentService/ReportEngineLoad',
+            expertplane_dot_proto_dot_expertplane__pb2.EngineLoadReport.SerializeToString,
+            expertplane_dot_proto_dot_expertplane__pb2.EngineLoadAck.FromString,
             options,
             channel_credentials,
             insecure,

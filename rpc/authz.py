@@ -60,15 +60,19 @@ def _methods(*names: str) -> frozenset[str]:
 
 
 # What each component calls (the stubs' uses): agent/uplink.py, agent/rollout.py,
-# agent/collector.py; worker/process.py; controller/operator/client.py.
+# agent/collector.py, engines/plan_file_writer.py (GetPlan); worker/process.py;
+# controller/operator/client.py; engines/ (the vLLM
+# plugin sends its load windows with the worker role).
 ROLE_METHODS: Mapping[str, frozenset[str]] = {
-    "agent": _methods("LoadService/ReportLoad", "RolloutService/Connect",
+    "agent": _methods("LoadService/ReportLoad", "RolloutService/Connect", "PlanService/GetPlan",
                       "WorkerService/PullCounters", "WorkerService/Prepare",
                       "WorkerService/Commit", "WorkerService/Abort", "WorkerService/SetBias"),
-    "worker": _methods("PlanService/GetPlan", "AgentService/Register"),
+    "worker": _methods("PlanService/GetPlan", "AgentService/Register",
+                       "AgentService/ReportEngineLoad"),
     "operator": _methods("PlanService/ApplyPlacement", "PlanService/DeletePlacement",
                          "PlanService/ListPlacements", "PlanService/GetPlan",
-                         "PlanningService/ComputePipeline"),
+                         "PlanService/ListPlans", "PlanningService/ComputePipeline",
+                         "PlanningService/TriggerRebalance"),
     "reader": frozenset(m for m in ALL_METHODS
                         if m.rsplit("/", 1)[1].startswith(("Get", "List", "Watch"))),
     "admin": ALL_METHODS,

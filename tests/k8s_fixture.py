@@ -4,7 +4,7 @@
 applied server-side. ``operator_kubeconfig``: a kubeconfig holding a TokenRequest token of the
 ``expertplane-operator`` ServiceAccount, so the operator runs with exactly the RBAC the manifests
 grant. ``controller``: a real ``ControllerServer`` on loopback (SQLite in tmp). ``OperatorProcess``:
-``python -m expertplane.controller.operator`` as a child process.
+``expertplane operator`` as a child process.
 """
 
 from __future__ import annotations
@@ -127,13 +127,13 @@ def controller(tmp_path_factory):
 
 
 class OperatorProcess:
-    """``python -m expertplane.controller.operator`` in a child process, logging to a file."""
+    """``expertplane operator`` in a child process, logging to a file."""
 
     def __init__(self, log_path: pathlib.Path, *args: str):
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "expertplane.controller.operator", *args],
+            [sys.executable, "-m", "expertplane.cli.main", "operator", *args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=str(log_path.parent))
 
     def log(self) -> str:

@@ -448,7 +448,7 @@ def test_rollout_commands_are_relayed_and_answered_per_worker(controller, make_a
                          bias=pb.DoubleTensor(shape=[LAYERS, 4], values=[0.0] * (LAYERS * 4)))
     controller.commands.put(pb.RolloutCommand(bias=bias))          # placement from the bias
     for rank in (0, 1):
-        e = controller.wait_event(pb.RolloutEvent.COMMITTED, rank)
+        e = controller.wait_event(pb.RolloutEvent.BIAS_APPLIED, rank)
         assert (e.version, e.placement, e.rollout_id) == (9, "demo", "")
     # a command for a placement no local worker serves reaches nobody (commands run in order,
     # so once r4 is answered, r3 has been handled)

@@ -22,22 +22,22 @@ import reliability_support as rs  # noqa: E402
 
 from expertplane.agent.agent import Agent  # noqa: E402
 from expertplane.agent.config import AgentConfig  # noqa: E402
+from expertplane.benchmarks.simagent import load_report  # noqa: E402
 from expertplane.cli.main import build_parser, main  # noqa: E402
 from expertplane.controller.config import ControllerConfig  # noqa: E402
 from expertplane.controller.server import ControllerServer  # noqa: E402
-from expertplane.controller.simagent import load_report  # noqa: E402
-from expertplane.worker.service import (  # noqa: E402
-    CounterLedger,
-    WorkerIdentity,
-    WorkerServicer,
-    serve_worker_service,
-)
 from expertplane.proto import expertplane_pb2 as pb  # noqa: E402
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc  # noqa: E402
 from expertplane.rpc import authz  # noqa: E402
 from expertplane.rpc.authz import ROLE_METHODS, CallersFileError, read_token_file  # noqa: E402
 from expertplane.rpc.channels import aio_server_thread, make_channel, make_server  # noqa: E402
 from expertplane.rpc.security import SecurityConfig, security_from_args  # noqa: E402
+from expertplane.worker.service import (  # noqa: E402
+    CounterLedger,
+    WorkerIdentity,
+    WorkerServicer,
+    serve_worker_service,
+)
 
 pytestmark = pytest.mark.timeout(120)
 TOKENS = {"agent": "agent-tok-3c1f9a0b7e", "worker": "worker-tok-8d2e4b6a11",
@@ -163,10 +163,10 @@ def test_roles_on_the_controller(tmp_path, caplog):
 
 
 class SyncHandlers(pb_grpc.LoadServiceServicer, pb_grpc.PlanServiceServicer):
-    """A plain function (GetPlan) and a generator (ReportLoad)."""
+    """A plain function (ListPlans) and a generator (ReportLoad)."""
 
-    def GetPlan(self, request, context):
-        return pb.Plan()
+    def ListPlans(self, request, context):
+        return pb.ListPlansResponse()
 
     def ReportLoad(self, request_iterator, context):
         for r in request_iterator:
@@ -174,10 +174,10 @@ class SyncHandlers(pb_grpc.LoadServiceServicer, pb_grpc.PlanServiceServicer):
 
 
 class AsyncHandlers(pb_grpc.LoadServiceServicer, pb_grpc.PlanServiceServicer):
-    """A coroutine (GetPlan) and an async generator (ReportLoad)."""
+    """A coroutine (ListPlans) and an async generator (ReportLoad)."""
 
-    async def GetPlan(self, request, context):
-        return pb.Plan()
+    async def ListPlans(self, request, context):
+        return pb.ListPlansResponse()
 
     async def ReportLoad(self, request_iterator, context):
         async for r in request_iterator:
@@ -212,15 +212,15 @@ EVERY_SERVER = pytest.mark.parametrize(
 @contextlib.contextmanager
 def _reader_and_agent_calls(tmp_path, serve, handlers):
     """``serve`` the ``handlers`` behind a callers file of an agent and a reader; yields
-    ``(get, report)``: a GetPlan call and a one-report ReportLoad call, each ``(metadata) ->
+    ``(get, report)``: a ListPlans call and a one-report ReportLoad call, each ``(metadata) ->
     response``, on one channel."""
     security = cli_security(["controller", "--token-file",
                              callers_file(tmp_path, {"agent": "agent", "reader": "reader"})])
     with serve(add_handlers(handlers()), "127.0.0.1:0", security) as port, \
             grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         def get(md):
-            return pb_grpc.PlanServiceStub(ch).GetPlan(pb.GetPlanRequest(placement="p"),
-                                                       timeout=5, metadata=md)
+            return pb_grpc.PlanServiceStub(ch).ListPlans(pb.ListPlansRequest(placement="p"),
+                                                         timeout=5, metadata=md)
 
         def report(md):
             return list(pb_grpc.LoadServiceStub(ch).ReportLoad(
@@ -263,7 +263,7 @@ def test_guarded_handler_is_built_once_per_method_and_checks_every_call(tmp_path
                 assert code_of(call, TOKENS[refused])[0] == grpc.StatusCode.PERMISSION_DENIED
                 assert code_of(call, TOKENS["stranger"])[0] == grpc.StatusCode.UNAUTHENTICATED
                 assert code_of(call)[0] == grpc.StatusCode.UNAUTHENTICATED
-    assert len(built) == 2, built                  # GetPlan's and ReportLoad's, once each
+    assert len(built) == 2, built                  # ListPlans' and ReportLoad's, once each
 
 
 def worker_endpoint(security: SecurityConfig):
@@ -439,6 +439,9 @@ def test_role_tables():
     assert all(m.rsplit("/", 1)[1].startswith(("Get", "List", "Watch")) for m in ROLE_METHODS["reader"])
     assert f"{V1}PlanService/ApplyPlacement" not in ROLE_METHODS["reader"]
     assert all(ROLE_METHODS[r] <= ROLE_METHODS["admin"] for r in ROLE_METHODS)
-    assert ROLE_METHODS["worker"] == {f"{V1}PlanService/GetPlan", f"{V1}AgentService/Register"}
+    assert ROLE_METHODS["worker"] == {f"{V1}PlanService/GetPlan", f"{V1}AgentService/Register",
+                                      f"{V1}AgentService/ReportEngineLoad"}
     assert f"{V1}LoadService/ReportLoad" in ROLE_METHODS["agent"]
-    assert not any(m.startswith(f"{V1}PlanService/") for m in ROLE_METHODS["agent"])
+    # the agent reads only the plan in force (for an engine's plan file), never changes plans
+    assert {m for m in ROLE_METHODS["agent"] if "PlanService/" in m or "PlanningService/" in m} == {
+        f"{V1}PlanService/GetPlan"}

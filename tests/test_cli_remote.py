@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
+from expertplane.benchmarks.simagent import SimulatedAgent, load_report
 from expertplane.cli.main import main
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.server import ControllerServer
-from expertplane.controller.simagent import SimulatedAgent, load_report
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import make_channel
 from expertplane.rpc.security import SecurityConfig

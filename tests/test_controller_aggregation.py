@@ -4,9 +4,9 @@ staleness, bad input, window expiry and decay, and bounded state under an endles
 import numpy as np
 import pytest
 
+from expertplane.benchmarks.simagent import load_report
 from expertplane.controller import aggregation
 from expertplane.controller.aggregation import BUCKETS, PlacementWindow
-from expertplane.controller.simagent import load_report
 from expertplane.controller.spec import PlacementSpec, PolicySpec
 from expertplane.proto import expertplane_pb2 as pb
 

@@ -6,10 +6,10 @@ import threading
 import numpy as np
 import pytest
 
+from expertplane.benchmarks.simagent import load_report
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.core import Controller
 from expertplane.controller.planning import compute_candidate
-from expertplane.controller.simagent import load_report
 from expertplane.controller.spec import PlacementSpec
 from expertplane.errors import FailedPrecondition, FieldError, NotFound
 from expertplane.proto import expertplane_pb2 as pb

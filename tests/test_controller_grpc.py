@@ -14,10 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from expertplane.benchmarks.simagent import SimulatedAgent, load_report
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.server import ControllerServer
 from expertplane.controller.servicers import _Wakeup
-from expertplane.controller.simagent import SimulatedAgent, load_report
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import make_channel
@@ -124,6 +124,25 @@ def test_plan_service_errors_name_the_field(server, call, request_, code, field)
     c.plans.ApplyPlacement(placement(), timeout=30)
     got, details = code_of(getattr(c.plans, call), request_)
     assert got == code and details.startswith(field)
+
+
+def test_a_controller_bug_answers_internal_and_is_logged(server, monkeypatch, caplog):
+    """An exception that is not a FieldError (here a bare RuntimeError) is the controller's bug:
+    INTERNAL, not a client error, with its traceback in the log; the details leak nothing."""
+    srv, c = server
+    c.plans.ApplyPlacement(placement(), timeout=30)
+
+    def broken(*args, **kw):
+        raise RuntimeError("bookkeeping went wrong")
+
+    monkeypatch.setattr(srv.controller, "rebalance", broken)
+    with caplog.at_level("ERROR", logger="expertplane.rpc.status"):
+        code, details = code_of(c.planning.TriggerRebalance,
+                                pb.TriggerRebalanceRequest(placement="m", force=True))
+    assert code == grpc.StatusCode.INTERNAL and "RuntimeError" in details
+    assert "bookkeeping" not in details
+    [rec] = [r for r in caplog.records if r.name == "expertplane.rpc.status"]
+    assert "TriggerRebalance" in rec.getMessage() and rec.exc_info[0] is RuntimeError
 
 
 def test_planning_errors(server):

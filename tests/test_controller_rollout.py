@@ -1,6 +1,6 @@
 """Two-phase rollout: commit only when every rank prepared; abort on failure, timeout or loss;
 resume after a restart; bring stragglers to the version in force. Agents are plain sessions
-here (the gRPC path is in test_controller_grpc.py)."""
+here (the gRPC path is in test_controller_grpc.py); the state machine is also driven alone."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,11 @@ import pytest
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.convert import plan_message
 from expertplane.controller.core import Controller
+from expertplane.controller.rollout import RolloutMachine
+from expertplane.controller.sessions import AgentSession
 from expertplane.controller.spec import PlacementSpec
 from expertplane.controller.store import PlanRecord, utcnow
+from expertplane.errors import FailedPrecondition
 from expertplane.proto import expertplane_pb2 as pb
 
 Event = pb.RolloutEvent
@@ -153,7 +156,7 @@ def test_restart_resumes_from_the_store(db_url):
             pb.WorkerInfo(node="n0", rank=1, placement="m", plan_version=1)]))
         kinds = [(cmd.WhichOneof("command"), cmd.rollout_id.startswith("sync-")) for cmd in drain(s)]
         assert kinds == [("prepare", True), ("prepare", True)]
-        sync_id = [r for r in c2.rollouts._active][0]
+        sync_id = c2.rollouts.active_ids()[0]
         answer(c2, s, "n0", (0, 1), Event.PREPARED, sync_id, 2)
         assert [cmd.commit for cmd in drain(s)] == [2]
     finally:
@@ -187,3 +190,29 @@ def test_bias_goes_to_every_agent_of_the_placement(ctl):
         [cmd] = drain(s)
         assert cmd.bias.sequence == 7
     assert ctl.load_window("m")[1].sequence == 7
+
+
+def test_the_state_machine_returns_its_effects_and_does_no_io():
+    """``RolloutMachine`` alone (no store, no controller): each event returns the records to save
+    and the commands to send, in order; the machine itself sends and saves nothing."""
+    machine = RolloutMachine(timeout_seconds=5.0)
+    s = AgentSession(node="n0")
+    workers = {r: (s, pb.WorkerInfo(node="n0", rank=r, placement="m")) for r in (0, 1)}
+    plan = pb.Plan(summary=pb.PlanSummary(placement="m", version=2))
+    rec, eff = machine.start("m", plan, 1, 2, workers, now=0.0)
+    assert [op for op, _ in eff.saves] == ["create"] and eff.saves[0][1].state == "preparing"
+    [(to, cmd)] = eff.sends                       # one prepare per agent, serialized once
+    assert to is s and pb.RolloutCommand.FromString(cmd).prepare.summary.version == 2
+    assert s.outbox.empty() and machine.busy("m")
+    with pytest.raises(FailedPrecondition, match="^rollout:"):
+        machine.start("m", plan, 1, 2, workers, now=0.0)
+    prepared = Event(kind=Event.PREPARED, rollout_id=rec.id, workers=[
+        pb.WorkerInfo(node="n0", rank=r, placement="m") for r in (0, 1)])
+    eff = machine.answer(s, prepared, now=1.0)
+    assert [op for op, _ in eff.saves] == ["decide"] and [r.to_version for r in eff.committed] == [2]
+    assert [c.commit for _, c in eff.sends] == [2] and machine.state("m") == "committing"
+    eff = machine.expire(now=7.0)                 # the commit outlived its deadline: it stands
+    assert [(op, r.state) for op, r in eff.saves] == [("finish", "committed")]
+    assert [r.id for r in eff.finished] == [rec.id] and not machine.busy("m")
+    late = machine.answer(s, prepared, now=8.0)
+    assert (late.saves, late.sends, late.finished) == ([], [], [])

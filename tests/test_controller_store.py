@@ -73,9 +73,15 @@ def test_placement_update_and_shape_change(store):
     assert store.upsert_placement(updated).plan_version == 1
     got = store.get_placement("m").spec
     assert (got.generation, got.policy.threshold) == (5, 0.3)
-    with pytest.raises(FailedPrecondition, match="spec:"):
-        store.upsert_placement(dataclasses.replace(SPEC, num_replicas=16))
+    # A new shape: no plan in force until one of the new shape is stored; history kept.
+    reshaped = dataclasses.replace(SPEC, num_replicas=16)
+    assert store.upsert_placement(reshaped).plan_version == 0
     assert store.get_plan("m").version == 1     # nothing lost
+    stored = store.add_plan(plan_for(reshaped), in_force=True)
+    assert stored.version == 2 and store.get_placement("m").plan_version == 2
+    # A version given only raises the floor (a restored plan keeps its number).
+    assert store.add_plan(dataclasses.replace(plan_for(reshaped), version=9)).version == 9
+    assert store.add_plan(dataclasses.replace(plan_for(reshaped), version=3)).version == 10
 
 
 def test_rollout_decision_is_atomic_with_plan_in_force(store):

@@ -33,7 +33,7 @@ def test_build_log2phy_orders_by_slot_or_rank():
 def test_migration_counts_changed_slots_and_bytes():
     old = np.array([[0, 1, 2, 3], [0, 1, 2, 3]])
     new = np.array([[0, 1, 3, 2], [0, 1, 2, 3]])
-    m = migration(old, new, expert_bytes=1000)
+    m = migration(old, new, expert_bytes=1000, num_gpus=4)   # one slot per GPU: both slots receive
     assert (m.slots_moved, m.bytes_moved, m.per_layer.tolist()) == (2, 2000, [2, 0])
     with pytest.raises(FieldError, match="^previous:"):
         migration(old[:, :3], new)

@@ -41,11 +41,14 @@ from expertplane.controller.operator.crd import (
     PLACEMENTS,
     VERSION,
     SpecError,
+    label_selector,
     pipeline_request_from_cr,
+    placement_from_cr,
     placement_name,
 )
 from expertplane.controller.operator.kube import Kube, NoWorkers
-from expertplane.controller.operator.reconcile import OperatorContext, _placement_message
+from expertplane.controller.operator.placement import read_spec
+from expertplane.controller.operator.reconcile import OperatorContext
 
 from tests.k8s_fixture import REPO, apiserver  # noqa: F401  (pytest fixture)
 
@@ -254,14 +257,20 @@ class Verdict:
 
 def operator_validate(kube: Kube, plural: str, obj: dict) -> None:
     """What the operator's handlers do with an object's spec before talking to the controller:
-    build the controller message (ExpertPlacement: ``_placement_message``; PipelinePlan: read the
+    build the controller message (ExpertPlacement: ``read_spec`` and ``placement_from_cr``
+    on the pods' topology; PipelinePlan: read the
     profile ConfigMap if referenced, then ``pipeline_request_from_cr``). Raises ``SpecError``
     (the InvalidSpec condition) or ``NoWorkers``. Spec validation never calls the controller."""
     meta, spec = obj["metadata"], obj["spec"]
     if plural == PLACEMENTS:
         ctx = OperatorContext(client=None, kube=kube, controller_address="")
-        _placement_message(ctx, NAMESPACE, placement_name(NAMESPACE, meta["name"]), spec,
-                           int(meta.get("generation", 1)))
+        inputs = read_spec(ctx, NAMESPACE, spec)
+        if inputs.observed is None:
+            raise NoWorkers(f"no worker pods match "
+                            f"{label_selector(spec['topology']['workerSelector'])!r}")
+        placement_from_cr(placement_name(NAMESPACE, meta["name"]), spec, inputs.observed,
+                          int(meta.get("generation", 1)), inputs.initial,
+                          load_field=inputs.load_field)
         return
     text = None
     ref = spec["profile"].get("configMapRef")

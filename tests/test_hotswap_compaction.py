@@ -18,9 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from expertplane.kernels import hotswap
 from expertplane.kernels.experts import LocalExperts, make_expert_weights
-from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator
+from expertplane.kernels.hotswap import HotSwapEngine, SwapCoordinator, copies
 from expertplane.kernels.moe import LayerPlacement
 from expertplane.worker.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
 
@@ -132,8 +131,8 @@ def test_paced_compaction_restores_stacked_layers_within_the_budget(seed, monkey
     engine = HotSwapEngine(list(model.layers), step_budget_bytes=BUDGET)
     server = _Server(model, SwapCoordinator(engine, version=1))
     copied: list[int] = []
-    copy_all = hotswap._copy_all
-    monkeypatch.setattr(hotswap, "_copy_all", lambda pairs: (
+    copy_all = copies.copy_all
+    monkeypatch.setattr(copies, "copy_all", lambda pairs: (
         copied.append(sum(d.numel() * d.element_size() for d, _ in pairs)), copy_all(pairs)))
     assert engine.compacting is None
     server.swap(2, b)
@@ -204,7 +203,7 @@ def test_a_prepare_cancels_the_compaction_frees_its_buffer_and_it_resumes_after_
     for _ in range(4):
         server.boundary()
     assert server.compact_bytes == [BUDGET] * 4 and engine.compacting == 1   # in progress
-    target = engine._compaction.result.segments[0]
+    target = engine.compactor.current.result.segments[0]
     assert target[0] is not model.layers[0].experts.segments[0][0]   # a new buffer
     buffer = [weakref.ref(t) for t in target]
     del target
@@ -367,24 +366,24 @@ def test_a_failed_compaction_stops_until_the_next_commit_and_serving_goes_on(mon
     server = _Server(model, SwapCoordinator(engine, version=1))
     server.swap(2, b)
 
-    def out_of_memory(index, live):
+    def out_of_memory(index, live, budget_bytes):
         raise torch.cuda.OutOfMemoryError("injected")
 
-    monkeypatch.setattr(engine, "_plan_compaction", out_of_memory)
+    monkeypatch.setattr(engine.compactor, "plan", out_of_memory)
     server.boundary()
     assert engine.compaction_error == "layer 0: no memory for a compaction buffer: injected"
     for _ in range(3):
         server.boundary()
     assert server.compact_bytes[-4:] == [0] * 4 and engine.compacting == 1
     monkeypatch.undo()
-    copy_all = hotswap._copy_all
+    copy_all = copies.copy_all
 
     def failing(pairs):
-        if engine._compaction is not None:
+        if engine.compactor.current is not None:
             raise RuntimeError("injected copy failure")
         copy_all(pairs)
 
-    monkeypatch.setattr(hotswap, "_copy_all", failing)
+    monkeypatch.setattr(copies, "copy_all", failing)
     server.swap(3, c)   # the commit clears the error: compaction starts again, and fails
     assert engine.compacting == 2
     while engine.compaction_error is None and server.step < 2_000:

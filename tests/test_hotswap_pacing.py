@@ -17,9 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from expertplane.kernels import hotswap
 from expertplane.kernels.experts import make_expert_weights
-from expertplane.kernels.hotswap import (DUP, HotSwapEngine, SwapCoordinator, SwapError,
+from expertplane.kernels.hotswap import (DUP, HotSwapEngine, SwapCoordinator, SwapError, copies,
                                          plan_transfers, schedule_chunks)
 from expertplane.kernels.moe import LayerPlacement
 from expertplane.worker.synthetic import ModelConfig, StreamConfig, SyntheticMoEModel, TokenStream
@@ -314,14 +313,14 @@ def _copy_error_scenario(rank: int) -> None:
     coord = SwapCoordinator(engine, version=1)
     stream = TokenStream(MODEL, STREAM, rank)
     if rank == 1:
-        copy_all = hotswap._copy_all
+        copy_all = copies.copy_all
 
         def failing_copy_all(pairs):
             if engine.staged_version == 2:
                 raise RuntimeError("injected copy failure")
             copy_all(pairs)
 
-        hotswap._copy_all = failing_copy_all
+        copies.copy_all = failing_copy_all
     events: dict[str, object] = {}
 
     def control() -> None:

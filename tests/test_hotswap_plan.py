@@ -118,3 +118,14 @@ def test_unchanged_plan_moves_nothing():
 def test_bad_input_names_the_field(old, new, world, gpn, field):
     with pytest.raises(SwapError, match=field):
         plan_transfers(np.array(old), np.array(new), world, gpn)
+
+
+def test_received_bytes_split_by_node_and_summed_into_bytes_moved():
+    # 2 nodes x 2 ranks, 2 slots each: rank 0 receives expert 2 from rank 1 (its node), rank 2
+    # receives expert 0 from rank 0 (the other node); nothing else moves between ranks.
+    old = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])
+    new = np.array([[0, 2, 2, 3, 4, 0, 6, 7]])
+    plan = plan_transfers(old, new, world_size=4, gpus_per_node=2)
+    got = plan.received_bytes(100)
+    assert got[0].tolist() == [[100, 0, 0, 0]] and got[1].tolist() == [[0, 0, 100, 0]]
+    assert plan.bytes_moved(100) == 200 == 100 * plan.remote_fills

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from expertplane.benchmarks.simagent import load_report
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.server import ControllerServer
-from expertplane.controller.simagent import load_report
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import make_channel

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from expertplane.benchmarks.planner import drift, make_loads
 from expertplane.planner import balance, migration, rebalance_experts
 from expertplane.planner.deepseek import is_hierarchical
-from expertplane.planner.movement import TOLERANCE, align
+from expertplane.planner.alignment import align
+from expertplane.planner.movement import TOLERANCE
 from expertplane.planner.validation import check_plan
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -14,6 +14,7 @@ from expertplane.controller.operator.config import OperatorConfig, add_operator_
 from expertplane.controller.operator.crd import (
     SpecError,
     Topology,
+    initial_load_source,
     label_selector,
     memory_limit_bytes,
     parse_load_document,
@@ -67,8 +68,15 @@ def test_divisibility_errors_name_the_cr_field(change, message):
 
 
 def test_one_of_rules():
-    with pytest.raises(SpecError, match="spec.replicas: give replicas or redundantExperts, not both"):
+    with pytest.raises(SpecError, match=r"^spec.replicas: give replicas or redundantExperts, not both "
+                                        r"\(replicas: 4, redundantExperts: 0\)$"):
         replicas_of({"model": {"experts": 4}, "replicas": 4, "redundantExperts": 0})
+    with pytest.raises(SpecError, match="^spec.initialLoadFrom: give initialLoad or initialLoadFrom"):
+        initial_load_source({"initialLoad": {"values": [[1]]},
+                             "initialLoadFrom": {"configMapKeyRef": {"name": "a", "key": "b"}}})
+    assert initial_load_source({}) is None
+    assert initial_load_source({"initialLoadFrom": {"configMapKeyRef": {"name": "a", "key": "b"}}}) \
+        == ("spec.initialLoadFrom.configMapKeyRef", {"name": "a", "key": "b"})
     with pytest.raises(SpecError, match="give nodes or workerSelector, not both"):
         topology_from_spec({"topology": {"nodes": 1, "gpusPerNode": 1, "workerSelector": {}}})
     with pytest.raises(SpecError, match="needs nodes and gpusPerNode"):
@@ -82,8 +90,11 @@ def test_initial_load_shape_and_documents():
     msg = placement_from_cr("p", spec, Topology(1, 2), 1, load)
     assert list(msg.initial_load.shape) == [2, 4]
     assert parse_load_document("- [1, 2]\n- [3, 4]\n", "f").shape == (2, 2)
-    with pytest.raises(SpecError, match=r"spec.initialLoad: must have shape \[2, 4\], got \[1, 4\]"):
+    with pytest.raises(SpecError, match=r"spec.initialLoad.values: must have shape \[2, 4\], got \[1, 4\]"):
         placement_from_cr("p", spec, Topology(1, 2), 1, np.ones((1, 4)))
+    with pytest.raises(SpecError, match=r"^spec.initialLoadFrom.configMapKeyRef: must have shape"):
+        placement_from_cr("p", spec, Topology(1, 2), 1, np.ones((1, 4)),
+                          load_field="spec.initialLoadFrom.configMapKeyRef")
     with pytest.raises(SpecError, match="^f: must be a list of equally long lists"):
         parse_load_document("[[1, 2], [3]]", "f")
     with pytest.raises(SpecError, match="^f: a mapping must hold the matrix under key 'load'"):
@@ -180,19 +191,76 @@ def test_manifest_commands_parse_with_the_real_clis():
     seen = set()
     for name, c in _containers():
         argv = [re.sub(r"\$\((\w+)\)", "x", a) for a in c["command"][1:] + c["args"]]
-        if c["command"][0] == "expertplane":
-            args = build_parser().parse_args(argv)
-            assert args.func is not None
-        else:
-            assert c["command"][:3] == ["python", "-m", "expertplane.controller.operator"]
-            cfg = config_from_args(_operator_parser().parse_args(argv[2:]))
-            assert cfg.controller == "expertplane-controller.expertplane-system.svc:50051"
+        assert c["command"][0] == "expertplane", c["command"]
+        args = build_parser().parse_args(argv)
+        assert args.func is not None
+        if name == "expertplane-operator":
+            assert config_from_args(args).controller == \
+                "expertplane-controller.expertplane-system.svc:50051"
         seen.add(name)
     assert seen == {"expertplane-controller", "expertplane-operator", "expertplane-agent"}
 
 
-def _operator_parser():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--log-level")
-    add_operator_arguments(parser)
-    return parser
+
+def test_diff_base_is_a_digest_of_the_essence():
+    """kopf's diff base stays 71 characters whatever the spec's size; an unchanged object reads
+    back as unchanged, a changed one as changed, a never-handled one as new."""
+    import kopf
+    from kopf._cogs.structs import bodies, patches
+
+    from expertplane.controller.operator.storage import DigestDiffBaseStorage
+
+    storage = DigestDiffBaseStorage()
+    raw = {"apiVersion": "expertplane.io/v1alpha1", "kind": "ExpertPlacement",
+           "metadata": {"name": "x", "namespace": "d", "annotations": {"expertplane.io/rebalance": "stop"}},
+           "spec": {"initialLoad": {"values": np.ones((64, 128)).tolist()}}}
+    assert storage.fetch(body=bodies.Body(raw)) is None
+    patch = patches.Patch()
+    storage.store(body=bodies.Body(raw), patch=patch, essence=storage.build(body=bodies.Body(raw)))
+    annotations = patch["metadata"]["annotations"]
+    digest = annotations["kopf.expertplane.io/last-handled-digest"]
+    assert digest.startswith("sha256:") and len(digest) == 71
+    handled = {**raw, "metadata": {**raw["metadata"], "annotations": {**raw["metadata"]["annotations"],
+                                                                      **annotations}}}
+    assert storage.fetch(body=bodies.Body(handled)) == storage.build(body=bodies.Body(raw))
+    # Our own annotation is part of the essence: annotating the object is a change kopf handles.
+    edited = {**handled, "metadata": {**handled["metadata"], "annotations": {
+        k: v for k, v in handled["metadata"]["annotations"].items() if k != "expertplane.io/rebalance"}}}
+    assert storage.fetch(body=bodies.Body(edited)) != storage.build(body=bodies.Body(edited))
+    assert isinstance(storage, kopf.AnnotationsDiffBaseStorage)
+
+
+def test_worker_settle_debounces_pod_changes():
+    from expertplane.controller.operator.workers import WorkerSettle
+
+    now = [0.0]
+    settle = WorkerSettle(clock=lambda: now[0]).settle
+    two, one = Topology(2, 4), Topology(1, 4)
+    assert settle("p", one, None, 60).topology == one              # first registration: at once
+    assert settle("p", two, two, 60).topology == two
+    s = settle("p", one, two, 60)                                    # a pod goes (rolling restart)
+    assert (s.topology, s.waiting, s.observed) == (two, True, one)
+    now[0] = 30
+    assert settle("p", None, two, 60).topology == two                # none for a moment: still two
+    now[0] = 40
+    assert settle("p", two, two, 60) .waiting is False               # back: nothing pending
+    now[0] = 50
+    assert settle("p", one, two, 60).waiting                         # a real scale-down ...
+    now[0] = 109
+    assert settle("p", one, two, 60).topology == two
+    now[0] = 110
+    assert settle("p", one, two, 60).topology == one                 # ... once stable for 60 s
+
+
+def test_warnings_follow_condition_transitions():
+    from expertplane.controller.operator.reconcile import health, warnings
+
+    ok = health([], 1, True, "PlanPublished", "plan v1", None)
+    down = health(ok, 1, None, "", "", ("ControllerUnavailable", "ApplyPlacement: UNAVAILABLE"))
+    assert warnings(ok, down) == [("Warning", "ControllerUnavailable", "ApplyPlacement: UNAVAILABLE")]
+    assert warnings(down, health(down, 1, None, "", "", ("ControllerUnavailable", "again"))) == []
+    bad = health(ok, 2, False, "InvalidSpec", "spec.replicas: x", None)
+    assert warnings(ok, bad) == [("Warning", "InvalidSpec", "spec.replicas: x")]
+    assert warnings(bad, bad) == []
+    long = health([], 1, False, "InvalidSpec", "y" * 5000, None)
+    assert len(cond.get_condition(long, cond.READY)["message"]) == 1024

@@ -74,8 +74,8 @@ def test_readme_placements_folder_and_kubernetes_samples_load():
 @pytest.mark.parametrize("change, field", [
     (("nodes: 2, gpusPerNode: 4", "workerSelector: {matchLabels: {app: w}}"),
      "spec.topology.workerSelector: needs Kubernetes"),
-    (("initialLoad: {values:", "initialLoad: {configMapRef: {name: a, key: b}}\n  x: {values:"),
-     "spec.initialLoad.configMapRef: needs Kubernetes"),
+    (("initialLoad: {values:", "initialLoadFrom: {configMapKeyRef: {name: a, key: b}}\n  x: {values:"),
+     "spec.initialLoadFrom: needs Kubernetes"),
     (("replicas: 24", "replicas: 25"), "spec.replicas"),
     (("metadata: {name: m}", "metadata: {}"), "metadata.name: is required"),
     (("apiVersion: expertplane.io/v1alpha1", "apiVersion: v1"), "apiVersion: must be"),

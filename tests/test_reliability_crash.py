@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import reliability_support as rs  # noqa: E402
 
-from expertplane.controller.simagent import SimulatedAgent  # noqa: E402
+from expertplane.benchmarks.simagent import SimulatedAgent  # noqa: E402
 from expertplane.proto import expertplane_pb2 as pb  # noqa: E402
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc  # noqa: E402
 from expertplane.rpc.channels import make_channel  # noqa: E402

@@ -18,9 +18,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import reliability_support as rs  # noqa: E402
 
+from expertplane.benchmarks.simagent import load_report  # noqa: E402
 from expertplane.controller.config import ControllerConfig  # noqa: E402
 from expertplane.controller.server import ControllerServer  # noqa: E402
-from expertplane.controller.simagent import load_report  # noqa: E402
 from expertplane.proto import expertplane_pb2 as pb  # noqa: E402
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc  # noqa: E402
 

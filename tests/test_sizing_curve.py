@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from expertplane.benchmarks.planner import make_loads
+from expertplane.cli.plan import format_sizing_table
 from expertplane.errors import FieldError
-from expertplane.planner.sizing import (default_candidates, format_sizing_table,
-                                        recommend_redundancy, sizing_curve)
+from expertplane.planner.sizing import default_candidates, recommend_redundancy, sizing_curve
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
+from expertplane.benchmarks.dispatch_sim import (RoutingModel, Topology, Trace, drift_popularity,
+                                                 generate_trace, simulate_dispatch,
+                                                 zipf_popularity)
 from expertplane.errors import FieldError
 from expertplane.planner import rebalance_experts
-from expertplane.planner.dispatch import (RoutingModel, Topology, Trace, drift_popularity,
-                                          generate_trace, simulate_dispatch, zipf_popularity)
 
 TWO_NODES = Topology(num_nodes=2, num_gpus=2)
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
+from expertplane.benchmarks.dispatch_sim import (RoutingModel, Topology, generate_trace,
+                                                 simulate_dispatch, zipf_popularity)
 from expertplane.errors import FieldError
 from expertplane.planner import rebalance_experts
-from expertplane.planner.dispatch import (RoutingModel, Topology, generate_trace,
-                                          simulate_dispatch, zipf_popularity)
 from expertplane.planner.validation import check_plan
 
 

@@ -74,6 +74,9 @@ class WorkerConfig:
     acknowledged the last window (or a pull without acknowledgements took it), at most this long.
     capacity: per-slot capacity of every layer (None = none); its drops are reported in
     ``CounterSnapshot.dropped_tokens``.
+    hf_model: a HuggingFace MoE checkpoint directory to serve instead of the synthetic model
+    (``engines.hf``: each rank loads only its slots' experts; routing is the model's own, so
+    no capacity, router bias or dense-reference check; ``stream`` sets its token ids).
     swap_step_budget_bytes: hot-swap staging bytes a rank copies, sends or receives per serving
     step (the copies of a swap spread over several steps); None = all at once (unpaced).
     security: TLS / bearer token of the connection to the controller (initial plan).
@@ -109,6 +112,7 @@ class WorkerConfig:
     capacity: CapacityConfig | None = None
     swap_step_budget_bytes: int | None = DEFAULT_STEP_BUDGET_BYTES
     local_security: SecurityConfig = field(default_factory=SecurityConfig)
+    hf_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -128,6 +132,9 @@ class WorkerConfig:
         if self.swap_step_budget_bytes is not None and self.swap_step_budget_bytes < 1:
             raise ValueError("swap_step_budget_bytes: must be >= 1 byte or None (unpaced), "
                              f"got {self.swap_step_budget_bytes}")
+        if self.hf_model and (self.capacity is not None or self.verify_every):
+            raise ValueError("capacity/verify_every: not available with hf_model (the model "
+                             "routes itself and no rank holds every expert)")
         gpn = self.gpus_per_node or self.world_size
         if self.world_size % gpn:
             raise ValueError(f"gpus_per_node: {gpn} must divide world_size {self.world_size}")
@@ -246,14 +253,27 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
     device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" \
         else torch.device("cpu")
     num_slots = int(plan.phy2log.shape[1]) if len(plan.phy2log.shape) == 2 else 0
+    if config.hf_model:     # transformers is an optional dependency (the [hf] extra)
+        from expertplane.engines.hf.serving import HFServedModel, moe_shape
+        num_layers, num_experts = moe_shape(config.hf_model)
+    else:
+        num_layers, num_experts = config.model.num_layers, config.model.num_experts
     ident = WorkerIdentity(config.node, config.rank, config.world_size, config.placement,
-                           config.model.num_layers, config.model.num_experts, num_slots)
+                           num_layers, num_experts, num_slots)
     version, placements = placements_from_plan(plan, ident)
     swap_group = dist.new_group(backend=config.backend)
-    model = SyntheticMoEModel(config.model, config.stream, placements,
-                              gpus_per_node=config.gpus_per_node, device=device)
-    for layer in model.layers:
-        layer.capacity = config.capacity
+    if config.hf_model:
+        model = stream = HFServedModel(
+            config.hf_model, placements, tokens_per_step=config.stream.tokens_per_step,
+            zipf=config.stream.zipf_exponent, drift_period=config.stream.drift_period,
+            seed=config.stream.seed, rank=config.rank, gpus_per_node=config.gpus_per_node,
+            device=device)
+    else:
+        model = SyntheticMoEModel(config.model, config.stream, placements,
+                                  gpus_per_node=config.gpus_per_node, device=device)
+        stream = TokenStream(config.model, config.stream, config.rank, device)
+        for layer in model.layers:
+            layer.capacity = config.capacity
     if model.pretune(config.world_size):
         log.info("rank %d: expert GEMMs tuned for up to %d tokens per step", config.rank,
                  config.stream.tokens_per_step)
@@ -261,8 +281,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
                            gpus_per_node=config.gpus_per_node,
                            step_budget_bytes=config.swap_step_budget_bytes)
     coord = SwapCoordinator(engine, version)
-    ledger = CounterLedger(config.model.num_layers, num_slots // config.world_size, version)
-    stream = TokenStream(config.model, config.stream, config.rank, device)
+    ledger = CounterLedger(num_layers, num_slots // config.world_size, version)
 
     pending_bias: list[np.ndarray] = []
     address = [config.listen_address()]
@@ -295,6 +314,10 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
                          coord.version, steps, coord.last_stats)
             while pending_bias:
                 bias = torch.as_tensor(pending_bias.pop(0), dtype=torch.float32)
+                if config.hf_model:
+                    log.warning("rank %d: router bias ignored: %s routes with its own router",
+                                config.rank, config.hf_model)
+                    continue
                 for l, layer in enumerate(model.layers):
                     layer.set_selection_bias(bias[l])
             verify = bool(config.verify_every) and steps % config.verify_every == 0

@@ -93,7 +93,8 @@ class Move:
 def plan_move(previous: np.ndarray, new: np.ndarray, num_gpus: int, gpus_per_node: int,
               expert_bytes: int) -> Move:
     """The move from ``previous`` to ``new`` (both phy2log [L, R])."""
-    mig = migration(previous, new, expert_bytes)
+    mig = migration(previous, new, expert_bytes, num_gpus=num_gpus,
+                    num_nodes=num_gpus // gpus_per_node)
     layers, replicas = new.shape
     per_gpu = replicas // num_gpus
     nodes = num_gpus // gpus_per_node

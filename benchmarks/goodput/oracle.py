@@ -74,7 +74,8 @@ def simulate_oracle(cluster: Cluster, trace: Trace, history: LoadHistory, cost: 
     step_s = np.repeat(best.sum(axis=1), k)
     layers = np.arange(cluster.num_layers)
     chosen = [np.stack(plans)[choice[t], layers] for t in range(ticks)]   # [L, R] per tick
-    moved = [migration(a, b, cluster.expert_bytes) for a, b in zip(chosen, chosen[1:])]
+    moved = [migration(a, b, cluster.expert_bytes, num_gpus=cluster.num_gpus,
+                       num_nodes=cluster.num_nodes) for a, b in zip(chosen, chosen[1:])]
     return OracleResult("oracle", step_s, float(trace.tokens.sum()) * k * cluster.num_gpus,
                         bytes_moved=sum(m.bytes_moved for m in moved),
                         slots_moved=sum(m.slots_moved for m in moved),

@@ -18,7 +18,7 @@ new phy2log [L, R] or None. ``view.step`` passes have completed at that boundary
   ``step_interval`` 3000; the step counter starts at ``step_interval - step_interval // 4``, so
   the first rearrangement follows step 750, then every 3000. ``policy="default"``: DeepSeek's
   algorithm, then each GPU's experts keep their old slots where they stay on that GPU
-  (``preserve_intragpu_slots``; ``planner.movement.keep_gpu_slots``). ``use_async`` False:
+  (``preserve_intragpu_slots``; ``planner.alignment.keep_gpu_slots``). ``use_async`` False:
   blocking; True: layer by layer in the background, and a due rearrangement waits while the
   previous one is still moving.
 * ``ExpertPlanePolicy``: the controller's own code: every ``policy_interval_seconds`` the
@@ -39,7 +39,7 @@ from expertplane.benchmarks.goodput.sim import Cluster, View
 from expertplane.controller.policy import PolicyState, candidate_for, decide, record
 from expertplane.controller.spec import PolicySpec
 from expertplane.planner.eplb import rebalance_experts
-from expertplane.planner.movement import keep_gpu_slots
+from expertplane.planner.alignment import keep_gpu_slots
 
 
 def plan(cluster: Cluster, load: np.ndarray, algorithm: str) -> np.ndarray:

@@ -75,6 +75,20 @@ class ControllerClient:
         req = pb.GetPlanRequest(placement=name, version=version)
         return self._call(self._plans.GetPlan, "GetPlan", req)
 
+    def list_plans(self, name: str, after_version: int = 0) -> list[pb.PlanSummary]:
+        """Summaries of placement ``name``'s stored plans after ``after_version`` (one page, in
+        version order)."""
+        req = pb.ListPlansRequest(placement=name, page_token=str(after_version) if after_version else "")
+        return list(self._call(self._plans.ListPlans, "ListPlans", req).plans)
+
+    def trigger_rebalance(self, name: str, *, force: bool = False, propose: bool = False,
+                          version: int = 0) -> pb.RebalanceDecision:
+        """Ask the controller for a rebalance of ``name``: roll out (default), ``propose`` (store
+        a proposal, no rollout), or roll out stored ``version`` (an approval or a rollback)."""
+        req = pb.TriggerRebalanceRequest(placement=name, force=force, propose=propose,
+                                         version=version)
+        return self._call(self._planning.TriggerRebalance, "TriggerRebalance", req)
+
     def compute_pipeline(self, request: pb.ComputePipelineRequest) -> pb.PipelinePartition:
         return self._call(self._planning.ComputePipeline, "ComputePipeline", request)
 

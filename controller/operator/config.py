@@ -23,6 +23,9 @@ class OperatorConfig:
     versions). rpc_timeout_seconds: deadline of every controller call. lease_*: leader election
     (a coordination.k8s.io Lease ``lease_name`` in ``lease_namespace``; durations in seconds).
     liveness: kopf's health endpoint URL (e.g. ``http://0.0.0.0:8080/healthz``) or None.
+    cleanup_timeout_seconds: how long a deleted ExpertPlacement waits for an unreachable
+    controller before it is released anyway (with a Warning event). proposal_interval_seconds:
+    with approval Manual, how often a placement without a proposal asks for one.
     """
 
     controller: str
@@ -38,12 +41,15 @@ class OperatorConfig:
     renew_deadline_seconds: float = 10.0
     retry_period_seconds: float = 2.0
     liveness: str | None = None
+    cleanup_timeout_seconds: float = 120.0
+    proposal_interval_seconds: float = 60.0
 
     def __post_init__(self):
         if not self.controller:
             raise ValueError("controller: the controller's gRPC address is required")
         for name in ("refresh_seconds", "rpc_timeout_seconds", "lease_duration_seconds",
-                     "renew_deadline_seconds", "retry_period_seconds"):
+                     "renew_deadline_seconds", "retry_period_seconds", "cleanup_timeout_seconds",
+                     "proposal_interval_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if not self.retry_period_seconds < self.renew_deadline_seconds < self.lease_duration_seconds:
@@ -71,6 +77,12 @@ def add_operator_arguments(parser: argparse.ArgumentParser, *, controller_requir
     parser.add_argument("--retry-period-seconds", type=float, default=2.0)
     parser.add_argument("--liveness", default=None,
                         help="serve a health endpoint at this URL, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--cleanup-timeout-seconds", type=float, default=120.0,
+                        help="a deleted ExpertPlacement waits this long for an unreachable "
+                             "controller, then is released anyway (default 120)")
+    parser.add_argument("--proposal-interval-seconds", type=float, default=60.0,
+                        help="approval Manual: how often a placement without a proposal asks "
+                             "the controller for one (default 60)")
     add_security_arguments(parser, prefix="controller-")
 
 
@@ -90,5 +102,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         renew_deadline_seconds=args.renew_deadline_seconds,
         retry_period_seconds=args.retry_period_seconds,
         liveness=args.liveness,
+        cleanup_timeout_seconds=args.cleanup_timeout_seconds,
+        proposal_interval_seconds=args.proposal_interval_seconds,
         **extra,
     )

@@ -25,6 +25,7 @@ PLAN_KEY = "expert_location.json"
 
 _MODES = {"Auto": pb.RebalancePolicy.AUTO, "Manual": pb.RebalancePolicy.MANUAL,
           "Off": pb.RebalancePolicy.OFF}
+MODE_NAMES = {v: k for k, v in _MODES.items()}
 # Placement message field -> ExpertPlacement field path, for the controller's validation messages.
 _FIELD_PATHS = {
     "name": "metadata.name",
@@ -33,7 +34,6 @@ _FIELD_PATHS = {
     "topology": "spec.topology", "topology.num_nodes": "spec.topology.nodes",
     "topology.gpus_per_node": "spec.topology.gpusPerNode",
     "num_replicas": "spec.replicas", "algorithm": "spec.algorithm",
-    "initial_load": "spec.initialLoad",
     "policy.mode": "spec.rebalancePolicy.mode",
     "policy.window_seconds": "spec.rebalancePolicy.windowSeconds",
     "policy.half_life_seconds": "spec.rebalancePolicy.halfLifeSeconds",
@@ -74,7 +74,9 @@ def plan_configmap_name(name: str, spec: Mapping) -> str:
 def replicas_of(spec: Mapping) -> int:
     """Physical slots per layer: ``replicas``, else ``experts + redundantExperts``."""
     if "replicas" in spec and "redundantExperts" in spec:
-        raise SpecError("spec.replicas", "give replicas or redundantExperts, not both")
+        raise SpecError("spec.replicas", "give replicas or redundantExperts, not both "
+                                         f"(replicas: {spec['replicas']}, redundantExperts: "
+                                         f"{spec['redundantExperts']})")
     if "replicas" in spec:
         return int(spec["replicas"])
     return int(spec["model"]["experts"]) + int(spec.get("redundantExperts", 0))
@@ -105,10 +107,28 @@ def parse_load_document(text: str, field: str) -> np.ndarray:
     return load_matrix(doc, field)
 
 
-def _policy(spec: Mapping) -> pb.RebalancePolicy:
+def initial_load_source(spec: Mapping) -> tuple[str, object] | None:
+    """Where the initial load comes from: ``("spec.initialLoad.values", matrix)`` inline,
+    ``("spec.initialLoadFrom.configMapKeyRef", {name, key})``, or None (uniform)."""
+    inline, ref = spec.get("initialLoad"), spec.get("initialLoadFrom")
+    if inline and ref:
+        raise SpecError("spec.initialLoadFrom", "give initialLoad or initialLoadFrom, not both")
+    if inline:
+        return "spec.initialLoad.values", inline["values"]
+    if ref:
+        return "spec.initialLoadFrom.configMapKeyRef", ref["configMapKeyRef"]
+    return None
+
+
+def approval_of(spec: Mapping) -> str:
+    """``Auto`` (roll out as decided) or ``Manual`` (propose, wait for approval)."""
+    return (spec.get("rebalancePolicy") or {}).get("approval", "Auto")
+
+
+def _policy(spec: Mapping, mode: int | None) -> pb.RebalancePolicy:
     pol = spec.get("rebalancePolicy") or {}
     return pb.RebalancePolicy(
-        mode=_MODES[pol.get("mode", "Auto")],
+        mode=_MODES[pol.get("mode", "Auto")] if mode is None else mode,
         window_seconds=float(pol.get("windowSeconds", DEFAULT_WINDOW_SECONDS)),
         half_life_seconds=float(pol.get("halfLifeSeconds", 0)),
         threshold=float(pol.get("threshold", PolicySpec.threshold)),
@@ -121,11 +141,14 @@ def _policy(spec: Mapping) -> pb.RebalancePolicy:
 
 
 def placement_from_cr(name: str, spec: Mapping, topology: Topology, generation: int,
-                      initial_load: np.ndarray | None = None) -> pb.Placement:
+                      initial_load: np.ndarray | None = None, *, mode: int | None = None,
+                      load_field: str = "spec.initialLoad.values") -> pb.Placement:
     """The ``Placement`` for an ExpertPlacement spec, validated like the controller does.
 
     ``name`` is the controller-side name (``placement_name``); ``topology`` the resolved GPUs;
-    ``initial_load`` [layers, experts] or None. Raises ``SpecError`` with the CR field path.
+    ``initial_load`` [layers, experts] or None, read from ``load_field``; ``mode`` overrides
+    ``rebalancePolicy.mode`` (a ``RebalancePolicy.Mode``: the operator pauses or takes over
+    approval). Raises ``SpecError`` with the CR field path.
     """
     model = spec["model"]
     msg = pb.Placement(
@@ -136,7 +159,7 @@ def placement_from_cr(name: str, spec: Mapping, topology: Topology, generation: 
         topology=pb.Topology(num_nodes=topology.nodes, gpus_per_node=topology.gpus_per_node),
         num_replicas=replicas_of(spec),
         algorithm=spec.get("algorithm", "deepseek"),
-        policy=_policy(spec),
+        policy=_policy(spec, mode),
         generation=int(generation),
     )
     if initial_load is not None:
@@ -144,7 +167,7 @@ def placement_from_cr(name: str, spec: Mapping, topology: Topology, generation: 
     try:
         spec_from_proto(msg)
     except FieldError as exc:
-        field = _FIELD_PATHS.get(exc.field, exc.field)
+        field = load_field if exc.field == "initial_load" else _FIELD_PATHS.get(exc.field, exc.field)
         if field == "spec.replicas" and "redundantExperts" in spec:
             field = "spec.redundantExperts"
         raise SpecError(field, exc.message) from None

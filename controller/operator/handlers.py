@@ -1,73 +1,106 @@
-"""kopf handlers: one per event (create/update/resume, timer, delete) for each resource, all
-delegating to the idempotent reconcilers in ``reconcile``. Handlers never store results in
-kopf's own status fields (the CRD schemas would prune them): kopf's progress and diff-base go to
-annotations, and each handler writes the object's status through kopf's ``patch``."""
+"""kopf handlers: one per event (create/update/resume, timer, delete) for ExpertPlacements and
+create/update/resume for PipelinePlans, all delegating to the idempotent reconcilers. Handlers
+never store results in kopf's own status fields (the CRD schemas would prune them): kopf keeps
+small ``kopf.expertplane.io/*`` annotations (progress, a digest of the last-handled spec) and
+each handler writes the object's status through kopf's ``patch``.
+
+Only ExpertPlacements carry a finalizer (their delete handler forgets the placement in the
+controller). PipelinePlans have no delete or timer handler, so kopf puts no finalizer on them;
+their periodic refresh is ``sweep.refresh_pipelines``.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections import defaultdict
+from typing import Mapping
 
 import kopf
 import kubernetes
+from kubernetes.client.exceptions import ApiException
 
 from expertplane.controller.operator.client import ControllerCallError
 from expertplane.controller.operator.crd import GROUP, PIPELINES, PLACEMENTS, VERSION
+from expertplane.controller.operator.kube import COMPONENT
+from expertplane.controller.operator.placement import cleanup_placement, reconcile_placement
 from expertplane.controller.operator.reconcile import (
+    WARNING,
     OperatorContext,
     Outcome,
-    cleanup_placement,
     reconcile_pipeline,
-    reconcile_placement,
 )
+from expertplane.controller.operator.storage import PREFIX, DigestDiffBaseStorage
 
 FINALIZER = f"{GROUP}/finalizer"
+log = logging.getLogger(__name__)
 
 
-def operator_settings() -> kopf.OperatorSettings:
-    """kopf settings: our finalizer name, no CRD/namespace scanning, progress and diff-base in
-    annotations, timeouts."""
+def operator_settings(identity: str = "") -> kopf.OperatorSettings:
+    """kopf settings: our finalizer name, no CRD/namespace scanning, small annotations for
+    progress and diff base, events from ``expertplane-operator``, timeouts."""
     settings = kopf.OperatorSettings()
     settings.persistence.finalizer = FINALIZER
     # The resources and namespaces are known up front: no need to list/watch CRDs and namespaces
     # (which would need cluster-wide permissions the operator does not otherwise use).
     settings.scanning.disabled = True
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = DigestDiffBaseStorage()
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 15
     settings.execution.max_workers = 8
-    settings.posting.level = logging.INFO
+    # A deleted object's timer may be running (a sync handler cannot be cancelled): check every
+    # second whether it has ended, not kopf's default 60 s, or its deletion waits that long.
+    settings.background.cancellation_polling = 1.0
+    # kopf's own events (handler failures) under our name; our events are posted by Kube.
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = COMPONENT
+    settings.posting.reporting_instance = identity or "operator"
     return settings
 
 
-def _write(body, patch, outcome: Outcome | None) -> None:
-    """Put the changed top-level status fields into kopf's patch (None deletes a field) and
-    post the outcome's events."""
+def post_events(ctx: OperatorContext, obj: Mapping, events) -> None:
+    """Post (type, reason, message) events about ``obj``; a failure is logged, not raised."""
+    for type_, reason, message in events:
+        try:
+            ctx.kube.post_event(obj, type_, reason, message)
+        except ApiException as exc:
+            log.warning("could not post event %s on %s/%s: %s %s", reason,
+                        obj["metadata"]["namespace"], obj["metadata"]["name"], exc.status, exc.reason)
+
+
+def status_changes(old_status: Mapping | None, outcome: Outcome) -> dict:
+    """The top-level status fields that differ (None deletes a field)."""
+    old = dict(old_status or {})
+    return {k: v for k, v in outcome.status.items() if old.get(k) != v}
+
+
+def _write(ctx: OperatorContext, obj: dict, patch, outcome: Outcome | None) -> None:
+    """Put the changed status fields and annotations into kopf's patch; post the events."""
     if outcome is None:
         return
-    old = dict(body.get("status") or {})
-    for key, value in outcome.status.items():
-        if old.get(key) != value:
-            patch.status[key] = value
-    for reason, message in outcome.events:
-        kopf.info(body, reason=reason, message=message)
+    for key, value in status_changes(obj.get("status"), outcome).items():
+        patch.status[key] = value
+    for key, value in outcome.annotations.items():
+        patch.metadata.annotations[key] = value
+    post_events(ctx, obj, outcome.events)
 
 
 def _plain(body) -> dict:
-    return {"metadata": dict(body["metadata"]), "spec": dict(body["spec"]),
+    return {"apiVersion": body["apiVersion"], "kind": body["kind"],
+            "metadata": dict(body["metadata"]), "spec": dict(body["spec"]),
             "status": dict(body.get("status") or {})}
 
 
 def build_registry(ctx: OperatorContext, api_config: kubernetes.client.Configuration,
-                   refresh_seconds: float) -> kopf.OperatorRegistry:
-    """A registry with every handler of the operator bound to ``ctx``."""
+                   refresh_seconds: float, cleanup_timeout_seconds: float,
+                   locks: dict[str, threading.Lock] | None = None) -> kopf.OperatorRegistry:
+    """A registry with every handler of the operator bound to ``ctx``; ``locks`` (per object
+    uid) are shared with ``sweep.refresh_pipelines``."""
     registry = kopf.OperatorRegistry()
-    locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+    locks = locks if locks is not None else defaultdict(threading.Lock)
 
     @kopf.on.login(registry=registry)
     def login(**_):
@@ -80,21 +113,30 @@ def build_registry(ctx: OperatorContext, api_config: kubernetes.client.Configura
     @kopf.on.update(GROUP, VERSION, PLACEMENTS, registry=registry)
     def placement_changed(body, patch, uid, **_):
         with locks[uid]:
-            _write(body, patch, reconcile_placement(ctx, _plain(body), apply=True))
+            obj = _plain(body)
+            _write(ctx, obj, patch, reconcile_placement(ctx, obj, apply=True))
 
     @kopf.timer(GROUP, VERSION, PLACEMENTS, interval=refresh_seconds,
                 initial_delay=refresh_seconds, registry=registry)
     def placement_refresh(body, patch, uid, **_):
         with locks[uid]:
-            _write(body, patch, reconcile_placement(ctx, _plain(body), apply=False))
+            obj = _plain(body)
+            _write(ctx, obj, patch, reconcile_placement(ctx, obj, apply=False))
 
     @kopf.on.delete(GROUP, VERSION, PLACEMENTS, registry=registry)
-    def placement_deleted(body, uid, logger, **_):
+    def placement_deleted(body, uid, logger, runtime, **_):
+        obj = _plain(body)
         with locks[uid]:
             try:
-                removed = cleanup_placement(ctx, _plain(body))
+                removed = cleanup_placement(ctx, obj)
             except ControllerCallError as exc:
-                raise kopf.TemporaryError(f"controller: {exc}", delay=5) from None
+                if runtime.total_seconds() < cleanup_timeout_seconds:
+                    raise kopf.TemporaryError(f"controller: {exc}", delay=5) from None
+                # Uninstalling in any order: the controller may be gone for good.
+                post_events(ctx, obj, [(WARNING, "CleanupIncomplete",
+                                        f"controller unreachable for {cleanup_timeout_seconds:.0f} s "
+                                        f"({exc}); releasing the object anyway")])
+                removed = []
         locks.pop(uid, None)
         logger.info("cleaned up: %s", ", ".join(removed) or "nothing to remove")
 
@@ -105,13 +147,8 @@ def build_registry(ctx: OperatorContext, api_config: kubernetes.client.Configura
     @kopf.on.update(GROUP, VERSION, PIPELINES, registry=registry)
     def pipeline_changed(body, patch, uid, **_):
         with locks[uid]:
-            _write(body, patch, reconcile_pipeline(ctx, _plain(body), force=True))
-
-    @kopf.timer(GROUP, VERSION, PIPELINES, interval=refresh_seconds,
-                initial_delay=refresh_seconds, registry=registry)
-    def pipeline_refresh(body, patch, uid, **_):
-        with locks[uid]:
-            _write(body, patch, reconcile_pipeline(ctx, _plain(body), force=False))
+            obj = _plain(body)
+            _write(ctx, obj, patch, reconcile_pipeline(ctx, obj, force=True))
 
     return registry
 

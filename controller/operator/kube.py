@@ -3,11 +3,13 @@ worker pods. Every call uses the kubernetes client with a request timeout."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from typing import Mapping
 
 import kubernetes
+import numpy as np
 from kubernetes.client.exceptions import ApiException
 
 from expertplane.controller.operator.crd import GROUP, PLAN_KEY, SpecError, Topology
@@ -19,6 +21,7 @@ VERSION_ANNOTATION = f"{GROUP}/plan-version"
 PLACEMENT_ANNOTATION = f"{GROUP}/placement"
 IDENTITY_ANNOTATION = f"{GROUP}/plan-identity"
 REQUEST_TIMEOUT = 30
+COMPONENT = "expertplane-operator"      # events' reporting component ("From" in kubectl describe)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,28 @@ def plan_identity(placement: pb.Placement, version: int) -> str:
             f"{placement.topology.num_nodes}x{placement.topology.gpus_per_node}")
 
 
+@dataclass(frozen=True)
+class Published:
+    """What a plan ConfigMap holds: its ``plan_identity`` (``shape`` is the part after the
+    version), the plan ``version`` (0 if unreadable), the uid of the object owning it and the
+    raw ``expert_location.json`` text."""
+
+    identity: str
+    version: int
+    shape: str
+    owner_uid: str | None
+    document: str
+
+    def phy2log(self) -> np.ndarray | None:
+        """The published map [rows, slots] (None if unreadable)."""
+        try:
+            rows = json.loads(self.document)["physical_to_logical_map"]
+            out = np.asarray(rows, dtype=np.int64)
+        except (ValueError, KeyError, TypeError):
+            return None
+        return out if out.ndim == 2 else None
+
+
 class NoWorkers(Exception):
     """A workerSelector matched no worker pods (yet)."""
 
@@ -49,8 +74,26 @@ class NoWorkers(Exception):
 class Kube:
     """ConfigMap and Pod operations on one ``ApiClient``."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient):
+    def __init__(self, api_client: kubernetes.client.ApiClient, instance: str = ""):
         self.core = kubernetes.client.CoreV1Api(api_client)
+        self.instance = instance
+
+    def post_event(self, obj: Mapping, type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about ``obj`` (its ``apiVersion``, ``kind``, ``metadata``) from
+        ``COMPONENT``; ``type_`` Normal or Warning."""
+        meta = obj["metadata"]
+        now = dt.datetime.now(dt.timezone.utc)
+        body = kubernetes.client.CoreV1Event(
+            metadata=kubernetes.client.V1ObjectMeta(generate_name=f"{meta['name']}.",
+                                                    namespace=meta["namespace"]),
+            involved_object=kubernetes.client.V1ObjectReference(
+                api_version=obj["apiVersion"], kind=obj["kind"], name=meta["name"],
+                namespace=meta["namespace"], uid=meta["uid"]),
+            type=type_, reason=reason, message=message, count=1,
+            first_timestamp=now, last_timestamp=now,
+            source=kubernetes.client.V1EventSource(component=COMPONENT),
+            reporting_component=COMPONENT, reporting_instance=self.instance)
+        self.core.create_namespaced_event(meta["namespace"], body, _request_timeout=REQUEST_TIMEOUT)
 
     def read_config_value(self, namespace: str, ref: Mapping, field: str) -> tuple[str, str]:
         """Value of ``ref`` = {name, key} and the ConfigMap's resourceVersion.
@@ -71,15 +114,21 @@ class Kube:
                                    f"(keys: {sorted(data)})")
         return data[ref["key"]], cm.metadata.resource_version
 
-    def published_identity(self, namespace: str, name: str) -> str | None:
-        """``plan_identity`` recorded on ConfigMap ``name``, or None if it does not exist."""
+    def published_plan(self, namespace: str, name: str) -> Published | None:
+        """What plan ConfigMap ``name`` holds, or None if it does not exist."""
         try:
             cm = self.core.read_namespaced_config_map(name, namespace, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return (cm.metadata.annotations or {}).get(IDENTITY_ANNOTATION, "")
+        annotations = cm.metadata.annotations or {}
+        identity = annotations.get(IDENTITY_ANNOTATION, "")
+        version = annotations.get(VERSION_ANNOTATION, "")
+        owners = [o.uid for o in cm.metadata.owner_references or [] if o.controller]
+        return Published(identity, int(version) if version.isdigit() else 0,
+                         identity.partition(" ")[2], owners[0] if owners else None,
+                         (cm.data or {}).get(PLAN_KEY, ""))
 
     def publish_plan(self, namespace: str, name: str, owner: Owner, plan: pb.Plan,
                      identity: str) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import threading
+from collections import defaultdict
 
 import kopf
 import kubernetes
@@ -17,7 +18,8 @@ from expertplane.controller.operator.config import OperatorConfig
 from expertplane.controller.operator.handlers import build_registry, operator_settings
 from expertplane.controller.operator.kube import Kube
 from expertplane.controller.operator.leader import LeaseElector
-from expertplane.controller.operator.reconcile import OperatorContext
+from expertplane.controller.operator.reconcile import OperatorContext, ProposalClock
+from expertplane.controller.operator.sweep import refresh_pipelines
 
 log = logging.getLogger(__name__)
 EXIT_LOST_LEADERSHIP = 3
@@ -51,7 +53,9 @@ async def run_operator(config: OperatorConfig, stop: asyncio.Event | None = None
     try:
         if not await elector.acquire(stop):
             return 0
-        ctx = OperatorContext(client, Kube(api_client), config.controller)
+        ctx = OperatorContext(client, Kube(api_client, config.identity), config.controller,
+                              proposals=ProposalClock(config.proposal_interval_seconds))
+        locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         kopf_stop, kopf_ready = asyncio.Event(), asyncio.Event()
         # Tasks made before kopf starts: kopf waits at exit for tasks spawned while it runs.
         holding = asyncio.create_task(elector.hold(stop))
@@ -60,11 +64,14 @@ async def run_operator(config: OperatorConfig, stop: asyncio.Event | None = None
         # kopf installs its own SIGINT/SIGTERM handlers; once it is up, ours take over again so
         # that a signal stops kopf through ``kopf_stop`` (its stop-flag waiter then ends at once).
         resignal = asyncio.create_task(_after(kopf_ready, lambda: _handle_signals(stop)))
-        tasks = (relay, holding, stopping, resignal)
+        sweep = asyncio.create_task(refresh_pipelines(ctx, api_client, config.namespaces,
+                                                      config.refresh_seconds, locks))
+        tasks = (relay, holding, stopping, resignal, sweep)
         try:
             await kopf.operator(
-                registry=build_registry(ctx, api_config, config.refresh_seconds),
-                settings=operator_settings(), standalone=True,
+                registry=build_registry(ctx, api_config, config.refresh_seconds,
+                                        config.cleanup_timeout_seconds, locks),
+                settings=operator_settings(config.identity), standalone=True,
                 clusterwide=not config.namespaces, namespaces=list(config.namespaces),
                 stop_flag=kopf_stop, ready_flag=kopf_ready, liveness_endpoint=config.liveness)
         finally:
@@ -109,7 +116,7 @@ def run_operator_blocking(config: OperatorConfig) -> int:
 
 class OperatorThread:
     """``run_operator`` on a background thread with its own event loop, for running the operator
-    alongside the controller in one process (``expertplane controller --kubernetes``):
+    inside another process (e.g. next to a controller in tests or the demo):
     ``start()``, later ``stop(timeout)``; ``exit_code`` once it has ended."""
 
     def __init__(self, config: OperatorConfig):

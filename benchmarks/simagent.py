@@ -1,7 +1,7 @@
 """Simulated node agents: real RolloutService / LoadService clients that play GPU workers.
 
-Used by ``expertplane bench controller`` and the controller tests to drive a controller over
-real gRPC without GPUs. A ``SimulatedAgent`` keeps one ``RolloutService.Connect`` stream open,
+The load generator of ``expertplane bench controller``, also used by the controller tests, to
+drive a controller over real gRPC without GPUs (not part of the controller). A ``SimulatedAgent`` keeps one ``RolloutService.Connect`` stream open,
 says HELLO with its workers, and answers every command with ONE event per worker, as a real
 agent does (see ``agent/rollout.py``). Behaviour per worker can be scripted (fail or stall the
 prepare) to exercise aborts.

@@ -1,4 +1,6 @@
 """Routing model and dispatch evaluator: what a placement does to GPU load and network sends.
+Used by the topology benchmark and its tests; it lives here, not in the planner, because it
+routes with the workers' own kernels.
 
 * ``generate_trace``: tokens originate on GPUs; each picks its experts with DeepSeek-V3's
   group-limited routing (``kernels.routing.route``: top-M groups by the sum of their two best
