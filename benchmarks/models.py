@@ -26,12 +26,14 @@ TARGET = 1.5         # ours vs grouped_mm, at every row count
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[4096, 32768],
                         help="rows = tokens x top-k through the experts (default: 4096 32768)")
-    parser.add_argument("--hidden", type=int, default=7168)
-    parser.add_argument("--intermediate", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=7168, help="hidden size H")
+    parser.add_argument("--intermediate", type=int, default=2048,
+                        help="expert FFN intermediate size I")
     parser.add_argument("--experts", type=int, default=32, help="local experts (world size 1)")
-    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=8, help="experts per token")
     parser.add_argument("--iters", type=int, default=20, help="timed repetitions (median)")
-    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
+                        help="transformers expert implementations to compare with")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 

@@ -21,7 +21,8 @@ def register(sub) -> None:
                         help="plan store: SQLAlchemy URL (sqlite:///FILE or "
                              "postgresql+psycopg://USER@HOST:PORT/DB)")
     parser.add_argument("--placements", metavar="DIR",
-                        help="apply every placement in DIR/*.yaml at start (see docs/controller.md)")
+                        help="apply every placement in DIR/*.yaml at start: the controller's YAML or "
+                             "ExpertPlacement resources (examples/placements/, docs/controller.md)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics on HOST:PORT (off by default)")
     parser.add_argument("--rollout-timeout", type=float, default=30.0, metavar="SECONDS",

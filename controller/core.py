@@ -43,9 +43,10 @@ class PlacementView:
     """A placement with its live figures: balances per layer (max GPU load / mean GPU load)."""
 
     stored: StoredPlacement
-    current_balance: list[float]
+    observed_balance: list[float]
     predicted_balance: list[float]
     rollout_state: str
+    latest_version: int = 0
 
 
 class Controller:
@@ -204,8 +205,8 @@ class Controller:
         current = balance_of_gpu_loads(view.gpu_load).tolist() if view.gpu_load.sum() else []
         return PlacementView(
             stored=dataclasses.replace(state.stored, plan_version=state.version_in_force),
-            current_balance=current, predicted_balance=state.predicted,
-            rollout_state=self.rollouts.state(name))
+            observed_balance=current, predicted_balance=state.predicted,
+            rollout_state=self.rollouts.state(name), latest_version=self.store.latest_version(name))
 
     def placement_views(self) -> list[PlacementView]:
         return [self.placement_view(s.name) for s in self.placements.states()]

@@ -127,7 +127,7 @@ class RolloutMachine:
             self._decide(act, now, eff)
             self._finish(act, "committed", now, eff)
         elif missing:
-            self._abort(act, f"ranks {ranges(missing)} not connected", now, eff)
+            self._abort(act, f"ranks {_ranges(missing)} not connected", now, eff)
         else:
             # serialized once for every agent (see servicers.serialize_command)
             cmd = pb.RolloutCommand(rollout_id=rec.id, placement=placement,
@@ -233,11 +233,11 @@ class RolloutMachine:
         for act in [a for a in self._active.values() if a.deadline < now]:
             if act.rec.state == "preparing":
                 waiting = sorted(set(act.participants) - set(act.rec.acks.get("prepared", {})))
-                self._abort(act, f"timeout: ranks {ranges(waiting)} did not prepare "
+                self._abort(act, f"timeout: ranks {_ranges(waiting)} did not prepare "
                                  f"within {self.timeout:g} s", now, eff)
             else:
                 waiting = sorted(set(act.participants) - set(act.rec.acks.get("committed", {})))
-                act.rec.reason = (f"ranks {ranges(waiting)} did not confirm the commit; they "
+                act.rec.reason = (f"ranks {_ranges(waiting)} did not confirm the commit; they "
                                   "are synced when they reconnect")
                 self._finish(act, "committed", now, eff)
         return eff
@@ -327,7 +327,7 @@ def _note(session: AgentSession, placement: str, rank: int, *, prepared: int = 0
         info.plan_version, info.prepared_version = committed, 0
 
 
-def ranges(ranks: list[int]) -> str:
+def _ranges(ranks: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5'."""
     out, start = [], None
     for i, r in enumerate(ranks):

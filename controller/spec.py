@@ -15,7 +15,7 @@ import numpy as np
 
 from expertplane.controller.bias import RouterBiasSpec, router_bias_from_proto, router_bias_to_proto
 from expertplane.errors import FieldError
-from expertplane.planner.eplb import ALGORITHMS
+from expertplane.planner.algorithms import ALGORITHMS
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor, to_numpy
 

@@ -24,6 +24,7 @@ from expertplane.kernels.dispatch import combine, dispatch, plan_dispatch, world
 from expertplane.kernels.experts import ExpertWeightFn, LocalExperts, seeded_expert_weights
 from expertplane.kernels.replica_choice import choose_replicas
 from expertplane.kernels.routing import RouterConfig, gating_weights, ranked_experts, route
+from expertplane.kernels.triton_ops import histogram
 
 __all__ = ["EPMoELayer", "ExpertParallelExperts", "LayerPlacement", "PlacementError", "seeded_router_weight"]
 
@@ -149,7 +150,7 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"topk_ids and weights must be [{x.shape[0]}, k], got "
                              f"{list(topk_ids.shape)} and {list(weights.shape)}")
         topk_ids = topk_ids.long()
-        self.selections.add(expert_load(topk_ids, self.num_experts))
+        self.selections.add(histogram(topk_ids.reshape(-1), self.num_experts))
         return self.run_experts(x, self._replicas(topk_ids), weights)
 
     def run_experts(self, x: Tensor, phys: Tensor, weights: Tensor) -> Tensor:
@@ -193,6 +194,8 @@ class ExpertParallelExperts(nn.Module):
         self.experts = experts
 
     def _replicas(self, topk_ids: Tensor) -> Tensor:
+        if self._single_replica:    # one candidate per expert: the rule has nothing to choose
+            return self._log2phy[topk_ids, 0]
         return choose_replicas(topk_ids, self.rank, self._log2phy, self._logcnt, self.slot_gpu,
                                self.gpus_per_node)
 
@@ -208,6 +211,7 @@ class ExpertParallelExperts(nn.Module):
         self.placement = placement
         self._log2phy = placement.log2phy.to(self.device)
         self._logcnt = placement.logcnt.to(self.device)
+        self._single_replica = int(placement.logcnt.max()) == 1
 
 
 class EPMoELayer(ExpertParallelExperts):

@@ -10,6 +10,7 @@ Plans are written as JSON or YAML documents (``plan_document``) or in SGLang's
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from expertplane.errors import FieldError, one_line
 from expertplane.planner.plan import Migration
 from expertplane.planner.validation import as_array
 
+log = logging.getLogger(__name__)
 LOAD_KEYS = ("logical_count", "weight", "loads")
 PLAN_KEYS = ("phy2log", "physical_to_logical_map")
-FORMATS = ("json", "yaml", "sglang")
+FORMATS = ("json", "yaml", "sglang", "trtllm")
 
 
 def _read_container(path: Path, field: str):
@@ -79,6 +81,9 @@ def load_loads(path) -> np.ndarray:
         raise FieldError("loads", f"{path} must hold a [layers, experts] array, got shape "
                                       f"{list(a.shape)}")
     if a.ndim > 2:  # SGLang: [window..., layers, experts]
+        log.warning("loads: %s holds a %d-D array %s: summed over its first %d dimension(s) "
+                    "(windows of an expert-distribution dump) into [layers, experts] %s", path,
+                    a.ndim, list(a.shape), a.ndim - 2, list(a.shape[-2:]))
         a = a.reshape(-1, *a.shape[-2:]).sum(axis=0)
     if not np.issubdtype(a.dtype, np.number):
         raise FieldError("loads", f"{path} must hold numbers, got dtype {a.dtype}")
@@ -143,9 +148,44 @@ def plan_document(setup: PlanSetup, phy2log, log2phy, logcnt, balance,
     return doc
 
 
-def sglang_document(phy2log) -> dict:
-    """SGLang ``--init-expert-location`` content: ``physical_to_logical_map`` [layers][slots]."""
-    return {"physical_to_logical_map": np.asarray(phy2log, dtype=np.int64).tolist()}
+def sglang_rows(phy2log, moe_layers=None, num_hidden_layers: int | None = None,
+                num_logical_experts: int | None = None) -> np.ndarray:
+    """SGLang's expert-location map: one row per *hidden* layer, int64 ``[H, R]``.
+
+    ``phy2log`` ``[L, R]`` holds the MoE layers ``moe_layers`` (hidden-layer indices; default the
+    last ``L`` of ``num_hidden_layers``). The other (dense) rows get the trivial layout
+    ``slot % E``, so that every row covers every logical expert as SGLang's static dispatch
+    needs. Without ``num_hidden_layers`` the rows are returned as they are.
+    """
+    phy2log = np.asarray(phy2log, dtype=np.int64)
+    if num_hidden_layers is None:
+        return phy2log
+    layers, slots = phy2log.shape
+    if moe_layers is None:
+        if layers > num_hidden_layers:
+            raise FieldError("num_hidden_layers", f"{num_hidden_layers} is fewer than the plan's "
+                                                  f"{layers} MoE layers")
+        moe_layers = range(num_hidden_layers - layers, num_hidden_layers)
+    moe_layers = [int(x) for x in moe_layers]
+    if len(moe_layers) != layers or len(set(moe_layers)) != layers or \
+            min(moe_layers) < 0 or max(moe_layers) >= num_hidden_layers:
+        raise FieldError("moe_layers", f"must name {layers} distinct hidden layers in "
+                                       f"[0, {num_hidden_layers}), got {moe_layers}")
+    experts = int(num_logical_experts or phy2log.max() + 1)
+    if slots < experts:
+        raise FieldError("num_replicas", f"{slots} slots cannot hold all {experts} experts in "
+                                         "a dense layer's row")
+    rows = np.tile(np.arange(slots, dtype=np.int64) % experts, (num_hidden_layers, 1))
+    rows[moe_layers] = phy2log
+    return rows
+
+
+def sglang_document(phy2log, moe_layers=None, num_hidden_layers: int | None = None,
+                    num_logical_experts: int | None = None) -> dict:
+    """SGLang ``--init-expert-location`` content: ``physical_to_logical_map`` ``[H][R]``, one
+    row per hidden layer (``sglang_rows``)."""
+    rows = sglang_rows(phy2log, moe_layers, num_hidden_layers, num_logical_experts)
+    return {"physical_to_logical_map": rows.tolist()}
 
 
 def format_for(path, fmt: str | None) -> str:

@@ -120,7 +120,7 @@ def test_propose_approve_and_rollback(controller):
         d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", propose=True),
                                         timeout=60)
         assert (d.rebalance, d.new_version) == (False, 2) and d.reason.startswith("proposed as v2")
-        assert d.predicted_balance < d.current_balance and d.slots_moved > 0
+        assert d.predicted_balance < d.in_force_balance_mean and d.slots_moved > 0
         assert c.state().plan_version == 1 and c.history()[-1] == (2, "proposal")
         assert not c.state().HasField("last_rebalance")
         d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", version=2), timeout=60)

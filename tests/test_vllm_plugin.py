@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +149,18 @@ def _rearrange_rank(rank: int, store: str, plan_path: str) -> None:
         assert experts.mismatches(new) == []
         old = new
     assert torch.equal(rebalance(old), old)                     # no newer plan: zero moves
-    for bad in ("{\"version\": 3", plan_doc(3, shuffled(13)[:, :10]), plan_doc(1, shuffled(14))):
+    # async EPLB calls the policy from its worker thread: the broadcast works there too
+    plan = shuffled(15)
+    rank0_writes(plan_doc(3, plan))
+    answer = {}
+    worker = threading.Thread(target=lambda: answer.setdefault("new", rebalance(old)))
+    worker.start()
+    worker.join(120)
+    assert answer["new"].tolist() == plan.tolist()
+    experts.move(old, answer["new"])
+    old = answer["new"]
+    assert experts.mismatches(old) == []
+    for bad in ("{\"version\": 4", plan_doc(4, shuffled(13)[:, :10]), plan_doc(1, shuffled(14))):
         rank0_writes(bad)                                       # malformed, shape, older
         new = rebalance(old)
         assert torch.equal(new, old)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from expertplane.cli.main import build_parser
 from expertplane.controller.operator.crd import placement_from_cr, topology_from_spec
 from expertplane.controller.spec import spec_from_proto
 from expertplane.engines import vllm as plugin
@@ -36,7 +37,10 @@ def test_vllm_sample_placement_matches_the_server_and_shares_the_plan_file():
     agent_env = {e["name"]: e.get("value") for e in agent["env"]}
     assert env[PLAN_FILE_ENV] == agent_env[PLAN_FILE_ENV]
     assert env[plugin.PLACEMENT_ENV] == placement["metadata"]["name"]
-    socket = next(a.split("=", 1)[1] for a in agent["args"] if a.startswith("--socket="))
+    agent_args = build_parser().parse_args(
+        [*agent["command"][1:], *(a.replace("$(NODE_NAME)", "node-0") for a in agent["args"])])
+    assert agent_args.placement == placement["metadata"]["name"]
+    socket = agent_args.socket
     assert env[plugin.AGENT_ENV] == f"unix:{socket}"
     shared = {m["mountPath"] for m in agent["volumeMounts"]} & \
         {m["mountPath"] for m in server["volumeMounts"]}

@@ -38,14 +38,17 @@ POLICIES = ("static", "sglang", "vllm-sync", "vllm-async", "expertplane", "oracl
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clusters", nargs="+", choices=list(CLUSTERS), default=list(CLUSTERS))
-    parser.add_argument("--traces", nargs="+", choices=KINDS, default=["drift", "shift"])
+    parser.add_argument("--clusters", nargs="+", choices=list(CLUSTERS), default=list(CLUSTERS),
+                        help="simulated clusters to run")
+    parser.add_argument("--traces", nargs="+", choices=KINDS, default=["drift", "shift"],
+                        help="load traces to run")
     parser.add_argument("--steps", type=int, default=TraceSpec.num_steps, help="steps per trace")
     parser.add_argument("--steps-per-tick", type=int, default=TraceSpec.steps_per_tick,
                         help="steps of constant load")
     parser.add_argument("--profile-steps", type=int, default=1000,
                         help="steps the initial placement is planned on")
-    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES),
+                        help="rebalancing policies to compare")
     parser.add_argument("--policy-interval", type=float,
                         default=ControllerConfig().policy_interval_seconds,
                         help="ExpertPlane controller's policy interval (s; default: the "
@@ -54,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="*", default=[], metavar="WINDOW:THRESHOLD",
                         type=_variant, help="also run ExpertPlane's policy with these "
                                             "window_seconds:threshold (defaults: the product's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the traces")
     parser.add_argument("--out", type=Path, default=Path("goodput-out"),
                         help="directory for the PNG timelines")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")

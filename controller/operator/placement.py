@@ -282,7 +282,7 @@ def _publish(ctx: OperatorContext, obj: Mapping, cm_name: str, placement: pb.Pla
             out.events.append((NORMAL, "PlanPublished",
                                f"plan v{version} ({plan.summary.reason}, "
                                f"{plan.summary.slots_moved} slots moved) in ConfigMap {cm_name}"))
-        current = list(state.current_balance)
+        current = list(state.observed_balance)
         status["currentBalance"] = mean(current) if current else plan_balance
         status["worstLayerBalance"] = round(max(current), 6) if current else None
         predicted = list(state.predicted_balance)

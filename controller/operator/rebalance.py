@@ -83,7 +83,7 @@ def planning_changes(registered: pb.Placement, desired: pb.Placement) -> list[st
 
 def _proposal(d: pb.RebalanceDecision, base: int) -> dict:
     return {"version": int(d.new_version), "previousVersion": base, "reason": d.reason,
-            "currentBalance": round(d.current_balance, 6),
+            "currentBalance": round(d.in_force_balance_mean, 6),
             "predictedBalance": round(d.predicted_balance, 6),
             "slotsMoved": int(d.slots_moved), "bytesMoved": int(d.bytes_moved),
             "time": now_rfc3339()}
