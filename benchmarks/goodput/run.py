@@ -119,7 +119,11 @@ def table(rows_: list[dict]) -> str:
     return head + "".join(
         f"| {r['policy']} | {r['vs_oracle']:.4f} | {r['mean_step_ms']:.1f} | "
         f"{r['p99_step_ms']:.1f} | {r['stall_s']:.2f} | {r['slowdown_s']:.2f} | "
-        f"{r['bytes_moved'] / 1e9:,.0f} | {r['rebalances']} |\n" for r in rows_)
+        f"{_moved(r)} | {r['rebalances']} |\n" for r in rows_)
+
+
+def _moved(row: dict) -> str:
+    return "free" if row["policy"] == "oracle" else f"{row['bytes_moved'] / 1e9:,.0f}"
 
 
 def timeline_png(path: Path, title: str, trace: Trace, results: list[RunResult]) -> Path:
