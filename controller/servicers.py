@@ -228,8 +228,13 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
 
     @unary
     def ApplyPlacement(self, request, context):
-        return placement_state(self._c.apply_placement(spec_from_proto(request),
-                                                       restore_from_proto(request)))
+        spec = spec_from_proto(request)
+        if request.initial_load_file:
+            if request.HasField("initial_load"):
+                raise FieldError("initial_load_file", "give initial_load or initial_load_file, "
+                                                      "not both")
+            spec = self._c.initial_load_file(spec, request.initial_load_file)
+        return placement_state(self._c.apply_placement(spec, restore_from_proto(request)))
 
     @unary
     def DeletePlacement(self, request, context):

@@ -79,7 +79,7 @@ class RebalancePolicy(_message.Message):
     def __init__(self, mode: _Optional[_Union[RebalancePolicy.Mode, str]] = ..., window_seconds: _Optional[float] = ..., half_life_seconds: _Optional[float] = ..., threshold: _Optional[float] = ..., hysteresis: _Optional[float] = ..., cooldown_seconds: _Optional[float] = ..., move_budget_bytes: _Optional[int] = ..., min_gain_per_gib: _Optional[float] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("name", "model", "topology", "num_replicas", "algorithm", "policy", "initial_load", "generation", "router_bias", "restore_phy2log", "restore_version")
+    __slots__ = ("name", "model", "topology", "num_replicas", "algorithm", "policy", "initial_load", "generation", "router_bias", "restore_phy2log", "restore_version", "initial_load_file")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Placement(_message.Message):
     ROUTER_BIAS_FIELD_NUMBER: _ClassVar[int]
     RESTORE_PHY2LOG_FIELD_NUMBER: _ClassVar[int]
     RESTORE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_LOAD_FILE_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     topology: Topology
@@ -102,7 +103,8 @@ class Placement(_message.Message):
     router_bias: RouterBiasPolicy
     restore_phy2log: Int64Tensor
     restore_version: int
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., num_replicas: _Optional[int] = ..., algorithm: _Optional[str] = ..., policy: _Optional[_Union[RebalancePolicy, _Mapping]] = ..., initial_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., generation: _Optional[int] = ..., router_bias: _Optional[_Union[RouterBiasPolicy, _Mapping]] = ..., restore_phy2log: _Optional[_Union[Int64Tensor, _Mapping]] = ..., restore_version: _Optional[int] = ...) -> None: ...
+    initial_load_file: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., num_replicas: _Optional[int] = ..., algorithm: _Optional[str] = ..., policy: _Optional[_Union[RebalancePolicy, _Mapping]] = ..., initial_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., generation: _Optional[int] = ..., router_bias: _Optional[_Union[RouterBiasPolicy, _Mapping]] = ..., restore_phy2log: _Optional[_Union[Int64Tensor, _Mapping]] = ..., restore_version: _Optional[int] = ..., initial_load_file: _Optional[str] = ...) -> None: ...
 
 class RouterBiasPolicy(_message.Message):
     __slots__ = ("enabled", "speed", "rule", "interval_seconds")

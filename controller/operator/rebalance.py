@@ -76,8 +76,8 @@ def planning_changes(registered: pb.Placement, desired: pb.Placement) -> list[st
         out.append("spec.model.groups")
     if registered.model.expert_bytes != desired.model.expert_bytes:
         out.append("spec.model.expertBytes")
-    if registered.initial_load != desired.initial_load:
-        out.append("the initial load")
+    if not desired.initial_load_file and registered.initial_load != desired.initial_load:
+        out.append("the initial load")         # (a file is read by the controller on apply)
     return out
 
 
