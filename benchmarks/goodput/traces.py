@@ -61,7 +61,7 @@ class TraceSpec:
     """Parameters of a generated trace (steps in model steps)."""
 
     kind: str = "drift"
-    num_steps: int = 18000
+    num_steps: int = 6000
     steps_per_tick: int = 50
     zipf: float = 1.0
     drift_sigma: float = 1.0
