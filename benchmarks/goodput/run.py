@@ -25,7 +25,8 @@ from expertplane.benchmarks.goodput.policies import (ExpertPlanePolicy, SGLangEP
                                                      VLLMEPLB, plan)
 from expertplane.benchmarks.goodput.sim import (Cluster, LoadHistory, RunResult, deepseek_v3,
                                                 simulate)
-from expertplane.benchmarks.goodput.traces import KINDS, Trace, TraceSpec, generate
+from expertplane.benchmarks.goodput.traces import (KINDS, Trace, TraceSpec, from_sglang_dump,
+                                                   generate)
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.spec import PolicySpec
 
@@ -40,8 +41,8 @@ POLICIES = ("static", "sglang", "vllm-sync", "vllm-async", "expertplane", "oracl
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", nargs="+", choices=list(CLUSTERS), default=list(CLUSTERS),
                         help="simulated clusters to run")
-    parser.add_argument("--traces", nargs="+", choices=KINDS, default=["drift", "shift"],
-                        help="load traces to run")
+    parser.add_argument("--traces", nargs="*", choices=KINDS, default=["drift", "shift"],
+                        help="generated load traces to run (none: only --sglang-dump)")
     parser.add_argument("--steps", type=int, default=TraceSpec.num_steps, help="steps per trace")
     parser.add_argument("--steps-per-tick", type=int, default=TraceSpec.steps_per_tick,
                         help="steps of constant load")
@@ -58,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         type=_variant, help="also run ExpertPlane's policy with these "
                                             "window_seconds:threshold (defaults: the product's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the traces")
+    parser.add_argument("--sglang-dump", type=Path, default=None,
+                        help="also replay an SGLang expert-distribution dump recorded per "
+                             "forward pass (logical_count [passes, L, E]; .pt or .npy) on every "
+                             "cluster of the same layers and experts")
     parser.add_argument("--out", type=Path, default=Path("goodput-out"),
                         help="directory for the PNG timelines")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -153,16 +158,42 @@ def timeline_png(path: Path, title: str, trace: Trace, results: list[RunResult])
     return path
 
 
+def read_dump(path: Path) -> np.ndarray:
+    """``logical_count`` [passes, L, E] of an SGLang per-pass dump (.pt dict or tensor, .npy)."""
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    import torch
+
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    counts = content["logical_count"] if isinstance(content, dict) else content
+    return np.asarray(counts, dtype=np.float64)
+
+
+def traces_for(cluster: Cluster, args, dump: np.ndarray | None) -> list[tuple[str, Trace]]:
+    """(name, trace) of each generated kind, and of the dump where its shape fits ``cluster``."""
+    out = []
+    for kind in args.traces:
+        spec = replace(TraceSpec(), kind=kind, num_steps=args.steps,
+                       steps_per_tick=args.steps_per_tick, seed=args.seed)
+        out.append((kind, generate(cluster.num_layers, cluster.num_experts, cluster.top_k,
+                                   cluster.num_gpus, spec)))
+    if dump is not None:
+        if dump.shape[1:] == (cluster.num_layers, cluster.num_experts):
+            out.append(("sglang-dump", from_sglang_dump(dump, cluster.num_gpus, cluster.top_k,
+                                                        args.steps_per_tick)))
+        else:
+            print(f"sglang-dump: logical_count has {list(dump.shape[1:])} layers x experts, "
+                  f"cluster {cluster.name} {[cluster.num_layers, cluster.num_experts]}: skipped")
+    return out
+
+
 def run(args) -> int:
     all_rows = []
     start = time.perf_counter()
+    dump = read_dump(args.sglang_dump) if getattr(args, "sglang_dump", None) else None
     for cname in args.clusters:
         cluster = CLUSTERS[cname]
-        for kind in args.traces:
-            spec = replace(TraceSpec(), kind=kind, num_steps=args.steps,
-                           steps_per_tick=args.steps_per_tick, seed=args.seed)
-            trace = generate(cluster.num_layers, cluster.num_experts, cluster.top_k,
-                             cluster.num_gpus, spec)
+        for kind, trace in traces_for(cluster, args, dump):
             t0 = time.perf_counter()
             results = run_scenario(cluster, trace, args.policies, args)
             scenario = f"{cname}/{kind}"
