@@ -26,6 +26,7 @@ from expertplane.benchmarks.goodput.policies import (ExpertPlanePolicy, SGLangEP
 from expertplane.benchmarks.goodput.sim import (Cluster, LoadHistory, RunResult, deepseek_v3,
                                                 simulate)
 from expertplane.benchmarks.goodput.traces import KINDS, Trace, TraceSpec, generate
+from expertplane.controller.config import ControllerConfig
 from expertplane.controller.spec import PolicySpec
 
 CLUSTERS = {
@@ -48,13 +49,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps the initial placement is planned on")
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES),
                         help="rebalancing policies to compare")
-    parser.add_argument("--policy-interval", type=float, default=10.0,
-                        help="ExpertPlane controller's policy interval (s)")
+    parser.add_argument("--policy-interval", type=float,
+                        default=ControllerConfig().policy_interval_seconds,
+                        help="ExpertPlane controller's policy interval (s; default: the "
+                             "controller's)")
     parser.add_argument("--oracle-window", type=int, default=1000, help="oracle re-plan period")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="WINDOW:THRESHOLD",
+                        type=_variant, help="also run ExpertPlane's policy with these "
+                                            "window_seconds:threshold (defaults: the product's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the traces")
     parser.add_argument("--out", type=Path, default=Path("goodput-out"),
                         help="directory for the PNG timelines")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+
+
+def _variant(text: str) -> tuple[float, float]:
+    try:
+        window, threshold = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"variant: expected WINDOW:THRESHOLD, got {text!r}")
+    if window <= 0 or threshold < 0:
+        raise argparse.ArgumentTypeError(f"variant: window must be > 0 and threshold >= 0, "
+                                         f"got {text!r}")
+    return window, threshold
 
 
 def make_policy(name: str, cluster: Cluster, args) -> object:
@@ -73,12 +90,13 @@ def run_scenario(cluster: Cluster, trace: Trace, names, args) -> list[RunResult]
     history = LoadHistory(trace)
     initial = plan(cluster, history.between(0, args.profile_steps), "deepseek")
     constants = MoverConstants.measured()
-    results = []
-    for name in names:
-        if name != "oracle":
-            policy = make_policy(name, cluster, args)
-            results.append(simulate(cluster, trace, history, cost, policy,
-                                    Mover(policy.mover, constants), initial))
+    policies = [make_policy(name, cluster, args) for name in names if name != "oracle"]
+    policies += [ExpertPlanePolicy(cluster, PolicySpec(window_seconds=w, threshold=t),
+                                   interval_s=args.policy_interval,
+                                   name=f"expertplane w={w:g}s t={t:g}")
+                 for w, t in getattr(args, "variants", [])]
+    results = [simulate(cluster, trace, history, cost, p, Mover(p.mover, constants), initial)
+               for p in policies]
     if "oracle" in names:
         pool = [p for r in results for p in r.plans]
         results.append(simulate_oracle(cluster, trace, history, cost, pool, args.oracle_window))
@@ -101,7 +119,11 @@ def table(rows_: list[dict]) -> str:
     return head + "".join(
         f"| {r['policy']} | {r['vs_oracle']:.4f} | {r['mean_step_ms']:.1f} | "
         f"{r['p99_step_ms']:.1f} | {r['stall_s']:.2f} | {r['slowdown_s']:.2f} | "
-        f"{r['bytes_moved'] / 1e9:,.0f} | {r['rebalances']} |\n" for r in rows_)
+        f"{_moved(r)} | {r['rebalances']} |\n" for r in rows_)
+
+
+def _moved(row: dict) -> str:
+    return "free" if row["policy"] == "oracle" else f"{row['bytes_moved'] / 1e9:,.0f}"
 
 
 def timeline_png(path: Path, title: str, trace: Trace, results: list[RunResult]) -> Path:
