@@ -62,6 +62,7 @@ def test_vllm_loader_installs_the_policy_and_lookup_returns_the_plan(monkeypatch
     path = tmp_path / "plan.json"
     monkeypatch.setenv(PLAN_FILE_ENV, str(path))
     monkeypatch.delenv(plugin.AGENT_ENV, raising=False)
+    monkeypatch.setenv(plugin.PLACEMENT_ENV, "vllm-moe")
     plugins = load_plugins_by_group(DEFAULT_PLUGINS_GROUP)     # vLLM's loader, entry points
     assert "expertplane" in plugins
     with caplog.at_level(logging.INFO, logger="vllm.plugins.expertplane"):
@@ -82,7 +83,8 @@ def test_vllm_loader_installs_the_policy_and_lookup_returns_the_plan(monkeypatch
     assert new.tolist() == plan.tolist()
     assert torch.equal(rebalance(new), new)                     # in place: zero moves
     for bad in ("{not json", json.dumps(plan_doc(4, shuffled(2)[:, :8])),    # another shape
-                json.dumps(plan_doc(4, np.zeros((L + 1, R), np.int64)))):    # 3 layers
+                json.dumps(plan_doc(4, np.zeros((L + 1, R), np.int64))),     # 3 layers
+                json.dumps(plan_doc(4, shuffled(3), placement="another"))):  # not this server's
         path.write_text(bad)
         assert torch.equal(rebalance(new), new)
     path.unlink()
