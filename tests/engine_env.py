@@ -29,6 +29,11 @@ def allow_torchvision_import() -> None:
     version = Path(list(spec.submodule_search_locations)[0], "version.py")
     if "+cu" not in version.read_text():  # a CPU build has its ops library
         return
+    try:
+        torch.ops.torchvision.nms          # declared already (tests/site/sitecustomize.py's copy)
+        return
+    except (AttributeError, RuntimeError):
+        pass
     _declared = torch.library.Library("torchvision", "DEF")
     for op in ("nms", "qnms"):
         _declared.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
