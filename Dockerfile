@@ -19,15 +19,22 @@ ENV PATH=/opt/expertplane/bin:$PATH
 RUN pip install --index-url "$TORCH_INDEX" "$TORCH_SPEC"
 COPY . /src
 RUN pip install "/src[postgres]"
+# Compile the planner now (numba cache) so that no pod compiles it on its first plan. Generic
+# x86-64 code: the cache is keyed by the CPU model, and the image runs on other machines.
+ENV NUMBA_CPU_NAME=generic
+RUN NUMBA_CACHE_DIR=/opt/expertplane/numba-cache expertplane warm
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --create-home --uid 10001 --user-group expertplane
 COPY --from=build /opt/expertplane /opt/expertplane
 # The pods run with a read-only root filesystem and an emptyDir on /tmp: numba's compile cache
-# and matplotlib's config go there.
+# and matplotlib's config go there. Every expertplane command first copies the cache warmed at
+# build time (EXPERTPLANE_NUMBA_CACHE_SEED) into it (numba_cache.py).
 ENV PATH=/opt/expertplane/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     NUMBA_CACHE_DIR=/tmp/numba-cache \
+    NUMBA_CPU_NAME=generic \
+    EXPERTPLANE_NUMBA_CACHE_SEED=/opt/expertplane/numba-cache \
     MPLCONFIGDIR=/tmp/matplotlib
 USER 10001:10001
 WORKDIR /home/expertplane

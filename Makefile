@@ -18,12 +18,28 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(if $(TORCH_SPEC),$(PY) -m pip install -q $(TORCH_SPEC))
 	$(PY) -m pip install -q -e '.[test]'
 	$(if $(ENGINES_SPEC),$(PY) -m pip install -q --no-deps $(ENGINES_SPEC))
+	@echo "compiling the planner's numba kernels into their cache (once; 1-3 min on 2 CPUs)"
+	$(VENV)/bin/expertplane warm
 	touch $@
 
 # Build (once, cached in ~/.cache/expertplane-k8s) the real kube-apiserver the operator tests use.
+# The build is silent for minutes: say what it is and how far it got every 30 s.
+K8S_CACHE  ?= $(or $(EXPERTPLANE_K8S_CACHE),$(HOME)/.cache/expertplane-k8s)
 k8s-apiserver:
-	@if [ -x $(SHARED)/k8s/test-apiserver ]; then $(SHARED)/k8s/test-apiserver build >/dev/null; \
-	else echo "no $(SHARED)/k8s/test-apiserver: Kubernetes tests will skip"; fi
+	@if [ ! -x $(SHARED)/k8s/test-apiserver ]; then \
+		echo "no $(SHARED)/k8s/test-apiserver: Kubernetes tests will skip"; \
+	elif [ -x $(K8S_CACHE)/bin/kube-apiserver ]; then :; \
+	else \
+		echo "building kube-apiserver for the Kubernetes tests (once, cached in $(K8S_CACHE)):"; \
+		echo "  root + apt (Debian's kubernetes source, Go, etcd); 4-12 min on 2 CPUs; log $(K8S_CACHE)/build.log"; \
+		start=$$(date +%s); $(SHARED)/k8s/test-apiserver build >/dev/null & pid=$$!; \
+		while kill -0 $$pid 2>/dev/null; do \
+			for i in $$(seq 30); do kill -0 $$pid 2>/dev/null && sleep 1; done; \
+			kill -0 $$pid 2>/dev/null && echo "  still building: $$(( $$(date +%s) - start )) s," \
+				"$$(cat $(K8S_CACHE)/build.log 2>/dev/null | wc -l) lines of build log"; \
+		done; \
+		wait $$pid && echo "  kube-apiserver built in $$(( $$(date +%s) - start )) s"; \
+	fi
 
 demo: setup
 	$(VENV)/bin/expertplane demo

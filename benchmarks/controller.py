@@ -41,17 +41,17 @@ def add_arguments(parser) -> None:
                         help="simulated agents (one ReportLoad stream each) per process")
     parser.add_argument("--window", type=int, default=8,
                         help="max un-acked reports per stream (one per worker of the agent)")
-    parser.add_argument("--layers", type=int, default=58)
+    parser.add_argument("--layers", type=int, default=58, help="MoE layers of the placements")
     parser.add_argument("--slots", type=int, default=9, help="slots per GPU")
-    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--experts", type=int, default=256, help="experts per layer")
     parser.add_argument("--ingest-gpus", type=int, default=32, help="GPUs of the ingest placement")
     parser.add_argument("--workers", type=int, default=1000, help="simulated workers for rollout")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per simulated node")
     parser.add_argument("--rollouts", type=int, default=5, help="rollouts timed (best and median)")
     parser.add_argument("--db", help="plan store URL (default: SQLite in a temporary directory)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--skip-rollout", action="store_true")
-    parser.add_argument("--skip-ingest", action="store_true")
+    parser.add_argument("--skip-rollout", action="store_true", help="do not time rollouts")
+    parser.add_argument("--skip-ingest", action="store_true", help="do not time load ingestion")
     parser.add_argument("--flood", type=float, default=0.0, metavar="SECONDS",
                         help="also run twice the ingest load (twice the agents, each at the same "
                              "rate) for SECONDS, sampling the controller's RSS and GetPlan latency")

@@ -457,11 +457,11 @@ def _raw_times(model, moved: int, cfg: dict, group, clock) -> list[float]:
 
 def print_results(results: dict) -> None:
     """The staging-vs-raw table and the step-time table of :func:`measure`'s results."""
-    from rich.console import Console
+    from expertplane.cli.output import console as rich_console
     from rich.table import Table
 
     cfg = results["config"]
-    console = Console()
+    console = rich_console()
     baseline = "raw batch_isend_irecv" if cfg["world_size"] > 1 else "raw device copy"
 
     def fmt(x, spec=".3f"):

@@ -28,15 +28,15 @@ ISSUE_TARGETS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 32768],
                         help="rows through the grouped GEMM (default: 4096 32768)")
-    parser.add_argument("--hidden", type=int, default=7168)
-    parser.add_argument("--intermediate", type=int, default=2048)
-    parser.add_argument("--local-experts", type=int, default=32)
-    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=7168, help="hidden size H")
+    parser.add_argument("--intermediate", type=int, default=2048, help="expert FFN intermediate size I")
+    parser.add_argument("--local-experts", type=int, default=32, help="experts per GPU")
+    parser.add_argument("--top-k", type=int, default=8, help="experts per token")
     parser.add_argument("--layer-tokens", type=int, default=4096,
                         help="tokens per rank for the layer step and the all-to-all part")
     parser.add_argument("--iters", type=int, default=20, help="timed repetitions (median)")
     parser.add_argument("--parts", nargs="+", default=["gemm", "tokens", "layer", "a2a", "hotswap"],
-                        choices=["gemm", "tokens", "layer", "a2a", "hotswap"])
+                        choices=["gemm", "tokens", "layer", "a2a", "hotswap"], help="parts to run")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
@@ -325,10 +325,10 @@ def _bench_hotswap(args) -> dict:
 
 
 def _print_part(name: str, result: object) -> None:
-    from rich.console import Console
+    from expertplane.cli.output import console as rich_console
     from rich.table import Table
 
-    console = Console()
+    console = rich_console()
     if isinstance(result, dict) and "not_run" in result:
         console.print(f"[bold]{name}[/bold]: not run: {result['not_run']}")
         return

@@ -26,17 +26,20 @@ TARGET = 1.5         # ours vs grouped_mm, at every row count
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[4096, 32768],
                         help="rows = tokens x top-k through the experts (default: 4096 32768)")
-    parser.add_argument("--hidden", type=int, default=7168)
-    parser.add_argument("--intermediate", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=7168, help="hidden size H")
+    parser.add_argument("--intermediate", type=int, default=2048,
+                        help="expert FFN intermediate size I")
     parser.add_argument("--experts", type=int, default=32, help="local experts (world size 1)")
-    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=8, help="experts per token")
     parser.add_argument("--iters", type=int, default=20, help="timed repetitions (median)")
-    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
+                        help="transformers expert implementations to compare with")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
-def _block(args, device):
-    """A bf16 DeepseekV3MoE block at the benchmark's sizes, weights ~ N(0, 1/fan_in)."""
+def build_block(args, device):
+    """A bf16 DeepseekV3MoE block at ``args``' sizes (hidden, intermediate, experts, top_k),
+    weights ~ N(0, 1/fan_in), on ``device``."""
     import torch
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
@@ -52,7 +55,9 @@ def _block(args, device):
     return block
 
 
-def _routing(tokens: int, args, device):
+def routing(tokens: int, args, device):
+    """(hidden [T, H] bf16, top_k_index [T, k], top_k_weights [T, k] fp32) for T = ``tokens``:
+    top-k without replacement over mildly skewed expert probabilities U(0.5, 1.5)."""
     import torch
 
     gen = torch.Generator(device="cpu").manual_seed(tokens)
@@ -75,7 +80,7 @@ def run(args) -> int:
     import transformers
 
     device = torch.device("cuda")
-    base = _block(args, device)
+    base = build_block(args, device)
     ours = copy.deepcopy(base)
     expert_parallel(ours, [list(range(args.experts))])
     layer = ep_layers(ours)[0]
@@ -84,10 +89,10 @@ def run(args) -> int:
     for rows in args.rows:
         tokens = rows // args.top_k
         layer.experts.pretune(-(-rows // args.experts))
-        hidden, index, weights = _routing(tokens, args, device)
+        hidden, index, weights = routing(tokens, args, device)
         call = {"expertplane": lambda: ours.experts(hidden, index, weights)}
         for name in args.baselines:
-            call[name] = lambda name=name: _baseline(base, name, hidden, index, weights)
+            call[name] = lambda name=name: baseline(base, name, hidden, index, weights)
         with torch.no_grad():
             ref = call[args.baselines[0] if args.baselines else "expertplane"]().float()
             err = float((call["expertplane"]().float() - ref).norm() / ref.norm())
@@ -109,7 +114,8 @@ def run(args) -> int:
     return 0
 
 
-def _baseline(block, name: str, hidden, index, weights):
+def baseline(block, name: str, hidden, index, weights):
+    """``block``'s experts under transformers' implementation ``name`` on this call."""
     block.experts.config._experts_implementation = name
     return block.experts(hidden, index, weights)
 

@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16], metavar="S",
                         help="pipeline ranks to compare (default 4 8 16)")
     parser.add_argument("--schedules", nargs="+", metavar="NAME",
-                        default=["1f1b", "zb1p", "dualpipe", "dualpipev"])
+                        default=["1f1b", "zb1p", "dualpipe", "dualpipev"], help="schedules to run")
     parser.add_argument("--node-limit", type=int, default=500, metavar="N",
                         help="search node cap per partition (default 500)")
     parser.add_argument("--repeat", type=int, default=5, metavar="N",

@@ -163,8 +163,10 @@ def _table(rows: list[Row]):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+                        help="placement shapes (replicas/GPUs) to run")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                        help="synthetic load families to run")
     parser.add_argument("--layers", type=int, default=58, help="MoE layers (default 58)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="timed runs per algorithm, best kept (default 3)")
@@ -177,12 +179,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drift", type=float, default=0.1,
                         help="load drift for the movement test: sigma of the log-normal "
                              "per-expert factor (default 0.1 = 10%%)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic loads")
     parser.add_argument("--json", type=Path, help="also write the rows here")
 
 
 def run(args) -> int:
-    from rich.console import Console
+    from expertplane.cli.output import console as rich_console
 
     if args.layers < 1 or args.repeat < 1:
         raise ValueError("--layers/--repeat: must be >= 1")
@@ -194,7 +196,7 @@ def run(args) -> int:
                 args.reference == "all" or (args.reference == "first" and i == 0),
                 args.movement == "all" or (args.movement == "first" and i == 0),
                 args.drift, args.seed + i))
-    Console(width=max(Console().width, 180)).print(_table(rows))
+    rich_console().print(_table(rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0

@@ -36,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts", type=int, default=16, help="logical experts per layer E")
     parser.add_argument("--replicas", type=int, default=24, help="physical slots per layer R")
     parser.add_argument("--gpus", type=int, default=8, help="virtual GPUs (R %% gpus == 0)")
-    parser.add_argument("--top-k", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--intermediate", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=4, help="experts per token")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size H")
+    parser.add_argument("--intermediate", type=int, default=64, help="expert FFN intermediate size I")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per step")
     parser.add_argument("--steps", type=int, default=200, help="steps per variant")
     parser.add_argument("--warmup", type=int, default=40, help="steps not measured")
@@ -47,13 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps between popularity drifts (0 = none)")
     parser.add_argument("--rebalance-every", type=int, default=40, help="EPLB re-plan period")
     parser.add_argument("--bias-every", type=int, default=1, help="bias update period (steps)")
-    parser.add_argument("--bias-speed", type=float, default=0.002)
-    parser.add_argument("--bias-rule", choices=("sign", "proportional"), default="sign")
+    parser.add_argument("--bias-speed", type=float, default=0.002, help="router bias step per update")
+    parser.add_argument("--bias-rule", choices=("sign", "proportional"), default="sign",
+                        help="bias update rule")
     parser.add_argument("--capacity", type=float, nargs="+", default=[0.0, 1.25],
                         help="capacity factors to run (0 = no capacity)")
-    parser.add_argument("--capacity-mode", choices=("drop", "next_best"), default="drop")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--capacity-mode", choices=("drop", "next_best"), default="drop",
+                        help="rows over capacity: dropped, or sent to the next best expert")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="balancing variants to compare")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model and token stream")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 avoids oversubscription on shared CPUs)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -167,7 +170,7 @@ def run_variant(args, variant: str, capacity: float) -> RunResult:
 def run(args) -> int:
     _check(args)
     import torch
-    from rich.console import Console
+    from expertplane.cli.output import console as rich_console
     from rich.table import Table
 
     torch.set_num_threads(args.threads)
@@ -184,7 +187,7 @@ def run(args) -> int:
                       f"{r.gpu_balance:.3f}", f"{r.gpu_balance / base[r.capacity].gpu_balance:.3f}",
                       f"{r.demand_balance:.3f}", f"{100 * r.dropped_fraction:.2f}%", str(r.plans),
                       f"{r.bias_abs_max:.3f}", f"{1e3 * r.step_seconds:.1f}")
-    Console(width=max(Console().width, 130)).print(table)
+    rich_console().print(table)
     if args.json:
         args.json.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
                                                       for k, v in vars(args).items()

@@ -27,10 +27,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--zipf", type=float, default=1.5, help="Zipf exponent (default 1.5)")
     parser.add_argument("--drift", type=float, default=0.3,
                         help="log-scale popularity drift of the 'drift' scenario (default 0.3)")
-    parser.add_argument("--replicas", type=int, nargs="+", default=[288, 320])
+    parser.add_argument("--replicas", type=int, nargs="+", default=[288, 320],
+                        help="slots per layer to run")
     parser.add_argument("--remote-costs", type=float, nargs="+",
-                        default=[0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 3.0])
-    parser.add_argument("--seed", type=int, default=0)
+                        default=[0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 3.0],
+                        help="topology algorithm's remote cost per token, one run each")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the traces")
     parser.add_argument("--out-dir", default="benchmarks",
                         help="where topology.md and topology.png go (default benchmarks/)")
 

@@ -11,6 +11,7 @@ BENCHMARKS = {
     "controller": "controller ingest throughput/latency and rollout fan-out",
     "kernels": "MoE layer, all-to-all, grouped GEMM and hot-swap (GPU)",
     "router": "EPLB vs aux-loss-free bias vs both",
+    "coldstart": "first plan of a fresh process and controller, empty vs warmed numba cache",
     "models": "our layer in a transformers MoE block vs its grouped_mm/eager experts (GPU)",
     "goodput": "cluster goodput: ExpertPlane vs SGLang/vLLM EPLB, static, oracle (simulated)",
 }

@@ -21,7 +21,11 @@ def register(sub) -> None:
                         help="plan store: SQLAlchemy URL (sqlite:///FILE or "
                              "postgresql+psycopg://USER@HOST:PORT/DB)")
     parser.add_argument("--placements", metavar="DIR",
-                        help="apply every placement in DIR/*.yaml at start (see docs/controller.md)")
+                        help="apply every placement in DIR/*.yaml at start: the controller's YAML or "
+                             "ExpertPlacement resources (examples/placements/, docs/controller.md)")
+    parser.add_argument("--load-dir", metavar="DIR",
+                        help="directory of the load files placements name in initial_load_file "
+                             "(the operator's spec.initialLoadFrom.file)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics on HOST:PORT (off by default)")
     parser.add_argument("--rollout-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -56,6 +60,7 @@ def _run(args) -> int:
         raise ValueError("--ingest-queue must be >= 1 and --max-workers >= 4")
     config = ControllerConfig(
         listen=args.listen, db_url=args.db, placements_dir=args.placements, metrics=args.metrics,
+        load_dir=args.load_dir,
         security=security_from_args(args), max_workers=args.max_workers,
         ingest_queue=args.ingest_queue, rollout_timeout_seconds=args.rollout_timeout,
         policy_interval_seconds=args.policy_interval,

@@ -22,7 +22,7 @@ def _run(args) -> int:
     from expertplane.proto import expertplane_pb2 as pb
 
     with Remote(args) as remote:
-        resp = remote.call(remote.plans, "DeletePlacement", pb.DeletePlacementRequest(name=args.name))
+        resp = remote.call(remote.plans, "DeletePlacement", pb.DeletePlacementRequest(placement=args.name))
     if resp.deleted:
         print(f"placement/{args.name} deleted")
     elif args.ignore_not_found:

@@ -19,7 +19,7 @@ def register(sub) -> None:
                         "comparison (default 10)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo-out"),
                         help="output directory (default ./demo-out)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model and token stream")
     parser.add_argument("--no-rebalance", dest="rebalance", action="store_false",
                         help="control run: keep the initial plan")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

@@ -93,7 +93,7 @@ def _show(state, plan, rollouts) -> None:
     for line in _policy_lines(state):
         print(f"  {line}")
     print("Balance per layer (max/mean GPU load):")
-    observed, predicted = list(state.current_balance), list(state.predicted_balance)
+    observed, predicted = list(state.observed_balance), list(state.predicted_balance)
     in_force = list(plan.predicted_balance) if plan is not None else []
     rows = [(layer, _at(observed, layer), _at(in_force, layer), _at(predicted, layer))
             for layer in range(sp.model.num_layers)]

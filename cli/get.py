@@ -50,7 +50,7 @@ def placements_table(states) -> None:
         rows.append((sp.name, st.plan_version or "-", sp.algorithm or "deepseek",
                      f"{sp.topology.num_nodes}x{sp.topology.gpus_per_node}", sp.num_replicas,
                      pb.RebalancePolicy.Mode.Name(sp.policy.mode or pb.RebalancePolicy.AUTO).lower(),
-                     mean(st.current_balance), mean(st.predicted_balance),
+                     mean(st.observed_balance), mean(st.predicted_balance),
                      st.rollout_state or "-", timestamp_text(st.last_rebalance)))
     table(("NAME", "VERSION", "ALGORITHM", "GPUS", "SLOTS", "MODE", "BALANCE", "PREDICTED",
            "ROLLOUT", "LAST REBALANCE"), rows)

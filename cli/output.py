@@ -69,3 +69,17 @@ def dump(obj, fmt: str, out: TextIO | None = None) -> None:
 def add_output_argument(parser) -> None:
     parser.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="table",
                         help="table (default), or every field as json or yaml")
+
+
+PIPED_WIDTH = 1000   # columns rich may use when stdout is not a terminal (a file, a pipe, CI logs)
+
+
+def console(file: TextIO | None = None):
+    """A rich Console for ``file`` (default stdout): the terminal's width on a terminal;
+    otherwise lines are not wrapped and tables not cut to 80 columns (rich's default)."""
+    from rich.console import Console
+
+    probe = Console(file=file)
+    if probe.is_terminal:
+        return probe
+    return Console(file=file, width=PIPED_WIDTH, soft_wrap=True)

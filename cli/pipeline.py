@@ -18,12 +18,20 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+PLAIN_BYTES_MIN = 2**20   # a size without a unit below this is a forgotten unit, not bytes
+
+
 def parse_bytes(text: str) -> float:
-    """``80GiB``, ``1.5e10``, ``512 MB`` -> bytes."""
+    """``80GiB``, ``1.5e10``, ``512 MB`` -> bytes. A plain number is bytes, and must be at least
+    1 MiB: ``80`` (80 bytes) is refused as a forgotten unit."""
     m = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", text.lower())
     if not m or m.group(2) not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 80GiB, 500MB, 1e10)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    value = float(m.group(1)) * _UNITS[m.group(2)]
+    if not m.group(2) and value < PLAIN_BYTES_MIN:
+        raise argparse.ArgumentTypeError(f"{text!r} has no unit and would be {value:g} bytes; "
+                                         f"give one, e.g. {m.group(1)}GiB")
+    return value
 
 
 def register(sub) -> None:
@@ -46,7 +54,7 @@ def register(sub) -> None:
                         help="DualPipe F&B pairs: share of the shorter half hidden, 0..1 "
                              "(default 0)")
     parser.add_argument("--node-limit", type=int, default=None, metavar="N",
-                        help="cap on search nodes (default: the library default; 0 = no cap)")
+                        help="cap on search nodes (0 = no cap; default: the library's)")
     parser.add_argument("--plot", metavar="PNG", help="draw the timeline of the plan to PNG")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(func=_run)
@@ -63,6 +71,9 @@ def _run(args) -> int:
     shipped = shipped_profiles()
     path = shipped[args.profile] if args.profile in shipped and not Path(args.profile).exists() \
         else args.profile
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--profile: {args.profile!r} is neither a file nor a shipped "
+                                f"profile ({', '.join(shipped)})")
     profile = load_profile(path)
     limit = DEFAULT_NODE_LIMIT if args.node_limit is None else (args.node_limit or None)
     plan = partition(profile, args.stages, schedule=args.schedule,

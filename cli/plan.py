@@ -37,7 +37,8 @@ def register(sub) -> None:
                         help="plan in force (our JSON/YAML, SGLang JSON, or a .npy/.pt phy2log): "
                              "re-plan moving few slots and report the migration")
     parser.add_argument("--expert-bytes", type=int, default=0, metavar="B",
-                        help="bytes of one expert's weights, for the migration size")
+                        help="bytes of one expert's weights, for the migration size "
+                             "(without it the size is reported unknown)")
     parser.add_argument("-o", "--output", metavar="FILE",
                         help="output file (.json or .yaml; default: JSON on stdout)")
     parser.add_argument("--format", choices=("json", "yaml", "sglang", "trtllm"),
@@ -85,12 +86,13 @@ def _layers(args, loaded, given):
 
 
 def _sizing(args, weight) -> int:
+    from expertplane.planner.deepseek import is_hierarchical
     from expertplane.planner.sizing import default_candidates, recommend_redundancy
 
     candidates = default_candidates(weight.shape[1], args.gpus, args.max_redundant)
     best, curve = recommend_redundancy(weight, args.groups, args.nodes, args.gpus,
                                        args.target_balance, candidates, args.algorithm)
-    sys.stdout.write(format_sizing_table(curve, best))
+    sys.stdout.write(format_sizing_table(curve, best, is_hierarchical(args.groups, args.nodes)))
     if best is None:
         print(f"no redundant count up to {candidates[-1]} reaches balance "
               f"{args.target_balance} with {args.algorithm}")
@@ -103,6 +105,7 @@ def _sizing(args, weight) -> int:
 def _run(args) -> int:
     from pathlib import Path
 
+    from expertplane.cli.output import moved_bytes
     from expertplane.errors import FieldError
     from expertplane.planner import balance, migration, rebalance_experts
     from expertplane.planner.deepseek import is_hierarchical
@@ -156,28 +159,70 @@ def _run(args) -> int:
                    f"slots -> {args.output}; balance (max/mean GPU load) mean {bal.mean():.4f} "
                    f"worst {bal.max():.4f}")
         if moved is not None:
-            summary += f"; moved {moved.slots_moved} slots ({moved.bytes_moved} bytes)"
+            summary += (f"; moved {moved.slots_moved} slots "
+                        f"({moved_bytes(moved.bytes_moved, args.expert_bytes)})")
         print(summary, file=sys.stderr)
     else:
         sys.stdout.write(text)
+    print(what_bounds(weight, args), file=sys.stderr)
     return 0
 
 
-def format_sizing_table(points, recommended=None) -> str:
-    """The sizing curve (``planner.sizing.SizingPoint`` s) as a text table (rich), marking the
-    ``recommended`` point."""
+def what_bounds(weight, args) -> str:
+    """One line on what limits the balance: the policy's constraint and its lower bound (no
+    plan under that policy balances better; ``planner.bounds``)."""
+    from expertplane.planner.bounds import lower_bound
+    from expertplane.planner.deepseek import is_hierarchical
+
+    hierarchical = is_hierarchical(args.groups, args.nodes)
+    bound = lower_bound(weight, args.replicas, args.groups, args.nodes, args.gpus, hierarchical)
+    figures = f"mean {bound.mean():.4f} worst {bound.max():.4f}"
+    if not hierarchical:
+        return (f"bound: global policy ({args.groups} groups do not split evenly over "
+                f"{args.nodes} nodes, so replicas go to any GPU): no plan balances better than "
+                f"{figures}")
+    text = (f"bound: hierarchical policy ({args.groups} groups on {args.nodes} nodes): each "
+            f"group's experts stay on one node, so no plan keeping them there balances better "
+            f"than {figures}")
+    if args.algorithm == "topology":
+        return text + "; topology adds cross-node replicas of hot experts and may go below it"
+    return text + ("; --algorithm topology adds cross-node replicas of hot experts to go below "
+                   "it, at the cost of tokens sent to other nodes")
+
+
+def _flat_tail(points):
+    """The first point from which the lower bound no longer falls (None when it falls to the
+    last point, or there are fewer than two points)."""
+    i = len(points) - 1
+    while i > 0 and abs(points[i - 1].bound_max - points[-1].bound_max) <= 1e-9:
+        i -= 1
+    return points[i] if i < len(points) - 1 else None
+
+
+def format_sizing_table(points, recommended=None, hierarchical: bool = False) -> str:
+    """The sizing curve as a text table (rich), marking the recommended point, with a note when
+    the lower bound does not fall with more replicas (``hierarchical``: the policy keeps each
+    expert group on one node, so the heaviest node's groups set the bound)."""
     from io import StringIO
 
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="redundancy sizing: balance = max / mean GPU load")
-    for name in ("redundant", "replicas", "balance mean", "balance worst", "bound worst", ""):
+    for name in ("redundant", "replicas", "balance mean", "balance worst layer",
+                 "lower bound worst layer", "recommended"):
         table.add_column(name, justify="right")
     for p in points:
-        mark = "<- recommended" if recommended is not None and p == recommended else ""
+        mark = "<-" if recommended is not None and p == recommended else ""
         table.add_row(str(p.num_redundant), str(p.num_replicas), f"{p.balance_mean:.4f}",
                       f"{p.balance_max:.4f}", f"{p.bound_max:.4f}", mark)
+    flat = _flat_tail(points)
+    if flat is not None:
+        why = ("the hierarchical policy keeps each expert group on one node, so the node with the "
+               "heaviest groups sets it" if hierarchical else
+               "the placement's other constraints, not the replica count, set it")
+        table.caption = (f"From {flat.num_redundant} redundant experts on, the lower bound stays "
+                         f"at {flat.bound_max:.4f}: {why}. More replicas cannot go below it.")
     out = StringIO()
-    Console(file=out, width=100, force_terminal=False, color_system=None).print(table)
+    Console(file=out, width=120, force_terminal=False, color_system=None).print(table)
     return out.getvalue()

@@ -33,7 +33,7 @@ def show_decision(decision, expert_bytes: int) -> None:
     d = decision
     verdict = "rebalance" if d.rebalance else "keep the plan in force"
     print(f"placement {d.placement}: {verdict}")
-    print(f"  balance now        {d.current_balance:.4f}  (plan in force on the load window)")
+    print(f"  balance now        {d.in_force_balance_mean:.4f}  (plan in force on the load window)")
     print(f"  balance predicted  {d.predicted_balance:.4f}  (fresh plan; gain {d.gain:.1%})")
     print(f"  moves              {d.slots_moved} slots, {moved_bytes(d.bytes_moved, expert_bytes)}")
     print(f"  reason             {d.reason}")

@@ -15,11 +15,14 @@ def register(sub) -> None:
     g.add_argument("--world-size", type=int, required=True, help="number of ranks")
     g.add_argument("--master", required=True, metavar="HOST:PORT",
                    help="torch.distributed rendezvous (rank 0 listens there)")
-    g.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    g.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                   help="torch.distributed backend (nccl for GPUs)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the model runs (cuda: GPU --rank %% --gpus-per-node)")
     g.add_argument("--gpus-per-node", type=int, default=None,
                    help="ranks per node for replica choice and transfer sources (default: all)")
-    g.add_argument("--collective-timeout", type=float, default=120.0, metavar="SECONDS")
+    g.add_argument("--collective-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="deadline of one collective (all-to-all, all-reduce)")
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per worker (0 = torch's default)")
     g.add_argument("--drain", type=float, default=5.0, metavar="SECONDS",
@@ -27,7 +30,7 @@ def register(sub) -> None:
 
     g = parser.add_argument_group("control plane")
     g.add_argument("--node", default="node-0", help="node name reported to the agent")
-    g.add_argument("--placement", default="default", help="placement this worker serves")
+    g.add_argument("--placement", default="default", help="name of the placement this worker serves")
     g.add_argument("--agent", metavar="unix:PATH|HOST:PORT",
                    help="node agent to register with (omit to run standalone)")
     src = g.add_mutually_exclusive_group(required=True)
@@ -50,12 +53,15 @@ def register(sub) -> None:
     g = parser.add_argument_group("synthetic model")
     g.add_argument("--layers", type=int, default=4, help="MoE layers L")
     g.add_argument("--experts", type=int, default=16, help="logical experts E per layer")
-    g.add_argument("--hidden", type=int, default=64)
-    g.add_argument("--intermediate", type=int, default=128)
-    g.add_argument("--top-k", type=int, default=4)
+    g.add_argument("--hidden", type=int, default=64, help="hidden size H of the tokens")
+    g.add_argument("--intermediate", type=int, default=128,
+                   help="intermediate size I of each expert's SwiGLU FFN")
+    g.add_argument("--top-k", type=int, default=4, help="experts each token is routed to")
     g.add_argument("--groups", type=int, default=1, help="expert groups (group-limited routing)")
-    g.add_argument("--topk-groups", type=int, default=1)
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    g.add_argument("--topk-groups", type=int, default=1,
+                   help="groups a token may route into (group-limited routing)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of weights and activations")
     g.add_argument("--seed", type=int, default=0, help="weights seed")
 
     g = parser.add_argument_group("token stream")
@@ -64,7 +70,7 @@ def register(sub) -> None:
     g.add_argument("--steer", type=float, default=4.0, help="strength of the popularity signal")
     g.add_argument("--drift-period", type=int, default=50, help="steps between drifts (0 = none)")
     g.add_argument("--drift-swaps", type=int, default=2, help="rank swaps per layer and drift")
-    g.add_argument("--stream-seed", type=int, default=0)
+    g.add_argument("--stream-seed", type=int, default=0, help="token stream seed")
     g.add_argument("--step-interval", type=float, default=0.0, metavar="SECONDS",
                    help="sleep between steps")
     g.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0 = never)")
@@ -73,7 +79,8 @@ def register(sub) -> None:
     g.add_argument("--capacity-factor", type=float, default=0.0,
                    help="per-slot capacity: factor x mean rows per slot; excess rows are "
                         "dropped and reported (0 = no capacity)")
-    g.add_argument("--capacity-mode", choices=("drop", "next_best"), default="drop")
+    g.add_argument("--capacity-mode", choices=("drop", "next_best"), default="drop",
+                   help="rows over capacity: dropped, or sent to the next best expert")
 
     from expertplane.rpc.security import LOCAL_TOKEN_ENV, add_security_arguments
     add_security_arguments(parser.add_argument_group(

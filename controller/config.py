@@ -17,12 +17,14 @@ class ControllerConfig:
     see ``core.IngestGate``); more are answered OVERLOADED. rollout_timeout_seconds: prepare (and
     commit) deadline of a rollout.
     policy_interval_seconds: how often AUTO placements are evaluated. snapshot_interval_seconds:
-    how often load windows are written to the store.
+    how often load windows are written to the store. load_dir: directory of the load files that
+    placements name in ``initial_load_file`` (None: such placements are refused).
     """
 
     listen: str = "[::]:50051"
     db_url: str = "sqlite:///expertplane-controller.db"
     placements_dir: str | None = None
+    load_dir: str | None = None
     metrics: str | None = None
     security: SecurityConfig = field(default_factory=SecurityConfig)
     max_workers: int = 64

@@ -43,7 +43,7 @@ def plan_summary(p: PlanRecord) -> pb.PlanSummary:
                           predicted_balance=p.predicted_balance, slots_moved=p.slots_moved,
                           bytes_moved=p.bytes_moved, previous_version=p.previous_version,
                           created_at=timestamp(p.created_at), reason=p.reason,
-                          current_balance=p.current_balance)
+                          previous_plan_balance=p.current_balance)
 
 
 def plan_message(p: PlanRecord, *, with_load: bool = True) -> pb.Plan:

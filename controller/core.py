@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,12 @@ from expertplane.controller.coordinator import RolloutCoordinator
 from expertplane.controller.ingest import LoadIngest
 from expertplane.controller.metrics import ControllerMetrics
 from expertplane.controller.placements import PlacementState, Placements
-from expertplane.controller.planning import candidate_from_map, compute_candidate, warm_up
+from expertplane.controller.planning import (
+    candidate_from_map,
+    check_load,
+    compute_candidate,
+    warm_up,
+)
 from expertplane.controller.plans import Plans, PlanWatch
 from expertplane.controller.policy import PolicyState
 from expertplane.controller.rebalance import RebalanceOutcome, Rebalancer
@@ -31,6 +37,7 @@ from expertplane.controller.router_balancer import PlacementTotals, RouterBalanc
 from expertplane.controller.spec import PlacementSpec, Restore
 from expertplane.controller.store import PlanRecord, RolloutRecord, Store, StoredPlacement
 from expertplane.errors import FailedPrecondition, FieldError, NotFound
+from expertplane.planner.io import load_loads
 from expertplane.planner.metrics import balance_of_gpu_loads
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor
@@ -43,9 +50,10 @@ class PlacementView:
     """A placement with its live figures: balances per layer (max GPU load / mean GPU load)."""
 
     stored: StoredPlacement
-    current_balance: list[float]
+    observed_balance: list[float]
     predicted_balance: list[float]
     rollout_state: str
+    latest_version: int = 0
 
 
 class Controller:
@@ -186,6 +194,24 @@ class Controller:
             self.rollouts.reconcile_placement(spec.name)
         return self.placement_view(spec.name)
 
+    def initial_load_file(self, spec: PlacementSpec, name: str) -> PlacementSpec:
+        """``spec`` with its initial load read from file ``name`` (relative to
+        ``config.load_dir``); ``FieldError`` on ``initial_load_file`` otherwise."""
+        field = "initial_load_file"
+        if not self.config.load_dir:
+            raise FailedPrecondition(field, "this controller has no --load-dir")
+        base = pathlib.Path(self.config.load_dir).resolve()
+        path = (base / name).resolve()
+        if base not in path.parents:
+            raise FieldError(field, f"must name a file inside the load directory, got {name!r}")
+        try:
+            load = load_loads(path)
+        except FileNotFoundError:
+            raise FieldError(field, f"no file {name!r} in the load directory") from None
+        except FieldError as exc:
+            raise exc.at(field) from None
+        return dataclasses.replace(spec, initial_load=check_load(spec, load, field))
+
     def delete_placement(self, name: str) -> bool:
         deleted = self.store.delete_placement(name)
         self.placements.pop(name)
@@ -204,8 +230,8 @@ class Controller:
         current = balance_of_gpu_loads(view.gpu_load).tolist() if view.gpu_load.sum() else []
         return PlacementView(
             stored=dataclasses.replace(state.stored, plan_version=state.version_in_force),
-            current_balance=current, predicted_balance=state.predicted,
-            rollout_state=self.rollouts.state(name))
+            observed_balance=current, predicted_balance=state.predicted,
+            rollout_state=self.rollouts.state(name), latest_version=self.store.latest_version(name))
 
     def placement_views(self) -> list[PlacementView]:
         return [self.placement_view(s.name) for s in self.placements.states()]

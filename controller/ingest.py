@@ -10,6 +10,7 @@ from collections.abc import Callable
 from expertplane.controller.aggregation import IngestResult
 from expertplane.controller.metrics import ControllerMetrics
 from expertplane.controller.placements import Placements
+from expertplane.controller.report_checks import report_problem
 from expertplane.controller.store import Store
 from expertplane.planner.metrics import balance_of_gpu_loads
 from expertplane.proto import expertplane_pb2 as pb
@@ -62,12 +63,18 @@ class LoadIngest:
         """Count one report (callers hold a place in ``gate``, or shed with ``shed``)."""
         t0 = time.perf_counter()
         state = self._placements.get(report.placement)
+        now = self._clock()
+        problem = None if state is None else report_problem(report, now)
         if state is None:
             res = IngestResult(Ack.REJECTED, f"placement: unknown placement {report.placement!r}")
+        elif problem is not None:
+            res = IngestResult(Ack.REJECTED, problem)
         else:
-            res = state.window.ingest(report, self._clock())
+            res = state.window.ingest(report, now)
             if res.status == Ack.ACCEPTED:
                 state.totals.add(report, state.spec)
+                if report.HasField("gpu"):
+                    self._metrics.set_gpu(report.placement, report.worker_rank, report.gpu)
         self._metrics.ingest_seconds.observe(time.perf_counter() - t0)
         if res.lag_seconds:
             self._metrics.report_lag.observe(res.lag_seconds)

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+# GpuStats field -> help of its gauge expertplane_controller_gpu_<field>{placement,rank}
+GPU_GAUGES = {"utilization": "GPU utilization 0..1 (latest report of the rank)",
+              "memory_used_bytes": "GPU memory in use (latest report of the rank)",
+              "memory_total_bytes": "GPU memory in total (latest report of the rank)",
+              "power_watts": "GPU power draw (latest report of the rank)",
+              "temperature_c": "GPU temperature, degrees Celsius (latest report of the rank)"}
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -39,6 +45,8 @@ class ControllerMetrics:
         self.store_seconds = Histogram(p + "store_seconds", "plan store operation latency", ["op"],
                                        buckets=_LATENCY, registry=r)
         self.agents = Gauge(p + "agents", "connected agent streams", registry=r)
+        self.gpu = {name: Gauge(p + "gpu_" + name, text, ["placement", "rank"], registry=r)
+                    for name, text in GPU_GAUGES.items()}
 
     def observe_store(self, op: str, seconds: float) -> None:
         self.store_seconds.labels(op).observe(seconds)
@@ -47,10 +55,15 @@ class ControllerMetrics:
         for layer, value in enumerate(values):
             gauge.labels(placement, str(layer)).set(float(value))
 
+    def set_gpu(self, placement: str, rank: int, stats) -> None:
+        """The latest ``GpuStats`` a rank of ``placement`` reported."""
+        for name, gauge in self.gpu.items():
+            gauge.labels(placement, str(rank)).set(float(getattr(stats, name)))
+
     def forget(self, placement: str) -> None:
         """Drop the per-placement series of a deleted placement."""
         for metric in (self.current_balance, self.predicted_balance, self.plan_version,
-                       self.reports, self.decisions, self.rollouts):
+                       self.reports, self.decisions, self.rollouts, *self.gpu.values()):
             for labels in [k for k in list(metric._metrics) if k[0] == placement]:
                 metric.remove(*labels)
 

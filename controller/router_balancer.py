@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Gauge
@@ -144,6 +144,7 @@ class PlacementTotals:
     steps: int = 0
     failed_steps: int = 0
     dropped: np.ndarray | None = None
+    gpus: dict[int, pb.GpuReport] = field(default_factory=dict)   # latest per rank
 
 
 class ReportTotals:
@@ -167,6 +168,9 @@ class ReportTotals:
             t = self._totals
             t.steps += report.steps
             t.failed_steps += report.failed_steps
+            if report.HasField("gpu"):
+                t.gpus[report.worker_rank] = pb.GpuReport(
+                    worker_rank=report.worker_rank, node=report.node, stats=report.gpu)
             if dropped is not None and report.worker_rank < spec.num_gpus:
                 if t.dropped is None or t.dropped.shape != (spec.num_layers, spec.num_gpus):
                     t.dropped = np.zeros((spec.num_layers, spec.num_gpus))
@@ -177,4 +181,4 @@ class ReportTotals:
         with self._lock:
             t = self._totals
             return PlacementTotals(t.steps, t.failed_steps,
-                                   None if t.dropped is None else t.dropped.copy())
+                                   None if t.dropped is None else t.dropped.copy(), dict(t.gpus))

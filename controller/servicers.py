@@ -122,10 +122,11 @@ def _tensor(msg, field: str, **kw) -> np.ndarray | None:
 def placement_state(view: PlacementView) -> pb.PlacementState:
     sp = view.stored
     return pb.PlacementState(spec=spec_to_proto(sp.spec), plan_version=sp.plan_version,
-                             current_balance=view.current_balance,
+                             observed_balance=view.observed_balance,
                              predicted_balance=view.predicted_balance,
                              last_rebalance=timestamp(sp.last_rebalance),
-                             rollout_state=view.rollout_state)
+                             rollout_state=view.rollout_state,
+                             latest_version=view.latest_version)
 
 
 class LoadServicer(pb_grpc.LoadServiceServicer):
@@ -214,6 +215,7 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
         msg.steps, msg.failed_steps = totals.steps, totals.failed_steps
         if totals.dropped is not None:
             msg.dropped_tokens.CopyFrom(double_tensor(totals.dropped))
+        msg.gpus.extend(totals.gpus[rank] for rank in sorted(totals.gpus))
         return msg
 
     @unary
@@ -226,14 +228,19 @@ class PlanServicer(pb_grpc.PlanServiceServicer):
 
     @unary
     def ApplyPlacement(self, request, context):
-        return placement_state(self._c.apply_placement(spec_from_proto(request),
-                                                       restore_from_proto(request)))
+        spec = spec_from_proto(request)
+        if request.initial_load_file:
+            if request.HasField("initial_load"):
+                raise FieldError("initial_load_file", "give initial_load or initial_load_file, "
+                                                      "not both")
+            spec = self._c.initial_load_file(spec, request.initial_load_file)
+        return placement_state(self._c.apply_placement(spec, restore_from_proto(request)))
 
     @unary
     def DeletePlacement(self, request, context):
-        if not request.name:
-            raise FieldError("name", "is required")
-        return pb.DeletePlacementResponse(deleted=self._c.delete_placement(request.name))
+        if not request.placement:
+            raise FieldError("placement", "is required")
+        return pb.DeletePlacementResponse(deleted=self._c.delete_placement(request.placement))
 
     @unary
     def ListRollouts(self, request, context):
@@ -277,7 +284,8 @@ class PlanningServicer(pb_grpc.PlanningServiceServicer):
         d = out.decision
         return pb.RebalanceDecision(
             placement=request.placement, rebalance=d.rebalance, reason=d.reason,
-            current_balance=d.current_balance, predicted_balance=d.predicted_balance, gain=d.gain,
+            in_force_balance_mean=d.current_balance, predicted_balance=d.predicted_balance,
+            gain=d.gain,
             slots_moved=d.slots_moved, bytes_moved=d.bytes_moved,
             new_version=out.plan.version if out.plan else 0)
 

@@ -179,7 +179,7 @@ class _Poller:
                 continue
             summary = self.plans.GetPlan(pb.GetPlanRequest(placement=self.name, version=rec.to_version),
                                          timeout=5).summary
-            cur, new = np.mean(summary.current_balance or [np.nan]), np.mean(summary.predicted_balance)
+            cur, new = np.mean(summary.previous_plan_balance or [np.nan]), np.mean(summary.predicted_balance)
             self._rollouts[rec.rollout_id] = RolloutEvent(
                 t=t, from_version=rec.from_version, to_version=rec.to_version, state=rec.state,
                 slots_moved=summary.slots_moved, bytes_moved=summary.bytes_moved,
@@ -191,7 +191,7 @@ class _Poller:
 def run_demo(opts: DemoOptions) -> int:
     """Run the demo; returns the exit code (0 = no failed step and, when rebalancing, balance
     improved over the initial plan on the same load)."""
-    from rich.console import Console
+    from expertplane.cli.output import console as rich_console
     from rich.live import Live
 
     from expertplane.agent.agent import Agent
@@ -233,7 +233,7 @@ def run_demo(opts: DemoOptions) -> int:
     root.setLevel(logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
-    console = Console()
+    console = rich_console()
     live_view = console.is_terminal if opts.live is None else opts.live
     mode = "rebalancing" if opts.rebalance else "control run: --no-rebalance"
     timeline = Timeline(tokens_per_step=stream.tokens_per_step)

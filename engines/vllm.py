@@ -154,9 +154,11 @@ class PlanSource:
             shared = group.broadcast_object(shared, src=0)
         plan, missing, placement = shared
         if leader:
-            self._forward(weight, placement)
-        old_np = old.numpy()
-        choice = choose_map(plan, old_np, int(weight.shape[-1]), self.pinned, missing)
+            try:
+                self._forward(weight, placement)
+            except Exception:          # a lost sample, never a failed rebalance
+                log.exception("expertplane: load window not forwarded")
+        choice = choose_map(plan, old.numpy(), int(weight.shape[-1]), self.pinned, missing)
         self.pinned = max(self.pinned, choice.version)
         if leader and (self.last is None or choice.reason != self.last.reason):
             log.info("expertplane: %s", choice.reason if choice.phy2log is not None
@@ -176,6 +178,9 @@ class PlanSource:
             return None, f"plan file {self.path}: {exc}", ""
         if doc is None:
             return None, f"no plan file at {self.path} yet", ""
+        if self.placement and doc.placement != self.placement:
+            return None, (f"plan file {self.path} is for placement {doc.placement!r}, this "
+                          f"server serves {self.placement!r} ({PLACEMENT_ENV})"), ""
         return (int(doc.version), np.asarray(doc.phy2log, np.int64)), "", doc.placement
 
     def _forward(self, weight, placement: str) -> None:

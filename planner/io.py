@@ -10,6 +10,8 @@ Plans are written as JSON or YAML documents (``plan_document``) or in SGLang's
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from expertplane.errors import FieldError, one_line
 from expertplane.planner.plan import Migration
 from expertplane.planner.validation import as_array
 
+log = logging.getLogger(__name__)
 LOAD_KEYS = ("logical_count", "weight", "loads")
 PLAN_KEYS = ("phy2log", "physical_to_logical_map")
 FORMATS = ("json", "yaml", "sglang", "trtllm")
@@ -53,7 +56,9 @@ def _read_container(path: Path, field: str):
             raise FieldError(field, f"{path} is not valid YAML: {one_line(exc)}") from None
     if suffix == ".csv":
         try:
-            return np.loadtxt(path, delimiter=",", ndmin=2)
+            with warnings.catch_warnings():   # an empty file: the caller's shape check says so
+                warnings.simplefilter("ignore", UserWarning)
+                return np.loadtxt(path, delimiter=",", ndmin=2)
         except ValueError as exc:
             raise FieldError(field, f"{path} is not a numeric CSV: {one_line(exc)}") from None
     raise FieldError(field, f"unsupported file type {suffix!r} for {path} "
@@ -79,6 +84,9 @@ def load_loads(path) -> np.ndarray:
         raise FieldError("loads", f"{path} must hold a [layers, experts] array, got shape "
                                       f"{list(a.shape)}")
     if a.ndim > 2:  # SGLang: [window..., layers, experts]
+        log.warning("loads: %s holds a %d-D array %s: summed over its first %d dimension(s) "
+                    "(windows of an expert-distribution dump) into [layers, experts] %s", path,
+                    a.ndim, list(a.shape), a.ndim - 2, list(a.shape[-2:]))
         a = a.reshape(-1, *a.shape[-2:]).sum(axis=0)
     if not np.issubdtype(a.dtype, np.number):
         raise FieldError("loads", f"{path} must hold numbers, got dtype {a.dtype}")

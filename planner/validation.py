@@ -36,6 +36,11 @@ def as_array(value, field: str) -> np.ndarray:
         raise FieldError(field, f"cannot be read as an array: {exc}") from None
 
 
+# The largest total load of one layer: "deepseek" adds loads in float32 (bit-exact with
+# DeepSeek's EPLB), so a layer's sum must stay below float32's largest value.
+MAX_LAYER_LOAD = float(np.finfo(np.float32).max)
+
+
 def check_loads(weight, field: str = "weight") -> np.ndarray:
     """Check a load matrix ``[L, E]``: 2-D, numeric, finite, non-negative, non-empty.
 
@@ -60,6 +65,12 @@ def check_loads(weight, field: str = "weight") -> np.ndarray:
         layer, expert = np.argwhere(a < 0)[0]
         raise FieldError(field, f"must be non-negative, got {a[layer, expert]} at layer "
                                     f"{layer}, expert {expert}")
+    totals = a.sum(axis=1)
+    if (totals >= MAX_LAYER_LOAD).any():
+        layer = int(np.argmax(totals >= MAX_LAYER_LOAD))
+        raise FieldError(field, f"layer {layer} sums to {totals[layer]:.3g}, beyond "
+                                    f"{MAX_LAYER_LOAD:.3g} (the planner adds loads in float32, as "
+                                    "DeepSeek's EPLB does): scale the loads down")
     return a
 
 
@@ -82,8 +93,12 @@ def check_rebalance_args(weight, num_replicas, num_groups, num_nodes, num_gpus) 
         raise FieldError("num_replicas", f"must be a multiple of num_gpus ({num_gpus}), "
                                              f"got {num_replicas}")
     if num_experts % num_groups:
+        hint = ""
+        if w.shape[0] % num_groups == 0 and w.shape[0] > num_experts:
+            hint = (f"; the loads' shape {list(w.shape)} looks transposed: they must be "
+                    f"[layers, experts], i.e. [{w.shape[1]}, {w.shape[0]}]")
         raise FieldError("num_groups", f"must divide the number of experts ({num_experts}), "
-                                           f"got {num_groups}")
+                                       f"got {num_groups}{hint}")
     if num_gpus % num_nodes:
         raise FieldError("num_gpus", f"must be a multiple of num_nodes ({num_nodes}), "
                                          f"got {num_gpus}")

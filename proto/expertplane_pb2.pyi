@@ -79,7 +79,7 @@ class RebalancePolicy(_message.Message):
     def __init__(self, mode: _Optional[_Union[RebalancePolicy.Mode, str]] = ..., window_seconds: _Optional[float] = ..., half_life_seconds: _Optional[float] = ..., threshold: _Optional[float] = ..., hysteresis: _Optional[float] = ..., cooldown_seconds: _Optional[float] = ..., move_budget_bytes: _Optional[int] = ..., min_gain_per_gib: _Optional[float] = ..., dry_run: _Optional[bool] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("name", "model", "topology", "num_replicas", "algorithm", "policy", "initial_load", "generation", "router_bias", "restore_phy2log", "restore_version")
+    __slots__ = ("name", "model", "topology", "num_replicas", "algorithm", "policy", "initial_load", "generation", "router_bias", "restore_phy2log", "restore_version", "initial_load_file")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Placement(_message.Message):
     ROUTER_BIAS_FIELD_NUMBER: _ClassVar[int]
     RESTORE_PHY2LOG_FIELD_NUMBER: _ClassVar[int]
     RESTORE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_LOAD_FILE_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: ModelSpec
     topology: Topology
@@ -102,7 +103,8 @@ class Placement(_message.Message):
     router_bias: RouterBiasPolicy
     restore_phy2log: Int64Tensor
     restore_version: int
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., num_replicas: _Optional[int] = ..., algorithm: _Optional[str] = ..., policy: _Optional[_Union[RebalancePolicy, _Mapping]] = ..., initial_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., generation: _Optional[int] = ..., router_bias: _Optional[_Union[RouterBiasPolicy, _Mapping]] = ..., restore_phy2log: _Optional[_Union[Int64Tensor, _Mapping]] = ..., restore_version: _Optional[int] = ...) -> None: ...
+    initial_load_file: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., num_replicas: _Optional[int] = ..., algorithm: _Optional[str] = ..., policy: _Optional[_Union[RebalancePolicy, _Mapping]] = ..., initial_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., generation: _Optional[int] = ..., router_bias: _Optional[_Union[RouterBiasPolicy, _Mapping]] = ..., restore_phy2log: _Optional[_Union[Int64Tensor, _Mapping]] = ..., restore_version: _Optional[int] = ..., initial_load_file: _Optional[str] = ...) -> None: ...
 
 class RouterBiasPolicy(_message.Message):
     __slots__ = ("enabled", "speed", "rule", "interval_seconds")
@@ -117,7 +119,7 @@ class RouterBiasPolicy(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., speed: _Optional[float] = ..., rule: _Optional[str] = ..., interval_seconds: _Optional[float] = ...) -> None: ...
 
 class PlanSummary(_message.Message):
-    __slots__ = ("placement", "version", "algorithm", "predicted_balance", "slots_moved", "bytes_moved", "previous_version", "created_at", "reason", "current_balance")
+    __slots__ = ("placement", "version", "algorithm", "predicted_balance", "slots_moved", "bytes_moved", "previous_version", "created_at", "reason", "previous_plan_balance")
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
@@ -127,7 +129,7 @@ class PlanSummary(_message.Message):
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
-    CURRENT_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_PLAN_BALANCE_FIELD_NUMBER: _ClassVar[int]
     placement: str
     version: int
     algorithm: str
@@ -137,8 +139,8 @@ class PlanSummary(_message.Message):
     previous_version: int
     created_at: _timestamp_pb2.Timestamp
     reason: str
-    current_balance: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, placement: _Optional[str] = ..., version: _Optional[int] = ..., algorithm: _Optional[str] = ..., predicted_balance: _Optional[_Iterable[float]] = ..., slots_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., previous_version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., current_balance: _Optional[_Iterable[float]] = ...) -> None: ...
+    previous_plan_balance: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, placement: _Optional[str] = ..., version: _Optional[int] = ..., algorithm: _Optional[str] = ..., predicted_balance: _Optional[_Iterable[float]] = ..., slots_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., previous_version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., previous_plan_balance: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("summary", "topology", "phy2log", "log2phy", "logcnt", "load_snapshot")
@@ -273,20 +275,22 @@ class ListPlacementsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PlacementState(_message.Message):
-    __slots__ = ("spec", "plan_version", "current_balance", "predicted_balance", "last_rebalance", "rollout_state")
+    __slots__ = ("spec", "plan_version", "observed_balance", "predicted_balance", "last_rebalance", "rollout_state", "latest_version")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
-    CURRENT_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_BALANCE_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_BALANCE_FIELD_NUMBER: _ClassVar[int]
     LAST_REBALANCE_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_STATE_FIELD_NUMBER: _ClassVar[int]
+    LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
     spec: Placement
     plan_version: int
-    current_balance: _containers.RepeatedScalarFieldContainer[float]
+    observed_balance: _containers.RepeatedScalarFieldContainer[float]
     predicted_balance: _containers.RepeatedScalarFieldContainer[float]
     last_rebalance: _timestamp_pb2.Timestamp
     rollout_state: str
-    def __init__(self, spec: _Optional[_Union[Placement, _Mapping]] = ..., plan_version: _Optional[int] = ..., current_balance: _Optional[_Iterable[float]] = ..., predicted_balance: _Optional[_Iterable[float]] = ..., last_rebalance: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rollout_state: _Optional[str] = ...) -> None: ...
+    latest_version: int
+    def __init__(self, spec: _Optional[_Union[Placement, _Mapping]] = ..., plan_version: _Optional[int] = ..., observed_balance: _Optional[_Iterable[float]] = ..., predicted_balance: _Optional[_Iterable[float]] = ..., last_rebalance: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rollout_state: _Optional[str] = ..., latest_version: _Optional[int] = ...) -> None: ...
 
 class ListPlacementsResponse(_message.Message):
     __slots__ = ("placements",)
@@ -301,7 +305,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self, placement: _Optional[str] = ...) -> None: ...
 
 class LoadWindow(_message.Message):
-    __slots__ = ("placement", "load", "reports", "as_of", "gpu_load", "router_bias", "steps", "failed_steps", "dropped_tokens")
+    __slots__ = ("placement", "load", "reports", "as_of", "gpu_load", "router_bias", "steps", "failed_steps", "dropped_tokens", "gpus")
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     REPORTS_FIELD_NUMBER: _ClassVar[int]
@@ -311,6 +315,7 @@ class LoadWindow(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     FAILED_STEPS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
     placement: str
     load: DoubleTensor
     reports: int
@@ -320,7 +325,24 @@ class LoadWindow(_message.Message):
     steps: int
     failed_steps: int
     dropped_tokens: DoubleTensor
-    def __init__(self, placement: _Optional[str] = ..., load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., reports: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpu_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., router_bias: _Optional[_Union[DoubleTensor, _Mapping]] = ..., steps: _Optional[int] = ..., failed_steps: _Optional[int] = ..., dropped_tokens: _Optional[_Union[DoubleTensor, _Mapping]] = ...) -> None: ...
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuReport]
+    def __init__(self, placement: _Optional[str] = ..., load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., reports: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpu_load: _Optional[_Union[DoubleTensor, _Mapping]] = ..., router_bias: _Optional[_Union[DoubleTensor, _Mapping]] = ..., steps: _Optional[int] = ..., failed_steps: _Optional[int] = ..., dropped_tokens: _Optional[_Union[DoubleTensor, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuReport, _Mapping]]] = ...) -> None: ...
+
+class GpuReport(_message.Message):
+    __slots__ = ("worker_rank", "node", "stats")
+    WORKER_RANK_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    worker_rank: int
+    node: str
+    stats: GpuStats
+    def __init__(self, worker_rank: _Optional[int] = ..., node: _Optional[str] = ..., stats: _Optional[_Union[GpuStats, _Mapping]] = ...) -> None: ...
+
+class GetBiasHistoryRequest(_message.Message):
+    __slots__ = ("placement",)
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    placement: str
+    def __init__(self, placement: _Optional[str] = ...) -> None: ...
 
 class BiasPoint(_message.Message):
     __slots__ = ("at", "bias", "max_over_mean", "sequence")
@@ -343,10 +365,10 @@ class BiasHistory(_message.Message):
     def __init__(self, placement: _Optional[str] = ..., points: _Optional[_Iterable[_Union[BiasPoint, _Mapping]]] = ...) -> None: ...
 
 class DeletePlacementRequest(_message.Message):
-    __slots__ = ("name",)
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    __slots__ = ("placement",)
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    placement: str
+    def __init__(self, placement: _Optional[str] = ...) -> None: ...
 
 class DeletePlacementResponse(_message.Message):
     __slots__ = ("deleted",)
@@ -475,11 +497,11 @@ class TriggerRebalanceRequest(_message.Message):
     def __init__(self, placement: _Optional[str] = ..., dry_run: _Optional[bool] = ..., force: _Optional[bool] = ..., propose: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RebalanceDecision(_message.Message):
-    __slots__ = ("placement", "rebalance", "reason", "current_balance", "predicted_balance", "gain", "slots_moved", "bytes_moved", "new_version")
+    __slots__ = ("placement", "rebalance", "reason", "in_force_balance_mean", "predicted_balance", "gain", "slots_moved", "bytes_moved", "new_version")
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     REBALANCE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
-    CURRENT_BALANCE_FIELD_NUMBER: _ClassVar[int]
+    IN_FORCE_BALANCE_MEAN_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_BALANCE_FIELD_NUMBER: _ClassVar[int]
     GAIN_FIELD_NUMBER: _ClassVar[int]
     SLOTS_MOVED_FIELD_NUMBER: _ClassVar[int]
@@ -488,13 +510,13 @@ class RebalanceDecision(_message.Message):
     placement: str
     rebalance: bool
     reason: str
-    current_balance: float
+    in_force_balance_mean: float
     predicted_balance: float
     gain: float
     slots_moved: int
     bytes_moved: int
     new_version: int
-    def __init__(self, placement: _Optional[str] = ..., rebalance: _Optional[bool] = ..., reason: _Optional[str] = ..., current_balance: _Optional[float] = ..., predicted_balance: _Optional[float] = ..., gain: _Optional[float] = ..., slots_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., new_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, placement: _Optional[str] = ..., rebalance: _Optional[bool] = ..., reason: _Optional[str] = ..., in_force_balance_mean: _Optional[float] = ..., predicted_balance: _Optional[float] = ..., gain: _Optional[float] = ..., slots_moved: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., new_version: _Optional[int] = ...) -> None: ...
 
 class RouterBias(_message.Message):
     __slots__ = ("placement", "sequence", "bias")

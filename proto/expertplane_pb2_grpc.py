@@ -149,7 +149,7 @@ class PlanServiceStub:
                 _registered_method=True)
         self.GetBiasHistory = channel.unary_unary(
                 '/expertplane.v1.PlanService/GetBiasHistory',
-                request_serializer=expertplane_dot_proto_dot_expertplane__pb2.GetLoadRequest.SerializeToString,
+                request_serializer=expertplane_dot_proto_dot_expertplane__pb2.GetBiasHistoryRequest.SerializeToString,
                 response_deserializer=expertplane_dot_proto_dot_expertplane__pb2.BiasHistory.FromString,
                 _registered_method=True)
 
@@ -258,7 +258,7 @@ def add_PlanServiceServicer_to_server(servicer, server):
             ),
             'GetBiasHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBiasHistory,
-                    request_deserializer=expertplane_dot_proto_dot_expertplane__pb2.GetLoadRequest.FromString,
+                    request_deserializer=expertplane_dot_proto_dot_expertplane__pb2.GetBiasHistoryRequest.FromString,
                     response_serializer=expertplane_dot_proto_dot_expertplane__pb2.BiasHistory.SerializeToString,
             ),
     }
@@ -503,7 +503,7 @@ class PlanService:
             request,
             target,
             '/expertplane.v1.PlanService/GetBiasHistory',
-            expertplane_dot_proto_dot_expertplane__pb2.GetLoadRequest.SerializeToString,
+            expertplane_dot_proto_dot_expertplane__pb2.GetBiasHistoryRequest.SerializeToString,
             expertplane_dot_proto_dot_expertplane__pb2.BiasHistory.FromString,
             options,
             channel_credentials,

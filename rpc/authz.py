@@ -174,7 +174,7 @@ class CallerTable:
         """None if the call may proceed, else why not. ``authorization``: the header's value;
         ``cert_names``: the verified client certificate's CN and SANs (called only when needed)."""
         if authorization is not None:
-            token = authorization[len("Bearer "):] if authorization.startswith("Bearer ") else None
+            token = bearer_token(authorization)
             caller = self.by_token(token) if token else None
             if caller is None:
                 return Denial(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
@@ -187,6 +187,15 @@ class CallerTable:
             return None
         return Denial(grpc.StatusCode.PERMISSION_DENIED,
                       f"caller {caller.name!r} (roles: {', '.join(caller.roles)}) may not call {method}")
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``authorization`` header value ``Bearer <token>``; the scheme name is
+    case-insensitive (RFC 7235: ``bearer``, ``BEARER``), separated by one or more spaces. None
+    for another scheme or no token."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip(" ")
+    return token if scheme.lower() == "bearer" and token else None
 
 
 def _unknown_message(names: list[str]) -> str:

@@ -70,6 +70,7 @@ def test_serves_yaml_placements_and_metrics_then_stops_on_sigterm(tmp_path):
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         assert f"serving on port {port}" in out
+        assert "alembic" not in err          # no INFO lines of the schema migration
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,9 +1,12 @@
 """Plan versions only grow, over real gRPC with simulated agents: a reshape is the next version
 of the same history; a placement restored on an empty store keeps its version and map; proposals
 are stored without a rollout and rolled out when approved; a rollback rolls an earlier map out as
-a new version; the commit time shows in ListPlacements at once."""
+a new version; the commit time shows in ListPlacements at once; an initial load read from a file
+of the controller's load directory."""
 
 from __future__ import annotations
+
+import json
 
 import grpc
 import numpy as np
@@ -120,7 +123,7 @@ def test_propose_approve_and_rollback(controller):
         d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", propose=True),
                                         timeout=60)
         assert (d.rebalance, d.new_version) == (False, 2) and d.reason.startswith("proposed as v2")
-        assert d.predicted_balance < d.current_balance and d.slots_moved > 0
+        assert d.predicted_balance < d.in_force_balance_mean and d.slots_moved > 0
         assert c.state().plan_version == 1 and c.history()[-1] == (2, "proposal")
         assert not c.state().HasField("last_rebalance")
         d = c.planning.TriggerRebalance(pb.TriggerRebalanceRequest(placement="m", version=2), timeout=60)
@@ -148,3 +151,36 @@ def test_propose_approve_and_rollback(controller):
         for a in agents:
             a.stop()
     assert [v for v, _ in c.history()] == [1, 2, 3]
+
+
+def test_initial_load_from_a_file_in_the_load_directory(tmp_path):
+    loads = tmp_path / "loads"
+    loads.mkdir()
+    load = np.ones((2, 8))
+    load[:, 3] = 50.0
+    (loads / "hot3.json").write_text(json.dumps({"loads": load.tolist()}))
+    (tmp_path / "outside.json").write_text(json.dumps(load.tolist()))
+    server = ControllerServer(ControllerConfig(listen="127.0.0.1:0", db_url=f"sqlite:///{tmp_path}/p.db",
+                                               load_dir=str(loads)))
+    port = server.start()
+    channel = make_channel(f"127.0.0.1:{port}")
+    try:
+        plans = pb_grpc.PlanServiceStub(channel)
+        msg = spec()
+        msg.initial_load_file = "hot3.json"
+        plans.ApplyPlacement(msg, timeout=60)
+        plan = plans.GetPlan(pb.GetPlanRequest(placement="m"), timeout=30)
+        assert np.array_equal(to_numpy(plan.load_snapshot, "load_snapshot"), load)
+        assert np.count_nonzero(to_numpy(plan.phy2log, "phy2log")[0] == 3) > 1
+        for name, details in [("../outside.json", "initial_load_file: must name a file inside the "
+                                                   "load directory, got '../outside.json'"),
+                              ("nope.json", "initial_load_file: no file 'nope.json' in the load "
+                                            "directory")]:
+            bad = spec()
+            bad.name, bad.initial_load_file = "other", name
+            with pytest.raises(grpc.RpcError) as err:
+                plans.ApplyPlacement(bad, timeout=60)
+            assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, details)
+    finally:
+        channel.close()
+        server.stop(0.2)

@@ -184,3 +184,22 @@ def test_tiny_routing_is_skewed():
 def test_tiny_config_unknown_family():
     with pytest.raises(ValueError, match="family"):
         tiny_config("llama")
+
+
+def test_bench_models_call_matches_transformers_kernels_on_cpu():
+    """The benchmark's call (a DeepseekV3MoE block's experts, identity plan, world size 1) gives
+    transformers' grouped_mm and eager outputs, at small sizes in fp32."""
+    import argparse
+
+    from expertplane.benchmarks.models import baseline, build_block, routing
+
+    args = argparse.Namespace(hidden=64, intermediate=32, experts=8, top_k=2)
+    base = build_block(args, "cpu").float()
+    ours = expert_parallel(copy.deepcopy(base), [list(range(args.experts))])
+    hidden, index, weights = routing(40, args, "cpu")
+    with torch.no_grad():
+        got = ours.experts(hidden.float(), index, weights)
+        for name in ("grouped_mm", "eager"):
+            want = baseline(base, name, hidden.float(), index, weights)
+            assert float((got - want).abs().max()) < 1e-5, name
+    assert int(ep_layers(ours)[0].read_counters().sum()) == 40 * args.top_k

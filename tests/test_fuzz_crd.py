@@ -285,7 +285,7 @@ def names_field(message: str, path: Path) -> bool:
     field missing from the value set there)."""
     parts = [p for p in path if not isinstance(p, int)]
     fields = [".".join(parts[:depth]) for depth in range(len(parts), 0, -1)]
-    below = re.escape(fields[0]) + r"\.[\w.]+"
+    below = re.escape(fields[0]) + r"\.[\w.-]+"         # keys below may hold '-' (x-extra)
     pattern = "|".join([below, *map(re.escape, fields)])
     return re.search(rf'(^|[\s"\[])({pattern})([\s":,\]]|$)', message) is not None
 

@@ -248,7 +248,7 @@ plan_requests = st.one_of(
     st.just(("ListPlacements", pb.ListPlacementsRequest())),
     st.builds(lambda p: ("GetLoad", pb.GetLoadRequest(placement=p)), names),
     st.builds(lambda p: ("ApplyPlacement", p), placements()),
-    st.builds(lambda n: ("DeletePlacement", pb.DeletePlacementRequest(name=n)),
+    st.builds(lambda n: ("DeletePlacement", pb.DeletePlacementRequest(placement=n)),
               names.filter(lambda n: n != "m")),
     st.builds(lambda p, n: ("ListRollouts", pb.ListRolloutsRequest(placement=p, limit=n)),
               names, u32),
@@ -277,7 +277,7 @@ def test_fuzz_plan_service(fz):
             return
         got = fz.unary("PlanService", getattr(fz.plans, method), request)
         if method == "ApplyPlacement" and not isinstance(got, grpc.RpcError):
-            fz.plans.DeletePlacement(pb.DeletePlacementRequest(name=request.name), timeout=10)
+            fz.plans.DeletePlacement(pb.DeletePlacementRequest(placement=request.placement), timeout=10)
 
     run()
     assert fz.sent["PlanService"] >= MIN_MESSAGES["PlanService"]

@@ -52,8 +52,11 @@ class Controller:
 
         self.stores += int(empty)
         db = self.tmp / f"plans-{self.stores}.db"
+        self.load_dir = self.tmp / "loads"
+        self.load_dir.mkdir(exist_ok=True)
         self.server = ControllerServer(ControllerConfig(
-            listen=f"127.0.0.1:{self.port}", db_url=f"sqlite:///{db}", policy_interval_seconds=1.0))
+            listen=f"127.0.0.1:{self.port}", db_url=f"sqlite:///{db}", policy_interval_seconds=1.0,
+            load_dir=str(self.load_dir)))
         self.server.start()
 
     def stop(self) -> None:
@@ -150,7 +153,8 @@ def test_mutually_exclusive_fields_get_a_readable_message_and_a_warning(apiserve
     apiserver.kubectl("delete", "expertplacement", "both", "--timeout=30s")
 
 
-def test_large_load_through_initial_load_from_and_the_inline_limit(apiserver, operator, plans):
+def test_large_load_through_initial_load_from_and_the_inline_limit(apiserver, operator, plans,
+                                                                   controller):
     rng = np.random.default_rng(0)
     load = rng.gamma(0.5, 1000.0, size=(58, 256))          # a skewed DeepSeek-V3-sized load
     text = json.dumps({"load": load.tolist()})
@@ -180,6 +184,22 @@ def test_large_load_through_initial_load_from_and_the_inline_limit(apiserver, op
     assert "at most 64 layers x 128 experts" in explain and "spec.initialLoadFrom" in explain
     apiserver.kubectl("delete", "expertplacement", "big", "--timeout=60s")
     assert apiserver.get("configmap", "big-expert-location", NS) is None
+    # Or a file in the controller's load directory (its volume), which the controller reads.
+    np.save(controller.load_dir / "ds.npy", load)
+    apiserver.apply(placement("big-file", model={"layers": 58, "experts": 256, "groups": 8},
+                              topology={"nodes": 4, "gpusPerNode": 8}, replicas=288,
+                              initialLoadFrom={"file": "ds.npy"}))
+    wait_for(ready(apiserver, "big-file"), timeout=120, what="big-file Ready")
+    plan = plans.GetPlan(pb.GetPlanRequest(placement="default-big-file"), timeout=30)
+    assert np.array_equal(to_numpy(plan.load_snapshot, "load_snapshot"), load)
+    apiserver.apply(placement("no-file", initialLoadFrom={"file": "missing.json"}))
+    c = wait_for(lambda: condition(apiserver.get("expertplacement", "no-file", NS), "Ready"),
+                 what="no-file condition")
+    assert (c["reason"], c["message"]) == ("InvalidSpec", "rejected by the controller: "
+                                           "spec.initialLoadFrom.file: no file 'missing.json' in "
+                                           "the load directory")
+    for name in ("big-file", "no-file"):
+        apiserver.kubectl("delete", "expertplacement", name, "--timeout=60s")
 
 
 def test_stop_and_refresh_from_kubectl(apiserver, operator, plans):
@@ -207,6 +227,15 @@ def test_stop_and_refresh_from_kubectl(apiserver, operator, plans):
                       "expertplane.io/rebalance=sometimes")
     event = wait_for(warning(apiserver, "pausable", "InvalidRequest"), what="InvalidRequest event")
     assert "use approve, refresh or stop" in event["message"]
+    # A planning field changed (approval Auto): re-planned at once, said in an event. No agent
+    # serves the placement, so the new version is in force at once.
+    apiserver.apply(placement("pausable", algorithm="balanced", rebalancePolicy={"mode": "Auto"}))
+    event = wait_for(lambda: next((e for e in events(apiserver, "pausable")
+                                   if e["reason"] in ("Replanned", "NotReplanned")), None),
+                     what="re-plan event")
+    assert (event["reason"], event["message"]) == ("Replanned", "spec.algorithm changed: plan v2 "
+                                                               "rolling out")
+    wait_for(ready(apiserver, "pausable", planVersion=2), what="v2 in force")
 
 
 def _worker(cluster, name: str, app: str) -> None:
@@ -331,28 +360,32 @@ def test_propose_approve_rollback_from_kubectl(apiserver, operator, channel, pla
         apiserver.kubectl("annotate", "epl", "gated", "-n", NS, "expertplane.io/rebalance=approve")
         obj = wait_for(ready(apiserver, "gated", planVersion=2), timeout=60, what="v2 rolled out")
         assert "expertplane.io/rebalance" not in obj["metadata"].get("annotations", {})
-        assert obj["status"].get("proposal") is None
+        # The approved proposal is gone (the policy may already propose again against v2).
+        assert (obj["status"].get("proposal") or {}).get("previousVersion", 2) == 2
         assert obj["status"].get("lastRebalanceTime")
         _, v2 = configmap_map(apiserver, "gated-expert-location")
         assert not np.array_equal(v1, v2)
         assert set(agents[0].versions().values()) == {2}
-        # Roll back to v1: its map comes back as v3.
+        # Roll back to v1: its map comes back as a new version (v3, or v4 if the policy
+        # proposed v3 against v2 meanwhile).
         apiserver.kubectl("annotate", "epl", "gated", "-n", NS, "expertplane.io/rollback-to=1")
-        obj = wait_for(ready(apiserver, "gated", planVersion=3), timeout=60, what="rolled back")
-        _, v3 = configmap_map(apiserver, "gated-expert-location")
-        assert np.array_equal(v3, v1)
-        assert [(h["version"], h["reason"]) for h in obj["status"]["history"]][:3] == \
-            [(1, "initial"), (2, "proposal"), (3, "rollback to v1")]
+        obj = wait_for(lambda: (o := ready(apiserver, "gated")()) and o["status"]["planVersion"] > 2
+                       and o, timeout=60, what="rolled back")
+        back = obj["status"]["planVersion"]
+        _, rolled_back = configmap_map(apiserver, "gated-expert-location")
+        assert np.array_equal(rolled_back, v1)
+        reasons = {h["version"]: h["reason"] for h in obj["status"]["history"]}
+        assert (reasons[1], reasons[2], reasons[back]) == ("initial", "proposal", "rollback to v1")
         assert {"RollbackStarted", "ProposalApproved", "ProposalReady"} <= \
             {e["reason"] for e in events(apiserver, "gated")}
         # A rollback to a version that does not exist is refused with a Warning event.
         apiserver.kubectl("annotate", "epl", "gated", "-n", NS, "expertplane.io/rollback-to=42")
         event = wait_for(warning(apiserver, "gated", "RollbackFailed"), what="RollbackFailed")
         assert event["message"].startswith("v42: ")
-        # The load is still skewed, so v3 (v1's map) gets a proposal of its own. A planning field
+        # The load is still skewed, so v1's map gets a proposal of its own. A planning field
         # changed: that proposal is superseded by a new one, not silence.
         first = wait_for(lambda: (status_of(apiserver, "gated").get("proposal") or {}).get("version"),
-                         timeout=60, what="a proposal against v3")
+                         timeout=60, what="a proposal against the rolled-back map")
         apiserver.apply(placement("gated", algorithm="balanced",
                                   rebalancePolicy={"mode": "Auto", "approval": "Manual"}))
         try:
@@ -363,7 +396,8 @@ def test_propose_approve_rollback_from_kubectl(apiserver, operator, channel, pla
             print("status:", json.dumps(status_of(apiserver, "gated"), indent=1))
             print("events:", [(e["reason"], e["message"]) for e in events(apiserver, "gated")])
             raise
-        assert obj["status"]["planVersion"] == 3 and obj["status"]["proposal"]["previousVersion"] == 3
+        assert obj["status"]["planVersion"] == back
+        assert obj["status"]["proposal"]["previousVersion"] == back
     finally:
         for a in agents:
             a.stop()

@@ -42,9 +42,11 @@ def test_infeasible_memory_is_one_line_exit_2(capsys):
 def test_bad_schedule_and_size():
     with pytest.raises(SystemExit):
         main(["pipeline", "--profile", "llama-like", "--stages", "4", "--schedule", "gpipe"])
-    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("1.5e3") == 1500.0
+    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("1.5e9") == 1.5e9
     with pytest.raises(Exception):
         parse_bytes("eighty")
+    with pytest.raises(Exception, match="'80' has no unit and would be 80 bytes; give one, e.g. 80GiB"):
+        parse_bytes("80")         # a forgotten unit, not 80 bytes
 
 
 def test_help_is_fast_and_lists_options():

@@ -72,7 +72,7 @@ def test_enabling_router_bias_pushes_global_bias_to_real_workers(tmp_path, make_
             placement.router_bias.CopyFrom(pb.RouterBiasPolicy(
                 enabled=True, speed=0.25, rule="sign", interval_seconds=0.3))
             plans.ApplyPlacement(placement, timeout=30)
-            e2e.wait_for(lambda: len(plans.GetBiasHistory(pb.GetLoadRequest(placement="demo"),
+            e2e.wait_for(lambda: len(plans.GetBiasHistory(pb.GetBiasHistoryRequest(placement="demo"),
                                                           timeout=10).points) >= 4,
                          timeout=20, what="four bias updates")
             switched = time.time()
@@ -82,7 +82,7 @@ def test_enabling_router_bias_pushes_global_bias_to_real_workers(tmp_path, make_
             after = _logical([r for rank in (0, 1) for r in spy.accepted(rank)
                               if r.window_start.ToNanoseconds() > switched * 1e9], phy2log)
             window = plans.GetLoad(pb.GetLoadRequest(placement="demo"), timeout=10)
-            history = plans.GetBiasHistory(pb.GetLoadRequest(placement="demo"), timeout=10)
+            history = plans.GetBiasHistory(pb.GetBiasHistoryRequest(placement="demo"), timeout=10)
     finally:
         c.stop(grace=0)
     bias = to_numpy(window.router_bias, "router_bias")

@@ -156,5 +156,5 @@ def test_skew_through_vllm_leads_to_a_plan_moved_weights_and_better_balance(tmp_
     assert before and after and max(after) < min(before) - 0.2, (before, after)
     # ... and in the controller's window: GPU load under the plan in force against the plan before
     gpu = to_numpy(window.gpu_load, "gpu_load")
-    assert np.mean(balance_of_gpu_loads(gpu)) < np.mean(in_force.summary.current_balance) - 0.2
+    assert np.mean(balance_of_gpu_loads(gpu)) < np.mean(in_force.summary.previous_plan_balance) - 0.2
     np.testing.assert_allclose(np.mean(balance_of_gpu_loads(gpu)), after[-1], rtol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ def test_vllm_loader_installs_the_policy_and_lookup_returns_the_plan(monkeypatch
     path = tmp_path / "plan.json"
     monkeypatch.setenv(PLAN_FILE_ENV, str(path))
     monkeypatch.delenv(plugin.AGENT_ENV, raising=False)
+    monkeypatch.setenv(plugin.PLACEMENT_ENV, "vllm-moe")
     plugins = load_plugins_by_group(DEFAULT_PLUGINS_GROUP)     # vLLM's loader, entry points
     assert "expertplane" in plugins
     with caplog.at_level(logging.INFO, logger="vllm.plugins.expertplane"):
@@ -81,7 +83,8 @@ def test_vllm_loader_installs_the_policy_and_lookup_returns_the_plan(monkeypatch
     assert new.tolist() == plan.tolist()
     assert torch.equal(rebalance(new), new)                     # in place: zero moves
     for bad in ("{not json", json.dumps(plan_doc(4, shuffled(2)[:, :8])),    # another shape
-                json.dumps(plan_doc(4, np.zeros((L + 1, R), np.int64)))):    # 3 layers
+                json.dumps(plan_doc(4, np.zeros((L + 1, R), np.int64))),     # 3 layers
+                json.dumps(plan_doc(4, shuffled(3), placement="another"))):  # not this server's
         path.write_text(bad)
         assert torch.equal(rebalance(new), new)
     path.unlink()
@@ -148,7 +151,18 @@ def _rearrange_rank(rank: int, store: str, plan_path: str) -> None:
         assert experts.mismatches(new) == []
         old = new
     assert torch.equal(rebalance(old), old)                     # no newer plan: zero moves
-    for bad in ("{\"version\": 3", plan_doc(3, shuffled(13)[:, :10]), plan_doc(1, shuffled(14))):
+    # async EPLB calls the policy from its worker thread: the broadcast works there too
+    plan = shuffled(15)
+    rank0_writes(plan_doc(3, plan))
+    answer = {}
+    worker = threading.Thread(target=lambda: answer.setdefault("new", rebalance(old)))
+    worker.start()
+    worker.join(120)
+    assert answer["new"].tolist() == plan.tolist()
+    experts.move(old, answer["new"])
+    old = answer["new"]
+    assert experts.mismatches(old) == []
+    for bad in ("{\"version\": 4", plan_doc(4, shuffled(13)[:, :10]), plan_doc(1, shuffled(14))):
         rank0_writes(bad)                                       # malformed, shape, older
         new = rebalance(old)
         assert torch.equal(new, old)

@@ -62,7 +62,7 @@ class ControllerClient:
 
     def delete_placement(self, name: str) -> bool:
         """Forget a placement; False if the controller did not know it."""
-        req = pb.DeletePlacementRequest(name=name)
+        req = pb.DeletePlacementRequest(placement=name)
         return self._call(self._plans.DeletePlacement, "DeletePlacement", req).deleted
 
     def placement_state(self, name: str) -> pb.PlacementState | None:

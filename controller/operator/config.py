@@ -72,9 +72,12 @@ def add_operator_arguments(parser: argparse.ArgumentParser, *, controller_requir
                         help="namespace of the leader-election Lease (default $POD_NAMESPACE or expertplane-system)")
     parser.add_argument("--lease-name", default=LEASE_NAME, help=f"leader-election Lease (default {LEASE_NAME})")
     parser.add_argument("--identity", default=None, help="this replica's name in the Lease (default host-pid)")
-    parser.add_argument("--lease-duration-seconds", type=float, default=15.0)
-    parser.add_argument("--renew-deadline-seconds", type=float, default=10.0)
-    parser.add_argument("--retry-period-seconds", type=float, default=2.0)
+    parser.add_argument("--lease-duration-seconds", type=float, default=15.0,
+                        help="how long a leader's Lease holds without renewal")
+    parser.add_argument("--renew-deadline-seconds", type=float, default=10.0,
+                        help="a leader that has not renewed within this steps down")
+    parser.add_argument("--retry-period-seconds", type=float, default=2.0,
+                        help="time between tries to take or renew the Lease")
     parser.add_argument("--liveness", default=None,
                         help="serve a health endpoint at this URL, e.g. http://0.0.0.0:8080/healthz")
     parser.add_argument("--cleanup-timeout-seconds", type=float, default=120.0,

@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 import yaml
 
-from expertplane.controller.spec import spec_from_proto
+from expertplane.controller.spec import DEFAULT_WINDOW_SECONDS, PolicySpec, spec_from_proto
 from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor
@@ -109,12 +109,15 @@ def parse_load_document(text: str, field: str) -> np.ndarray:
 
 def initial_load_source(spec: Mapping) -> tuple[str, object] | None:
     """Where the initial load comes from: ``("spec.initialLoad.values", matrix)`` inline,
-    ``("spec.initialLoadFrom.configMapKeyRef", {name, key})``, or None (uniform)."""
+    ``("spec.initialLoadFrom.configMapKeyRef", {name, key})``, ``("spec.initialLoadFrom.file",
+    path)`` (read by the controller), or None (uniform)."""
     inline, ref = spec.get("initialLoad"), spec.get("initialLoadFrom")
     if inline and ref:
         raise SpecError("spec.initialLoadFrom", "give initialLoad or initialLoadFrom, not both")
     if inline:
         return "spec.initialLoad.values", inline["values"]
+    if ref and "file" in ref:
+        return "spec.initialLoadFrom.file", ref["file"]
     if ref:
         return "spec.initialLoadFrom.configMapKeyRef", ref["configMapKeyRef"]
     return None
@@ -129,9 +132,9 @@ def _policy(spec: Mapping, mode: int | None) -> pb.RebalancePolicy:
     pol = spec.get("rebalancePolicy") or {}
     return pb.RebalancePolicy(
         mode=_MODES[pol.get("mode", "Auto")] if mode is None else mode,
-        window_seconds=float(pol.get("windowSeconds", 300)),
+        window_seconds=float(pol.get("windowSeconds", DEFAULT_WINDOW_SECONDS)),
         half_life_seconds=float(pol.get("halfLifeSeconds", 0)),
-        threshold=float(pol.get("threshold", 0.05)),
+        threshold=float(pol.get("threshold", PolicySpec.threshold)),
         hysteresis=float(pol.get("hysteresis", 0)),
         cooldown_seconds=float(pol.get("cooldownSeconds", 0)),
         move_budget_bytes=int(pol.get("moveBudgetBytes", 0)),
@@ -142,11 +145,13 @@ def _policy(spec: Mapping, mode: int | None) -> pb.RebalancePolicy:
 
 def placement_from_cr(name: str, spec: Mapping, topology: Topology, generation: int,
                       initial_load: np.ndarray | None = None, *, mode: int | None = None,
-                      load_field: str = "spec.initialLoad.values") -> pb.Placement:
+                      load_field: str = "spec.initialLoad.values",
+                      initial_load_file: str = "") -> pb.Placement:
     """The ``Placement`` for an ExpertPlacement spec, validated like the controller does.
 
     ``name`` is the controller-side name (``placement_name``); ``topology`` the resolved GPUs;
-    ``initial_load`` [layers, experts] or None, read from ``load_field``; ``mode`` overrides
+    ``initial_load`` [layers, experts] or None, read from ``load_field`` (or
+    ``initial_load_file``, a file the controller reads); ``mode`` overrides
     ``rebalancePolicy.mode`` (a ``RebalancePolicy.Mode``: the operator pauses or takes over
     approval). Raises ``SpecError`` with the CR field path.
     """
@@ -161,6 +166,7 @@ def placement_from_cr(name: str, spec: Mapping, topology: Topology, generation: 
         algorithm=spec.get("algorithm", "deepseek"),
         policy=_policy(spec, mode),
         generation=int(generation),
+        initial_load_file=initial_load_file,
     )
     if initial_load is not None:
         msg.initial_load.CopyFrom(double_tensor(initial_load))

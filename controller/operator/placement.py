@@ -60,22 +60,26 @@ def _rfc3339(ts) -> str:
 class SpecInputs:
     """What an ExpertPlacement spec refers to, read without the controller: ``observed`` GPUs
     (explicit, or from the worker pods; None when no pod matches), the ``initial`` load
-    [layers, experts] (None: uniform) and the field it came from (``load_field``)."""
+    [layers, experts] (None: uniform or a file) and the field it came from (``load_field``), the
+    ``load_file`` the controller reads instead ("" if none)."""
 
     observed: Topology | None
     initial: np.ndarray | None
     load_field: str
+    load_file: str = ""
 
 
 def read_spec(ctx: OperatorContext, namespace: str, spec: Mapping) -> SpecInputs:
     """Read the load and worker pods ``spec`` refers to; raises ``SpecError`` naming the field
     (or ``ApiException`` when Kubernetes fails)."""
     source = initial_load_source(spec)
-    initial, load_field = None, "spec.initialLoad.values"
+    initial, load_field, load_file = None, "spec.initialLoad.values", ""
     if source is not None:
         load_field, value = source
         if load_field == "spec.initialLoad.values":
             initial = load_matrix(value, load_field)
+        elif load_field == "spec.initialLoadFrom.file":
+            load_file = value
         else:
             text, _ = ctx.kube.read_config_value(namespace, value, load_field)
             initial = parse_load_document(text, load_field)
@@ -88,7 +92,7 @@ def read_spec(ctx: OperatorContext, namespace: str, spec: Mapping) -> SpecInputs
                                                 topo.get("gpusPerNode"))
         except NoWorkers:
             topology = None
-    return SpecInputs(topology, initial, load_field)
+    return SpecInputs(topology, initial, load_field, load_file)
 
 
 def _registered_topology(state: pb.PlacementState | None) -> Topology | None:
@@ -104,8 +108,10 @@ def _shape(p: pb.Placement) -> tuple:
 
 
 def _without_load(p: pb.Placement) -> pb.Placement:
+    """``p`` without its initial load (inline or a file: the controller echoes a file's load)."""
     out = copy.deepcopy(p)
     out.ClearField("initial_load")
+    out.ClearField("initial_load_file")
     return out
 
 
@@ -180,7 +186,8 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
     try:
         placement = placement_from_cr(pname, spec, settled.topology, gen, inputs.initial,
                                       mode=_mode(spec, bool(status.get("stopped"))),
-                                      load_field=inputs.load_field)
+                                      load_field=inputs.load_field,
+                                      initial_load_file=inputs.load_file)
     except SpecError as exc:
         rebalancing(False, "InvalidSpec", "no plan")
         return done(False, "InvalidSpec", str(exc))
@@ -201,7 +208,8 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
         regression = _publish(ctx, obj, cm_name, placement, state, old, status, out)
         _history(ctx, pname, state, status)
     except Rejected as exc:
-        return done(False, "InvalidSpec", f"rejected by the controller: {exc.details}")
+        details = exc.details.replace("initial_load_file: ", "spec.initialLoadFrom.file: ", 1)
+        return done(False, "InvalidSpec", f"rejected by the controller: {details}")
     except ControllerCallError as exc:
         return done(None, degraded=("ControllerUnavailable", str(exc)))
     except ApiException as exc:
@@ -282,7 +290,7 @@ def _publish(ctx: OperatorContext, obj: Mapping, cm_name: str, placement: pb.Pla
             out.events.append((NORMAL, "PlanPublished",
                                f"plan v{version} ({plan.summary.reason}, "
                                f"{plan.summary.slots_moved} slots moved) in ConfigMap {cm_name}"))
-        current = list(state.current_balance)
+        current = list(state.observed_balance)
         status["currentBalance"] = mean(current) if current else plan_balance
         status["worstLayerBalance"] = round(max(current), 6) if current else None
         predicted = list(state.predicted_balance)

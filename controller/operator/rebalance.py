@@ -76,14 +76,14 @@ def planning_changes(registered: pb.Placement, desired: pb.Placement) -> list[st
         out.append("spec.model.groups")
     if registered.model.expert_bytes != desired.model.expert_bytes:
         out.append("spec.model.expertBytes")
-    if registered.initial_load != desired.initial_load:
-        out.append("the initial load")
+    if not desired.initial_load_file and registered.initial_load != desired.initial_load:
+        out.append("the initial load")         # (a file is read by the controller on apply)
     return out
 
 
 def _proposal(d: pb.RebalanceDecision, base: int) -> dict:
     return {"version": int(d.new_version), "previousVersion": base, "reason": d.reason,
-            "currentBalance": round(d.current_balance, 6),
+            "currentBalance": round(d.in_force_balance_mean, 6),
             "predictedBalance": round(d.predicted_balance, 6),
             "slotsMoved": int(d.slots_moved), "bytesMoved": int(d.bytes_moved),
             "time": now_rfc3339()}
@@ -101,7 +101,7 @@ def act(ctx: OperatorContext, pname: str, spec: Mapping, state: pb.PlacementStat
     manual = approval_of(spec) == "Manual"
     base = int(state.plan_version)
     busy = state.rollout_state in ROLLING
-    proposal = status.get("proposal")
+    proposal = status.get("proposal") if manual else None      # proposals are Manual's only
     if proposal and (proposal.get("previousVersion") != base or changed):
         proposal = None             # the plan in force or the spec changed since: superseded
     outcome: tuple[bool, str, str] | None = None
