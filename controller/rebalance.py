@@ -25,7 +25,7 @@ from expertplane.controller.planning import (
     compute_candidate,
 )
 from expertplane.controller.plans import Plans
-from expertplane.controller.policy import Decision, decide, record
+from expertplane.controller.policy import Decision, candidate_for, decide, record
 from expertplane.controller.spec import PlacementSpec
 from expertplane.controller.store import PlanRecord, RolloutRecord
 from expertplane.errors import FailedPrecondition, FieldError
@@ -145,7 +145,8 @@ class Rebalancer:
         if load is None and not force:
             return RebalanceOutcome(Decision(False, "no load reported yet", 0.0, 0.0, 0.0, 0, 0),
                                     None, None)
-        cand = compute_candidate(spec, load, in_force.plan.phy2log)
+        cand = candidate_for(spec, load, in_force.plan.phy2log, state.policy, manual=manual,
+                             force=force)
         state.predicted = cand.predicted_balance.tolist()
         self._metrics.set_balance(self._metrics.predicted_balance, name, cand.predicted_balance)
         now = self._clock()

@@ -20,7 +20,7 @@ from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor, to_numpy
 
 MODES = ("auto", "manual", "off")
-DEFAULT_WINDOW_SECONDS = 300.0
+DEFAULT_WINDOW_SECONDS = 30.0
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -31,7 +31,7 @@ class PolicySpec:
     mode: str = "auto"
     window_seconds: float = DEFAULT_WINDOW_SECONDS
     half_life_seconds: float = 0.0
-    threshold: float = 0.05
+    threshold: float = 0.02
     hysteresis: float = 0.0
     cooldown_seconds: float = 0.0
     move_budget_bytes: int = 0
@@ -88,7 +88,7 @@ def _non_negative(value: float, name: str) -> float:
 
 
 def policy_from_proto(msg: pb.RebalancePolicy, prefix: str = "policy") -> PolicySpec:
-    """Validate a ``RebalancePolicy``; window 0 means the default (300 s), mode 0 means AUTO."""
+    """Validate a ``RebalancePolicy``; window 0 means the default (30 s), mode 0 means AUTO."""
     mode = {pb.RebalancePolicy.MODE_UNSPECIFIED: "auto", pb.RebalancePolicy.AUTO: "auto",
             pb.RebalancePolicy.MANUAL: "manual", pb.RebalancePolicy.OFF: "off"}.get(msg.mode)
     if mode is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def _read_container(path: Path, field: str):
             raise FieldError(field, f"{path} is not valid YAML: {one_line(exc)}") from None
     if suffix == ".csv":
         try:
-            return np.loadtxt(path, delimiter=",", ndmin=2)
+            with warnings.catch_warnings():   # an empty file: the caller's shape check says so
+                warnings.simplefilter("ignore", UserWarning)
+                return np.loadtxt(path, delimiter=",", ndmin=2)
         except ValueError as exc:
             raise FieldError(field, f"{path} is not a numeric CSV: {one_line(exc)}") from None
     raise FieldError(field, f"unsupported file type {suffix!r} for {path} "

@@ -106,6 +106,69 @@ def _excess(load, level):
 
 
 @njit(cache=True)
+def _expert_parts(w, counts, gpu_load, per_gpu, starts, slots, on_gpu, level, lose_d, gain_d,
+                  lose, gain, mark):
+    """Per expert x, the change of the summed excess over the GPUs holding x when x loses one
+    replica (``lose[x]``, each remaining replica gaining ``lose_d[x]``) or gains one
+    (``gain[x]``, each replica changing by ``gain_d[x]``), all else unchanged. on_gpu [P, E]
+    replicas of each expert on each GPU."""
+    for x in range(w.shape[0]):
+        c = counts[x]
+        if c == 0:
+            continue
+        lose_d[x] = w[x] / (c - 1) - w[x] / c if c >= 2 else 0.0
+        gain_d[x] = w[x] / (c + 1) - w[x] / c
+        a = 0.0
+        b = 0.0
+        for k in range(starts[x], starts[x + 1]):
+            q = slots[k] // per_gpu
+            if mark[q]:
+                continue
+            mark[q] = True
+            n = on_gpu[q, x]
+            a += _excess(gpu_load[q], level) - _excess(gpu_load[q] + n * lose_d[x], level)
+            b += _excess(gpu_load[q], level) - _excess(gpu_load[q] + n * gain_d[x], level)
+        for k in range(starts[x], starts[x + 1]):
+            mark[slots[k] // per_gpu] = False
+        lose[x] = a
+        gain[x] = b
+
+
+@njit(cache=True)
+def _relabel_bound(w, counts, gpu_load, per_gpu, starts, slots, on_gpu, level, lose_d, gain_d,
+                   lose, gain, mark, j, f, e, top):
+    """(excess removed, upper bound of the score ``gain + 1e-3 * (top - new top)``) of giving
+    slot j (expert f) to expert e, from the per-expert parts of ``_expert_parts``: only the
+    GPUs holding both f and e, and j's GPU, are recomputed; the new top is bounded below by
+    theirs."""
+    h = j // per_gpu
+    new_f, new_e = w[f] / (counts[f] - 1), w[e] / (counts[e] + 1)
+    x = f if counts[f] <= counts[e] else e   # walk the smaller expert's slots
+    other = e if x == f else f
+    corr = 0.0
+    low_top = -np.inf
+    for k in range(starts[x], starts[x + 1] + 1):  # the last turn is j's GPU
+        q = h if k == starts[x + 1] else slots[k] // per_gpu
+        if mark[q] or (q != h and on_gpu[q, other] == 0):
+            continue
+        mark[q] = True
+        nf, ne = on_gpu[q, f], on_gpu[q, e]
+        load = gpu_load[q]
+        d = nf * lose_d[f] + ne * gain_d[e] + (new_e - new_f if q == h else 0.0)
+        counted = 0.0
+        if nf:
+            counted += _excess(load, level) - _excess(load + nf * lose_d[f], level)
+        if ne:
+            counted += _excess(load, level) - _excess(load + ne * gain_d[e], level)
+        corr += _excess(load, level) - _excess(load + d, level) - counted
+        low_top = max(low_top, load + d)
+    for k in range(starts[x], starts[x + 1] + 1):
+        mark[h if k == starts[x + 1] else slots[k] // per_gpu] = False
+    removed = lose[f] + gain[e] + corr
+    return removed, removed + 1e-3 * (top - low_top)
+
+
+@njit(cache=True)
 def _row_loads(w, row, num_gpus):
     """One layer's loads under plan ``row`` [R]: (replica counts [E], load of each slot [R] (its
     expert's load split evenly over its replicas), load of each GPU [num_gpus])."""
@@ -143,6 +206,11 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack)
     g_experts = np.empty(per_gpu, dtype=np.int64)
     starts = np.zeros(w.shape[0] + 1, dtype=np.int64)
     slots = np.empty(replicas, dtype=np.int64)
+    on_gpu = np.zeros((num_gpus, w.shape[0]), dtype=np.int64)
+    for i in range(replicas):
+        on_gpu[i // per_gpu, row[i]] += 1
+    lose_d, gain_d = np.zeros(w.shape[0]), np.zeros(w.shape[0])
+    lose, gain_of = np.zeros(w.shape[0]), np.zeros(w.shape[0])
     spent = 0
     while spent < budget:
         g = np.argmax(gpu_load)
@@ -158,6 +226,9 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack)
                 n_g += 1
         g_experts[:n_g].sort()
         _index_slots(row, w.shape[0], starts, slots)
+        _expert_parts(w, counts, gpu_load, per_gpu, starts, slots, on_gpu, level, lose_d, gain_d,
+                      lose, gain_of, mark)
+        slack = 1e-9 * top  # the bound sums in another order: room for rounding
         # relabels: a slot on g to any expert, or any slot to an expert on g
         for j in range(replicas):
             f = row[j]
@@ -170,6 +241,11 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack)
                     continue
                 if expert_node[e] >= 0 and expert_node[e] != slot_node[j]:
                     continue
+                removed, bound = _relabel_bound(w, counts, gpu_load, per_gpu, starts, slots,
+                                                on_gpu, level, lose_d, gain_d, lose, gain_of,
+                                                mark, j, f, e, top)
+                if removed + slack <= top * _REL or bound + slack < best_score:
+                    continue  # cannot be taken below: skip the exact evaluation
                 new_top, nt = _relabel_max(row, counts, w, slot_load, gpu_load, per_gpu, j, e,
                                            starts, slots, delta, touched, mark)
                 gain = 0.0
@@ -203,10 +279,16 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack)
         if best_kind < 0:
             return False
         if best_kind == 1:
+            on_gpu[best_a // per_gpu, row[best_a]] -= 1
+            on_gpu[best_a // per_gpu, best_b] += 1
             _apply_relabel(row, counts, w, slot_load, gpu_load, per_gpu, best_a, best_b)
             spent += 1
         else:
             a, b = best_a, best_b
+            on_gpu[a // per_gpu, row[a]] -= 1
+            on_gpu[a // per_gpu, row[b]] += 1
+            on_gpu[b // per_gpu, row[b]] -= 1
+            on_gpu[b // per_gpu, row[a]] += 1
             d = slot_load[a] - slot_load[b]
             row[a], row[b] = row[b], row[a]
             slot_load[a], slot_load[b] = slot_load[b], slot_load[a]

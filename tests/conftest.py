@@ -1,10 +1,19 @@
-"""Shared fixtures: database URLs for the plan store (SQLite file, real PostgreSQL)."""
+"""Shared fixtures: database URLs for the plan store (SQLite file, real PostgreSQL); every process
+the tests start imports ``tests/site/sitecustomize.py`` (torchvision next to CPU torch)."""
 
 from __future__ import annotations
 
+import os
+import runpy
 import uuid
+from pathlib import Path
 
 import pytest
+
+_SITE = str(Path(__file__).with_name("site"))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_SITE] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _SITE])
+runpy.run_path(str(Path(_SITE) / "sitecustomize.py"))    # this process too (already started)
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{db}"

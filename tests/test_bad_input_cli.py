@@ -63,3 +63,13 @@ def test_pipeline_unknown_profile_lists_the_shipped_ones(capsys):
     line = _error(capsys, ["pipeline", "--profile", "deepseek-v4", "--stages", "4"])
     assert line == ("expertplane pipeline: error: --profile: 'deepseek-v4' is neither a file nor "
                     "a shipped profile (deepseek-v3-like, llama-like)")
+
+
+def test_empty_csv_is_one_line_without_a_python_warning(tmp_path, capsys):
+    import warnings
+
+    (tmp_path / "w.csv").write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # numpy's "input contained no data" would raise
+        line = _error(capsys, ["plan", "--loads", str(tmp_path / "w.csv"), *PLAN])
+    assert "must not be empty" in line

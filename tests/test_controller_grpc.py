@@ -345,7 +345,10 @@ def test_auto_policy_rebalances_a_skewed_window(sqlite_url):
         plan = c.plans.GetPlan(pb.GetPlanRequest(placement="m"), timeout=5)
         assert plan.summary.reason == "auto" and plan.summary.previous_version == 1
         assert np.mean(plan.summary.previous_plan_balance) > np.mean(plan.summary.predicted_balance)
-        assert list(st.predicted_balance) == pytest.approx(list(plan.summary.predicted_balance))
+        # the status shows the latest pass's candidate: on the same window a fresh plan (gaining
+        # too little over v2 to be re-planned movement-aware), within the planner's 2% of v2's
+        assert list(st.predicted_balance) == pytest.approx(list(plan.summary.predicted_balance),
+                                                           rel=0.02)
         time.sleep(0.5)                      # cooldown: no further plan
         assert c.plans.GetPlan(pb.GetPlanRequest(placement="m"), timeout=5).summary.version == 2
     finally:

@@ -74,3 +74,28 @@ def test_modes_and_force():
 
 def test_no_gain_never_rebalances_even_at_zero_threshold():
     assert not decide(PolicySpec(threshold=0.0), candidate(1.2, 1.2), PolicyState(), 0).rebalance
+
+
+def test_candidate_for_replans_movement_aware_only_when_a_fresh_plan_gains_enough():
+    from expertplane.controller.planning import compute_candidate
+    from expertplane.controller.policy import candidate_for
+    from expertplane.controller.spec import PlacementSpec
+
+    rng = np.random.default_rng(3)
+    load = (1.0 + rng.permuted(np.tile(np.arange(32.0), (4, 1)), axis=1)) ** -1.2
+    spec = PlacementSpec(name="p", num_layers=4, num_experts=32, num_nodes=2, gpus_per_node=4,
+                         num_replicas=48, num_groups=4, expert_bytes=1000, algorithm="balanced",
+                         policy=PolicySpec(threshold=0.6))
+    previous = compute_candidate(spec, load[:, ::-1].copy()).phy2log   # planned for other loads
+    fresh = compute_candidate(spec, load, previous, movement_aware=False)
+    aware = compute_candidate(spec, load, previous)
+    assert 0 < fresh.gain < 0.6 and aware.slots_moved < fresh.slots_moved
+    state = PolicyState()
+    low = candidate_for(spec, load, previous, state)              # the fresh plan: turned down
+    np.testing.assert_array_equal(low.phy2log, fresh.phy2log)
+    assert not decide(spec.policy, low, state, 0).rebalance
+    for pol, kw in ((PolicySpec(threshold=0.0), {}), (spec.policy, {"manual": True}),
+                    (spec.policy, {"force": True})):
+        from dataclasses import replace
+        got = candidate_for(replace(spec, policy=pol), load, previous, state, **kw)
+        np.testing.assert_array_equal(got.phy2log, aware.phy2log)

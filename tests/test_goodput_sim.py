@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,28 @@ def test_vllm_plan_keeps_slots_of_experts_staying_on_their_gpu():
                 if left[expert]:
                     assert n[layer, gpu, slot] == expert
                     left[expert] -= 1
+
+
+def test_replays_of_an_sglang_per_pass_dump_and_a_demo_run():
+    import yaml
+
+    from expertplane.benchmarks.goodput.traces import from_demo, from_sglang_dump
+
+    passes = np.arange(2 * 4 * 3 * 8, dtype=np.float64).reshape(8, 3, 8)   # [passes, L, E]
+    trace = from_sglang_dump(passes, num_gpus=2, top_k=2, steps_per_tick=4)
+    assert trace.load.shape == (2, 3, 8) and trace.steps_per_tick == 4
+    np.testing.assert_allclose(trace.load[1], passes[4:].mean(axis=0))
+    np.testing.assert_allclose(trace.tokens, trace.load[:, 0].sum(-1) / 4)
+    with pytest.raises(ValueError, match="logical_count"):
+        from_sglang_dump(passes[0], num_gpus=2, top_k=2, steps_per_tick=4)
+    with pytest.raises(ValueError, match="fewer than one tick"):
+        from_sglang_dump(passes, num_gpus=2, top_k=2, steps_per_tick=9)
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples/demo.yaml")
+                            .read_text())
+    demo = from_demo(config, num_gpus=4, num_steps=400, steps_per_tick=50)
+    model, work = config["placement"]["model"], config["workload"]
+    assert demo.load.shape == (8, model["num_layers"], model["num_experts"])
+    np.testing.assert_allclose(demo.load.sum(-1), work["tokens_per_step"] * 4 * work["top_k"],
+                               rtol=1e-5)
+    assert not np.allclose(demo.load[0], demo.load[-1])   # the demo's popularity drifts

@@ -51,7 +51,7 @@ def _one(tmp_path, text: str, name: str):
 def test_custom_resource_means_the_same_as_the_own_schema(tmp_path):
     cr, own = _one(tmp_path, RESOURCE, "cr"), _one(tmp_path, OWN, "own")
     assert (cr.initial_load == own.initial_load).all()
-    # the resource's policy defaults (window 300 s) are the CRD's, the own schema's the message's
+    # the resource's policy defaults (window 30 s) are the CRD's, the own schema's the message's
     assert cr.policy.mode == own.policy.mode == "manual"
     assert (cr.name, cr.num_layers, cr.num_experts, cr.num_groups, cr.expert_bytes, cr.num_nodes,
             cr.gpus_per_node, cr.num_replicas, cr.algorithm, cr.policy.threshold,

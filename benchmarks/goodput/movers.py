@@ -1,8 +1,9 @@
 """How each engine moves expert weights to a new plan, and what the move costs the serving steps.
 
-A ``Move`` is what a plan change copies: the slots whose expert changed (the planner's
-``migration``), each one expert's weights, received by the slot's GPU from the same node
-(NVLink) when the old plan had that expert on the node, else from another node (RDMA).
+A ``Move`` is what a plan change copies, the planner's one definition of moved bytes
+(``planner.transfers``: one expert's weights per slot whose expert the rank did not hold, from a
+holder on its own node when there is one (NVLink), else from another node (RDMA); copies within
+a rank move nothing).
 
 Movers (``Transition.advance`` is called at every step boundary until ``done``):
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from expertplane.planner.plan import migration
+from expertplane.planner.transfers import plan_transfers
 
 GB = 1e9
 MIB = 2 ** 20
@@ -74,7 +75,7 @@ class MoverConstants:
 @dataclass(frozen=True)
 class Move:
     """One plan change. ``near`` / ``far`` [L, P]: bytes each GPU receives per layer from its own
-    node / another node; ``slots`` and ``bytes`` are the planner's migration totals."""
+    node / another node; ``slots``: slots whose expert changed; ``bytes``: near + far."""
 
     slots: int
     bytes: int
@@ -92,21 +93,12 @@ class Move:
 
 def plan_move(previous: np.ndarray, new: np.ndarray, num_gpus: int, gpus_per_node: int,
               expert_bytes: int) -> Move:
-    """The move from ``previous`` to ``new`` (both phy2log [L, R])."""
-    mig = migration(previous, new, expert_bytes, num_gpus=num_gpus,
-                    num_nodes=num_gpus // gpus_per_node)
-    layers, replicas = new.shape
-    per_gpu = replicas // num_gpus
-    nodes = num_gpus // gpus_per_node
-    changed = previous != new
-    experts = int(max(previous.max(), new.max())) + 1
-    slot_node = np.arange(replicas) // (per_gpu * gpus_per_node)                 # [R]
-    on_node = np.zeros((layers, nodes, experts), dtype=bool)                      # old plan
-    on_node[np.arange(layers)[:, None], slot_node[None, :], previous] = True
-    near_slot = changed & on_node[np.arange(layers)[:, None], slot_node[None, :], new]
-    far_slot = changed & ~near_slot
-    to_gpu = (lambda m: m.reshape(layers, num_gpus, per_gpu).sum(-1) * float(expert_bytes))
-    return Move(mig.slots_moved, mig.bytes_moved, to_gpu(near_slot), to_gpu(far_slot))
+    """The move from ``previous`` to ``new`` (both phy2log [L, R]): the planner's transfer plan
+    (``planner.transfers.plan_transfers``, what the hot-swap executes), its bytes received per
+    rank and layer from the same node and from other nodes."""
+    received = plan_transfers(previous, new, num_gpus, gpus_per_node).received_bytes(expert_bytes)
+    return Move(int((np.asarray(previous) != np.asarray(new)).sum()), int(received.sum()),
+                received[0].astype(np.float64), received[1].astype(np.float64))
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ new phy2log [L, R] or None. ``view.step`` passes have completed at that boundary
   blocking; True: layer by layer in the background, and a due rearrangement waits while the
   previous one is still moving.
 * ``ExpertPlanePolicy``: the controller's own code: every ``policy_interval_seconds`` the
-  candidate of ``controller.planning.compute_candidate`` (the placement's algorithm,
-  movement-aware against the plan in force) on the window (``window_seconds``,
+  candidate of ``controller.policy.candidate_for`` (the placement's algorithm, movement-aware
+  against the plan in force once a fresh plan gains enough) on the window (``window_seconds``,
   ``half_life_seconds``), judged by ``controller.policy.decide`` / ``record``; not while a
   rollout is in progress. Paced hot-swap.
 The oracle (the ceiling) is ``oracle.simulate_oracle``.
@@ -36,8 +36,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from expertplane.benchmarks.goodput.sim import Cluster, View
-from expertplane.controller.planning import compute_candidate
-from expertplane.controller.policy import PolicyState, decide, record
+from expertplane.controller.policy import PolicyState, candidate_for, decide, record
 from expertplane.controller.spec import PolicySpec
 from expertplane.planner.eplb import rebalance_experts
 from expertplane.planner.alignment import keep_gpu_slots
@@ -121,7 +120,7 @@ class ExpertPlanePolicy:
         if view.moving:
             return None
         load = view.last_seconds(self.policy.window_seconds, self.policy.half_life_seconds)
-        cand = compute_candidate(self.spec, load, previous=phy2log)
+        cand = candidate_for(self.spec, load, phy2log, self.state)
         decision = decide(self.policy, cand, self.state, view.clock)
         record(self.state, decision, self.policy, view.clock, rolled_out=decision.rebalance)
         self.decisions.append((view.step, decision))

@@ -25,7 +25,9 @@ from expertplane.benchmarks.goodput.policies import (ExpertPlanePolicy, SGLangEP
                                                      VLLMEPLB, plan)
 from expertplane.benchmarks.goodput.sim import (Cluster, LoadHistory, RunResult, deepseek_v3,
                                                 simulate)
-from expertplane.benchmarks.goodput.traces import KINDS, Trace, TraceSpec, generate
+from expertplane.benchmarks.goodput.traces import (KINDS, Trace, TraceSpec, from_sglang_dump,
+                                                   generate)
+from expertplane.controller.config import ControllerConfig
 from expertplane.controller.spec import PolicySpec
 
 CLUSTERS = {
@@ -39,8 +41,8 @@ POLICIES = ("static", "sglang", "vllm-sync", "vllm-async", "expertplane", "oracl
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", nargs="+", choices=list(CLUSTERS), default=list(CLUSTERS),
                         help="simulated clusters to run")
-    parser.add_argument("--traces", nargs="+", choices=KINDS, default=["drift", "shift"],
-                        help="load traces to run")
+    parser.add_argument("--traces", nargs="*", choices=KINDS, default=["drift", "shift"],
+                        help="generated load traces to run (none: only --sglang-dump)")
     parser.add_argument("--steps", type=int, default=TraceSpec.num_steps, help="steps per trace")
     parser.add_argument("--steps-per-tick", type=int, default=TraceSpec.steps_per_tick,
                         help="steps of constant load")
@@ -48,13 +50,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps the initial placement is planned on")
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES),
                         help="rebalancing policies to compare")
-    parser.add_argument("--policy-interval", type=float, default=10.0,
-                        help="ExpertPlane controller's policy interval (s)")
+    parser.add_argument("--policy-interval", type=float,
+                        default=ControllerConfig().policy_interval_seconds,
+                        help="ExpertPlane controller's policy interval (s; default: the "
+                             "controller's)")
     parser.add_argument("--oracle-window", type=int, default=1000, help="oracle re-plan period")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="WINDOW:THRESHOLD",
+                        type=_variant, help="also run ExpertPlane's policy with these "
+                                            "window_seconds:threshold (defaults: the product's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the traces")
+    parser.add_argument("--sglang-dump", type=Path, default=None,
+                        help="also replay an SGLang expert-distribution dump recorded per "
+                             "forward pass (logical_count [passes, L, E]; .pt or .npy) on every "
+                             "cluster of the same layers and experts")
     parser.add_argument("--out", type=Path, default=Path("goodput-out"),
                         help="directory for the PNG timelines")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+
+
+def _variant(text: str) -> tuple[float, float]:
+    try:
+        window, threshold = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"variant: expected WINDOW:THRESHOLD, got {text!r}")
+    if window <= 0 or threshold < 0:
+        raise argparse.ArgumentTypeError(f"variant: window must be > 0 and threshold >= 0, "
+                                         f"got {text!r}")
+    return window, threshold
 
 
 def make_policy(name: str, cluster: Cluster, args) -> object:
@@ -73,12 +95,13 @@ def run_scenario(cluster: Cluster, trace: Trace, names, args) -> list[RunResult]
     history = LoadHistory(trace)
     initial = plan(cluster, history.between(0, args.profile_steps), "deepseek")
     constants = MoverConstants.measured()
-    results = []
-    for name in names:
-        if name != "oracle":
-            policy = make_policy(name, cluster, args)
-            results.append(simulate(cluster, trace, history, cost, policy,
-                                    Mover(policy.mover, constants), initial))
+    policies = [make_policy(name, cluster, args) for name in names if name != "oracle"]
+    policies += [ExpertPlanePolicy(cluster, PolicySpec(window_seconds=w, threshold=t),
+                                   interval_s=args.policy_interval,
+                                   name=f"expertplane w={w:g}s t={t:g}")
+                 for w, t in getattr(args, "variants", [])]
+    results = [simulate(cluster, trace, history, cost, p, Mover(p.mover, constants), initial)
+               for p in policies]
     if "oracle" in names:
         pool = [p for r in results for p in r.plans]
         results.append(simulate_oracle(cluster, trace, history, cost, pool, args.oracle_window))
@@ -101,7 +124,11 @@ def table(rows_: list[dict]) -> str:
     return head + "".join(
         f"| {r['policy']} | {r['vs_oracle']:.4f} | {r['mean_step_ms']:.1f} | "
         f"{r['p99_step_ms']:.1f} | {r['stall_s']:.2f} | {r['slowdown_s']:.2f} | "
-        f"{r['bytes_moved'] / 1e9:,.0f} | {r['rebalances']} |\n" for r in rows_)
+        f"{_moved(r)} | {r['rebalances']} |\n" for r in rows_)
+
+
+def _moved(row: dict) -> str:
+    return "free" if row["policy"] == "oracle" else f"{row['bytes_moved'] / 1e9:,.0f}"
 
 
 def timeline_png(path: Path, title: str, trace: Trace, results: list[RunResult]) -> Path:
@@ -131,16 +158,42 @@ def timeline_png(path: Path, title: str, trace: Trace, results: list[RunResult])
     return path
 
 
+def read_dump(path: Path) -> np.ndarray:
+    """``logical_count`` [passes, L, E] of an SGLang per-pass dump (.pt dict or tensor, .npy)."""
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    import torch
+
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    counts = content["logical_count"] if isinstance(content, dict) else content
+    return np.asarray(counts, dtype=np.float64)
+
+
+def traces_for(cluster: Cluster, args, dump: np.ndarray | None) -> list[tuple[str, Trace]]:
+    """(name, trace) of each generated kind, and of the dump where its shape fits ``cluster``."""
+    out = []
+    for kind in args.traces:
+        spec = replace(TraceSpec(), kind=kind, num_steps=args.steps,
+                       steps_per_tick=args.steps_per_tick, seed=args.seed)
+        out.append((kind, generate(cluster.num_layers, cluster.num_experts, cluster.top_k,
+                                   cluster.num_gpus, spec)))
+    if dump is not None:
+        if dump.shape[1:] == (cluster.num_layers, cluster.num_experts):
+            out.append(("sglang-dump", from_sglang_dump(dump, cluster.num_gpus, cluster.top_k,
+                                                        args.steps_per_tick)))
+        else:
+            print(f"sglang-dump: logical_count has {list(dump.shape[1:])} layers x experts, "
+                  f"cluster {cluster.name} {[cluster.num_layers, cluster.num_experts]}: skipped")
+    return out
+
+
 def run(args) -> int:
     all_rows = []
     start = time.perf_counter()
+    dump = read_dump(args.sglang_dump) if getattr(args, "sglang_dump", None) else None
     for cname in args.clusters:
         cluster = CLUSTERS[cname]
-        for kind in args.traces:
-            spec = replace(TraceSpec(), kind=kind, num_steps=args.steps,
-                           steps_per_tick=args.steps_per_tick, seed=args.seed)
-            trace = generate(cluster.num_layers, cluster.num_experts, cluster.top_k,
-                             cluster.num_gpus, spec)
+        for kind, trace in traces_for(cluster, args, dump):
             t0 = time.perf_counter()
             results = run_scenario(cluster, trace, args.policies, args)
             scenario = f"{cname}/{kind}"

@@ -13,7 +13,8 @@ Generators (``generate``): per-layer Zipf popularity over a random ranking, with
 * ``burst``: drift plus bursts: for ``burst_steps`` steps ``burst_share`` of the traffic follows
   a burst's own ranking, then it is gone.
 All of them alternate decode-like phases (``decode_tokens`` per GPU and step) with prefill-like
-phases (``prefill_tokens``), ``prefill_steps`` of every ``phase_steps``.
+phases (``prefill_tokens``), ``prefill_steps`` of every ``phase_steps``. A tick's rows are drawn
+(Poisson) around their expectation, so windows see sampling noise.
 
 Replays: ``from_demo`` rebuilds the per-step popularity of an ``expertplane demo`` run from its
 configuration (the demo's own ``worker.synthetic.PopularityDrift``); ``from_sglang_dump`` reads
@@ -60,7 +61,7 @@ class TraceSpec:
     """Parameters of a generated trace (steps in model steps)."""
 
     kind: str = "drift"
-    num_steps: int = 18000
+    num_steps: int = 6000
     steps_per_tick: int = 50
     zipf: float = 1.0
     drift_sigma: float = 1.0
@@ -133,7 +134,8 @@ def generate(layers: int, experts: int, top_k: int, num_gpus: int, spec: TraceSp
     step = np.arange(ticks) * k
     prefill = (step % spec.phase_steps) >= spec.phase_steps - spec.prefill_steps
     tokens = np.where(prefill, spec.prefill_tokens, spec.decode_tokens).astype(np.float64)
-    load = probs * (tokens * num_gpus * top_k)[:, None, None]
+    expected = probs * (tokens * num_gpus * top_k * k)[:, None, None]   # rows per tick
+    load = rng.poisson(expected) / k
     return Trace(f"{spec.kind}-s{spec.seed}", load.astype(np.float32), tokens, k)
 
 

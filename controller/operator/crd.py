@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 import yaml
 
-from expertplane.controller.spec import spec_from_proto
+from expertplane.controller.spec import DEFAULT_WINDOW_SECONDS, PolicySpec, spec_from_proto
 from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import double_tensor
@@ -132,9 +132,9 @@ def _policy(spec: Mapping, mode: int | None) -> pb.RebalancePolicy:
     pol = spec.get("rebalancePolicy") or {}
     return pb.RebalancePolicy(
         mode=_MODES[pol.get("mode", "Auto")] if mode is None else mode,
-        window_seconds=float(pol.get("windowSeconds", 300)),
+        window_seconds=float(pol.get("windowSeconds", DEFAULT_WINDOW_SECONDS)),
         half_life_seconds=float(pol.get("halfLifeSeconds", 0)),
-        threshold=float(pol.get("threshold", 0.05)),
+        threshold=float(pol.get("threshold", PolicySpec.threshold)),
         hysteresis=float(pol.get("hysteresis", 0)),
         cooldown_seconds=float(pol.get("cooldownSeconds", 0)),
         move_budget_bytes=int(pol.get("moveBudgetBytes", 0)),

@@ -101,7 +101,7 @@ def act(ctx: OperatorContext, pname: str, spec: Mapping, state: pb.PlacementStat
     manual = approval_of(spec) == "Manual"
     base = int(state.plan_version)
     busy = state.rollout_state in ROLLING
-    proposal = status.get("proposal")
+    proposal = status.get("proposal") if manual else None      # proposals are Manual's only
     if proposal and (proposal.get("previousVersion") != base or changed):
         proposal = None             # the plan in force or the spec changed since: superseded
     outcome: tuple[bool, str, str] | None = None

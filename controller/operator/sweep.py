@@ -64,3 +64,5 @@ async def refresh_pipelines(ctx: OperatorContext, api_client: kubernetes.client.
             await asyncio.to_thread(refresh_pipelines_once, ctx, api, namespaces, locks)
         except ApiException as exc:
             log.warning("PipelinePlan refresh failed: %s %s", exc.status, exc.reason)
+        except Exception:  # keep refreshing: a network error must not end the loop for good
+            log.exception("PipelinePlan refresh failed")

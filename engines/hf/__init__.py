@@ -5,8 +5,12 @@
   :func:`expert_load`, :func:`ep_layers`.
 """
 
-from expertplane.engines.hf.adapter import UnsupportedModelError, find_moe_blocks
-from expertplane.engines.hf.layer import ep_layers, expert_load, expert_parallel
+from expertplane.engines.torchvision_compat import allow_torchvision_import
+
+allow_torchvision_import()      # before transformers imports torchvision (CUDA build on CPU torch)
+
+from expertplane.engines.hf.adapter import UnsupportedModelError, find_moe_blocks  # noqa: E402
+from expertplane.engines.hf.layer import ep_layers, expert_load, expert_parallel  # noqa: E402
 
 __all__ = ["UnsupportedModelError", "ep_layers", "expert_load", "expert_parallel",
            "find_moe_blocks"]
