@@ -28,11 +28,11 @@ import importlib.metadata
 import inspect
 import logging
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
 from expertplane.engines.plan_file import PLAN_FILE_ENV, read_plan_file
+from expertplane.engines.plugin_status import InstallResult, announce
 from expertplane.engines.vllm_plan import PlanChoice, choose_map
 
 log = logging.getLogger("sglang.srt.plugins.expertplane")
@@ -42,18 +42,10 @@ TARGET = "sglang.srt.eplb.eplb_manager.EPLBManager._compute_expert_location_meta
 _APPLY = 1
 
 
-@dataclass(frozen=True)
-class InstallResult:
-    """Whether the hook is registered, and the one line that says so (or why not)."""
-
-    in_effect: bool
-    message: str
-
 
 def register() -> None:
     """SGLang's plugin hook: register ours and say, in one line, whether it is in effect."""
-    result = install()
-    (log.info if result.in_effect else log.error)("%s", result.message)
+    announce(install(), log)
 
 
 def install(environ=os.environ) -> InstallResult:

@@ -32,33 +32,25 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
 from expertplane.engines.load_forwarder import LoadForwarder
+from expertplane.engines.plan_file import PLAN_FILE_ENV
+from expertplane.engines.plugin_status import InstallResult, announce
 from expertplane.engines.vllm_plan import PlanChoice, choose_map
 
 log = logging.getLogger("vllm.plugins.expertplane")   # printed by vLLM's own log handler
 
 TESTED_VERSIONS = ("0.34",)       # major.minor of the vLLM releases this plugin is tested with
-PLAN_FILE_ENV = "EXPERTPLANE_PLAN_FILE"
 AGENT_ENV = "EXPERTPLANE_AGENT"
 PLACEMENT_ENV = "EXPERTPLANE_PLACEMENT"
 
 
-@dataclass(frozen=True)
-class InstallResult:
-    """Whether ExpertPlane's policy is in effect, and the one line that says so (or why not)."""
-
-    in_effect: bool
-    message: str
-
 
 def register() -> None:
     """vLLM's plugin hook: install the policy and say, in one line, whether it is in effect."""
-    result = install()
-    (log.info if result.in_effect else log.error)("%s", result.message)
+    announce(install(), log)
 
 
 def install() -> InstallResult:
