@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -126,20 +125,17 @@ def test_apply_get_describe_rebalance_watch_delete(controller, tmp_path, capsys)
         assert code == 0, err
         assert "placement small:" in out and "balance now" in out and "GiB" in out
 
-        watched: dict = {}
-
-        def watch():
-            watched["result"] = run(capsys, address, token, "watch", "plans", "small",
-                                    "--count", "2", "-o", "json")
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        time.sleep(1.0)       # the watch prints v1 (the latest), then waits for v2
+        # the watch runs as its own process (its own stdout: capsys is one per test) from
+        # version 1 on, so it prints v1 and then v2 whenever it subscribes
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "expertplane.cli.main", "--log-level", "WARNING", "watch",
+             "plans", "small", "--count", "2", "-o", "json", "--after-version", "0",
+             "--controller", address, "--token-file", token, "--timeout", "300"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         code, out, _ = run(capsys, address, token, "rebalance", "small", "--force")
         assert code == 0 and "new plan           version 2" in out
-        watcher.join(timeout=60)
-        code, out, _ = watched["result"]
-        assert code == 0
+        out, err = watcher.communicate(timeout=120)
+        assert watcher.returncode == 0, err
         assert [json.loads(line)["version"] for line in out.splitlines()] == ["1", "2"]
 
         code, out, _ = run(capsys, address, token, "get", "plans", "small")
