@@ -35,6 +35,9 @@ def register(sub) -> None:
     parser.add_argument("--commit-timeout", default="30s", help="deadline of a worker's Commit")
     parser.add_argument("--flush-timeout", default="5s",
                         help="the longest shutdown waits for buffered reports to be acknowledged")
+    parser.add_argument("--hello-timeout", default="10s",
+                        help="how long the controller may take to register this agent before "
+                             "an error is printed (the agent keeps trying)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics here (e.g. 0.0.0.0:9101)")
     engines = parser.add_argument_group(
@@ -90,6 +93,7 @@ def config_from_args(args):
         interval=parse_duration(args.interval, "--interval"),
         buffer=args.buffer, lost_after=args.lost_after,
         flush_timeout=parse_duration(args.flush_timeout, "--flush-timeout"),
+        hello_timeout=parse_duration(args.hello_timeout, "--hello-timeout"),
         metrics=args.metrics, deadlines=deadlines, security=security_from_args(args),
         local_security=security_from_args(args, "local-", LOCAL_TOKEN_ENV))
 
@@ -163,8 +167,23 @@ def _run(args) -> int:
     address = agent.start()
     print(f"agent {args.node} serving workers at {address}"
           + (f", metrics on :{agent.metrics_port}" if agent.metrics_port else ""), flush=True)
+    threading.Thread(target=_say_when_registered, args=(agent, args.node), daemon=True).start()
     done.wait()
     flushed = agent.stop()
     print(f"agent {args.node} stopped ({'all reports acknowledged' if flushed else 'unacknowledged reports dropped'})",
           flush=True)
     return 0
+
+
+def _say_when_registered(agent, node: str) -> None:
+    """Print one line once the controller has registered the agent (ready), or one error line
+    on stderr when it has not within --hello-timeout (then the line once it has)."""
+    import sys
+
+    try:
+        agent.wait_registered()
+    except TimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        agent.registered.wait()
+    print(f"agent {node} ready: registered with the controller at {agent.config.controller}",
+          flush=True)
