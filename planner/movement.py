@@ -172,6 +172,33 @@ def _relabel_bound(w, counts, gpu_load, per_gpu, starts, slots, on_gpu, level, l
 
 
 @njit(cache=True)
+def _shared_parts(row, g_experts, n_g, per_gpu, gpu_load, on_gpu, level, lose_d, starts, slots,
+                  mark, seen, both, scale):
+    """For the c-th expert e of ``g_experts[:n_g]`` and each expert x, ``both[c, x]`` = ``scale``
+    x the excess that x's part of ``_expert_parts`` (x losing a replica) adds on the GPUs holding
+    both e and x: a relabel of a slot of x to e adds at most that back to ``lose[x]`` (on those
+    GPUs the change is at most e's part). ``scale`` 0 resets the entries set with 1."""
+    for c in range(n_g):
+        e = g_experts[c]
+        for k in range(starts[e], starts[e + 1]):
+            q = slots[k] // per_gpu
+            if mark[q]:
+                continue
+            mark[q] = True
+            for i in range(q * per_gpu, (q + 1) * per_gpu):
+                x = row[i]
+                if x != e and not seen[x]:
+                    seen[x] = True
+                    both[c, x] = both[c, x] * scale + scale * (
+                        _excess(gpu_load[q] + on_gpu[q, x] * lose_d[x], level)
+                        - _excess(gpu_load[q], level))
+            for i in range(q * per_gpu, (q + 1) * per_gpu):
+                seen[row[i]] = False
+        for k in range(starts[e], starts[e + 1]):
+            mark[slots[k] // per_gpu] = False
+
+
+@njit(cache=True)
 def _row_loads(w, row, num_gpus):
     """One layer's loads under plan ``row`` [R]: (replica counts [E], load of each slot [R] (its
     expert's load split evenly over its replicas), load of each GPU [num_gpus])."""
@@ -209,11 +236,13 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack)
     g_experts = np.empty(per_gpu, dtype=np.int64)
     starts = np.zeros(w.shape[0] + 1, dtype=np.int64)
     slots = np.empty(replicas, dtype=np.int64)
-    on_gpu = np.zeros((num_gpus, w.shape[0]), dtype=np.int64)
+    on_gpu = np.zeros((num_gpus, w.shape[0]), dtype=np.int32)   # int32: fits the caches
     for i in range(replicas):
         on_gpu[i // per_gpu, row[i]] += 1
     lose_d, gain_d = np.zeros(w.shape[0]), np.zeros(w.shape[0])
     lose, gain_of = np.zeros(w.shape[0]), np.zeros(w.shape[0])
+    both = np.zeros((per_gpu, w.shape[0]))   # see _shared_parts
+    seen = np.zeros(w.shape[0], dtype=np.bool_)
     spent = 0
     while spent < budget:
         g = np.argmax(gpu_load)
@@ -232,6 +261,8 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack)
         _expert_parts(w, counts, gpu_load, per_gpu, starts, slots, on_gpu, level, lose_d, gain_d,
                       lose, gain_of, mark)
         slack = 1e-9 * top  # the bound sums in another order: room for rounding
+        _shared_parts(row, g_experts, n_g, per_gpu, gpu_load, on_gpu, level, lose_d, starts,
+                      slots, mark, seen, both, 1.0)
         # relabels: a slot on g to any expert, or any slot to an expert on g
         for j in range(replicas):
             f = row[j]
@@ -243,6 +274,20 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack)
                 if e == f:
                     continue
                 if expert_node[e] >= 0 and expert_node[e] != slot_node[j]:
+                    continue
+                # O(1) bound first: the excess removed is at most e's own part (gain_of[e])
+                # plus what slot j's old load leaves on its GPU h, plus (e on g) f's part on
+                # the GPUs not holding e; the new top is at least h's
+                h = j // per_gpu
+                quick = gain_of[e] + min(slot_load[j], _excess(gpu_load[h], level))
+                if not j_on_g:
+                    quick += lose[f] + both[c, f]
+                    if on_gpu[h, e] == 0:
+                        quick += (_excess(gpu_load[h] + on_gpu[h, f] * lose_d[f], level)
+                                  - _excess(gpu_load[h], level))
+                if quick + slack <= top * _REL or quick + 1e-3 * (
+                        top - gpu_load[h] - on_gpu[h, e] * gain_d[e] + slot_load[j]) \
+                        + slack < best_score:
                     continue
                 removed, bound = _relabel_bound(w, counts, gpu_load, per_gpu, starts, slots,
                                                 on_gpu, level, lose_d, gain_d, lose, gain_of,
@@ -261,6 +306,8 @@ def _repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack)
                         best_score, best_kind, best_a, best_b = score, 1, j, e
                 for t in range(nt):
                     mark[touched[t]] = False
+        _shared_parts(row, g_experts, n_g, per_gpu, gpu_load, on_gpu, level, lose_d, starts,
+                      slots, mark, seen, both, 0.0)
         # swaps: a slot on g with a slot on another GPU of the same node (cost 2)
         for a in range(g * per_gpu, (g + 1) * per_gpu):
             for b in range(replicas):
