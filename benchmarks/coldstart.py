@@ -186,10 +186,11 @@ def _warm(cache: Path) -> float:
 def print_table(rows: list[Row], warm_seconds: float) -> None:
     """A markdown table (readable piped or pasted)."""
     print(f"| measured (fresh process) | cache | first call / first RPC | first movement-aware "
-          f"| import / start to serving | <= {TARGET_SECONDS:g} s? | kernels compiled | load avg |")
+          f"| import / start to serving | first <= {TARGET_SECONDS:g} s? | kernels compiled "
+          f"| load avg |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        met = "yes" if max(r.first, r.second) <= TARGET_SECONDS else "no"
+        met = "yes" if r.first <= TARGET_SECONDS else "no"
         print(f"| {r.what} | {r.cache} | {r.first:.2f} s | {r.second:.2f} s | {r.setup:.2f} s "
               f"| {met} | {r.compiled} | {r.load_before:.1f} → {r.load_after:.1f} |")
     print(f"\n`expertplane warm` into an empty cache: {warm_seconds:.1f} s")

@@ -38,6 +38,7 @@ from expertplane.planner.compiled import wait_compiled
 from expertplane.planner.deepseek import is_hierarchical
 from expertplane.planner.metrics import gpu_loads
 from expertplane.planner.plan import build_log2phy
+from expertplane.planner.warm import step_label
 
 TOLERANCE = 0.02  # allowed relative balance loss against a fresh plan
 # the repair counts GPU loads above (1 - slack) x target as excess; it runs once per slack
@@ -473,12 +474,12 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
     Arguments are validated by the caller (``rebalance_experts``); ``options`` go to the
     algorithm.
     """
-    wait_compiled("movement-aware re-planning")
     w = np.ascontiguousarray(weight, dtype=np.float64)
     prev = np.ascontiguousarray(previous, dtype=np.int64)
     r, g, n, p = int(num_replicas), int(num_groups), int(num_nodes), int(num_gpus)
     layers, experts = w.shape
     hier = is_hierarchical(g, n)
+    wait_compiled("movement-aware re-planning", step_label(algorithm, hier))
     fresh = fresh_placement(w, r, g, n, p, algorithm, **options)[0]
     aligned = align(fresh, prev, p, n, by_node=hier or algorithm == "topology")
     if algorithm not in _REPAIRABLE:
