@@ -152,7 +152,9 @@ class PlannerWarmUp:
     warms (or warmed) that key, started, so that callers and tests may ``join`` it.
 
     numba compiles on first use (loading from its on-disk cache when warm); without this the
-    first policy cycle of a placement paid it, once 84 s on a loaded machine. Once compiled, a
+    first policy cycle of a placement paid it, once 84 s on a loaded machine. Where the cache
+    lacks kernels, they are built in a background process (``planner.compiled``): the fresh plan
+    here takes the numpy path and the movement-aware one waits for that build. Once compiled, a
     warm-up takes 0.02-0.4 s of that thread (measured on 2 shared vCPUs: 288 slots on 32 GPUs
     "deepseek" to 640 slots on 320 GPUs "balanced"), which a placement of a key already warmed
     (re-applied, or another model of the same shape) no longer spends.

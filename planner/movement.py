@@ -34,6 +34,7 @@ from numba import njit, prange
 from expertplane.planner.algorithms import fresh_placement
 from expertplane.planner.alignment import align, match_sets
 from expertplane.planner.balanced import pack_items
+from expertplane.planner.compiled import wait_compiled
 from expertplane.planner.deepseek import is_hierarchical
 from expertplane.planner.metrics import gpu_loads
 from expertplane.planner.plan import build_log2phy
@@ -472,6 +473,7 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
     Arguments are validated by the caller (``rebalance_experts``); ``options`` go to the
     algorithm.
     """
+    wait_compiled("movement-aware re-planning")
     w = np.ascontiguousarray(weight, dtype=np.float64)
     prev = np.ascontiguousarray(previous, dtype=np.int64)
     r, g, n, p = int(num_replicas), int(num_groups), int(num_nodes), int(num_gpus)

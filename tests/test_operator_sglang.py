@@ -28,7 +28,7 @@ from tests.k8s_fixture import (  # noqa: F401  (pytest fixtures)
     start_operator,
     wait_for,
 )
-from tests.test_engines_sglang import _model_dir, _publish
+from tests.engine_env import allow_torchvision_import, deepseek_v3_dir, publish_server_args
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(300)]
 NS = "default"
@@ -90,6 +90,7 @@ def sglang_loads(document: str, tmp_path, spec: dict) -> np.ndarray:
     """SGLang's own start-up path for ``--init-expert-location FILE`` on a DeepSeek-V3-shaped
     model of ``spec``'s layers and slots, one GPU's EP rank of ``spec.topology``; returns
     SGLang's physical-to-logical map [hidden layers, slots]."""
+    allow_torchvision_import()
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.eplb.expert_location import (compute_initial_expert_location_metadata,
                                                  set_global_expert_location_metadata)
@@ -100,10 +101,11 @@ def sglang_loads(document: str, tmp_path, spec: dict) -> np.ndarray:
     ep = topo["nodes"] * topo["gpusPerNode"]
     path = tmp_path / "expert_location.json"        # the ConfigMap key, mounted as a file
     path.write_text(document)
-    model_dir = _model_dir(tmp_path / "model", hidden, experts, hidden - model["layers"])
-    override = _publish(model_dir, ep, spec["redundantExperts"], init_expert_location=str(path))
+    config = deepseek_v3_dir(tmp_path / "model", hidden, experts, hidden - model["layers"])
+    override = publish_server_args(config, ep, spec["redundantExperts"],
+                                   init_expert_location=str(path))
     try:
-        meta = compute_initial_expert_location_metadata(ModelConfig(model_dir), moe_ep_rank=ep - 1)
+        meta = compute_initial_expert_location_metadata(ModelConfig(config), moe_ep_rank=ep - 1)
         set_global_expert_location_metadata(meta, allow_overwrite=True)
         info = ExpertLocationDispatchInfo.init_new(layer_id=hidden - 1)
         assert info is not None and info.num_physical_experts == experts + spec["redundantExperts"]
