@@ -22,6 +22,7 @@ allow_torchvision_import()
 
 from transformers import DeepseekV3Config  # noqa: E402
 
+from expertplane.cli.agent import sglang_source_from_args, sidecars_from_args  # noqa: E402
 from expertplane.cli.main import build_parser  # noqa: E402
 from expertplane.controller.operator.crd import (  # noqa: E402
     PLAN_KEY,
@@ -32,7 +33,6 @@ from expertplane.controller.operator.crd import (  # noqa: E402
 )
 from expertplane.controller.operator.plan_form import PlanForm, plan_form_from_spec  # noqa: E402
 from expertplane.controller.spec import spec_from_proto  # noqa: E402
-from expertplane.engines.loads import parse_layers  # noqa: E402
 from expertplane.engines.plan_file import PLAN_FILE_ENV  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "manifests" / "samples" / "sglang-deepseek-v3.yaml"
@@ -67,7 +67,7 @@ def test_sglang_sample_placement_is_deepseek_v3_in_sglangs_form():
     assert msg.model.expert_bytes == 3 * cfg.hidden_size * cfg.moe_intermediate_size
 
 
-def test_sglang_server_flags_match_the_placement_and_the_agent():
+def test_sglang_server_flags_match_the_placement_and_the_agent(monkeypatch):
     from sglang.srt.server_args import ServerArgs
 
     placement, deployment = yaml.safe_load_all(SAMPLE.read_text())
@@ -84,6 +84,7 @@ def test_sglang_server_flags_match_the_placement_and_the_agent():
     assert args.ep_num_redundant_experts == msg.num_replicas - msg.model.num_experts
     assert args.moe_a2a_backend == "deepep"             # static dispatch from the start-up map
     assert not args.enable_eplb and args.expert_distribution_recorder_mode == "stat"
+    assert args.expert_distribution_recorder_buffer_size == -1     # a dump holds its whole window
     # --init-expert-location is the operator's ConfigMap key, mounted from its volume.
     [plan_volume] = [v for v in pod["volumes"]
                      if v.get("configMap", {}).get("name") == plan_configmap_name(name, spec)]
@@ -95,13 +96,16 @@ def test_sglang_server_flags_match_the_placement_and_the_agent():
     env, agent_env = container_env(server, POD), container_env(agent, POD)
     assert "expertplane" in env["SGLANG_PLUGINS"].split(",")
     assert "expertplane" in {e.name for e in importlib.metadata.entry_points(group="sglang.srt.plugins")}
+    for var, value in agent_env.items():          # the agent's defaults come from its environment
+        monkeypatch.setenv(var, value)
     agent_args = build_parser().parse_args([*agent["command"][1:], *container_args(agent, POD)])
     assert agent_args.placement == placement_name("team-a", name)
+    source = sglang_source_from_args(agent_args)                     # the options are accepted
+    assert source.config.moe_layers == plan_form_from_spec(spec).moe_layers
+    assert len(sidecars_from_args(agent_args)) == 2                  # load source, plan file
     url = urlsplit(agent_args.sglang_url)
     assert (url.hostname, url.port) == ("127.0.0.1", args.port)
     assert agent_args.sglang_recorder_dir == env[RECORDER_ENV]
-    assert tuple(parse_layers(agent_args.sglang_moe_layers, "--sglang-moe-layers")) == \
-        plan_form_from_spec(spec).moe_layers
     assert agent_args.plan_file == agent_env[PLAN_FILE_ENV] == env[PLAN_FILE_ENV]
     for path in (env[RECORDER_ENV], env[PLAN_FILE_ENV]):
         assert _volume_of(path, server) == _volume_of(path, agent) is not None, path
