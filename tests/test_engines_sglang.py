@@ -32,18 +32,6 @@ H, DENSE, E, RED = 4, 1, 8, 2          # small DeepSeek-V3 shape for the 2-rank 
 R = E + RED
 
 
-def _publish(model_dir, ep, redundant, **extra):
-    """SGLang's own test hook: publish ServerArgs for this process (restored by .restore())."""
-    from sglang.srt.runtime_context import get_context
-
-    override = get_context().override_server_args(
-        tp_size=ep, ep_size=ep, ep_num_redundant_experts=redundant, moe_a2a_backend="deepep",
-        deepep_mode="normal", ep_dispatch_algorithm="static", device="cpu",
-        model_path=model_dir, enable_eplb=True, **extra)
-    override.install()
-    return override
-
-
 def test_sglang_loader_takes_our_deepseek_v3_file(tmp_path):
     """61 hidden layers (3 dense), 256 experts, 32 redundant, EP 32: SGLang's
     compute_initial_expert_location_metadata loads our file; its dispatch info indexes the last
@@ -57,7 +45,7 @@ def test_sglang_loader_takes_our_deepseek_v3_file(tmp_path):
     phy2log, _, _ = rebalance_experts(weight, 288, 8, 4, 32)
     path = tmp_path / "init.json"
     path.write_text(json.dumps(sglang_document(phy2log.numpy(), range(3, 61), 61, 256)))
-    override = _publish(engine_env.deepseek_v3_dir(tmp_path / "dsv3", 61, 256, 3), 32, 32,
+    override = engine_env.publish_server_args(engine_env.deepseek_v3_dir(tmp_path / "dsv3", 61, 256, 3), 32, 32,
                         init_expert_location=str(path))
     try:
         meta = compute_initial_expert_location_metadata(ModelConfig(str(tmp_path / "dsv3")),
@@ -163,7 +151,7 @@ def _free_port() -> int:
 @pytest.mark.timeout(600)
 def test_two_ranks_move_to_our_plan(tmp_path):
     model_dir = engine_env.deepseek_v3_dir(tmp_path / "small", H, E, DENSE)
-    override = _publish(model_dir, 2, RED, eplb_rebalance_num_iterations=1000,
+    override = engine_env.publish_server_args(model_dir, 2, RED, eplb_rebalance_num_iterations=1000,
                         expert_distribution_recorder_buffer_size=100,
                         expert_distribution_recorder_mode="stat")
     try:
