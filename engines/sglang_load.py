@@ -11,11 +11,12 @@ Life of a window (every ``interval`` seconds, one thread)::
 Before the first window the source checks ``GET /server_info`` (a tested SGLang version, a
 recorder mode set: ``--expert-distribution-recorder-mode`` or ``--enable-eplb``) and starts the
 recorder once (``POST /start_expert_distribution_record``). Until that succeeds it retries with
-exponential backoff; the agent runs on meanwhile. A dump call that finds SGLang unreachable makes
-the source start the recorder again once SGLang answers (a restarted server records nothing until
-then). A dump file that does not appear within ``dump_wait`` seconds is reported in the log and
-the window goes on; a file that appears later is read with the next window. Windows without
-traffic are not reported.
+exponential backoff; the agent runs on meanwhile. A restarted server records nothing until its
+recorder is started again: the source starts it again when a dump call finds SGLang unreachable,
+and when a window without traffic comes from a server whose ``startup_time`` changed. A dump
+file that does not appear within ``dump_wait`` seconds is reported in the log and the window goes
+on; a file that appears later is read with the next window. Windows without traffic are not
+reported.
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ class SglangSourceConfig:
 
 @dataclass
 class SourceCounts:
-    """Windows dumped, reported (queued to the controller), without traffic, without a dump
-    file in time, and failed (SGLang unreachable or refusing, unusable dumps)."""
+    """Recorder starts; windows dumped, reported (queued to the controller), without traffic,
+    without a dump file in time, and failed (SGLang unreachable or refusing, unusable dumps)."""
 
+    started: int = 0
     dumped: int = 0
     reported: int = 0
     idle: int = 0
@@ -130,6 +132,7 @@ class SglangLoadSource:
         self._thread: threading.Thread | None = None
         self._recording = False
         self._window_start = 0
+        self._started_at = None                # the server's startup_time when recording began
         self._epoch = secrets.randbits(63) or 1
         self._sequence = 0
         self._last_error = ""
@@ -174,12 +177,15 @@ class SglangLoadSource:
     def _connect(self) -> bool:
         """Check the server and start its recorder; True when recording."""
         try:
-            mode = check_server(self._http.server_info(), self._tested)
+            info = self._http.server_info()
+            mode = check_server(info, self._tested)
             self._http.start_record()
         except (SglangHttpError, FieldError) as exc:
             self._note(f"sglang: not recording at {self.config.url}: {exc}")
             return False
         self._recording = True
+        self._started_at = info.get("startup_time")
+        self.counts.started += 1
         self._window_start = time.time_ns()
         self._last_error = ""
         log.info("sglang: recording expert load at %s (mode %s), dumps in %s every %.3gs",
@@ -209,7 +215,23 @@ class SglangLoadSource:
         hidden = self._inbox.read(files)
         if hidden is None:
             return False
+        if not hidden.any():
+            self.counts.idle += 1
+            self._check_restarted()
+            return False
         return self._report(hidden, start, end)
+
+    def _check_restarted(self) -> None:
+        """After a window without traffic: a server restarted since its recorder was started
+        records nothing until started again (its ``startup_time`` changed)."""
+        try:
+            started_at = self._http.server_info().get("startup_time")
+        except SglangHttpError:
+            return
+        if started_at != self._started_at:
+            log.warning("sglang: %s restarted (startup_time %s, was %s): starting its recorder "
+                        "again", self.config.url, started_at, self._started_at)
+            self._recording = False
 
     def _report(self, hidden: np.ndarray, start_ns: int, end_ns: int) -> bool:
         try:
@@ -217,7 +239,7 @@ class SglangLoadSource:
                 self.layout = learn_layout(hidden, self.config.moe_layers)
                 if self.layout is not None:
                     log.info("sglang: %d hidden layers, MoE layers %s", *self._describe())
-            if self.layout is None or not hidden.any():
+            if self.layout is None:
                 self.counts.idle += 1
                 return False
             loads = moe_load(hidden, self.layout)

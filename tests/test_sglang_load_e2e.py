@@ -32,7 +32,7 @@ from expertplane.cli.main import build_parser
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.server import ControllerServer
 from expertplane.engines.plan_file import read_plan_file
-from expertplane.engines.sglang import TESTED_VERSIONS
+from expertplane.engines.sglang import TESTED_VERSIONS, PlanSource
 from expertplane.engines.sglang_http import HttpPolicy, SglangHttp, SglangHttpError
 from expertplane.engines.sglang_load import SglangLoadSource, SglangSourceConfig, check_server
 from expertplane.errors import FieldError
@@ -113,6 +113,7 @@ def test_dumps_reach_the_controller_and_the_plan_file_has_sglang_rows(sglang, tm
     rng = np.random.default_rng(7)
     sent = np.zeros((H, E))                  # logical tokens per hidden layer, from the traffic
     try:
+        earlier = set(archive.iterdir())        # dumps of other tests on this server
         agent.start()
         source = agent.sidecars[0]
         _wait(lambda: source.counts.dumped >= 1)     # recording (the first window dumped)
@@ -134,7 +135,7 @@ def test_dumps_reach_the_controller_and_the_plan_file_has_sglang_rows(sglang, tm
         np.testing.assert_array_equal(to_numpy(window.load, "load"), want)
         assert window.reports == source.counts.reported == 3
 
-        dumps = sorted(archive.glob("expert_distribution_recorder_*.pt"))
+        dumps = sorted(set(archive.glob("expert_distribution_recorder_*.pt")) - earlier)
         written = sum(torch.load(p, weights_only=True)["logical_count"].sum(0).numpy()
                       for p in dumps)
         assert not written[:DENSE].any()                       # dense rows: all zero
@@ -159,6 +160,13 @@ def test_dumps_reach_the_controller_and_the_plan_file_has_sglang_rows(sglang, tm
         np.testing.assert_array_equal(rows[MOE], phy2log)
         np.testing.assert_array_equal(rows[0], np.arange(R) % E)   # the dense row covers all
         assert (phy2log == 0).sum(axis=1).min() >= 2              # the hot expert replicated
+        # our SGLang plugin's rank 0 takes this file: from SGLang's trivial map it moves to
+        # exactly the file's hidden-layer rows
+        reader = PlanSource()
+        reader.path = str(plan_path)
+        choice = reader.choose(np.tile(np.arange(R) % E, (H, 1)), MOE, E)
+        assert choice.version == plan.version
+        np.testing.assert_array_equal(choice.phy2log, rows)
     finally:
         agent.stop(flush_timeout=2.0)
         channel.close()
@@ -169,6 +177,29 @@ def _skew() -> np.ndarray:
     p = np.ones(R)
     p[[0, 8]] = 12.0
     return p / p.sum()
+
+
+def test_a_restarted_server_is_recorded_again(sglang):
+    url, recorder, _ = sglang
+    reported = []
+    source = SglangLoadSource(SglangSourceConfig(url=url, recorder_dir=str(recorder),
+                                                 placement=PLACEMENT, interval=0.1),
+                              TESTED_VERSIONS)
+    source.reporting_to(lambda msg: reported.append(msg) or True).start()
+    try:
+        _wait(lambda: source.counts.dumped >= 1)
+        urllib.request.urlopen(urllib.request.Request(f"{url}/restart", data=b"",
+                                                      method="POST"), timeout=60).read()
+        _wait(lambda: source.counts.started == 2)   # an idle window, a new startup_time
+        forward(url, {layer: np.array([[layer, 9]]) for layer in MOE})
+        _wait(lambda: source.counts.reported == 1)
+    finally:
+        source.stop()
+    load = to_numpy(reported[0].expert_load, "expert_load")
+    want = np.zeros((len(MOE), E))
+    for row, layer in enumerate(MOE):
+        np.add.at(want[row], [layer % E, 9 % E], 1)   # physical -> logical: slot % E
+    np.testing.assert_array_equal(load, want)
 
 
 def test_a_dump_that_never_appears_does_not_hang_the_agent(sglang, tmp_path):
