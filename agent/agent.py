@@ -177,6 +177,22 @@ class Agent:
 
     # --------------------------------------------------------------- introspection
     @property
+    def registered(self) -> threading.Event:
+        """Set while the controller has registered this agent (see ``wait_registered``)."""
+        if self._relay is None:
+            raise RuntimeError("agent not started")
+        return self._relay.registered
+
+    def wait_registered(self, timeout: float | None = None) -> None:
+        """Block until the controller has registered this agent and the workers its HELLO listed
+        (answered the HELLO of the current rollout stream): a rollout started from then on finds
+        them. ``TimeoutError`` saying why not after ``timeout`` seconds (default
+        ``config.hello_timeout``)."""
+        if self._relay is None:
+            raise RuntimeError("agent not started")
+        self._relay.wait_registered(self.config.hello_timeout if timeout is None else timeout)
+
+    @property
     def load_stream_connected(self) -> bool:
         """True while the load stream to the controller is open and has been acknowledged."""
         return self._uplink is not None and self._uplink.connected.is_set()

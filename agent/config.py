@@ -59,7 +59,9 @@ class AgentConfig:
     ``ack_timeout``: seconds an in-flight report may wait for its ACK before the stream is
     re-opened. ``backoff_initial``/``backoff_max``: reconnect backoff bounds in seconds
     (exponential with jitter). ``flush_timeout``: the most seconds ``stop`` waits for the buffer
-    to drain. ``metrics``: ``host:port`` for the Prometheus endpoint, or None.
+    to drain. ``hello_timeout``: seconds the controller may take to register this agent (answer
+    its HELLO) before an error is logged; also how long the CLI waits before saying it is not
+    registered. ``metrics``: ``host:port`` for the Prometheus endpoint, or None.
     ``security``: TLS / bearer token for the controller connection. ``local_security``: TLS / mTLS
     / bearer token of the node-local side, both the AgentService server (``tls_cert``/``tls_key``
     serve it, ``tls_ca`` requires client certs, ``token`` is required from workers) and the
@@ -78,6 +80,7 @@ class AgentConfig:
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
     flush_timeout: float = 5.0
+    hello_timeout: float = 10.0
     metrics: str | None = None
     deadlines: Deadlines = field(default_factory=Deadlines)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -90,7 +93,7 @@ class AgentConfig:
             raise ConfigError("node", f"invalid node name {self.node!r}")
         if not self.listen:
             raise ConfigError("listen", "required (unix:/path or host:port)")
-        for name in ("interval", "ack_timeout", "backoff_initial", "backoff_max"):
+        for name in ("interval", "ack_timeout", "backoff_initial", "backoff_max", "hello_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
         if self.flush_timeout < 0:

@@ -20,6 +20,7 @@ from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 OUTBOX_LIMIT = 4096
+PROTOCOL = pb.ROLLOUT_PROTOCOL_BATCHED      # the newest rollout protocol this agent speaks
 
 # command -> (WorkerService method, deadline field of config.deadlines, event kind on success)
 _COMMANDS = {
@@ -55,12 +56,16 @@ def command_version(cmd: pb.RolloutCommand) -> int:
 class RolloutRelay:
     """Keeps RolloutService.Connect open and forwards commands to local workers.
 
-    On every (re)connect it first sends HELLO listing every registered worker, then queued events
-    (WORKER_JOINED / WORKER_LOST and answers; at most ``OUTBOX_LIMIT`` are held while
-    disconnected, oldest dropped). Each command goes to every local worker of its placement in
-    parallel, with the command's deadline; each worker's outcome is ONE event: PREPARED /
-    COMMITTED / ABORTED, or FAILED with a message (a SetBias success is answered BIAS_APPLIED with
-    ``version`` = the bias sequence). A worker that is UNAVAILABLE is also dropped (WORKER_LOST).
+    On every (re)connect it first sends HELLO listing every registered worker and announcing
+    ``PROTOCOL``, then queued events (WORKER_JOINED / WORKER_LOST and answers; at most
+    ``OUTBOX_LIMIT`` are held while disconnected, oldest dropped). The controller answers the
+    HELLO (``hello``) once it has registered them: ``registered`` is set until the stream ends;
+    without that answer within ``config.hello_timeout`` seconds an error is logged (the stream
+    stays open: a controller older than ``PROTOCOL`` never answers). Each command goes to every
+    local worker of its placement (only those in ``ranks`` when it names some) in parallel, with
+    the command's deadline; each worker's outcome is ONE event: PREPARED / COMMITTED / ABORTED, or
+    FAILED with a message (a SetBias success is answered BIAS_APPLIED with ``version`` = the bias
+    sequence). A worker that is UNAVAILABLE is also dropped (WORKER_LOST).
     """
 
     def __init__(self, config: AgentConfig, channel: grpc.Channel, registry: WorkerRegistry,
@@ -77,6 +82,8 @@ class RolloutRelay:
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="agent-rollout")
         self._opened = 0
         self._thread: threading.Thread | None = None
+        self.registered = threading.Event()
+        self._stream_state = "not opened yet"
 
     # ------------------------------------------------------------------ events
     def send(self, event: pb.RolloutEvent) -> None:
@@ -113,10 +120,21 @@ class RolloutRelay:
             self._thread.join(timeout=5.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def wait_registered(self, timeout: float) -> None:
+        """Block until the controller has acknowledged this stream's HELLO; ``TimeoutError``
+        saying why not after ``timeout`` seconds."""
+        if not self.registered.wait(timeout):
+            raise TimeoutError(
+                f"the controller at {self._config.controller} has not registered node "
+                f"{self._config.node} within {timeout:g} s: rollout stream {self._stream_state}; "
+                f"rollouts to this node's workers may abort with 'ranks not connected' until it does")
+
     def _stream_once(self) -> None:
         with self._cond:
             self._stream_id += 1
             stream_id = self._stream_id
+            self.registered.clear()
+            self._stream_state = "connecting"
         if self._opened:
             self._metrics.reconnects.labels(stream="rollout").inc()
         self._opened += 1
@@ -137,7 +155,9 @@ class RolloutRelay:
             with self._cond:
                 self._stream_id += 1
                 self._call = None
+                self.registered.clear()
                 self._cond.notify_all()
+        self._stream_state = f"closed ({error})"
         if self._stopping.is_set():
             return
         if not commands and time.monotonic() - opened_at < self._config.backoff_max:
@@ -146,13 +166,22 @@ class RolloutRelay:
 
     def _events(self, stream_id: int):
         """The request stream of one Connect call: HELLO, then queued events until it ends."""
+        self._stream_state = "open, HELLO not answered (a controller older than rollout " \
+                             "protocol BATCHED never answers it)"
         yield pb.RolloutEvent(kind=pb.RolloutEvent.HELLO, node=self._config.node,
-                              workers=self._registry.infos())
+                              workers=self._registry.infos(), protocol=PROTOCOL)
+        overdue = time.monotonic() + self._config.hello_timeout
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._outbox or self._stream_id != stream_id, timeout=1.0)
                 if self._stream_id != stream_id or self._stopping.is_set():
                     return
+                if overdue and time.monotonic() > overdue and not self.registered.is_set():
+                    overdue = 0.0
+                    log.error("controller %s has not acknowledged the HELLO of node %s within "
+                              "%g s; rollouts to its workers may abort with 'ranks not "
+                              "connected'", self._config.controller, self._config.node,
+                              self._config.hello_timeout)
                 if not self._outbox:
                     continue
                 event = self._outbox.popleft()
@@ -165,10 +194,21 @@ class RolloutRelay:
         if which is None:
             log.warning("rollout %s: command without a body ignored", cmd.rollout_id)
             return
+        if which == "hello":
+            self._stream_state = "open, registered"
+            self.registered.set()
+            log.info("controller %s registered node %s (%d workers, rollout protocol %s)",
+                     self._config.controller, self._config.node, len(cmd.hello.workers),
+                     pb.RolloutProtocol.Name(cmd.hello.protocol))
+            return
         workers = self._registry.handles(placement)
+        if cmd.ranks:
+            named = set(cmd.ranks)
+            workers = [h for h in workers if h.info.rank in named]
         if not workers:
-            log.warning("rollout %s: %s for placement %r but no local worker serves it",
-                        cmd.rollout_id, which, placement)
+            log.warning("rollout %s: %s for placement %r but no local worker serves it%s",
+                        cmd.rollout_id, which, placement,
+                        f" (ranks {list(cmd.ranks)})" if cmd.ranks else "")
             return
         log.info("rollout %s: %s v%d for %r -> %d local workers", cmd.rollout_id, which,
                  command_version(cmd), placement, len(workers))

@@ -16,6 +16,12 @@ Flood (``--flood SECONDS``): twice the agents at the same per-agent rate with up
 Rollout: ``--workers`` simulated workers (``--gpus-per-node`` per agent stream, in a separate
 process) hold RolloutService.Connect streams; a plan goes through prepare and commit to all of
 them. Baseline: the same rollout to one agent of ``--gpus-per-node`` workers.
+
+Catch-up: the same ``--workers`` connect on plan 1 while plan 2 is in force, and are timed from
+the go signal (their streams opening, HELLO) until every one of them runs plan 2 and no sync
+rollout is left. Rounds alternate between agents of the original rollout protocol (a sync, a
+prepare with the whole plan and a commit per worker) and agents of protocol BATCHED (one of
+each per agent), ``--rollouts`` rounds of each.
 """
 
 from __future__ import annotations
@@ -352,6 +358,85 @@ def bench_flood(server, args) -> dict:
 # ---------------------------------------------------------------------------- rollout
 
 
+def _catchup_agents(port: int, placement: str, nodes: int, per_node: int, protocol: int,
+                    commands, answers) -> None:
+    """Process of ``nodes`` simulated agents of ``protocol`` on plan 1: each "go" on
+    ``commands`` connects a fresh set, each "stop" disconnects it (answered "stopped"); None
+    ends."""
+    from expertplane.benchmarks.simagent import SimulatedAgent
+    from expertplane.rpc.channels import make_channel
+
+    channels = [make_channel(f"127.0.0.1:{port}") for _ in range(4)]
+    while commands.get() == "go":
+        agents = [SimulatedAgent(channels[n % 4], f"node-{n}", placement,
+                                 range(n * per_node, (n + 1) * per_node), plan_version=1,
+                                 protocol=protocol).start() for n in range(nodes)]
+        commands.get()
+        for a in agents:
+            a.stop()
+        answers.put("stopped")
+
+
+def _wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not reached in {timeout:g} s")
+        time.sleep(0.01)
+
+
+def _time_catchup(server, gpus: int, args) -> dict:
+    """Median and best seconds for ``gpus`` workers on plan 1 to reach plan 2, per protocol."""
+    from expertplane.controller.convert import plan_message
+    from expertplane.controller.store import PlanRecord, utcnow
+    from expertplane.proto import expertplane_pb2 as pb
+
+    c, name = server.controller, "catchup"
+    spec = _rollout_spec(name, gpus, args)
+    c.apply_placement(spec)
+    base = c.get_plan(name, 1)
+    rec = PlanRecord(**{**base.__dict__, "version": 0, "reason": "api", "previous_version": 1,
+                        "created_at": utcnow(), "phy2log": np.roll(base.phy2log, 1, axis=1)})
+    c.rollouts.start(name, plan_message(c.store.add_plan(rec), with_load=False), 1, gpus)
+    target = c.placement_view(name).stored.plan_version       # in force: nobody to switch
+    ctx = mp.get_context("spawn")
+    protocols = {"original": pb.ROLLOUT_PROTOCOL_ORIGINAL, "batched": pb.ROLLOUT_PROTOCOL_BATCHED}
+    procs, times = {}, {label: [] for label in protocols}
+    try:
+        for label, protocol in protocols.items():
+            commands, answers = ctx.Queue(), ctx.Queue()
+            proc = ctx.Process(target=_catchup_agents, args=(
+                server.port, name, spec.num_nodes, spec.gpus_per_node, protocol, commands, answers))
+            proc.start()
+            procs[label] = (proc, commands, answers)
+
+        def caught_up() -> bool:
+            ws = c.rollouts.workers(name)
+            return len(ws) == gpus and all(w.plan_version == target for w in ws.values()) \
+                and not c.rollouts.active_ids()
+
+        for _ in range(args.rollouts):
+            for label, (proc, commands, answers) in procs.items():
+                t0 = time.perf_counter()
+                commands.put("go")
+                _wait_until(caught_up, 120, f"catch-up of {gpus} {label} workers")
+                times[label].append(time.perf_counter() - t0)
+                commands.put("stop")
+                answers.get(timeout=60)
+                _wait_until(lambda: not c.rollouts.workers(name), 60, "agents disconnected")
+    finally:
+        for proc, commands, _ in procs.values():
+            commands.put(None)
+            proc.join(30)
+    syncs = [r for r in c.store.list_rollouts(name, 10 ** 6) if r.sync]
+    if any(r.state != "committed" or r.reason for r in syncs):
+        raise RuntimeError(f"a catch-up sync did not commit cleanly: {syncs[0].reason}")
+    out = {label: {"median_s": float(np.median(t)), "best_s": min(t)} for label, t in times.items()}
+    out["syncs"] = len(syncs)
+    out["ratio_median_original_to_batched"] = out["original"]["median_s"] / out["batched"]["median_s"]
+    return out
+
+
 def _agents(port: int, placement: str, nodes: int, per_node: int, ready, stop) -> None:
     """Process holding ``nodes`` simulated agents of ``per_node`` workers each."""
     from expertplane.benchmarks.simagent import SimulatedAgent
@@ -426,7 +511,8 @@ def bench_rollout(server, args) -> dict:
     base = _time_rollouts(server, "rollout-base", args.gpus_per_node, args)
     big = _time_rollouts(server, "rollout-big", args.workers, args)
     return {"baseline": base, "fanout": big, "ratio_median_to_baseline": big["median_s"] / base["median_s"],
-            "meets_target": big["median_s"] < 1.0}
+            "meets_target": big["median_s"] < 1.0, "catchup": _time_catchup(server, args.workers, args),
+            "load_average": os.getloadavg()}
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -488,6 +574,14 @@ def run(args) -> int:
                   f"plan message {f['plan_bytes'] / 1e3:.0f} kB)")
             print(f"  baseline {b['workers']} workers: median {b['median_s'] * 1e3:.1f} ms; ratio "
                   f"{ro['ratio_median_to_baseline']:.1f}x; target (< 1 s) met: {ro['meets_target']}")
+            cu = ro["catchup"]
+            print(f"catch-up of {f['workers']} workers on plan 1 to the plan in force "
+                  f"({f['agents']} agents, {args.rollouts} alternating rounds each): original "
+                  f"protocol median {cu['original']['median_s'] * 1e3:.0f} ms (best "
+                  f"{cu['original']['best_s'] * 1e3:.0f}), batched median "
+                  f"{cu['batched']['median_s'] * 1e3:.0f} ms (best {cu['batched']['best_s'] * 1e3:.0f}); "
+                  f"ratio {cu['ratio_median_original_to_batched']:.1f}x; {cu['syncs']} sync rollouts "
+                  f"recorded; load average {', '.join(f'{x:.1f}' for x in ro['load_average'])}")
     finally:
         server.stop(1)
         tmp.cleanup()

@@ -1,10 +1,12 @@
 """Simulated node agents: real RolloutService / LoadService clients that play GPU workers.
 
 The load generator of ``expertplane bench controller``, also used by the controller tests, to
-drive a controller over real gRPC without GPUs (not part of the controller). A ``SimulatedAgent`` keeps one ``RolloutService.Connect`` stream open,
-says HELLO with its workers, and answers every command with ONE event per worker, as a real
-agent does (see ``agent/rollout.py``). Behaviour per worker can be scripted (fail or stall the
-prepare) to exercise aborts.
+drive a controller over real gRPC without GPUs (not part of the controller). A
+``SimulatedAgent`` keeps one ``RolloutService.Connect`` stream open, says HELLO with its workers
+and its rollout ``protocol`` (``ROLLOUT_PROTOCOL_ORIGINAL`` plays an agent older than the HELLO
+answer and batched commands), and answers every command with ONE event per worker it is for
+(those in ``ranks``, else all), as a real agent does (see ``agent/rollout.py``). Behaviour per
+worker can be scripted (fail or stall the prepare) to exercise aborts.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ class SimulatedAgent:
     """Agent of ``node`` serving ``ranks`` of ``placement`` over ``channel``."""
 
     def __init__(self, channel: grpc.Channel, node: str, placement: str, ranks, *,
-                 plan_version: int = 0, metadata: tuple = ()):
-        self.node, self.placement = node, placement
+                 plan_version: int = 0, metadata: tuple = (),
+                 protocol: int = pb.ROLLOUT_PROTOCOL_BATCHED):
+        self.node, self.placement, self.protocol = node, placement, protocol
         self.workers = {r: SimWorker(r, plan_version) for r in ranks}
         self._stub = pb_grpc.RolloutServiceStub(channel)
         self._metadata = metadata
@@ -51,7 +54,8 @@ class SimulatedAgent:
         self._changed = threading.Condition(self._lock)
         self._call = None
         self._thread: threading.Thread | None = None
-        self.commands: list[pb.RolloutCommand] = []
+        self.commands: list[pb.RolloutCommand] = []     # every command but the HELLO answer
+        self.hello: pb.HelloAck | None = None            # the controller's answer to HELLO
         self.error: grpc.RpcError | None = None
 
     def info(self, w: SimWorker) -> pb.WorkerInfo:
@@ -61,7 +65,7 @@ class SimulatedAgent:
 
     def start(self) -> "SimulatedAgent":
         """Open the stream and say HELLO."""
-        self._events.put(Event(kind=Event.HELLO, node=self.node,
+        self._events.put(Event(kind=Event.HELLO, node=self.node, protocol=self.protocol,
                                workers=[self.info(w) for w in self.workers.values()]))
         self._call = self._stub.Connect(self._requests(), metadata=self._metadata)
         self._thread = threading.Thread(target=self._serve, name=f"sim-{self.node}", daemon=True)
@@ -86,8 +90,15 @@ class SimulatedAgent:
     def _handle(self, cmd: pb.RolloutCommand) -> None:
         which = cmd.WhichOneof("command")
         with self._lock:
+            if which == "hello":
+                self.hello = cmd.hello
+                self._changed.notify_all()
+                return
             self.commands.append(cmd)
+            named = set(cmd.ranks) if self.protocol >= pb.ROLLOUT_PROTOCOL_BATCHED else set()
             for w in self.workers.values():
+                if named and w.rank not in named:
+                    continue
                 ev = Event(node=self.node, rollout_id=cmd.rollout_id, placement=self.placement)
                 if which == "prepare":
                     version = cmd.prepare.summary.version

@@ -7,6 +7,10 @@ lock, one batch at a time in the order they were made: rollout records saved to 
 decisions reported (``on_committing``), commands queued to the agents' sessions, finished
 rollouts reported (``on_finished``). The plan in force comes from ``in_force(placement)``,
 read before the lock is taken.
+
+An agent whose HELLO announces ``ROLLOUT_PROTOCOL_BATCHED`` (or newer) is answered
+``RolloutCommand.hello`` once its session and the workers it listed are registered, after the
+commands that HELLO caused: a rollout started from then on finds those workers.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from expertplane.proto import expertplane_pb2 as pb
 
 log = logging.getLogger(__name__)
 Event = pb.RolloutEvent
+PROTOCOL = pb.ROLLOUT_PROTOCOL_BATCHED     # the newest rollout protocol the controller speaks
 
 
 class RolloutCoordinator:
@@ -89,12 +94,18 @@ class RolloutCoordinator:
                 session.node = ev.node
             if ev.kind in (Event.HELLO, Event.WORKER_JOINED):
                 if ev.kind == Event.HELLO:
+                    session.protocol = min(ev.protocol, PROTOCOL)
                     listed = {(w.placement, w.rank) for w in ev.workers}
                     for key in [k for k in session.workers if k not in listed]:
                         self._lose(session, *key, "not listed in HELLO")
-                for w in ev.workers:
-                    info = self._registry.join(session, w)
-                    self._queue(self._machine.joined(session, info, in_force[w.placement], now))
+                registered = []
+                for placement, infos in _by_placement(ev.workers).items():
+                    joined = [self._registry.join(session, w) for w in infos]
+                    registered += joined
+                    self._queue(self._machine.joined(session, joined, in_force[placement], now))
+                if ev.kind == Event.HELLO and session.protocol >= pb.ROLLOUT_PROTOCOL_BATCHED:
+                    ack = pb.HelloAck(protocol=session.protocol, workers=registered)
+                    self._queue(Effects(sends=[(session, pb.RolloutCommand(hello=ack))]))
             elif ev.kind == Event.WORKER_LOST:
                 for w in ev.workers:
                     self._lose(session, w.placement, w.rank, ev.message or "worker lost")
@@ -110,8 +121,11 @@ class RolloutCoordinator:
         in_force = self._in_force(placement)
         now = self._clock()
         with self._lock:
+            by_session: dict[str, tuple[AgentSession, list[pb.WorkerInfo]]] = {}
             for session, info in self._registry.of(placement).values():
-                self._queue(self._machine.reconcile(session, info, in_force, now))
+                by_session.setdefault(session.id, (session, []))[1].append(info)
+            for session, infos in by_session.values():
+                self._queue(self._machine.reconcile(session, infos, in_force, now))
         self._apply()
 
     def _lose(self, session: AgentSession, placement: str, rank: int, why: str) -> None:
@@ -239,3 +253,11 @@ class RolloutCoordinator:
                 self._changed.notify_all()
         for rec in eff.finished:
             self._on_finished(rec)
+
+
+def _by_placement(workers) -> dict[str, list[pb.WorkerInfo]]:
+    """``workers`` grouped by placement, in their order."""
+    out: dict[str, list[pb.WorkerInfo]] = {}
+    for w in workers:
+        out.setdefault(w.placement, []).append(w)
+    return out

@@ -17,11 +17,20 @@ A rollout of version v to a placement with G GPUs:
    participant (WORKER_LOST or its agent's stream closing) before the decision.
 
 After a restart ``resume`` finishes what the store shows: ``preparing`` rollouts are aborted (no
-decision was made), ``committing`` ones keep their version in force. Any worker that (re)appears
-with an older plan than the one in force is brought to it by a *sync* rollout (prepare + commit
-sent to its agent alone); a worker holding a staged version nobody is rolling out gets
-``abort``. Agents forward a command to all their local workers of the placement, so workers
-already up to date see an idempotent prepare/commit of the version in force.
+decision was made), ``committing`` ones keep their version in force. Workers that (re)appear
+with an older plan than the one in force are brought to it by a *sync* rollout (prepare + commit
+sent to their agent alone); a worker holding a staged version nobody is rolling out gets
+``abort``. A sync has no all-or-nothing step (its version is already in force): a worker of it
+that fails, is lost or times out during prepare is dropped from it (told to abort) and the others
+go on.
+
+Commands meant for some of an agent's workers (a sync, a reconnecting worker's commit, an abort
+of a stale staged version) go to an agent of protocol ``ROLLOUT_PROTOCOL_BATCHED`` once, naming
+the workers in ``ranks``: one prepare carries the plan once for all of them. An older agent gets
+one command per worker without ``ranks`` and forwards each to all its local workers of the
+placement, so workers already up to date see an idempotent prepare/commit of the version in force.
+A rollout of the whole placement sends its commands without ``ranks``: every local worker of the
+placement takes part.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from expertplane.proto import expertplane_pb2 as pb
 log = logging.getLogger(__name__)
 Event = pb.RolloutEvent
 InForce = tuple[int, "pb.Plan | None"]     # (version in force, its plan message) of a placement
+BATCHED = pb.ROLLOUT_PROTOCOL_BATCHED
 Workers = dict[int, tuple[AgentSession, pb.WorkerInfo]]     # rank -> (session, info)
 
 
@@ -74,6 +84,19 @@ class _Active:
 
     def sessions(self) -> list[AgentSession]:
         return list({s.id: s for s in self.participants.values()}.values())
+
+    def commands(self, **body) -> list[tuple[AgentSession, pb.RolloutCommand]]:
+        """The command ``body`` of this rollout for each agent serving its participants: a sync's
+        as ``_per_agent`` splits it, a placement-wide rollout's naming no ranks."""
+        body.update(rollout_id=self.rec.id, placement=self.rec.placement)
+        if not self.rec.sync:
+            return [(s, pb.RolloutCommand(**body)) for s in self.sessions()]
+        return [sent for s in self.sessions() for sent in _per_agent(
+            s, [r for r, x in self.participants.items() if x is s], **body)]
+
+    def waiting(self, phase: str) -> list[int]:
+        """Participants without a ``phase`` ("prepared", "committed") answer, ascending."""
+        return sorted(set(self.participants) - set(self.rec.acks.get(phase, {})))
 
 
 class RolloutMachine:
@@ -159,8 +182,10 @@ class RolloutMachine:
             if ev.kind == Event.FAILED:
                 rec.acks.setdefault("failed", {})[w.rank] = node
                 if rec.state == "preparing":
-                    self._abort(act, f"rank {w.rank} on {node} failed: {ev.message}", now, eff)
-                    return eff
+                    self._fail(act, w.rank, f"rank {w.rank} on {node} failed: {ev.message}", now, eff)
+                    if not self.active(rec.id):
+                        return eff
+                    continue
                 log.error("rollout %s: rank %d failed to commit: %s", rec.id, w.rank, ev.message)
             elif ev.kind == Event.PREPARED and rec.state == "preparing":
                 rec.acks.setdefault("prepared", {})[w.rank] = node
@@ -168,53 +193,62 @@ class RolloutMachine:
             elif ev.kind == Event.COMMITTED and rec.state == "committing":
                 rec.acks.setdefault("committed", {})[w.rank] = node
                 _note(session, rec.placement, w.rank, committed=rec.to_version)
-        if rec.state == "preparing" and len(rec.acks.get("prepared", {})) == len(act.participants):
-            self._decide(act, now, eff)
-            cmd = pb.RolloutCommand(rollout_id=rec.id, placement=rec.placement, commit=rec.to_version)
-            eff.sends += [(s, cmd) for s in act.sessions()]
-        done = len(rec.acks.get("committed", {})) + sum(
-            1 for r in rec.acks.get("failed", {}) if r in rec.acks.get("prepared", {}))
-        if rec.state == "committing" and done >= len(act.participants):
-            self._finish(act, "committed", now, eff)
+        self._progress(act, now, eff)
         return eff
 
-    def joined(self, session: AgentSession, info: pb.WorkerInfo, in_force: InForce,
+    def joined(self, session: AgentSession, infos: list[pb.WorkerInfo], in_force: InForce,
                now: float) -> Effects:
-        """Worker ``info`` is served by ``session`` now (a HELLO or WORKER_JOINED)."""
+        """Workers ``infos`` (of one placement) are served by ``session`` now (a HELLO or
+        WORKER_JOINED)."""
         eff = Effects()
-        act = self._main(info.placement)
-        if act is not None and act.participants.get(info.rank, session) is not session:
-            if act.rec.state == "preparing":
-                self._abort(act, f"rank {info.rank} changed agents during prepare", now, eff)
-                return eff
-            act.participants[info.rank] = session
-        eff.extend(self.reconcile(session, info, in_force, now))
+        keep = []
+        for info in infos:
+            act = self._main(info.placement)
+            if act is not None and act.participants.get(info.rank, session) is not session:
+                if act.rec.state == "preparing":
+                    self._abort(act, f"rank {info.rank} changed agents during prepare", now, eff)
+                    continue
+                act.participants[info.rank] = session
+            keep.append(info)
+        eff.extend(self.reconcile(session, keep, in_force, now))
         return eff
 
-    def reconcile(self, session: AgentSession, info: pb.WorkerInfo, in_force: InForce,
+    def reconcile(self, session: AgentSession, infos: list[pb.WorkerInfo], in_force: InForce,
                   now: float) -> Effects:
-        """Bring a worker to the version in force, or drop a version staged for nothing."""
+        """Bring ``session``'s workers ``infos`` (of one placement) to the version in force, and
+        drop versions staged for nothing: a commit for the workers that staged a decided version,
+        an abort per stale staged version, one sync for the workers behind (per worker for an
+        agent that does not batch, see the module docstring)."""
         eff = Effects()
-        placement = info.placement
+        if not infos:
+            return eff
+        placement = infos[0].placement
         main = self._main(placement)
-        if main is not None and main.rec.state == "committing":
-            if info.plan_version < main.rec.to_version and \
-                    info.rank not in main.rec.acks.get("committed", {}) and \
-                    info.prepared_version == main.rec.to_version:
-                eff.sends.append((session, pb.RolloutCommand(
-                    rollout_id=main.rec.id, placement=placement, commit=main.rec.to_version)))
-                return eff
-            in_force = (main.rec.to_version, main.plan)   # decided: in force
-        version, plan = in_force
-        staged = info.prepared_version
-        if staged and staged != version and not (main and main.rec.to_version == staged):
-            eff.sends.append((session, pb.RolloutCommand(rollout_id="", placement=placement,
-                                                         abort=staged)))
-        if info.plan_version > version and version:
-            log.warning("worker %s rank %d of %s reports plan %d, newer than the %d in force",
-                        info.node, info.rank, placement, info.plan_version, version)
-        if plan is not None and info.plan_version < version and not self._syncing(placement, info.rank):
-            self._start_sync(session, placement, info.rank, version, plan, now, eff)
+        deciding = main if main is not None and main.rec.state == "committing" else None
+        version, plan = (deciding.rec.to_version, deciding.plan) if deciding else in_force
+        to_commit, stale, behind = [], {}, []
+        for info in infos:
+            if deciding and info.plan_version < version and info.prepared_version == version \
+                    and info.rank not in deciding.rec.acks.get("committed", {}):
+                to_commit.append(info.rank)
+                continue
+            staged = info.prepared_version
+            if staged and staged != version and not (main and main.rec.to_version == staged):
+                stale.setdefault(staged, []).append(info.rank)
+            if info.plan_version > version and version:
+                log.warning("worker %s rank %d of %s reports plan %d, newer than the %d in force",
+                            info.node, info.rank, placement, info.plan_version, version)
+            if plan is not None and info.plan_version < version \
+                    and not self._syncing(placement, info.rank):
+                behind.append(info.rank)
+        if to_commit:
+            eff.sends += _per_agent(session, to_commit, rollout_id=deciding.rec.id,
+                                    placement=placement, commit=version)
+        for staged, ranks in stale.items():
+            eff.sends += _per_agent(session, ranks, rollout_id="", placement=placement,
+                                    abort=staged)
+        if behind:
+            self._start_sync(session, placement, behind, version, plan, now, eff)
         return eff
 
     def lost(self, session: AgentSession, placement: str, rank: int, why: str,
@@ -224,7 +258,7 @@ class RolloutMachine:
         for act in list(self._active.values()):
             if act.rec.placement == placement and act.participants.get(rank) is session \
                     and act.rec.state == "preparing":
-                self._abort(act, f"rank {rank} lost during prepare: {why}", now, eff)
+                self._fail(act, rank, f"rank {rank} lost during prepare: {why}", now, eff)
         return eff
 
     def expire(self, now: float) -> Effects:
@@ -232,11 +266,15 @@ class RolloutMachine:
         eff = Effects()
         for act in [a for a in self._active.values() if a.deadline < now]:
             if act.rec.state == "preparing":
-                waiting = sorted(set(act.participants) - set(act.rec.acks.get("prepared", {})))
-                self._abort(act, f"timeout: ranks {_ranges(waiting)} did not prepare "
-                                 f"within {self.timeout:g} s", now, eff)
+                waiting = act.waiting("prepared")
+                why = f"timeout: ranks {_ranges(waiting)} did not prepare within {self.timeout:g} s"
+                if act.rec.sync and len(waiting) < len(act.participants):
+                    self._drop(act, waiting, why, eff)
+                    self._progress(act, now, eff)
+                else:
+                    self._abort(act, why, now, eff)
             else:
-                waiting = sorted(set(act.participants) - set(act.rec.acks.get("committed", {})))
+                waiting = act.waiting("committed")
                 act.rec.reason = (f"ranks {_ranges(waiting)} did not confirm the commit; they "
                                   "are synced when they reconnect")
                 self._finish(act, "committed", now, eff)
@@ -255,17 +293,55 @@ class RolloutMachine:
         return any(a.rec.sync and a.rec.placement == placement and rank in a.participants
                    for a in self._active.values())
 
-    def _start_sync(self, session: AgentSession, placement: str, rank: int, version: int,
+    def _start_sync(self, session: AgentSession, placement: str, ranks: list[int], version: int,
                     plan: pb.Plan, now: float, eff: Effects) -> None:
-        rec = RolloutRecord(id=f"sync-{uuid.uuid4().hex}", placement=placement,
-                            from_version=0, to_version=version, state="preparing", sync=True)
-        eff.save("create", rec)
-        self._active[rec.id] = _Active(rec, plan, {rank: session}, deadline=now + self.timeout,
-                                       t0=now)
-        log.info("syncing rank %d of %s (agent %s) to plan %d", rank, placement, session.node,
-                 version)
-        eff.sends.append((session, pb.RolloutCommand(rollout_id=rec.id, placement=placement,
-                                                     prepare=plan)))
+        """Sync rollouts of ``ranks`` (served by ``session``) to ``version``: one for all of
+        them if the agent batches, else one per rank."""
+        for group in _groups(session, ranks):
+            rec = RolloutRecord(id=f"sync-{uuid.uuid4().hex}", placement=placement,
+                                from_version=0, to_version=version, state="preparing", sync=True)
+            eff.save("create", rec)
+            act = _Active(rec, plan, {r: session for r in group}, deadline=now + self.timeout,
+                          t0=now)
+            self._active[rec.id] = act
+            log.info("syncing ranks %s of %s (agent %s) to plan %d", _ranges(sorted(group)),
+                     placement, session.node, version)
+            eff.sends += act.commands(prepare=plan)
+
+    def _progress(self, act: _Active, now: float, eff: Effects) -> None:
+        """Decide once every participant prepared; end once every one answered the commit
+        (COMMITTED, or FAILED after it had prepared)."""
+        rec = act.rec
+        prepared = rec.acks.get("prepared", {})      # of participants only (see _drop)
+        if rec.state == "preparing" and len(prepared) == len(act.participants):
+            self._decide(act, now, eff)
+            eff.sends += act.commands(commit=rec.to_version)
+        done = len(rec.acks.get("committed", {})) + sum(
+            1 for r in rec.acks.get("failed", {}) if r in prepared)
+        if rec.state == "committing" and done >= len(act.participants):
+            self._finish(act, "committed", now, eff)
+
+    def _fail(self, act: _Active, rank: int, reason: str, now: float, eff: Effects) -> None:
+        """Participant ``rank`` failed or was lost during prepare: a sync drops it and goes on
+        with its other workers, anything else aborts."""
+        if act.rec.sync and len(act.participants) > 1:
+            self._drop(act, [rank], reason, eff)
+            self._progress(act, now, eff)
+        else:
+            self._abort(act, reason, now, eff)
+
+    def _drop(self, act: _Active, ranks: list[int], reason: str, eff: Effects) -> None:
+        """Take ``ranks`` (some of its participants) out of sync ``act`` during prepare: they
+        are told to abort."""
+        [session] = act.sessions()           # a sync is for the workers of one agent
+        for r in ranks:
+            del act.participants[r]
+            act.rec.acks.get("prepared", {}).pop(r, None)     # not part of the decision
+        act.rec.reason = f"{act.rec.reason}; {reason}" if act.rec.reason else reason
+        log.warning("sync %s of %s v%d goes on without ranks %s: %s", act.rec.id,
+                    act.rec.placement, act.rec.to_version, _ranges(ranks), reason)
+        eff.sends += _per_agent(session, ranks, rollout_id=act.rec.id,
+                                placement=act.rec.placement, abort=act.rec.to_version)
 
     def _decide(self, act: _Active, now: float, eff: Effects) -> None:
         act.rec.prepare_seconds = now - act.t0
@@ -282,8 +358,7 @@ class RolloutMachine:
         rec.prepare_seconds = now - act.t0
         log.warning("rollout %s of %s v%d aborted: %s", rec.id, rec.placement, rec.to_version, reason)
         self._finish(act, "aborted", now, eff)
-        cmd = pb.RolloutCommand(rollout_id=rec.id, placement=rec.placement, abort=rec.to_version)
-        eff.sends += [(s, cmd) for s in act.sessions()]
+        eff.sends += act.commands(abort=rec.to_version)
 
     def _finish(self, act: _Active, state: str, now: float, eff: Effects) -> None:
         rec = act.rec
@@ -325,6 +400,25 @@ def _note(session: AgentSession, placement: str, rank: int, *, prepared: int = 0
         info.prepared_version = prepared
     if committed:
         info.plan_version, info.prepared_version = committed, 0
+
+
+def _groups(session: AgentSession, ranks: list[int]) -> list[list[int]]:
+    """How commands for ``session``'s workers ``ranks`` are split: one for all of them if the
+    agent batches, else one per worker."""
+    return [list(ranks)] if session.protocol >= BATCHED else [[r] for r in ranks]
+
+
+def _per_agent(session: AgentSession, ranks: list[int],
+               **body) -> list[tuple[AgentSession, pb.RolloutCommand]]:
+    """The command ``body`` for ``session``'s workers ``ranks``: one naming them for an agent
+    that batches, else one (naming none) per worker."""
+    out = []
+    for group in _groups(session, ranks):
+        cmd = pb.RolloutCommand(**body)
+        if session.protocol >= BATCHED:
+            cmd.ranks.extend(sorted(group))
+        out.append((session, cmd))
+    return out
 
 
 def _ranges(ranks: list[int]) -> str:

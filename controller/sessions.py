@@ -22,6 +22,7 @@ OUTBOX_SIZE = 4096
 class AgentSession:
     """One agent's Connect stream: a bounded outbox of commands and the workers it serves.
 
+    ``protocol`` is the ``pb.RolloutProtocol`` its HELLO announced (the original until then).
     ``wake()`` is called (from any thread) after every change of the outbox or of ``closed``, so
     that the stream's writer can wait for commands without holding a thread."""
 
@@ -32,6 +33,7 @@ class AgentSession:
         # commands, or bytes of a command serialized once for many agents; None ends the stream
         self.outbox: queue.Queue[pb.RolloutCommand | bytes | None] = queue.Queue(outbox_size)
         self.workers: dict[tuple[str, int], pb.WorkerInfo] = {}
+        self.protocol = pb.ROLLOUT_PROTOCOL_ORIGINAL
         self.closed = False
         self._wake = wake
 

@@ -30,7 +30,10 @@ from numba import njit, prange
 
 from expertplane.planner.bounds import (divisor_counts, group_partitions,
                                         hierarchical_node_bounds, water_fill)
+from expertplane.planner import numpy_paths
+from expertplane.planner.compiled import use_compiled
 from expertplane.planner.deepseek import balanced_packing, deepseek_plan, is_hierarchical
+from expertplane.planner.interpreted import interpreted
 from expertplane.planner.metrics import balance
 from expertplane.planner.plan import build_log2phy
 
@@ -324,7 +327,13 @@ def pack_rows(weight: np.ndarray, num_slots: int, num_gpus: int) -> np.ndarray:
     g*s .. (g+1)*s - 1 with s = num_slots / num_gpus.
     """
     w = np.ascontiguousarray(weight, dtype=np.float64)
-    return _solve_rows(w, int(num_slots), int(num_gpus), _MAX_MOVES)
+    if use_compiled():
+        return _solve_rows(w, int(num_slots), int(num_gpus), _MAX_MOVES)
+    solve = interpreted(_solve_rows, pack_items=numpy_paths.pack_items,
+                        _sort_by_per_replica=numpy_paths.sort_by_per_replica,
+                        _items=numpy_paths.replica_items, _donor=numpy_paths.donor,
+                        _recipient=numpy_paths.recipient)
+    return solve(w, int(num_slots), int(num_gpus), _MAX_MOVES)
 
 
 def _group_to_node(weight, num_replicas, num_groups, num_nodes, num_gpus) -> np.ndarray:

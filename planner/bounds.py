@@ -35,6 +35,9 @@ from math import comb, factorial
 import numpy as np
 from numba import njit, prange
 
+from expertplane.planner.compiled import use_compiled
+from expertplane.planner.numpy_paths import node_bounds_rows
+
 MAX_PARTITIONS = 20000
 
 
@@ -138,7 +141,10 @@ def node_bounds(rows: np.ndarray, slots: int, gpus: int) -> np.ndarray:
 
     rows: float64 [X, n] expert loads (n <= slots). Returns float64 [X] (load units).
     """
-    return _node_bounds(np.ascontiguousarray(rows, dtype=np.float64), int(slots), int(gpus))
+    rows = np.ascontiguousarray(rows, dtype=np.float64)
+    if use_compiled():
+        return _node_bounds(rows, int(slots), int(gpus))
+    return node_bounds_rows(rows, int(slots), int(gpus))
 
 
 def partition_count(num_groups: int, num_nodes: int) -> int:

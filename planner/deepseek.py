@@ -15,7 +15,9 @@ Semantics reproduced (written from the published description and behaviour, not 
   each node, pack each node's replicas onto its GPUs; otherwise the global policy, i.e. the same
   with one group and one node.
 
-The hot loops are numba kernels over all rows (layers, or layers x nodes) at once.
+The hot loops are numba kernels over all rows (layers, or layers x nodes) at once; while they
+are being built (``planner.compiled``), numpy versions of the packing and the replication
+(``planner.numpy_paths``) and the interpreted sort give the same results.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from numba import njit
+
+from expertplane.planner.compiled import use_compiled
+from expertplane.planner.interpreted import interpreted
+from expertplane.planner.numpy_paths import pack_in_order, replicate_greedy
 
 _INSERTION_THRESHOLD = 16  # libstdc++ _S_threshold
 
@@ -204,7 +210,9 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     if n // num_packs == 1:
         return (np.broadcast_to(np.arange(n, dtype=np.int64), (rows, n)).copy(),
                 np.zeros((rows, n), dtype=np.int64))
-    return _pack_kernel(weight, _descending_order(weight), num_packs)
+    if use_compiled():
+        return _pack_kernel(weight, _descending_order(weight), num_packs)
+    return pack_in_order(weight, interpreted(_descending_order)(weight), num_packs)
 
 
 @njit(cache=True)
@@ -239,7 +247,9 @@ def replicate_experts(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.
     expert, logcnt [X, num_log] replicas per expert), all int64.
     """
     weight = np.ascontiguousarray(weight, dtype=np.float32)
-    return _replicate_kernel(weight, int(num_phy))
+    if use_compiled():
+        return _replicate_kernel(weight, int(num_phy))
+    return replicate_greedy(weight, int(num_phy))
 
 
 def _inverse(perm: np.ndarray) -> np.ndarray:

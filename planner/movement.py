@@ -1,6 +1,8 @@
 """Movement-aware re-planning: a plan about as balanced as a fresh one that moves few slots.
 
-Given the plan in force (``previous`` phy2log [L, R]) and new loads, per layer:
+Given the plan in force (``previous`` phy2log [L, R]) and new loads, a layer whose ``previous``
+rows are already within ``tolerance`` (2%) of the fresh plan's balance keeps them
+(``drifted_layers``); every other layer is re-planned (``replan_layers``):
 
 1. **Aligned fresh plan.** Compute the fresh plan of the requested algorithm, then relabel it to
    look like ``previous``: nodes (hierarchical or topology plans) and GPUs are matched to the old
@@ -33,6 +35,7 @@ from numba import njit, prange
 
 from expertplane.planner.algorithms import fresh_placement
 from expertplane.planner.alignment import align
+from expertplane.planner.compiled import wait_compiled
 from expertplane.planner.deepseek import is_hierarchical
 from expertplane.planner.metrics import gpu_loads
 from expertplane.planner.plan import build_log2phy
@@ -40,6 +43,7 @@ from expertplane.planner.recount import recount_row
 from expertplane.planner.repack import repack_worst
 from expertplane.planner.repair import repair_row
 from expertplane.planner.revert import revert_row
+from expertplane.planner.slot_moves import row_loads
 
 TOLERANCE = 0.02  # allowed relative balance loss against a fresh plan
 # the repair counts GPU loads above (1 - slack) x target as excess; it runs once per slack
@@ -91,25 +95,69 @@ def _expert_nodes(previous: np.ndarray, num_experts: int, num_groups: int, num_n
     return np.repeat(group_node, group_size, axis=1)
 
 
+def drifted_layers(weight: np.ndarray, previous: np.ndarray, fresh: np.ndarray,
+                   num_gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """(drifted bool [L], target float64 [L]): the balance target of each layer, ``TOLERANCE``
+    above the max GPU load of ``fresh`` [L, R] on ``weight`` [L, E], and whether ``previous``
+    [L, R] misses it. A layer that meets it is what the repair returns unchanged, so a
+    movement-aware re-plan keeps its rows and only the drifted layers need planning."""
+    experts = weight.shape[1]
+    fresh_loads = gpu_loads(weight, fresh, build_log2phy(fresh, experts)[1], num_gpus)
+    target = fresh_loads.max(-1) * (1.0 + TOLERANCE)
+    return _previous_max(weight, previous, num_gpus) > target, target
+
+
+@njit(cache=True)
+def _previous_max(weight, previous, num_gpus):
+    """[L] max GPU load of each layer of ``previous`` [L, R] on ``weight`` [L, E], summed as
+    ``repair_row`` sums it (the same rounding, so its stopping test and ours agree)."""
+    out = np.empty(weight.shape[0])
+    for layer in range(weight.shape[0]):
+        out[layer] = row_loads(weight[layer], previous[layer], num_gpus)[2].max()
+    return out
+
+
 def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpus,
-                            previous: np.ndarray, algorithm: str, **options) -> np.ndarray:
+                            previous: np.ndarray, algorithm: str, *, fresh: np.ndarray | None = None,
+                            **options) -> np.ndarray:
     """Movement-aware phy2log int64 [L, R]: balance within ``TOLERANCE`` of a fresh plan of
     ``algorithm`` (per layer), changing as few slots of ``previous`` [L, R] as found.
 
-    Arguments are validated by the caller (``rebalance_experts``); ``options`` go to the
-    algorithm.
+    ``fresh``: the fresh plan [L, R] of ``algorithm`` on ``weight``, when the caller has it
+    (else computed here). Layers of ``previous`` already within ``TOLERANCE`` of it are kept as
+    they are (``drifted_layers``); only the others are re-planned (``replan_layers``, whose
+    result on such a layer is ``previous`` too, so this is the same plan at a fraction of the
+    cost when few layers drifted). Arguments are validated by the caller
+    (``rebalance_experts``); ``options`` go to the algorithm.
     """
+    wait_compiled("movement-aware re-planning")
     w = np.ascontiguousarray(weight, dtype=np.float64)
     prev = np.ascontiguousarray(previous, dtype=np.int64)
     r, g, n, p = int(num_replicas), int(num_groups), int(num_nodes), int(num_gpus)
+    if fresh is None:
+        fresh = fresh_placement(w, r, g, n, p, algorithm, **options)[0]
+    fresh = np.ascontiguousarray(fresh, dtype=np.int64)
+    if algorithm not in _REPAIRABLE:
+        return align(fresh, prev, p, n, by_node=is_hierarchical(g, n) or algorithm == "topology")
+    drifted, _ = drifted_layers(w, prev, fresh, p)
+    out = prev.copy()
+    if drifted.any():
+        out[drifted] = replan_layers(w[drifted], r, g, n, p, prev[drifted], fresh[drifted],
+                                     algorithm)
+    return out
+
+
+def replan_layers(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int,
+                  num_gpus: int, previous: np.ndarray, fresh: np.ndarray,
+                  algorithm: str) -> np.ndarray:
+    """The movement-aware re-plan (steps 1-3 above) of every layer of ``previous`` [L, R]
+    against ``fresh`` [L, R], the fresh plan of ``algorithm`` ("deepseek" or "balanced") on
+    ``weight`` [L, E] float64: int64 [L, R]."""
+    w, prev, r, g, n, p = weight, previous, num_replicas, num_groups, num_nodes, num_gpus
     layers, experts = w.shape
     hier = is_hierarchical(g, n)
-    fresh = fresh_placement(w, r, g, n, p, algorithm, **options)[0]
-    aligned = align(fresh, prev, p, n, by_node=hier or algorithm == "topology")
-    if algorithm not in _REPAIRABLE:
-        return aligned
-    fresh_loads = gpu_loads(w, fresh, build_log2phy(fresh, experts)[1], p)
-    target = fresh_loads.max(-1) * (1.0 + TOLERANCE)
+    aligned = align(fresh, prev, p, n, by_node=hier)
+    _, target = drifted_layers(w, prev, fresh, p)
     if hier:
         slot_node = np.arange(r) // (r // n)
         aligned = _revert(w, aligned, prev, p, slot_node, _expert_nodes(aligned, experts, g, n),

@@ -28,20 +28,20 @@ import numpy as np
 from numba import njit
 
 from expertplane.errors import FieldError
+from expertplane.planner.compiled import use_compiled
 from expertplane.planner.deepseek import group_sums, balanced_packing, is_hierarchical
+from expertplane.planner.numpy_paths import fill_layers
+from expertplane.planner.topology_score import norm_change, power_q, replica_load
 
-SOFTMAX_Q = 16.0
 DEFAULT_REMOTE_COST = 0.1
 
-
-@njit(cache=True)
-def _replica_load(w, f, count, absent, total_count):
-    """Predicted load of one replica among ``count`` local ones (see module docstring)."""
-    return w * f / count + w * absent / total_count
+_replica_load = njit(cache=True)(replica_load)
+_power_q = njit(cache=True)(power_q)
+_norm_change = njit(cache=True)(norm_change)
 
 
 @njit(cache=True)
-def _fill_layer(w, home, num_nodes, free_per_node, gpus_per_node, q, remote_cost, topk):
+def _fill_layer(w, home, num_nodes, free_per_node, gpus_per_node, remote_cost, topk):
     """Greedy fill of one layer's redundant slots. Returns replica counts int64 [E, N]."""
     num_experts = w.shape[0]
     f = 1.0 / num_nodes
@@ -59,9 +59,9 @@ def _fill_layer(w, home, num_nodes, free_per_node, gpus_per_node, q, remote_cost
         node_load[home[e]] += w[e]
     phi = 0.0
     for n in range(num_nodes):
-        phi += gpus_per_node * (node_load[n] / (gpus_per_node * mu)) ** q
+        phi += gpus_per_node * _power_q(node_load[n] / (gpus_per_node * mu))
     for e in range(num_experts):
-        phi += (w[e] / mu) ** q
+        phi += _power_q(w[e] / mu)
     free = np.full(num_nodes, free_per_node, dtype=np.int64)
     delta_node = np.zeros(num_nodes)
     for _ in range(num_nodes * free_per_node):
@@ -82,20 +82,20 @@ def _fill_layer(w, home, num_nodes, free_per_node, gpus_per_node, q, remote_cost
                     if new_c == 0:
                         continue
                     new_x = _replica_load(w[e], f, new_c, new_absent, new_total)
-                    dphi += new_c * (new_x / mu) ** q
+                    dphi += new_c * _power_q(new_x / mu)
                     delta_node[m] = new_c * new_x
                     if old_c > 0:
                         old_x = _replica_load(w[e], f, old_c, absent[e], total_count[e])
-                        dphi -= old_c * (old_x / mu) ** q
+                        dphi -= old_c * _power_q(old_x / mu)
                         delta_node[m] -= old_c * old_x
                 for m in range(num_nodes):
                     if delta_node[m] != 0.0:
                         dphi += gpus_per_node * (
-                            ((node_load[m] + delta_node[m]) / (gpus_per_node * mu)) ** q
-                            - (node_load[m] / (gpus_per_node * mu)) ** q)
+                            _power_q((node_load[m] + delta_node[m]) / (gpus_per_node * mu))
+                            - _power_q(node_load[m] / (gpus_per_node * mu)))
                 base = max(phi, 1e-300)
                 ratio = max(dphi / base, -1.0 + 1e-15)
-                score = base ** (1.0 / q) * np.expm1(np.log1p(ratio) / q)
+                score = _norm_change(base, ratio)
                 if count[e, n] == 0:
                     score -= scale_remote * w[e] * f
                 if score < best_score:
@@ -159,10 +159,14 @@ def rebalance_topology(weight: np.ndarray, num_replicas: int, num_groups: int, n
 
     group_node, _ = balanced_packing(group_sums(weight.astype(np.float32), num_groups), num_nodes)
     home = np.repeat(group_node, group_size, axis=1)                      # [L, E]
-    counts = np.stack([
-        _fill_layer(weight[layer], home[layer], num_nodes, free_per_node, gpus_per_node,
-                    SOFTMAX_Q, remote_cost, float(topk))
-        for layer in range(layers)])                                      # [L, E, N]
+    if use_compiled():
+        counts = np.stack([
+            _fill_layer(weight[layer], home[layer], num_nodes, free_per_node, gpus_per_node,
+                        remote_cost, float(topk))
+            for layer in range(layers)])                                  # [L, E, N]
+    else:
+        counts = fill_layers(weight, home, num_nodes, free_per_node, gpus_per_node,
+                             remote_cost, float(topk))
 
     # each node's slots: its replicas in expert order, then packed onto the node's GPUs
     per_node = counts.transpose(0, 2, 1).reshape(layers * num_nodes, num_experts)

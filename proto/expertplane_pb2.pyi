@@ -10,6 +10,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RolloutProtocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_PROTOCOL_ORIGINAL: _ClassVar[RolloutProtocol]
+    ROLLOUT_PROTOCOL_BATCHED: _ClassVar[RolloutProtocol]
+ROLLOUT_PROTOCOL_ORIGINAL: RolloutProtocol
+ROLLOUT_PROTOCOL_BATCHED: RolloutProtocol
+
 class Int64Tensor(_message.Message):
     __slots__ = ("shape", "values")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -546,24 +553,36 @@ class WorkerInfo(_message.Message):
     world_size: int
     def __init__(self, node: _Optional[str] = ..., rank: _Optional[int] = ..., placement: _Optional[str] = ..., plan_version: _Optional[int] = ..., prepared_version: _Optional[int] = ..., address: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
 
+class HelloAck(_message.Message):
+    __slots__ = ("protocol", "workers")
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    protocol: RolloutProtocol
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    def __init__(self, protocol: _Optional[_Union[RolloutProtocol, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+
 class RolloutCommand(_message.Message):
-    __slots__ = ("rollout_id", "prepare", "commit", "abort", "bias", "placement")
+    __slots__ = ("rollout_id", "prepare", "commit", "abort", "bias", "hello", "placement", "ranks")
     ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
     PREPARE_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
+    HELLO_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     rollout_id: str
     prepare: Plan
     commit: int
     abort: int
     bias: RouterBias
+    hello: HelloAck
     placement: str
-    def __init__(self, rollout_id: _Optional[str] = ..., prepare: _Optional[_Union[Plan, _Mapping]] = ..., commit: _Optional[int] = ..., abort: _Optional[int] = ..., bias: _Optional[_Union[RouterBias, _Mapping]] = ..., placement: _Optional[str] = ...) -> None: ...
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rollout_id: _Optional[str] = ..., prepare: _Optional[_Union[Plan, _Mapping]] = ..., commit: _Optional[int] = ..., abort: _Optional[int] = ..., bias: _Optional[_Union[RouterBias, _Mapping]] = ..., hello: _Optional[_Union[HelloAck, _Mapping]] = ..., placement: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RolloutEvent(_message.Message):
-    __slots__ = ("kind", "node", "rollout_id", "placement", "version", "workers", "message")
+    __slots__ = ("kind", "node", "rollout_id", "placement", "version", "workers", "message", "protocol")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[RolloutEvent.Kind]
@@ -591,6 +610,7 @@ class RolloutEvent(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     kind: RolloutEvent.Kind
     node: str
     rollout_id: str
@@ -598,7 +618,8 @@ class RolloutEvent(_message.Message):
     version: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     message: str
-    def __init__(self, kind: _Optional[_Union[RolloutEvent.Kind, str]] = ..., node: _Optional[str] = ..., rollout_id: _Optional[str] = ..., placement: _Optional[str] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., message: _Optional[str] = ...) -> None: ...
+    protocol: RolloutProtocol
+    def __init__(self, kind: _Optional[_Union[RolloutEvent.Kind, str]] = ..., node: _Optional[str] = ..., rollout_id: _Optional[str] = ..., placement: _Optional[str] = ..., version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., message: _Optional[str] = ..., protocol: _Optional[_Union[RolloutProtocol, str]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker",)

@@ -1,5 +1,6 @@
 """Shared fixtures: database URLs for the plan store (SQLite file, real PostgreSQL); every process
-the tests start imports ``tests/site/sitecustomize.py`` (torchvision next to CPU torch)."""
+the tests start imports ``tests/site/sitecustomize.py`` (torchvision next to CPU torch) and uses
+the planner's compiled kernels (``EXPERTPLANE_PLANNER_KERNELS=numba``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ _SITE = str(Path(__file__).with_name("site"))
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [_SITE] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _SITE])
 runpy.run_path(str(Path(_SITE) / "sitecustomize.py"))    # this process too (already started)
+# The planner's compiled kernels in every test process, compiled there if the cache lacks them
+# (as after an edit of the planner), never built in a background process behind the tests' back;
+# tests of the numpy paths and of that build choose their mode themselves.
+os.environ.setdefault("EXPERTPLANE_PLANNER_KERNELS", "numba")
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
