@@ -8,7 +8,6 @@ propose -> approve -> rolled out, rollback."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import numpy as np
@@ -21,11 +20,11 @@ from expertplane.rpc.channels import make_channel
 from expertplane.rpc.tensors import to_numpy
 
 from tests.k8s_fixture import (  # noqa: F401  (pytest fixtures)
-    NAMESPACE,
-    OperatorProcess,
+    RestartableController,
     apiserver,
     condition,
     operator_kubeconfig,
+    start_operator,
     wait_for,
 )
 
@@ -33,40 +32,9 @@ pytestmark = [pytest.mark.k8s, pytest.mark.timeout(240)]
 NS = "default"
 
 
-class Controller:
-    """A real controller on a fixed loopback port that can be stopped and started again, on the
-    same store or an empty one."""
-
-    def __init__(self, tmp):
-        self.tmp = tmp
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.stores = 0
-        self.server = None
-        self.start(empty=True)
-
-    def start(self, empty: bool = False) -> None:
-        from expertplane.controller.config import ControllerConfig
-        from expertplane.controller.server import ControllerServer
-
-        self.stores += int(empty)
-        db = self.tmp / f"plans-{self.stores}.db"
-        self.load_dir = self.tmp / "loads"
-        self.load_dir.mkdir(exist_ok=True)
-        self.server = ControllerServer(ControllerConfig(
-            listen=f"127.0.0.1:{self.port}", db_url=f"sqlite:///{db}", policy_interval_seconds=1.0,
-            load_dir=str(self.load_dir)))
-        self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop(0.5)
-        self.server = None
-
-
 @pytest.fixture(scope="module")
 def controller(tmp_path_factory):
-    c = Controller(tmp_path_factory.mktemp("controller"))
+    c = RestartableController(tmp_path_factory.mktemp("controller"))
     yield c
     if c.server is not None:
         c.stop()
@@ -74,13 +42,8 @@ def controller(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def operator(apiserver, operator_kubeconfig, controller, tmp_path_factory):
-    op = OperatorProcess(tmp_path_factory.mktemp("operator") / "operator.log",
-                         "--controller", f"127.0.0.1:{controller.port}",
-                         "--kubeconfig", operator_kubeconfig, "--namespace", NS,
-                         "--refresh-seconds", "1", "--rpc-timeout-seconds", "5",
-                         "--proposal-interval-seconds", "1",
-                         "--lease-namespace", NAMESPACE, "--identity", "op-life")
-    wait_for(lambda: "op-life leads" in op.log(), timeout=60, what="operator start")
+    op = start_operator(tmp_path_factory.mktemp("operator"), controller.port, operator_kubeconfig,
+                        "op-life", "--rpc-timeout-seconds", "5", "--proposal-interval-seconds", "1")
     yield op
     assert op.stop() == 0, op.log()[-3000:]
 
