@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import CollectorRegistry, Counter
 
 from expertplane.engines.sglang_http import HttpPolicy, SglangHttp, SglangHttpError, check_url
 from expertplane.engines.sglang_inbox import DumpInbox
@@ -113,9 +114,9 @@ def check_server(info: dict, tested: tuple[str, ...]) -> str:
 class SglangLoadSource:
     """Agent sidecar reporting an SGLang server's load per logical expert every window.
 
-    ``reporting_to(engine_load)`` binds the agent's engine-load entry (``SidecarContext.
-    engine_load``) and returns the source, so ``lambda ctx: source.reporting_to(ctx.engine_load)``
-    is its sidecar factory. ``layout`` is the hidden-layer layout once known (the plan-file
+    ``reporting_to(engine_load, registry)`` binds the agent's engine-load entry and metrics
+    registry (``SidecarContext.engine_load``/``.registry``) and returns the source, so
+    ``lambda ctx: source.reporting_to(ctx.engine_load, ctx.registry)`` is its sidecar factory. ``layout`` is the hidden-layer layout once known (the plan-file
     writer uses it); ``counts`` are the windows so far.
     """
 
@@ -128,6 +129,7 @@ class SglangLoadSource:
         self._http = SglangHttp(config.url, api_key=config.api_key, policy=config.http,
                                 stopping=self._stopping)
         self._engine_load: Callable[[object], bool] | None = None
+        self._events: Counter | None = None
         self._inbox: DumpInbox | None = None
         self._thread: threading.Thread | None = None
         self._recording = False
@@ -137,9 +139,22 @@ class SglangLoadSource:
         self._sequence = 0
         self._last_error = ""
 
-    def reporting_to(self, engine_load: Callable[[object], bool]) -> "SglangLoadSource":
+    def reporting_to(self, engine_load: Callable[[object], bool],
+                     registry: CollectorRegistry | None = None) -> "SglangLoadSource":
+        """Report through ``engine_load``; count events in ``registry`` (the agent's Prometheus
+        registry) as ``expertplane_agent_sglang_events_total{event}`` when given."""
         self._engine_load = engine_load
+        if registry is not None:
+            self._events = Counter("expertplane_agent_sglang_events",
+                                   "SGLang load source: recorder starts and windows by outcome "
+                                   "(started, dumped, reported, idle, no_file, failed)",
+                                   ["event"], registry=registry)
         return self
+
+    def _count(self, event: str) -> None:
+        setattr(self.counts, event, getattr(self.counts, event) + 1)
+        if self._events is not None:
+            self._events.labels(event=event).inc()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -185,7 +200,7 @@ class SglangLoadSource:
             return False
         self._recording = True
         self._started_at = info.get("startup_time")
-        self.counts.started += 1
+        self._count("started")
         self._window_start = time.time_ns()
         self._last_error = ""
         log.info("sglang: recording expert load at %s (mode %s), dumps in %s every %.3gs",
@@ -197,16 +212,16 @@ class SglangLoadSource:
         try:
             self._http.dump_record()
         except SglangHttpError as exc:
-            self.counts.failed += 1
+            self._count("failed")
             self._recording = self._recording and not exc.unreachable
             self._note(f"sglang: dump failed: {exc}")
             return False
         end = time.time_ns()
         start, self._window_start = self._window_start, end
-        self.counts.dumped += 1
+        self._count("dumped")
         files = self._inbox.wait(self.config.dump_wait, self._stopping)
         if not files:
-            self.counts.no_file += 1
+            self._count("no_file")
             log.warning("sglang: no dump appeared in %s within %.3gs of %s's dump: is it the "
                         "server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR (shared with the "
                         "agent)?", self.config.recorder_dir, self.config.dump_wait,
@@ -215,11 +230,26 @@ class SglangLoadSource:
         hidden = self._inbox.read(files)
         if hidden is None:
             return False
-        if not hidden.any():
-            self.counts.idle += 1
+        try:
+            self._learn(hidden)
+        except FieldError as exc:
+            self._count("failed")
+            self._note(f"sglang: window not reported: {exc}")
+            return False
+        if self.layout is None or not hidden.any():
+            self._count("idle")
             self._check_restarted()
             return False
         return self._report(hidden, start, end)
+
+    def _learn(self, hidden: np.ndarray) -> None:
+        """Know the layout from the first dump (``moe_layers`` given) or the first with traffic."""
+        if self.layout is None:
+            self.layout = learn_layout(hidden, self.config.moe_layers)
+            if self.layout is not None:
+                layers = self.layout.moe_layers
+                log.info("sglang: %d hidden layers, MoE layers %d..%d (%d)",
+                         self.layout.num_hidden_layers, layers[0], layers[-1], len(layers))
 
     def _check_restarted(self) -> None:
         """After a window without traffic: a server restarted since its recorder was started
@@ -235,13 +265,6 @@ class SglangLoadSource:
 
     def _report(self, hidden: np.ndarray, start_ns: int, end_ns: int) -> bool:
         try:
-            if self.layout is None:
-                self.layout = learn_layout(hidden, self.config.moe_layers)
-                if self.layout is not None:
-                    log.info("sglang: %d hidden layers, MoE layers %s", *self._describe())
-            if self.layout is None:
-                self.counts.idle += 1
-                return False
             loads = moe_load(hidden, self.layout)
             self._sequence += 1
             msg = pb.EngineLoadReport(placement=self.config.placement, engine="sglang",
@@ -251,16 +274,13 @@ class SglangLoadSource:
             msg.window_end.FromNanoseconds(end_ns)
             queued = self._engine_load(msg)
         except FieldError as exc:
-            self.counts.failed += 1
+            self._count("failed")
             self._note(f"sglang: window not reported: {exc}")
             return False
-        self.counts.reported += int(queued)
+        if queued:
+            self._count("reported")
         self._last_error = ""
         return queued
-
-    def _describe(self) -> tuple[int, str]:
-        layers = self.layout.moe_layers
-        return self.layout.num_hidden_layers, f"{layers[0]}..{layers[-1]} ({len(layers)})"
 
     def _note(self, message: str) -> None:
         """Log ``message`` at WARNING the first time in a row, at DEBUG while it repeats."""

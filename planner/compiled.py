@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 MODE_ENV = "EXPERTPLANE_PLANNER_KERNELS"
 MODES = ("auto", "numba", "numpy")
 # the planner modules holding placement kernels (the pipeline partitioner's are not needed here)
-KERNEL_MODULES = ("deepseek", "balanced", "bounds", "topology", "alignment", "movement")
+KERNEL_MODULES = ("deepseek", "balanced", "bounds", "topology", "alignment", "movement",
+                  "slot_moves", "repair", "revert", "recount")
 
 
 _forced: str | None = None
