@@ -6,6 +6,7 @@ import argparse
 import os
 
 PLAN_FILE_ENV = "EXPERTPLANE_PLAN_FILE"   # engines.plan_file.PLAN_FILE_ENV (not imported: --help)
+RECORDER_DIR_ENV = "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR"   # SGLang's, default /tmp
 
 
 def register(sub) -> None:
@@ -48,6 +49,26 @@ def register(sub) -> None:
                               f"engine's plugin (default: ${PLAN_FILE_ENV})")
     engines.add_argument("--plan-poll", default="2s",
                          help="how often the plan in force is asked for (--plan-file)")
+    engines.add_argument("--sglang-url", metavar="URL",
+                         help="report the load of the SGLang server at this URL (e.g. "
+                              "http://127.0.0.1:30000) for --placement: its expert-distribution "
+                              "recorder is started once and dumped every --sglang-interval")
+    engines.add_argument("--sglang-recorder-dir", metavar="DIR",
+                         default=os.environ.get(RECORDER_DIR_ENV, "/tmp"),
+                         help="the SGLang server's recorder directory, shared with the agent "
+                              f"(default: ${RECORDER_DIR_ENV}, else /tmp as in SGLang)")
+    engines.add_argument("--sglang-interval", default="10s",
+                         help="seconds between recorder dumps (one load report each)")
+    engines.add_argument("--sglang-moe-layers", metavar="LAYERS",
+                         help="hidden-layer index of each MoE layer, e.g. 3-60 (default: learned "
+                              "from the first dump with traffic: the rows that carry load)")
+    engines.add_argument("--sglang-timeout", default="30s",
+                         help="deadline of one HTTP call to SGLang (3 tries when unreachable)")
+    engines.add_argument("--sglang-dump-wait", default="5s",
+                         help="how long a dump file may take to appear in --sglang-recorder-dir")
+    engines.add_argument("--sglang-api-key-file", metavar="PATH",
+                         help="file holding SGLang's --api-key / --admin-api-key (sent as a "
+                              "bearer token)")
     add_security_arguments(parser.add_argument_group(
         "controller uplink TLS/auth", "the agent's connection to the controller"))
     add_security_arguments(parser.add_argument_group(
@@ -82,15 +103,55 @@ def sidecars_from_args(args) -> list:
     from expertplane.agent.config import parse_duration
 
     sidecars = []
+    source = sglang_source_from_args(args)
+    if source is not None:
+        sidecars.append(lambda ctx: source.reporting_to(ctx.engine_load, ctx.registry))
     if args.plan_file:
         from expertplane.engines.plan_file_writer import PlanFileWriter
 
         if not args.placement:
             raise ValueError("--placement: required with --plan-file")
         poll = parse_duration(args.plan_poll, "--plan-poll")
+        layout = (lambda: source.layout) if source is not None else None
         sidecars.append(lambda ctx: PlanFileWriter(args.placement, args.plan_file, ctx.channel,
-                                                   poll=poll))
+                                                   poll=poll, layout=layout))
     return sidecars
+
+
+def sglang_source_from_args(args):
+    """The SGLang load source of ``--sglang-url`` (None without it); raises ValueError naming
+    the option."""
+    if not args.sglang_url:
+        return None
+    from expertplane.agent.config import parse_duration
+    from expertplane.engines.loads import parse_layers
+    from expertplane.engines.sglang import TESTED_VERSIONS
+    from expertplane.engines.sglang_http import HttpPolicy
+    from expertplane.engines.sglang_load import SglangLoadSource, SglangSourceConfig
+    from expertplane.errors import FieldError
+
+    if not args.placement:
+        raise ValueError("--placement: required with --sglang-url")
+    key = None
+    if args.sglang_api_key_file:
+        try:
+            key = open(args.sglang_api_key_file).read().strip()
+        except OSError as exc:
+            raise ValueError(f"--sglang-api-key-file: cannot read {args.sglang_api_key_file}: "
+                             f"{exc.strerror}") from None
+    try:
+        config = SglangSourceConfig(
+            url=args.sglang_url, recorder_dir=args.sglang_recorder_dir, placement=args.placement,
+            interval=parse_duration(args.sglang_interval, "--sglang-interval"),
+            moe_layers=(parse_layers(args.sglang_moe_layers, "--sglang-moe-layers")
+                        if args.sglang_moe_layers else None),
+            dump_wait=parse_duration(args.sglang_dump_wait, "--sglang-dump-wait"),
+            http=HttpPolicy(timeout=parse_duration(args.sglang_timeout, "--sglang-timeout")),
+            api_key=key)
+    except FieldError as exc:            # named as the option that carried the field
+        option = exc.field if exc.field.startswith("--") else f"--{exc.field.replace('_', '-')}"
+        raise exc.at(option) from None
+    return SglangLoadSource(config, TESTED_VERSIONS)
 
 
 def _run(args) -> int:

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "router": "EPLB vs aux-loss-free bias vs both",
     "coldstart": "first plan of a fresh process and controller, empty vs warmed numba cache",
     "models": "our layer in a transformers MoE block vs its grouped_mm/eager experts (GPU)",
+    "engines": "time ExpertPlane's SGLang hook / vLLM policy add per engine rebalance",
     "goodput": "cluster goodput: ExpertPlane vs SGLang/vLLM EPLB, static, oracle (simulated)",
 }
 

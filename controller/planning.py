@@ -68,15 +68,19 @@ def check_load(spec: PlacementSpec, load: np.ndarray, field: str = "load") -> np
 
 def compute_candidate(spec: PlacementSpec, load: np.ndarray | None,
                       previous: np.ndarray | None = None, *,
-                      movement_aware: bool = True) -> Candidate:
+                      movement_aware: bool = True, fresh: np.ndarray | None = None) -> Candidate:
     """Plan ``spec`` for ``load`` [L, E] (see ``planning_load``), scored against ``previous``
     (the phy2log [L, R] in force) when given, and movement-aware against it unless
-    ``movement_aware`` is False (a fresh plan). Raises ``FieldError`` naming the field."""
+    ``movement_aware`` is False (a fresh plan). ``fresh``: the fresh plan [L, R] of the same
+    spec and load, when the caller has it (the movement-aware plan starts from it).
+    Raises ``FieldError`` naming the field."""
     weight = planning_load(spec, load)
     previous = _checked_map(spec, previous, "previous_phy2log")
+    aware = movement_aware and previous is not None
     phy2log, log2phy, logcnt = (t.numpy() for t in rebalance_experts(
         weight, spec.num_replicas, spec.num_groups, spec.num_nodes, spec.num_gpus,
-        algorithm=spec.algorithm, previous=previous if movement_aware else None))
+        algorithm=spec.algorithm, previous=previous if aware else None,
+        fresh=fresh if aware else None))
     return _scored(spec, weight, phy2log, log2phy, logcnt, previous)
 
 

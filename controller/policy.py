@@ -59,13 +59,16 @@ def candidate_for(spec: PlacementSpec, load: np.ndarray | None, previous: np.nda
 
     Automatic decisions first plan afresh: a fresh plan that gains less than ``required_gain``
     is returned as it is (rule 4 turns it down; a movement-aware plan, within 2% of a fresh
-    plan's balance, gains no more), so the movement-aware re-plan runs only when it may pass.
-    Manual and forced decisions get the movement-aware candidate directly."""
-    if not (manual or force):
-        fresh = compute_candidate(spec, load, previous, movement_aware=False)
-        if fresh.gain < required_gain(spec.policy, state):
-            return fresh
-    return compute_candidate(spec, load, previous)
+    plan's balance, gains no more), so the movement-aware re-plan runs only when it may pass;
+    it starts from that fresh plan and re-plans only the layers that drifted from it
+    (``planner.movement``). Manual and forced decisions get the movement-aware candidate
+    directly."""
+    if manual or force:
+        return compute_candidate(spec, load, previous)
+    fresh = compute_candidate(spec, load, previous, movement_aware=False)
+    if fresh.gain < required_gain(spec.policy, state):
+        return fresh
+    return compute_candidate(spec, load, previous, fresh=fresh.phy2log)
 
 
 def decide(policy: PolicySpec, candidate: Candidate, state: PolicyState, now: float, *,

@@ -34,6 +34,7 @@ APPLY_TIMEOUT_SECONDS = 300.0   # deadline of the demo's ApplyPlacement (see run
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = "demo.yaml"
+RUN_CONFIG = "config.json"      # what a run routes, in its output directory (write_run_config)
 MIN_IMPROVEMENT = 0.02  # the demo fails unless balance beats the initial plan's by this fraction
 
 
@@ -96,6 +97,17 @@ def load_config(opts: DemoOptions) -> tuple[dict, dict]:
     if not opts.rebalance:
         placement.setdefault("policy", {})["mode"] = "off"
     return placement, workload
+
+
+def write_run_config(out: pathlib.Path, placement: dict, workload: dict,
+                     opts: DemoOptions) -> pathlib.Path:
+    """Write ``out/config.json``: the placement and workload of this run (overrides applied),
+    its seed and its HuggingFace model (null: the synthetic stream, whose per-step popularity
+    follows from these; ``bench goodput --demo-run`` replays it). Returns the path."""
+    path = out / RUN_CONFIG
+    path.write_text(json.dumps({"placement": placement, "workload": workload, "seed": opts.seed,
+                                "model": opts.model}, indent=1))
+    return path
 
 
 def _save_tiny_model(opts: DemoOptions, mdoc: dict, workload: dict, out: pathlib.Path) -> str:
@@ -223,6 +235,7 @@ def run_demo(opts: DemoOptions) -> int:
     out = pathlib.Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_model = _save_tiny_model(opts, mdoc, workload, out) if opts.model else None
+    write_run_config(out, placement, workload, opts)
     (out / "controller.db").unlink(missing_ok=True)
     root = logging.getLogger()
     for h in list(root.handlers):

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 import os
+import pkgutil
 import subprocess
 import sys
 import tempfile
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 
 MODE_ENV = "EXPERTPLANE_PLANNER_KERNELS"
 MODES = ("auto", "numba", "numpy")
-# the planner modules holding placement kernels (the pipeline partitioner's are not needed here)
-KERNEL_MODULES = ("deepseek", "balanced", "bounds", "topology", "alignment", "movement")
 
 
 _forced: str | None = None
@@ -66,15 +65,23 @@ def forced_mode(value: str) -> Iterator[None]:
         _forced = before
 
 
+def kernel_modules() -> list:
+    """The planner's modules (its subpackages excluded: the pipeline partitioner's kernels are
+    not placement kernels), imported."""
+    import expertplane.planner as package
+
+    return [importlib.import_module(f"{package.__name__}.{info.name}")
+            for info in pkgutil.iter_modules(package.__path__) if not info.ispkg]
+
+
 def kernels() -> list:
-    """Every cached numba dispatcher of ``KERNEL_MODULES`` (``inline="always"`` ones excluded:
-    numba inlines them into their callers and never compiles or caches them alone)."""
+    """Every cached numba dispatcher of ``kernel_modules()`` (``inline="always"`` ones
+    excluded: numba inlines them into their callers and never compiles or caches them alone)."""
     from numba.core.caching import NullCache
     from numba.core.dispatcher import Dispatcher
 
     found = {}
-    for name in KERNEL_MODULES:
-        module = importlib.import_module(f"expertplane.planner.{name}")
+    for module in kernel_modules():
         for obj in vars(module).values():
             if (isinstance(obj, Dispatcher) and not isinstance(obj._cache, NullCache)
                     and obj.targetoptions.get("inline", "never") != "always"):

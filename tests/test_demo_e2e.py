@@ -62,3 +62,6 @@ def test_demo_runs_and_balances(tmp_path):
     assert timeline["tokens"] == timeline["steps"] * 256
     assert any(r["state"] == "committed" for r in timeline["rollouts"])
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    run_config = json.loads((out / "config.json").read_text())   # what bench goodput replays
+    assert run_config["seed"] == 0 and run_config["model"] is None
+    assert run_config["workload"]["tokens_per_step"] == 256

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
+import sys
 from pathlib import Path
 
 _spec = importlib.util.spec_from_file_location("engine_env", Path(__file__).with_name("engine_env.py"))
@@ -20,40 +20,19 @@ engine_env.allow_torchvision_import()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from transformers import DeepseekV3Config  # noqa: E402
 
 from expertplane.engines.plan_file import write_plan_file  # noqa: E402
 from expertplane.planner import rebalance_experts  # noqa: E402
 from expertplane.planner.io import sglang_document  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from reliability_support import free_port  # noqa: E402
+from sglang_ranks import SglangRank  # noqa: E402
+
 H, DENSE, E, RED = 4, 1, 8, 2          # small DeepSeek-V3 shape for the 2-rank test
 R = E + RED
-
-
-def _model_dir(path, hidden, experts, dense):
-    cfg = DeepseekV3Config(num_hidden_layers=hidden, n_routed_experts=experts,
-                           first_k_dense_replace=dense, n_group=8 if experts % 8 == 0 else 1,
-                           topk_group=1, num_experts_per_tok=2, hidden_size=64,
-                           intermediate_size=128, moe_intermediate_size=32,
-                           num_attention_heads=4, num_key_value_heads=4)
-    cfg.architectures = ["DeepseekV3ForCausalLM"]
-    cfg.save_pretrained(path)
-    return str(path)
-
-
-def _publish(model_dir, ep, redundant, **extra):
-    """SGLang's own test hook: publish ServerArgs for this process (restored by .restore())."""
-    from sglang.srt.runtime_context import get_context
-
-    override = get_context().override_server_args(
-        tp_size=ep, ep_size=ep, ep_num_redundant_experts=redundant, moe_a2a_backend="deepep",
-        deepep_mode="normal", ep_dispatch_algorithm="static", device="cpu",
-        model_path=model_dir, enable_eplb=True, **extra)
-    override.install()
-    return override
 
 
 def test_sglang_loader_takes_our_deepseek_v3_file(tmp_path):
@@ -69,7 +48,7 @@ def test_sglang_loader_takes_our_deepseek_v3_file(tmp_path):
     phy2log, _, _ = rebalance_experts(weight, 288, 8, 4, 32)
     path = tmp_path / "init.json"
     path.write_text(json.dumps(sglang_document(phy2log.numpy(), range(3, 61), 61, 256)))
-    override = _publish(_model_dir(tmp_path / "dsv3", 61, 256, 3), 32, 32,
+    override = engine_env.publish_server_args(engine_env.deepseek_v3_dir(tmp_path / "dsv3", 61, 256, 3), 32, 32,
                         init_expert_location=str(path))
     try:
         meta = compute_initial_expert_location_metadata(ModelConfig(str(tmp_path / "dsv3")),
@@ -84,62 +63,12 @@ def test_sglang_loader_takes_our_deepseek_v3_file(tmp_path):
         override.restore()
 
 
-class _Model(torch.nn.Module):
-    """The MoE weights an SGLang model hands its updater: per MoE layer, [w13, w2] with this
-    rank's slots first; every slot's values identify its (layer, expert)."""
-
-    def __init__(self, phy2log, rank):
-        super().__init__()
-        n = R // 2
-        self.routed_experts_weights_of_layer = {}
-        for layer in range(DENSE, H):
-            ids = torch.as_tensor(phy2log[layer, rank * n:(rank + 1) * n]).double() + 1000 * layer
-            self.routed_experts_weights_of_layer[layer] = [
-                ids[:, None, None].expand(n, 3, 2).contiguous(),
-                -ids[:, None].expand(n, 5).contiguous()]
-
-    def holds(self, phy2log, rank) -> bool:
-        n = R // 2
-        for layer in range(DENSE, H):
-            want = torch.as_tensor(phy2log[layer, rank * n:(rank + 1) * n]).double() + 1000 * layer
-            w13, w2 = self.routed_experts_weights_of_layer[layer]
-            if not (torch.equal(w13, want[:, None, None].expand_as(w13))
-                    and torch.equal(w2, -want[:, None].expand_as(w2))):
-                return False
-        return True
-
-    def update_weights_from_disk(self, *args, **kwargs):
-        raise AssertionError("a plan that covers every expert never reloads from disk")
-
-
 def _rank(rank, port, model_dir, plan_path, plans, out):
-    from sglang.srt.eplb.eplb_manager import EPLBManager, update_expert_location_with_recovery
-    from sglang.srt.eplb.expert_location import (ExpertLocationMetadata,
-                                                 get_global_expert_location_metadata,
-                                                 set_global_expert_location_metadata)
-    from sglang.srt.eplb.expert_location_updater import ExpertLocationUpdater
-    from sglang.srt.plugins import load_plugins
-    from sglang.srt.runtime_context import get_parallel
-
     from expertplane.engines import sglang as plugin
 
+    served = None
     try:
-        os.environ["EXPERTPLANE_PLAN_FILE"] = plan_path
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=2)
-        get_parallel().override_permanently(tp_rank=rank)
-        from sglang.srt.configs.model_config import ModelConfig
-
-        mc = ModelConfig(model_dir)
-        set_global_expert_location_metadata(ExpertLocationMetadata.init_trivial(mc, rank),
-                                            allow_overwrite=True)
-        load_plugins()                       # entry point group sglang.srt.plugins
-        model = _Model(get_global_expert_location_metadata().physical_to_logical_map_cpu.numpy(),
-                       rank)
-        updater = ExpertLocationUpdater()
-        updater._first_execution = False     # its first call empties the CUDA cache (no GPU here)
-        manager = EPLBManager.__new__(EPLBManager)   # __init__ starts the GPU-only recorder
-        manager._model_config, manager._get_model = mc, (lambda: model)
+        served = SglangRank(rank, 2, port, model_dir, plan_path)
         steps = []
         for doc in plans:                    # rank 0 writes each plan, then every rank rebalances
             if rank == 0:
@@ -149,33 +78,20 @@ def _rank(rank, port, model_dir, plan_path, plans, out):
                 else:
                     write_plan_file(plan_path, doc)
             dist.barrier()
-            new = manager._compute_expert_location_metadata(torch.zeros(1, H, E),
-                                                            broadcast_over_world=False)
-            update_expert_location_with_recovery(
-                expert_location_updater=updater, model=model, new_expert_location_metadata=new,
-                update_layer_ids=list(range(DENSE, H)), tp_rank=rank, expert_backup_client=None,
-                update_weights_from_disk_callable=model.update_weights_from_disk,
-                ep_dispatch_algorithm="static", init_lplb_solvers_callable=None)
-            now = get_global_expert_location_metadata().physical_to_logical_map_cpu.numpy()
-            steps.append((now.tolist(), model.holds(now, rank)))
+            now = served.rebalance()
+            steps.append((now.tolist(), served.model.holds(now)))
         out.put((rank, plugin.in_effect(), steps, None))
     except BaseException as exc:  # reported to the test, which fails with it
         out.put((rank, False, [], repr(exc)))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        if served is not None:
+            served.close()
 
 
 @pytest.mark.timeout(600)
 def test_two_ranks_move_to_our_plan(tmp_path):
-    model_dir = _model_dir(tmp_path / "small", H, E, DENSE)
-    override = _publish(model_dir, 2, RED, eplb_rebalance_num_iterations=1000,
+    model_dir = engine_env.deepseek_v3_dir(tmp_path / "small", H, E, DENSE)
+    override = engine_env.publish_server_args(model_dir, 2, RED, eplb_rebalance_num_iterations=1000,
                         expert_distribution_recorder_buffer_size=100,
                         expert_distribution_recorder_mode="stat")
     try:
@@ -195,7 +111,7 @@ def test_two_ranks_move_to_our_plan(tmp_path):
         plans = [None, doc, doc, wrong, older]
         ctx = mp.get_context("fork")         # the ranks inherit SGLang's imported model registry
         out = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         ranks = [ctx.Process(target=_rank, args=(r, port, model_dir, str(tmp_path / "plan.json"),
                                                  plans, out)) for r in (0, 1)]
         for p in ranks:

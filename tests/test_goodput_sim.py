@@ -252,3 +252,44 @@ def test_replays_of_an_sglang_per_pass_dump_and_a_demo_run():
     np.testing.assert_allclose(demo.load.sum(-1), work["tokens_per_step"] * 4 * work["top_k"],
                                rtol=1e-5)
     assert not np.allclose(demo.load[0], demo.load[-1])   # the demo's popularity drifts
+
+
+def test_bench_replays_the_load_of_a_demo_run_from_what_the_demo_writes(tmp_path, capsys):
+    import json
+
+    from expertplane.benchmarks.goodput.run import demo_replay
+    from expertplane.benchmarks.goodput.traces import from_demo
+    from expertplane.cli.main import main
+    from expertplane.demo.run import DemoOptions, load_config, write_run_config
+    from expertplane.errors import FieldError
+
+    opts = DemoOptions(seed=3)
+    placement, workload = load_config(opts)
+    out = tmp_path / "demo-out"
+    out.mkdir()
+    config = json.loads(write_run_config(out, placement, workload, opts).read_text())
+    topo = placement["topology"]
+    world = topo["num_nodes"] * topo["gpus_per_node"]
+    (out / "timeline.json").write_text(json.dumps({"steps": 400 * world + 3}))
+    cluster, trace = demo_replay(out, steps_per_tick=50)
+    assert (cluster.num_layers, cluster.num_experts, cluster.num_gpus, cluster.num_replicas,
+            cluster.num_groups, cluster.top_k) == (
+        placement["model"]["num_layers"], placement["model"]["num_experts"], world,
+        placement["num_replicas"], placement["model"]["num_groups"], workload["top_k"])
+    assert trace.num_steps == 400
+    np.testing.assert_array_equal(trace.load, from_demo(config, world, 400, 50, seed=3).load)
+    assert not np.array_equal(trace.load, from_demo(config, world, 400, 50, seed=0).load)
+
+    code = main(["bench", "goodput", "--traces", "--demo-run", str(out), "--policies", "static",
+                 "expertplane", "oracle", "--out", str(tmp_path / "png")])
+    text = capsys.readouterr().out
+    assert code == 0 and "### demo/demo-out (400 steps" in text
+    assert text.count("| static |") == text.count("| expertplane |") == 1
+    assert (tmp_path / "png" / "goodput-demo-demo-out.png").read_bytes()[:4] == b"\x89PNG"
+
+    (out / "timeline.json").write_text(json.dumps({"steps": 49 * world}))
+    with pytest.raises(FieldError, match="^steps: .*fewer than one tick"):
+        demo_replay(out, steps_per_tick=50)
+    write_run_config(out, placement, workload, replace(opts, model="tiny-qwen"))
+    with pytest.raises(FieldError, match="^demo-run: .*HuggingFace model 'tiny-qwen'"):
+        demo_replay(out, steps_per_tick=50)

@@ -13,7 +13,9 @@ from expertplane.benchmarks.planner import drift, make_loads
 from expertplane.planner import balance, migration, rebalance_experts
 from expertplane.planner.deepseek import is_hierarchical
 from expertplane.planner.alignment import align
-from expertplane.planner.movement import TOLERANCE
+from expertplane.errors import FieldError
+from expertplane.planner.algorithms import fresh_placement
+from expertplane.planner.movement import TOLERANCE, drifted_layers, replan_layers
 from expertplane.planner.validation import check_plan
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -51,6 +53,41 @@ def test_drift_moves_few_slots_and_keeps_balance(algorithm, shape, family):
     moved_fresh = migration(previous, fresh[0]).slots_moved
     moved_aware = migration(previous, aware[0]).slots_moved
     assert moved_aware <= 0.2 * moved_fresh
+
+
+@pytest.mark.parametrize("algorithm", ["deepseek", "balanced"])
+@pytest.mark.parametrize("shape", [(288, 8, 4, 32), (640, 8, 40, 320)])
+def test_only_drifted_layers_are_re_planned_into_the_full_re_plan(algorithm, shape):
+    # odd layers drift, even layers keep their loads: the re-plan plans only the odd ones and
+    # gives exactly the plan of re-planning every layer (which keeps the even ones too)
+    rng = np.random.default_rng(7)
+    w0 = make_loads("zipf1.2", 6, 256, rng)
+    w1 = w0.copy()
+    w1[1::2] = drift(w0[1::2], 0.3, rng)
+    previous = rebalance_experts(w0, *shape, algorithm=algorithm)[0].numpy()
+    fresh = fresh_placement(w1, *shape, algorithm)[0]
+    drifted, target = drifted_layers(w1, previous, fresh, shape[3])
+    assert drifted[1::2].any() and not drifted[::2].any()
+    full = replan_layers(w1, *shape, previous, fresh, algorithm)
+    np.testing.assert_array_equal(full[::2], previous[::2])
+    for given in (fresh, None):
+        got = rebalance_experts(w1, *shape, algorithm=algorithm, previous=previous,
+                                fresh=given)[0].numpy()
+        np.testing.assert_array_equal(got, full)
+    got_loads = balance(w1, got, np.stack([np.bincount(r, minlength=256) for r in got]),
+                        shape[3]) * w1.sum(-1) / shape[3]
+    assert (got_loads <= target * (1 + 1e-12)).all()
+
+
+def test_fresh_plan_is_checked():
+    w = make_loads("zipf1.2", 2, 256, np.random.default_rng(1))
+    previous = rebalance_experts(w, 288, 8, 4, 32)[0]
+    with pytest.raises(FieldError, match="^fresh: must have shape"):
+        rebalance_experts(w, 288, 8, 4, 32, previous=previous, fresh=previous[:1])
+    with pytest.raises(FieldError, match="^fresh: expert ids"):
+        rebalance_experts(w, 288, 8, 4, 32, previous=previous, fresh=previous + 256)
+    with pytest.raises(FieldError, match="^fresh: is only used with previous"):
+        rebalance_experts(w, 288, 8, 4, 32, fresh=previous)
 
 
 @pytest.mark.parametrize("algorithm", ["deepseek", "balanced"])

@@ -25,10 +25,11 @@ from expertplane.benchmarks.goodput.policies import (ExpertPlanePolicy, SGLangEP
                                                      VLLMEPLB, plan)
 from expertplane.benchmarks.goodput.sim import (Cluster, LoadHistory, RunResult, deepseek_v3,
                                                 simulate)
-from expertplane.benchmarks.goodput.traces import (KINDS, Trace, TraceSpec, from_sglang_dump,
-                                                   generate)
+from expertplane.benchmarks.goodput.traces import (KINDS, Trace, TraceSpec, from_demo,
+                                                   from_sglang_dump, generate)
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.spec import PolicySpec
+from expertplane.errors import FieldError
 
 CLUSTERS = {
     "hier-32": deepseek_v3("hier-32", num_nodes=4, gpus_per_node=8, num_replicas=288),
@@ -63,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also replay an SGLang expert-distribution dump recorded per "
                              "forward pass (logical_count [passes, L, E]; .pt or .npy) on every "
                              "cluster of the same layers and experts")
+    parser.add_argument("--demo-run", type=Path, default=None, metavar="DIR",
+                        help="also replay the per-step load of an `expertplane demo` run (its "
+                             "output directory: config.json, timeline.json) on a cluster of "
+                             "the demo's shape")
     parser.add_argument("--out", type=Path, default=Path("goodput-out"),
                         help="directory for the PNG timelines")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -169,6 +174,36 @@ def read_dump(path: Path) -> np.ndarray:
     return np.asarray(counts, dtype=np.float64)
 
 
+def demo_replay(directory: Path, steps_per_tick: int) -> tuple[Cluster, Trace]:
+    """The cluster and per-step load of the ``expertplane demo`` run whose output is
+    ``directory``: its ``config.json`` (placement, workload, seed) gives the cluster's shape
+    (experts of DeepSeek-V3's size, the cost model's) and the synthetic stream's popularity,
+    its ``timeline.json`` the steps it ran (``steps`` over all ranks). Raises ``FieldError``
+    naming what is missing or unusable."""
+    from expertplane.demo.run import RUN_CONFIG
+
+    config = json.loads((directory / RUN_CONFIG).read_text())
+    if config.get("model"):
+        raise FieldError("demo-run", f"{directory} routed with the HuggingFace model "
+                                     f"{config['model']!r}: its load is its router's, not the "
+                                     f"synthetic stream's, and was not recorded per step")
+    placement, work = config["placement"], config["workload"]
+    model, topo = placement["model"], placement["topology"]
+    cluster = Cluster(name="demo", num_layers=model["num_layers"],
+                      num_experts=model["num_experts"], num_groups=model.get("num_groups", 1),
+                      num_nodes=topo["num_nodes"], gpus_per_node=topo["gpus_per_node"],
+                      num_replicas=placement["num_replicas"],
+                      expert_bytes=CLUSTERS["hier-32"].expert_bytes, top_k=work["top_k"])
+    steps = json.loads((directory / "timeline.json").read_text()).get("steps", 0)
+    per_rank = int(steps) // cluster.num_gpus
+    if per_rank < steps_per_tick:
+        raise FieldError("steps", f"{directory / 'timeline.json'}: {steps} steps over "
+                                  f"{cluster.num_gpus} ranks, fewer than one tick of "
+                                  f"{steps_per_tick} per rank")
+    return cluster, from_demo(config, cluster.num_gpus, per_rank, steps_per_tick,
+                              seed=int(config["seed"]))
+
+
 def traces_for(cluster: Cluster, args, dump: np.ndarray | None) -> list[tuple[str, Trace]]:
     """(name, trace) of each generated kind, and of the dump where its shape fits ``cluster``."""
     out = []
@@ -187,26 +222,34 @@ def traces_for(cluster: Cluster, args, dump: np.ndarray | None) -> list[tuple[st
     return out
 
 
+def run_and_report(cluster: Cluster, kind: str, trace: Trace, args) -> list[dict]:
+    """Run one scenario, print its table and write its PNG timeline; returns its rows."""
+    t0 = time.perf_counter()
+    results = run_scenario(cluster, trace, args.policies, args)
+    scenario = f"{cluster.name}/{kind}"
+    scenario_rows = rows(scenario, results)
+    png = timeline_png(args.out / f"goodput-{cluster.name}-{kind}.png", scenario, trace, results)
+    hours = scenario_rows[-1]["hours"]
+    share = getattr(results[-1], "pool_share", None)
+    note = "" if share is None else (f"; the oracle ran another policy's placement on "
+                                     f"{share:.1%} of (tick, layer) pairs")
+    print(f"\n### {scenario} ({trace.num_steps} steps, {hours:.2f} h served by the last "
+          f"policy{note}; simulated in {time.perf_counter() - t0:.1f} s; {png})\n")
+    print(table(scenario_rows), flush=True)
+    return scenario_rows
+
+
 def run(args) -> int:
     all_rows = []
     start = time.perf_counter()
     dump = read_dump(args.sglang_dump) if getattr(args, "sglang_dump", None) else None
-    for cname in args.clusters:
-        cluster = CLUSTERS[cname]
-        for kind, trace in traces_for(cluster, args, dump):
-            t0 = time.perf_counter()
-            results = run_scenario(cluster, trace, args.policies, args)
-            scenario = f"{cname}/{kind}"
-            scenario_rows = rows(scenario, results)
-            all_rows += scenario_rows
-            png = timeline_png(args.out / f"goodput-{cname}-{kind}.png", scenario, trace, results)
-            hours = scenario_rows[-1]["hours"]
-            share = getattr(results[-1], "pool_share", None)
-            note = "" if share is None else (f"; the oracle ran another policy's placement on "
-                                             f"{share:.1%} of (tick, layer) pairs")
-            print(f"\n### {scenario} ({trace.num_steps} steps, {hours:.2f} h served by the last "
-                  f"policy{note}; simulated in {time.perf_counter() - t0:.1f} s; {png})\n")
-            print(table(scenario_rows), flush=True)
+    scenarios = [(CLUSTERS[cname], kind, trace) for cname in args.clusters
+                 for kind, trace in traces_for(CLUSTERS[cname], args, dump)]
+    if getattr(args, "demo_run", None):
+        cluster, trace = demo_replay(args.demo_run, args.steps_per_tick)
+        scenarios.append((cluster, args.demo_run.resolve().name, trace))
+    for cluster, kind, trace in scenarios:
+        all_rows += run_and_report(cluster, kind, trace, args)
     print(f"total {time.perf_counter() - start:.1f} s")
     if args.json:
         args.json.write_text(json.dumps(all_rows, indent=1))
