@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -43,12 +44,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SidecarContext:
-    """What a sidecar may use: the controller ``channel``, and ``engine_load`` (queues an
-    ``EngineLoadReport`` as the agent's AgentService.ReportEngineLoad does; True when queued)."""
+    """What a sidecar may use: the controller ``channel``, ``engine_load`` (queues an
+    ``EngineLoadReport`` as the agent's AgentService.ReportEngineLoad does; True when queued),
+    and ``registry``, the agent's Prometheus registry (served on ``--metrics``)."""
 
     config: AgentConfig
     channel: grpc.Channel
     engine_load: Callable[[object], bool]
+    registry: CollectorRegistry
 
 
 class Sidecar(Protocol):
@@ -114,7 +117,7 @@ class Agent:
         self._relay.start()
         self._uplink.start()
         self._collector.start()
-        context = SidecarContext(cfg, self._channel, self._engine_load)
+        context = SidecarContext(cfg, self._channel, self._engine_load, self.metrics.registry)
         for factory in self._sidecar_factories:
             sidecar = factory(context)
             sidecar.start()

@@ -197,9 +197,9 @@ class RolloutRelay:
         if which == "hello":
             self._stream_state = "open, registered"
             self.registered.set()
-            log.info("controller %s registered node %s (%d workers, rollout protocol %s)",
+            log.info("controller %s registered node %s (%d workers, rollout protocol %d)",
                      self._config.controller, self._config.node, len(cmd.hello.workers),
-                     pb.RolloutProtocol.Name(cmd.hello.protocol))
+                     cmd.hello.protocol)
             return
         workers = self._registry.handles(placement)
         if cmd.ranks:

@@ -105,7 +105,7 @@ def sidecars_from_args(args) -> list:
     sidecars = []
     source = sglang_source_from_args(args)
     if source is not None:
-        sidecars.append(lambda ctx: source.reporting_to(ctx.engine_load))
+        sidecars.append(lambda ctx: source.reporting_to(ctx.engine_load, ctx.registry))
     if args.plan_file:
         from expertplane.engines.plan_file_writer import PlanFileWriter
 

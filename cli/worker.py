@@ -26,7 +26,8 @@ def register(sub) -> None:
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per worker (0 = torch's default)")
     g.add_argument("--drain", type=float, default=5.0, metavar="SECONDS",
-                   help="after the last step, wait this long for a final counter pull")
+                   help="after the last step, wait at most this long for the counter pulls "
+                        "that take every window still held")
 
     g = parser.add_argument_group("control plane")
     g.add_argument("--node", default="node-0", help="node name reported to the agent")

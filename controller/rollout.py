@@ -312,11 +312,13 @@ class RolloutMachine:
         """Decide once every participant prepared; end once every one answered the commit
         (COMMITTED, or FAILED after it had prepared)."""
         rec = act.rec
-        if rec.state == "preparing" and not act.waiting("prepared"):
+        prepared = rec.acks.get("prepared", {})      # of participants only (see _drop)
+        if rec.state == "preparing" and len(prepared) == len(act.participants):
             self._decide(act, now, eff)
             eff.sends += act.commands(commit=rec.to_version)
-        failed_after_prepare = set(rec.acks.get("failed", {})) & set(rec.acks.get("prepared", {}))
-        if rec.state == "committing" and set(act.waiting("committed")) <= failed_after_prepare:
+        done = len(rec.acks.get("committed", {})) + sum(
+            1 for r in rec.acks.get("failed", {}) if r in prepared)
+        if rec.state == "committing" and done >= len(act.participants):
             self._finish(act, "committed", now, eff)
 
     def _fail(self, act: _Active, rank: int, reason: str, now: float, eff: Effects) -> None:
@@ -334,6 +336,7 @@ class RolloutMachine:
         [session] = act.sessions()           # a sync is for the workers of one agent
         for r in ranks:
             del act.participants[r]
+            act.rec.acks.get("prepared", {}).pop(r, None)     # not part of the decision
         act.rec.reason = f"{act.rec.reason}; {reason}" if act.rec.reason else reason
         log.warning("sync %s of %s v%d goes on without ranks %s: %s", act.rec.id,
                     act.rec.placement, act.rec.to_version, _ranges(ranks), reason)

@@ -40,7 +40,10 @@ class DumpInbox:
 
     def pending(self) -> list[Path]:
         """Dump files not consumed yet, oldest first."""
-        return [p for p in dump_files(self.directory) if p.name not in self._seen]
+        files = dump_files(self.directory)
+        if self.directory.is_dir():                # forget files gone from the directory
+            self._seen &= {p.name for p in files}
+        return [p for p in files if p.name not in self._seen]
 
     def wait(self, timeout: float, stopping: threading.Event, poll: float = 0.05) -> list[Path]:
         """``pending()`` once it is non-empty, or after ``timeout`` seconds (then possibly

@@ -11,11 +11,12 @@ Life of a window (every ``interval`` seconds, one thread)::
 Before the first window the source checks ``GET /server_info`` (a tested SGLang version, a
 recorder mode set: ``--expert-distribution-recorder-mode`` or ``--enable-eplb``) and starts the
 recorder once (``POST /start_expert_distribution_record``). Until that succeeds it retries with
-exponential backoff; the agent runs on meanwhile. A dump call that finds SGLang unreachable makes
-the source start the recorder again once SGLang answers (a restarted server records nothing until
-then). A dump file that does not appear within ``dump_wait`` seconds is reported in the log and
-the window goes on; a file that appears later is read with the next window. Windows without
-traffic are not reported.
+exponential backoff; the agent runs on meanwhile. A restarted server records nothing until its
+recorder is started again: the source starts it again when a dump call finds SGLang unreachable,
+and when a window without traffic comes from a server whose ``startup_time`` changed. A dump
+file that does not appear within ``dump_wait`` seconds is reported in the log and the window goes
+on; a file that appears later is read with the next window. Windows without traffic are not
+reported.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import CollectorRegistry, Counter
 
 from expertplane.engines.sglang_http import HttpPolicy, SglangHttp, SglangHttpError, check_url
 from expertplane.engines.sglang_inbox import DumpInbox
@@ -83,9 +85,10 @@ class SglangSourceConfig:
 
 @dataclass
 class SourceCounts:
-    """Windows dumped, reported (queued to the controller), without traffic, without a dump
-    file in time, and failed (SGLang unreachable or refusing, unusable dumps)."""
+    """Recorder starts; windows dumped, reported (queued to the controller), without traffic,
+    without a dump file in time, and failed (SGLang unreachable or refusing, unusable dumps)."""
 
+    started: int = 0
     dumped: int = 0
     reported: int = 0
     idle: int = 0
@@ -111,9 +114,9 @@ def check_server(info: dict, tested: tuple[str, ...]) -> str:
 class SglangLoadSource:
     """Agent sidecar reporting an SGLang server's load per logical expert every window.
 
-    ``reporting_to(engine_load)`` binds the agent's engine-load entry (``SidecarContext.
-    engine_load``) and returns the source, so ``lambda ctx: source.reporting_to(ctx.engine_load)``
-    is its sidecar factory. ``layout`` is the hidden-layer layout once known (the plan-file
+    ``reporting_to(engine_load, registry)`` binds the agent's engine-load entry and metrics
+    registry (``SidecarContext.engine_load``/``.registry``) and returns the source, so
+    ``lambda ctx: source.reporting_to(ctx.engine_load, ctx.registry)`` is its sidecar factory. ``layout`` is the hidden-layer layout once known (the plan-file
     writer uses it); ``counts`` are the windows so far.
     """
 
@@ -126,17 +129,32 @@ class SglangLoadSource:
         self._http = SglangHttp(config.url, api_key=config.api_key, policy=config.http,
                                 stopping=self._stopping)
         self._engine_load: Callable[[object], bool] | None = None
+        self._events: Counter | None = None
         self._inbox: DumpInbox | None = None
         self._thread: threading.Thread | None = None
         self._recording = False
         self._window_start = 0
+        self._started_at = None                # the server's startup_time when recording began
         self._epoch = secrets.randbits(63) or 1
         self._sequence = 0
         self._last_error = ""
 
-    def reporting_to(self, engine_load: Callable[[object], bool]) -> "SglangLoadSource":
+    def reporting_to(self, engine_load: Callable[[object], bool],
+                     registry: CollectorRegistry | None = None) -> "SglangLoadSource":
+        """Report through ``engine_load``; count events in ``registry`` (the agent's Prometheus
+        registry) as ``expertplane_agent_sglang_events_total{event}`` when given."""
         self._engine_load = engine_load
+        if registry is not None:
+            self._events = Counter("expertplane_agent_sglang_events",
+                                   "SGLang load source: recorder starts and windows by outcome "
+                                   "(started, dumped, reported, idle, no_file, failed)",
+                                   ["event"], registry=registry)
         return self
+
+    def _count(self, event: str) -> None:
+        setattr(self.counts, event, getattr(self.counts, event) + 1)
+        if self._events is not None:
+            self._events.labels(event=event).inc()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -174,12 +192,15 @@ class SglangLoadSource:
     def _connect(self) -> bool:
         """Check the server and start its recorder; True when recording."""
         try:
-            mode = check_server(self._http.server_info(), self._tested)
+            info = self._http.server_info()
+            mode = check_server(info, self._tested)
             self._http.start_record()
         except (SglangHttpError, FieldError) as exc:
             self._note(f"sglang: not recording at {self.config.url}: {exc}")
             return False
         self._recording = True
+        self._started_at = info.get("startup_time")
+        self._count("started")
         self._window_start = time.time_ns()
         self._last_error = ""
         log.info("sglang: recording expert load at %s (mode %s), dumps in %s every %.3gs",
@@ -191,16 +212,16 @@ class SglangLoadSource:
         try:
             self._http.dump_record()
         except SglangHttpError as exc:
-            self.counts.failed += 1
+            self._count("failed")
             self._recording = self._recording and not exc.unreachable
             self._note(f"sglang: dump failed: {exc}")
             return False
         end = time.time_ns()
         start, self._window_start = self._window_start, end
-        self.counts.dumped += 1
+        self._count("dumped")
         files = self._inbox.wait(self.config.dump_wait, self._stopping)
         if not files:
-            self.counts.no_file += 1
+            self._count("no_file")
             log.warning("sglang: no dump appeared in %s within %.3gs of %s's dump: is it the "
                         "server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR (shared with the "
                         "agent)?", self.config.recorder_dir, self.config.dump_wait,
@@ -209,17 +230,41 @@ class SglangLoadSource:
         hidden = self._inbox.read(files)
         if hidden is None:
             return False
+        try:
+            self._learn(hidden)
+        except FieldError as exc:
+            self._count("failed")
+            self._note(f"sglang: window not reported: {exc}")
+            return False
+        if self.layout is None or not hidden.any():
+            self._count("idle")
+            self._check_restarted()
+            return False
         return self._report(hidden, start, end)
+
+    def _learn(self, hidden: np.ndarray) -> None:
+        """Know the layout from the first dump (``moe_layers`` given) or the first with traffic."""
+        if self.layout is None:
+            self.layout = learn_layout(hidden, self.config.moe_layers)
+            if self.layout is not None:
+                layers = self.layout.moe_layers
+                log.info("sglang: %d hidden layers, MoE layers %d..%d (%d)",
+                         self.layout.num_hidden_layers, layers[0], layers[-1], len(layers))
+
+    def _check_restarted(self) -> None:
+        """After a window without traffic: a server restarted since its recorder was started
+        records nothing until started again (its ``startup_time`` changed)."""
+        try:
+            started_at = self._http.server_info().get("startup_time")
+        except SglangHttpError:
+            return
+        if started_at != self._started_at:
+            log.warning("sglang: %s restarted (startup_time %s, was %s): starting its recorder "
+                        "again", self.config.url, started_at, self._started_at)
+            self._recording = False
 
     def _report(self, hidden: np.ndarray, start_ns: int, end_ns: int) -> bool:
         try:
-            if self.layout is None:
-                self.layout = learn_layout(hidden, self.config.moe_layers)
-                if self.layout is not None:
-                    log.info("sglang: %d hidden layers, MoE layers %s", *self._describe())
-            if self.layout is None or not hidden.any():
-                self.counts.idle += 1
-                return False
             loads = moe_load(hidden, self.layout)
             self._sequence += 1
             msg = pb.EngineLoadReport(placement=self.config.placement, engine="sglang",
@@ -229,16 +274,13 @@ class SglangLoadSource:
             msg.window_end.FromNanoseconds(end_ns)
             queued = self._engine_load(msg)
         except FieldError as exc:
-            self.counts.failed += 1
+            self._count("failed")
             self._note(f"sglang: window not reported: {exc}")
             return False
-        self.counts.reported += int(queued)
+        if queued:
+            self._count("reported")
         self._last_error = ""
         return queued
-
-    def _describe(self) -> tuple[int, str]:
-        layers = self.layout.moe_layers
-        return self.layout.num_hidden_layers, f"{layers[0]}..{layers[-1]} ({len(layers)})"
 
     def _note(self, message: str) -> None:
         """Log ``message`` at WARNING the first time in a row, at DEBUG while it repeats."""

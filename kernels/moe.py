@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from expertplane.errors import FieldError
 from expertplane.kernels.balancing import (BiasUpdate, CapacityConfig, enforce_capacity,
                                            expert_load)
 from expertplane.kernels.counters import SlotCounters
@@ -29,8 +30,9 @@ from expertplane.kernels.triton_ops import histogram
 __all__ = ["EPMoELayer", "ExpertParallelExperts", "LayerPlacement", "PlacementError", "seeded_router_weight"]
 
 
-class PlacementError(ValueError):
-    """A layer placement is inconsistent; the message names the field."""
+class PlacementError(FieldError):
+    """A layer placement is inconsistent with itself or with the layer; ``field`` names the
+    offending tensor (``phy2log``, ``log2phy[e]``, ``logcnt``) or argument."""
 
 
 @dataclass(frozen=True)
@@ -52,25 +54,26 @@ class LayerPlacement:
             object.__setattr__(self, name, value)
         phy2log, log2phy, logcnt = self.phy2log, self.log2phy, self.logcnt
         if phy2log.dim() != 1 or phy2log.numel() == 0:
-            raise PlacementError(f"phy2log must be a non-empty [R] tensor, got {list(phy2log.shape)}")
+            raise PlacementError("phy2log", "must be a non-empty [R] tensor, "
+                                            f"got {list(phy2log.shape)}")
         if log2phy.dim() != 2:
-            raise PlacementError(f"log2phy must be [E, X], got {list(log2phy.shape)}")
+            raise PlacementError("log2phy", f"must be [E, X], got {list(log2phy.shape)}")
         experts = log2phy.shape[0]
         if logcnt.shape != (experts,):
-            raise PlacementError(f"logcnt must be [{experts}], got {list(logcnt.shape)}")
+            raise PlacementError("logcnt", f"must be [{experts}], got {list(logcnt.shape)}")
         if int(logcnt.min()) < 1 or int(logcnt.max()) > log2phy.shape[1]:
-            raise PlacementError(f"logcnt must be in [1, {log2phy.shape[1]}]")
+            raise PlacementError("logcnt", f"must be in [1, {log2phy.shape[1]}]")
         if int(logcnt.sum()) != phy2log.numel():
-            raise PlacementError(f"logcnt must sum to R={phy2log.numel()}, got {int(logcnt.sum())}")
+            raise PlacementError("logcnt", f"must sum to R={phy2log.numel()}, got {int(logcnt.sum())}")
         if int(phy2log.min()) < 0 or int(phy2log.max()) >= experts:
-            raise PlacementError(f"phy2log values must be in [0, {experts})")
+            raise PlacementError("phy2log", f"values must be in [0, {experts})")
         for e in range(experts):
             slots = log2phy[e, :int(logcnt[e])]
             if int((log2phy[e, int(logcnt[e]):] != -1).sum()):
-                raise PlacementError(f"log2phy[{e}] must be -1 after its logcnt entries")
+                raise PlacementError(f"log2phy[{e}]", "must be -1 after its logcnt entries")
             if int(slots.min()) < 0 or int(slots.max()) >= phy2log.numel() or \
                     bool((phy2log[slots] != e).any()):
-                raise PlacementError(f"log2phy[{e}] disagrees with phy2log")
+                raise PlacementError(f"log2phy[{e}]", "disagrees with phy2log")
 
     @property
     def num_slots(self) -> int:
@@ -86,7 +89,7 @@ class LayerPlacement:
         phy2log = torch.as_tensor(phy2log, dtype=torch.int64)
         logcnt = torch.bincount(phy2log, minlength=num_experts)
         if logcnt.numel() != num_experts:
-            raise PlacementError(f"phy2log values must be in [0, {num_experts})")
+            raise PlacementError("phy2log", f"values must be in [0, {num_experts})")
         log2phy = torch.full((num_experts, max(1, int(logcnt.max()))), -1, dtype=torch.int64)
         fill = [0] * num_experts
         for slot, e in enumerate(phy2log.tolist()):
@@ -128,7 +131,7 @@ class ExpertParallelExperts(nn.Module):
         self.device = torch.device(device)
         self.num_experts = num_experts
         if gpus_per_node is not None and gpus_per_node < 1:
-            raise PlacementError(f"gpus_per_node must be >= 1, got {gpus_per_node}")
+            raise PlacementError("gpus_per_node", f"must be >= 1, got {gpus_per_node}")
         self.gpus_per_node = gpus_per_node or self.world_size
         self.expert_weights = expert_weights
         self.hidden, self.intermediate = hidden, intermediate
@@ -183,8 +186,8 @@ class ExpertParallelExperts(nn.Module):
         the caller; the counters keep running (the slot count does not change)."""
         self._check_placement(placement)
         if placement.num_slots != self.num_slots:
-            raise PlacementError(f"phy2log must keep R={self.num_slots} slots, "
-                                 f"got {placement.num_slots}")
+            raise PlacementError("phy2log", f"must keep R={self.num_slots} slots, "
+                                            f"got {placement.num_slots}")
         expected = (self.slots_per_rank, self.hidden, self.intermediate)
         got = (experts.num_slots, experts.hidden, experts.intermediate)
         if got != expected:
@@ -201,11 +204,11 @@ class ExpertParallelExperts(nn.Module):
 
     def _check_placement(self, placement: LayerPlacement) -> None:
         if placement.num_experts != self.num_experts:
-            raise PlacementError(f"log2phy must have {self.num_experts} rows, "
-                                 f"got {placement.num_experts}")
+            raise PlacementError("log2phy", f"must have {self.num_experts} rows, "
+                                            f"got {placement.num_experts}")
         if placement.num_slots % self.world_size:
-            raise PlacementError(f"phy2log length {placement.num_slots} must be a multiple of "
-                                 f"the world size {self.world_size}")
+            raise PlacementError("phy2log", f"length {placement.num_slots} must be a multiple of "
+                                            f"the world size {self.world_size}")
 
     def _set_placement(self, placement: LayerPlacement) -> None:
         self.placement = placement

@@ -4,7 +4,8 @@
 applied server-side. ``operator_kubeconfig``: a kubeconfig holding a TokenRequest token of the
 ``expertplane-operator`` ServiceAccount, so the operator runs with exactly the RBAC the manifests
 grant. ``controller``: a real ``ControllerServer`` on loopback (SQLite in tmp). ``OperatorProcess``:
-``expertplane operator`` as a child process.
+``expertplane operator`` as a child process. ``restartable_controller``: a controller the tests
+stop and start again (same store or an empty one).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -126,6 +128,46 @@ def controller(tmp_path_factory):
         server.stop(0.5)
 
 
+class RestartableController:
+    """A real controller on a fixed loopback port that can be stopped and started again, on the
+    same store or an empty one."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.stores = 0
+        self.server = None
+        self.start(empty=True)
+
+    def start(self, empty: bool = False) -> None:
+        from expertplane.controller.config import ControllerConfig
+        from expertplane.controller.server import ControllerServer
+
+        self.stores += int(empty)
+        db = self.tmp / f"plans-{self.stores}.db"
+        self.load_dir = self.tmp / "loads"
+        self.load_dir.mkdir(exist_ok=True)
+        self.server = ControllerServer(ControllerConfig(
+            listen=f"127.0.0.1:{self.port}", db_url=f"sqlite:///{db}", policy_interval_seconds=1.0,
+            load_dir=str(self.load_dir)))
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(0.5)
+        self.server = None
+
+
+@pytest.fixture(scope="module")
+def restartable_controller(tmp_path_factory):
+    """A ``RestartableController`` for the test module, stopped at its end."""
+    c = RestartableController(tmp_path_factory.mktemp("controller"))
+    yield c
+    if c.server is not None:
+        c.stop()
+
+
 class OperatorProcess:
     """``expertplane operator`` in a child process, logging to a file."""
 
@@ -150,6 +192,19 @@ class OperatorProcess:
                 self.proc.wait(5)
         self._log.close()
         return self.proc.returncode
+
+
+def start_operator(tmp: pathlib.Path, controller_port: int, kubeconfig: str, identity: str,
+                   *extra: str) -> OperatorProcess:
+    """``expertplane operator`` (log in ``tmp``) for the controller on ``controller_port``, with
+    ``kubeconfig``, watching namespace default (and what ``extra`` adds), refreshing every second;
+    returns once it leads."""
+    op = OperatorProcess(tmp / "operator.log", "--controller", f"127.0.0.1:{controller_port}",
+                         "--kubeconfig", kubeconfig, "--namespace", "default",
+                         "--refresh-seconds", "1", "--lease-namespace", NAMESPACE,
+                         "--identity", identity, *extra)
+    wait_for(lambda: f"{identity} leads" in op.log(), timeout=60, what="operator start")
+    return op
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.25, what: str = "condition"):

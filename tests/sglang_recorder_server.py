@@ -10,9 +10,10 @@ into ``$SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR`` exactly as in a server (its ow
 wrote with what the agent reported after the agent has consumed (deleted) the dump.
 
 Endpoints, all serialised by one lock as SGLang's scheduler serialises its event loop:
-``GET /server_info`` (the recorder fields and SGLang's version), ``GET|POST
-/start_expert_distribution_record``, ``GET|POST /dump_expert_distribution_record``, and for the
-test's traffic ``POST /forward`` with ``{"topk_ids": {"<hidden layer>": [[physical id, ...], ...]}}``:
+``GET /server_info`` (the recorder fields, SGLang's version, ``startup_time``), ``GET|POST
+/start_expert_distribution_record``, ``GET|POST /dump_expert_distribution_record``; for the tests
+``POST /restart`` (a fresh recorder, not recording, and a new ``startup_time``: what a restarted
+server has) and ``POST /forward`` with ``{"topk_ids": {"<hidden layer>": [[physical id, ...], ...]}}``:
 one forward pass through SGLang's recorder hooks (``with_forward_pass``, ``with_current_layer``,
 ``on_select_experts``), as SGLang's MoE layers call them.
 
@@ -33,14 +34,16 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from engine_env import allow_torchvision_import
 
 
-def recorder(model_dir: str, redundant: int):
-    """SGLang's stat-mode recorder for ``model_dir`` on one gloo rank (its dump all-reduces)."""
+def location(model_dir: str, redundant: int):
+    """SGLang's published ServerArgs (stat recorder, unbounded buffer) and its trivial
+    ExpertLocationMetadata for ``model_dir``, on one gloo rank (a stat dump all-reduces)."""
     allow_torchvision_import()
     import torch.distributed as dist
     from sglang.srt.configs.model_config import ModelConfig
@@ -52,17 +55,25 @@ def recorder(model_dir: str, redundant: int):
         tp_size=1, ep_size=1, ep_num_redundant_experts=redundant, device="cpu",
         model_path=model_dir, expert_distribution_recorder_mode="stat",
         expert_distribution_recorder_buffer_size=-1).install()
-    store = tempfile.mktemp(prefix="sglang-gloo-")
+    store = Path(tempfile.mkdtemp(prefix="sglang-gloo-")) / "store"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    metadata = ExpertLocationMetadata.init_trivial(ModelConfig(model_dir), 0)
     expert_distribution.get_device = lambda device_id=None: "cpu"
-    rec = expert_distribution.ExpertDistributionRecorder.init_new(metadata, 0)
+    return ExpertLocationMetadata.init_trivial(ModelConfig(model_dir), 0)
+
+
+def new_recorder(metadata):
+    """A fresh recorder, not recording, as a (re)started server has."""
+    from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder
+
+    rec = ExpertDistributionRecorder.init_new(metadata, 0)
     rec._accumulator._first_dump = False
     return rec
 
 
 class Handler(BaseHTTPRequestHandler):
+    metadata = None
     rec = None
+    started_at = 0.0
     lock = threading.Lock()
     archive: Path
     passes = 0
@@ -88,13 +99,16 @@ class Handler(BaseHTTPRequestHandler):
                     "expert_distribution_recorder_mode": moe.expert_distribution_recorder_mode,
                     "expert_distribution_recorder_buffer_size":
                         moe.expert_distribution_recorder_buffer_size,
-                    "enable_eplb": False}))
+                    "enable_eplb": False, "startup_time": Handler.started_at}))
             elif self.path == "/start_expert_distribution_record":
                 Handler.rec.start_record()
                 self._answer(200, "Start recording the expert distribution.\n")
             elif self.path == "/dump_expert_distribution_record":
                 self._dump()
                 self._answer(200, "Dump expert distribution record.\n")
+            elif self.path == "/restart" and self.command == "POST":
+                Handler.rec, Handler.started_at = new_recorder(Handler.metadata), time.time()
+                self._answer(200, "{}")
             elif self.path == "/forward" and self.command == "POST":
                 self._forward(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
                 self._answer(200, "{}")
@@ -126,7 +140,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main(model_dir: str, redundant: str, archive: str) -> None:
-    Handler.rec = recorder(model_dir, int(redundant))
+    Handler.metadata = location(model_dir, int(redundant))
+    Handler.rec, Handler.started_at = new_recorder(Handler.metadata), time.time()
     Handler.archive = Path(archive)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     print(server.server_address[1], flush=True)

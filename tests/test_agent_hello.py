@@ -1,12 +1,15 @@
 """The agent's side of rollout protocol BATCHED: it waits for the controller to answer its HELLO
 (a clear error while it does not: the controller down, or one that never answers), a rollout
-started right after the answer commits on its worker processes, and a command naming ranks goes
-to those local workers only."""
+started right after the answer commits on its worker processes, a command naming ranks goes to
+those local workers only, and the CLI says when the agent is registered (or why not yet)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -123,3 +126,29 @@ def test_a_command_naming_ranks_goes_to_those_workers_only(controller, make_agen
     answered = sorted((pb.RolloutEvent.Kind.Name(e.kind), e.workers[0].rank)
                       for e in controller.events if e.rollout_id in ("s1", "s2"))
     assert answered == [("ABORTED", 0), ("COMMITTED", 1), ("PREPARED", 1)]
+
+
+@pytest.mark.timeout(60)
+def test_cli_agent_says_when_it_is_registered_and_when_it_is_not(controller, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "expertplane.cli.main", "agent", "--controller",
+         f"127.0.0.1:{controller.port}", "--node", "node-a", "--socket",
+         str(tmp_path / "agent.sock"), "--hello-timeout", "300ms"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving workers at unix:" in proc.stdout.readline()
+        controller.wait_event(pb.RolloutEvent.HELLO)
+        error = proc.stderr.readline()
+        while not error.startswith("error:"):                   # after the log lines
+            error = proc.stderr.readline()
+        assert error.startswith(f"error: the controller at 127.0.0.1:{controller.port} has not "
+                                "registered node node-a within 0.3 s: rollout stream open, "
+                                "HELLO not answered")
+        controller.commands.put(pb.RolloutCommand(hello=pb.HelloAck(protocol=1)))
+        assert proc.stdout.readline().strip() == (
+            f"agent node-a ready: registered with the controller at 127.0.0.1:{controller.port}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

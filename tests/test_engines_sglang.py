@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
+import sys
 from pathlib import Path
 
 _spec = importlib.util.spec_from_file_location("engine_env", Path(__file__).with_name("engine_env.py"))
@@ -20,13 +20,16 @@ engine_env.allow_torchvision_import()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from expertplane.engines.plan_file import write_plan_file  # noqa: E402
 from expertplane.planner import rebalance_experts  # noqa: E402
 from expertplane.planner.io import sglang_document  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reliability_support import free_port  # noqa: E402
+from sglang_ranks import SglangRank  # noqa: E402
 
 H, DENSE, E, RED = 4, 1, 8, 2          # small DeepSeek-V3 shape for the 2-rank test
 R = E + RED
@@ -60,62 +63,12 @@ def test_sglang_loader_takes_our_deepseek_v3_file(tmp_path):
         override.restore()
 
 
-class _Model(torch.nn.Module):
-    """The MoE weights an SGLang model hands its updater: per MoE layer, [w13, w2] with this
-    rank's slots first; every slot's values identify its (layer, expert)."""
-
-    def __init__(self, phy2log, rank):
-        super().__init__()
-        n = R // 2
-        self.routed_experts_weights_of_layer = {}
-        for layer in range(DENSE, H):
-            ids = torch.as_tensor(phy2log[layer, rank * n:(rank + 1) * n]).double() + 1000 * layer
-            self.routed_experts_weights_of_layer[layer] = [
-                ids[:, None, None].expand(n, 3, 2).contiguous(),
-                -ids[:, None].expand(n, 5).contiguous()]
-
-    def holds(self, phy2log, rank) -> bool:
-        n = R // 2
-        for layer in range(DENSE, H):
-            want = torch.as_tensor(phy2log[layer, rank * n:(rank + 1) * n]).double() + 1000 * layer
-            w13, w2 = self.routed_experts_weights_of_layer[layer]
-            if not (torch.equal(w13, want[:, None, None].expand_as(w13))
-                    and torch.equal(w2, -want[:, None].expand_as(w2))):
-                return False
-        return True
-
-    def update_weights_from_disk(self, *args, **kwargs):
-        raise AssertionError("a plan that covers every expert never reloads from disk")
-
-
 def _rank(rank, port, model_dir, plan_path, plans, out):
-    from sglang.srt.eplb.eplb_manager import EPLBManager, update_expert_location_with_recovery
-    from sglang.srt.eplb.expert_location import (ExpertLocationMetadata,
-                                                 get_global_expert_location_metadata,
-                                                 set_global_expert_location_metadata)
-    from sglang.srt.eplb.expert_location_updater import ExpertLocationUpdater
-    from sglang.srt.plugins import load_plugins
-    from sglang.srt.runtime_context import get_parallel
-
     from expertplane.engines import sglang as plugin
 
+    served = None
     try:
-        os.environ["EXPERTPLANE_PLAN_FILE"] = plan_path
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=2)
-        get_parallel().override_permanently(tp_rank=rank)
-        from sglang.srt.configs.model_config import ModelConfig
-
-        mc = ModelConfig(model_dir)
-        set_global_expert_location_metadata(ExpertLocationMetadata.init_trivial(mc, rank),
-                                            allow_overwrite=True)
-        load_plugins()                       # entry point group sglang.srt.plugins
-        model = _Model(get_global_expert_location_metadata().physical_to_logical_map_cpu.numpy(),
-                       rank)
-        updater = ExpertLocationUpdater()
-        updater._first_execution = False     # its first call empties the CUDA cache (no GPU here)
-        manager = EPLBManager.__new__(EPLBManager)   # __init__ starts the GPU-only recorder
-        manager._model_config, manager._get_model = mc, (lambda: model)
+        served = SglangRank(rank, 2, port, model_dir, plan_path)
         steps = []
         for doc in plans:                    # rank 0 writes each plan, then every rank rebalances
             if rank == 0:
@@ -125,27 +78,14 @@ def _rank(rank, port, model_dir, plan_path, plans, out):
                 else:
                     write_plan_file(plan_path, doc)
             dist.barrier()
-            new = manager._compute_expert_location_metadata(torch.zeros(1, H, E),
-                                                            broadcast_over_world=False)
-            update_expert_location_with_recovery(
-                expert_location_updater=updater, model=model, new_expert_location_metadata=new,
-                update_layer_ids=list(range(DENSE, H)), tp_rank=rank, expert_backup_client=None,
-                update_weights_from_disk_callable=model.update_weights_from_disk,
-                ep_dispatch_algorithm="static", init_lplb_solvers_callable=None)
-            now = get_global_expert_location_metadata().physical_to_logical_map_cpu.numpy()
-            steps.append((now.tolist(), model.holds(now, rank)))
+            now = served.rebalance()
+            steps.append((now.tolist(), served.model.holds(now)))
         out.put((rank, plugin.in_effect(), steps, None))
     except BaseException as exc:  # reported to the test, which fails with it
         out.put((rank, False, [], repr(exc)))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        if served is not None:
+            served.close()
 
 
 @pytest.mark.timeout(600)
@@ -171,7 +111,7 @@ def test_two_ranks_move_to_our_plan(tmp_path):
         plans = [None, doc, doc, wrong, older]
         ctx = mp.get_context("fork")         # the ranks inherit SGLang's imported model registry
         out = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         ranks = [ctx.Process(target=_rank, args=(r, port, model_dir, str(tmp_path / "plan.json"),
                                                  plans, out)) for r in (0, 1)]
         for p in ranks:

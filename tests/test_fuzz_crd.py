@@ -48,6 +48,7 @@ from expertplane.controller.operator.crd import (
 )
 from expertplane.controller.operator.kube import Kube, NoWorkers
 from expertplane.controller.operator.placement import read_spec
+from expertplane.controller.operator.plan_form import plan_form_from_spec
 from expertplane.controller.operator.reconcile import OperatorContext
 
 from tests.k8s_fixture import REPO, apiserver  # noqa: F401  (pytest fixture)
@@ -258,7 +259,7 @@ class Verdict:
 def operator_validate(kube: Kube, plural: str, obj: dict) -> None:
     """What the operator's handlers do with an object's spec before talking to the controller:
     build the controller message (ExpertPlacement: ``read_spec`` and ``placement_from_cr``
-    on the pods' topology; PipelinePlan: read the
+    on the pods' topology, then the plan ConfigMap's form; PipelinePlan: read the
     profile ConfigMap if referenced, then ``pipeline_request_from_cr``). Raises ``SpecError``
     (the InvalidSpec condition) or ``NoWorkers``. Spec validation never calls the controller."""
     meta, spec = obj["metadata"], obj["spec"]
@@ -271,6 +272,7 @@ def operator_validate(kube: Kube, plural: str, obj: dict) -> None:
         placement_from_cr(placement_name(NAMESPACE, meta["name"]), spec, inputs.observed,
                           int(meta.get("generation", 1)), inputs.initial,
                           load_field=inputs.load_field)
+        plan_form_from_spec(spec)
         return
     text = None
     ref = spec["profile"].get("configMapRef")
@@ -282,12 +284,13 @@ def operator_validate(kube: Kube, plural: str, obj: dict) -> None:
 def names_field(message: str, path: Path) -> bool:
     """True if ``message`` names ``path``, one of its parents (the object whose rule failed,
     e.g. ``"spec" must not validate the schema (not)``) or one of its children (a required
-    field missing from the value set there)."""
+    field missing from the value set there), also with an index (``spec.model.moeLayers[1]:
+    Duplicate value``)."""
     parts = [p for p in path if not isinstance(p, int)]
     fields = [".".join(parts[:depth]) for depth in range(len(parts), 0, -1)]
     below = re.escape(fields[0]) + r"\.[\w.-]+"         # keys below may hold '-' (x-extra)
     pattern = "|".join([below, *map(re.escape, fields)])
-    return re.search(rf'(^|[\s"\[])({pattern})([\s":,\]]|$)', message) is not None
+    return re.search(rf'(^|[\s"\[])({pattern})([\s":,\[\]]|$)', message) is not None
 
 
 def judge(api, kube: Kube, plural: str, mutation: Mutation) -> Verdict:

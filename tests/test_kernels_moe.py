@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from expertplane.errors import FieldError
 from expertplane.kernels.experts import LocalExperts
 from expertplane.kernels.moe import EPMoELayer, LayerPlacement, PlacementError
 from expertplane.kernels.reference import dense_moe_reference
@@ -80,6 +81,14 @@ def test_swap_switches_weights_and_tables():
 def test_bad_placement_names_field(phy2log, log2phy, logcnt, field):
     with pytest.raises(PlacementError, match=field):
         LayerPlacement(torch.tensor(phy2log), torch.tensor(log2phy), torch.tensor(logcnt))
+
+
+def test_placement_errors_are_field_errors_named_by_tensor():
+    with pytest.raises(FieldError) as exc:
+        LayerPlacement(torch.tensor([0, 1]), torch.tensor([[1], [0]]), torch.tensor([1, 1]))
+    assert isinstance(exc.value, PlacementError)
+    assert (exc.value.field, exc.value.message) == ("log2phy[0]", "disagrees with phy2log")
+    assert str(exc.value) == "log2phy[0]: disagrees with phy2log"
 
 
 def _ranks_main(rank: int, world: int, store: str, seed: int, cases: int, gpus_per_node: int):

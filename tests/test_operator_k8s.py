@@ -105,6 +105,9 @@ def test_manifests_install_and_samples_validate(apiserver):
     out = apiserver.kubectl("apply", "--server-side", "--dry-run=server", "-k", str(SAMPLES)).stdout
     assert "expertplacement.expertplane.io/deepseek-v3" in out
     assert "pipelineplan.expertplane.io/deepseek-v3-pp8" in out
+    for engine in ("vllm", "sglang"):
+        assert f"expertplacement.expertplane.io/deepseek-v3-{engine}" in out
+        assert f"deployment.apps/deepseek-v3-{engine}" in out
 
 
 def test_postgresql_overlay(apiserver):
@@ -193,6 +196,12 @@ def test_service_accounts_have_least_privilege(apiserver):
     ({"topology": {"nodes": 2}}, "spec.topology"),
     ({"topology": {"nodes": 2, "gpusPerNode": 128}}, "spec.topology.gpusPerNode"),
     ({"initialLoad": {"values": [[1, -2]]}}, "spec.initialLoad.values"),
+    ({"engine": "tgi"}, 'spec.engine: Unsupported value: "tgi"'),
+    ({"model": {"layers": 2, "experts": 8, "hiddenLayers": 0}}, "spec.model.hiddenLayers"),
+    ({"model": {"layers": 2, "experts": 8, "hiddenLayers": 4, "moeLayers": [2, 2]}},
+     "spec.model.moeLayers: duplicate entries for key [=2]"),        # a set: no duplicates
+    ({"model": {"layers": 2, "experts": 8, "hiddenLayers": 4, "moeLayers": [-1, 2]}},
+     "spec.model.moeLayers"),
 ])
 def test_schema_rejects_invalid_placements(apiserver, patch, needle):
     proc = apiserver.apply(placement_doc("bad", **patch), check=False)

@@ -115,9 +115,13 @@ def test_a_sync_goes_on_without_a_worker_that_fails_or_is_lost():
     [sync_id] = machine.active_ids()
     eff = answer(machine, s, Event.FAILED, sync_id, [1], message="no memory")
     assert commands(eff) == [("abort", 2, [1])] and machine.active(sync_id)
-    answer(machine, s, Event.PREPARED, sync_id, (0, 2))
-    eff = machine.lost(s, "m", 3, "worker crashed", now=1.0)
-    assert commands(eff) == [("abort", 2, [3]), ("commit", 2, [0, 2])]
+    answer(machine, s, Event.PREPARED, sync_id, (0, 3))
+    eff = machine.lost(s, "m", 3, "worker crashed", now=1.0)     # prepared, then lost
+    assert commands(eff) == [("abort", 2, [3])]
+    eff = answer(machine, s, Event.PREPARED, sync_id, [2])
+    [(op, decided)] = eff.saves
+    assert op == "decide" and sorted(decided.acks["prepared"]) == [0, 2]
+    assert commands(eff) == [("commit", 2, [0, 2])]
     eff = answer(machine, s, Event.COMMITTED, sync_id, (0, 2), now=2.0)
     [(_, done)] = eff.saves
     assert done.state == "committed"

@@ -14,6 +14,7 @@ appears in the agent's directory, an unreachable server, a server without a reco
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,8 +33,9 @@ from expertplane.cli.main import build_parser
 from expertplane.controller.config import ControllerConfig
 from expertplane.controller.server import ControllerServer
 from expertplane.engines.plan_file import read_plan_file
-from expertplane.engines.sglang import TESTED_VERSIONS
+from expertplane.engines.sglang import TESTED_VERSIONS, PlanSource
 from expertplane.engines.sglang_http import HttpPolicy, SglangHttp, SglangHttpError
+from expertplane.engines.sglang_layout import HiddenLayout
 from expertplane.engines.sglang_load import SglangLoadSource, SglangSourceConfig, check_server
 from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
@@ -75,8 +77,8 @@ def sglang(tmp_path_factory):
 
 def forward(url: str, topk_ids: dict[int, np.ndarray]) -> None:
     """One forward pass: physical expert ids ``[tokens, topk]`` per hidden MoE layer."""
-    body = ('{"topk_ids": {%s}}' % ", ".join(
-        f'"{layer}": {ids.tolist()}' for layer, ids in topk_ids.items())).encode()
+    body = json.dumps({"topk_ids": {str(layer): ids.tolist()
+                                    for layer, ids in topk_ids.items()}}).encode()
     urllib.request.urlopen(urllib.request.Request(f"{url}/forward", data=body, method="POST"),
                            timeout=60).read()
 
@@ -113,17 +115,18 @@ def test_dumps_reach_the_controller_and_the_plan_file_has_sglang_rows(sglang, tm
     rng = np.random.default_rng(7)
     sent = np.zeros((H, E))                  # logical tokens per hidden layer, from the traffic
     try:
+        earlier = set(archive.iterdir())        # dumps of other tests on this server
         agent.start()
         source = agent.sidecars[0]
         _wait(lambda: source.counts.dumped >= 1)     # recording (the first window dumped)
-        for burst in range(1, 4):            # three bursts, each reported in its own window
+        for burst in range(1, 4):            # three bursts, reported in three windows or more
             for _ in range(4):
                 # 16 tokens, top-2 of 10 physical slots; slots 0 and 8 (logical 0) take most
                 ids = {layer: rng.choice(R, size=(16, 2), p=_skew()) for layer in MOE}
                 forward(url, ids)
                 for layer, chosen in ids.items():
                     np.add.at(sent[layer], chosen.ravel() % E, 1)   # SGLang's trivial map
-            _wait(lambda: source.counts.reported == burst)
+            _wait(lambda: source.counts.reported >= burst)
         want = sent[MOE]
 
         def stored():
@@ -132,15 +135,16 @@ def test_dumps_reach_the_controller_and_the_plan_file_has_sglang_rows(sglang, tm
         _wait(lambda: stored().sum() == want.sum())
         window = plans.GetLoad(pb.GetLoadRequest(placement=PLACEMENT), timeout=10)
         np.testing.assert_array_equal(to_numpy(window.load, "load"), want)
-        assert window.reports == source.counts.reported == 3
+        assert window.reports == source.counts.reported >= 3
+        assert agent.metrics.registry.get_sample_value(          # on the agent's --metrics
+            "expertplane_agent_sglang_events_total", {"event": "reported"}) == window.reports
 
-        dumps = sorted(archive.glob("expert_distribution_recorder_*.pt"))
+        dumps = sorted(set(archive.glob("expert_distribution_recorder_*.pt")) - earlier)
         written = sum(torch.load(p, weights_only=True)["logical_count"].sum(0).numpy()
                       for p in dumps)
         assert not written[:DENSE].any()                       # dense rows: all zero
         np.testing.assert_array_equal(written[MOE], want)      # the controller holds the dumps
         assert source.counts.failed == 0 and source.counts.no_file == 0
-        assert not list(recorder.glob("expert_distribution_recorder_*.pt"))   # all consumed
         assert source.layout.num_hidden_layers == H and list(source.layout.moe_layers) == MOE
 
         decision = pb_grpc.PlanningServiceStub(channel).TriggerRebalance(
@@ -159,6 +163,15 @@ def test_dumps_reach_the_controller_and_the_plan_file_has_sglang_rows(sglang, tm
         np.testing.assert_array_equal(rows[MOE], phy2log)
         np.testing.assert_array_equal(rows[0], np.arange(R) % E)   # the dense row covers all
         assert (phy2log == 0).sum(axis=1).min() >= 2              # the hot expert replicated
+        # our SGLang plugin's rank 0 takes this file: from SGLang's trivial map it moves to
+        # exactly the file's hidden-layer rows
+        reader = PlanSource()
+        reader.path = str(plan_path)
+        choice = reader.choose(np.tile(np.arange(R) % E, (H, 1)), MOE, E)
+        assert choice.version == plan.version
+        np.testing.assert_array_equal(choice.phy2log, rows)
+        agent.stop(flush_timeout=2.0)        # its last window dumped and read too
+        assert not list(recorder.glob("expert_distribution_recorder_*.pt"))   # all consumed
     finally:
         agent.stop(flush_timeout=2.0)
         channel.close()
@@ -169,6 +182,30 @@ def _skew() -> np.ndarray:
     p = np.ones(R)
     p[[0, 8]] = 12.0
     return p / p.sum()
+
+
+def test_a_restarted_server_is_recorded_again(sglang):
+    url, recorder, _ = sglang
+    reported = []
+    source = SglangLoadSource(SglangSourceConfig(url=url, recorder_dir=str(recorder),
+                                                 placement=PLACEMENT, interval=0.1,
+                                                 moe_layers=tuple(MOE)), TESTED_VERSIONS)
+    source.reporting_to(lambda msg: reported.append(msg) or True).start()
+    try:
+        _wait(lambda: source.layout is not None)     # given MoE layers: known from a first,
+        assert source.layout == HiddenLayout(H, tuple(MOE)) and not reported   # idle dump
+        urllib.request.urlopen(urllib.request.Request(f"{url}/restart", data=b"",
+                                                      method="POST"), timeout=60).read()
+        _wait(lambda: source.counts.started == 2)   # an idle window, a new startup_time
+        forward(url, {layer: np.array([[layer, 9]]) for layer in MOE})
+        _wait(lambda: source.counts.reported == 1)
+    finally:
+        source.stop()
+    load = to_numpy(reported[0].expert_load, "expert_load")
+    want = np.zeros((len(MOE), E))
+    for row, layer in enumerate(MOE):
+        np.add.at(want[row], [layer % E, 9 % E], 1)   # physical -> logical: slot % E
+    np.testing.assert_array_equal(load, want)
 
 
 def test_a_dump_that_never_appears_does_not_hang_the_agent(sglang, tmp_path):

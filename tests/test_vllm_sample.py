@@ -9,12 +9,14 @@ from pathlib import Path
 import yaml
 
 from expertplane.cli.main import build_parser
-from expertplane.controller.operator.crd import placement_from_cr, topology_from_spec
+from expertplane.controller.operator.crd import placement_from_cr, placement_name, topology_from_spec
 from expertplane.controller.spec import spec_from_proto
 from expertplane.engines import vllm as plugin
 from expertplane.engines.plan_file import PLAN_FILE_ENV
+from tests.pod_env import container_args, container_env
 
 SAMPLE = Path(__file__).resolve().parents[1] / "manifests" / "samples" / "vllm-deepseek-v3.yaml"
+POD = {"metadata.namespace": "team-a", "spec.nodeName": "node-0"}     # where the pod runs
 
 
 def test_vllm_sample_placement_matches_the_server_and_shares_the_plan_file():
@@ -33,13 +35,12 @@ def test_vllm_sample_placement_matches_the_server_and_shares_the_plan_file():
     assert msg.num_replicas == msg.model.num_experts + eplb["num_redundant_experts"]
     assert parsed.num_gpus == int(args["data-parallel-size"]) == int(server["resources"]["limits"]["nvidia.com/gpu"])
     assert msg.num_replicas % parsed.num_gpus == 0
-    env = {e["name"]: e.get("value") for e in server["env"]}
-    agent_env = {e["name"]: e.get("value") for e in agent["env"]}
+    env, agent_env = container_env(server, POD), container_env(agent, POD)
     assert env[PLAN_FILE_ENV] == agent_env[PLAN_FILE_ENV]
-    assert env[plugin.PLACEMENT_ENV] == placement["metadata"]["name"]
-    agent_args = build_parser().parse_args(
-        [*agent["command"][1:], *(a.replace("$(NODE_NAME)", "node-0") for a in agent["args"])])
-    assert agent_args.placement == placement["metadata"]["name"]
+    controller_name = placement_name("team-a", placement["metadata"]["name"])
+    assert env[plugin.PLACEMENT_ENV] == controller_name
+    agent_args = build_parser().parse_args([*agent["command"][1:], *container_args(agent, POD)])
+    assert agent_args.placement == controller_name and agent_args.node == "node-0"
     socket = agent_args.socket
     assert env[plugin.AGENT_ENV] == f"unix:{socket}"
     shared = {m["mountPath"] for m in agent["volumeMounts"]} & \

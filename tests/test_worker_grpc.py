@@ -208,6 +208,41 @@ def test_bad_requests_name_the_field(cluster):
 
 
 @pytest.mark.timeout(60)
+def test_inconsistent_plans_and_requests_are_invalid_arguments_naming_the_field(cluster):
+    stub = cluster.stubs[0]
+
+    def refused(call, request) -> str:
+        with pytest.raises(grpc.RpcError) as exc:
+            call(request, timeout=10)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
+        return exc.value.details()
+
+    out_of_range = PLAN_B.copy()
+    out_of_range[1, 4] = EXPERTS
+    assert refused(stub.Prepare, pb.PrepareRequest(plan=_plan_message(out_of_range, 5, False))) \
+        == f"plan.phy2log[1]: values must be in [0, {EXPERTS})"
+    disagreeing = _plan_message(PLAN_B, 5, with_log2phy=True)
+    log2phy = to_numpy(disagreeing.log2phy, "log2phy")
+    log2phy[1, 3, 0] = 4                       # slot 4 of layer 1 holds expert 4, not 3
+    disagreeing.log2phy.CopyFrom(int64_tensor(log2phy))
+    assert refused(stub.Prepare, pb.PrepareRequest(plan=disagreeing)) \
+        == "plan.log2phy[1][3]: disagrees with phy2log"
+    miscounted = _plan_message(PLAN_B, 5, with_log2phy=True)
+    logcnt = to_numpy(miscounted.logcnt, "logcnt")
+    logcnt[0, 4] -= 1                           # expert 4 of layer 0 has 3 slots, not 2
+    miscounted.logcnt.CopyFrom(int64_tensor(logcnt))
+    assert refused(stub.Prepare, pb.PrepareRequest(plan=miscounted)) \
+        == f"plan.logcnt[0]: must sum to R={SLOTS}, got {SLOTS - 1}"
+    assert refused(stub.Commit, pb.VersionRequest(placement="demo", version=0)) \
+        == "version: must be >= 1"
+    nan = np.zeros((LAYERS, EXPERTS))
+    nan[0, 1] = np.nan
+    assert refused(stub.SetBias, pb.RouterBias(placement="demo", sequence=9,
+                                               bias=double_tensor(nan))) == "bias: must be finite"
+    assert stub.Status(pb.PullCountersRequest(), timeout=5).prepared_version == 0
+
+
+@pytest.mark.timeout(60)
 def test_router_bias_is_applied_and_idempotent(cluster):
     bias = pb.RouterBias(placement="demo", sequence=4, bias=double_tensor(
         np.linspace(-0.5, 0.5, LAYERS * EXPERTS).reshape(LAYERS, EXPERTS)))
@@ -221,6 +256,9 @@ def test_router_bias_is_applied_and_idempotent(cluster):
 def test_sigterm_stops_both_ranks_and_every_token_is_counted_once(cluster):
     for p in cluster.procs:
         p.send_signal(signal.SIGTERM)
+    # the first pulls come after both serving loops ended: each rank still holds two windows
+    # (v1, closed by the commit, and v2), which the drain must keep serving
+    time.sleep(1.0)
     done = [False] * WORLD
     deadline = time.monotonic() + 60
     while not all(done) and time.monotonic() < deadline:

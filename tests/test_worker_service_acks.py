@@ -82,20 +82,50 @@ def test_pulls_without_an_agent_epoch_keep_nothing():
     assert (first.counts.sum(), second.counts.sum()) == (LAYERS * SLOTS, 2 * LAYERS * SLOTS)
 
 
+def _servicer(ledger: CounterLedger) -> WorkerServicer:
+    return WorkerServicer(WorkerIdentity("node-a", 0, 1, "demo", LAYERS, 4, SLOTS),
+                          SimpleNamespace(version=1, prepared_version=0), ledger,
+                          address=lambda: "", on_bias=lambda bias: None)
+
+
 def test_drained_once_the_last_window_is_acknowledged():
-    """A stopping worker waits for ``drained``: its last window must have been acknowledged; a
-    window without steps has nothing to lose and is not kept."""
+    """A stopping worker waits until every step is delivered: its last window must have been
+    acknowledged; a window without steps has nothing to lose and is not kept."""
     ledger = CounterLedger(LAYERS, SLOTS, version=1)
-    servicer = WorkerServicer(WorkerIdentity("node-a", 0, 1, "demo", LAYERS, 4, SLOTS),
-                              SimpleNamespace(version=1, prepared_version=0), ledger,
-                              address=lambda: "", on_bias=lambda bias: None)
+    servicer = _servicer(ledger)
     ledger.add(1, ones())
     last = servicer.PullCounters(pb.PullCountersRequest(agent_epoch=AGENT), context=None)
-    assert last.sequence == 1 and ledger.pending and not servicer.drained.is_set()
+    assert last.sequence == 1 and ledger.pending and not ledger.wait_delivered(0)
     empty = servicer.PullCounters(pb.PullCountersRequest(
         agent_epoch=AGENT, ack_epoch=last.epoch, ack_sequence=last.sequence), context=None)
     assert (empty.sequence, empty.steps) == (0, 0) and not ledger.pending
-    assert servicer.drained.is_set()
+    assert ledger.wait_delivered(0) and ledger.undelivered_steps == 0
+
+
+@pytest.mark.parametrize("agent_epoch", [0, AGENT], ids=["no-acks", "acks"])
+def test_a_stopping_worker_waits_for_every_window_of_a_plan_change(agent_epoch):
+    """Steps under plan v1, a switch to v2, more steps, then the serving loop ends: the ledger
+    holds two windows and one pull takes one, so the drain must wait for a second pull (a
+    worker that stopped after the first lost the v2 window's counts)."""
+    ledger = CounterLedger(LAYERS, SLOTS, version=1)
+    servicer = _servicer(ledger)
+    ledger.add(1, ones())
+    ledger.add(2, ones(2))
+    ledger.add(2, ones(2))
+    assert ledger.undelivered_steps == 3
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: ledger.wait_delivered(10) and done.set())
+    waiter.start()
+    received, ack = [], {}
+    while not done.wait(0.05):
+        snap = servicer.PullCounters(pb.PullCountersRequest(agent_epoch=agent_epoch, **ack),
+                                     context=None)
+        received.append((snap.plan_version, snap.steps))
+        ack = dict(ack_epoch=snap.epoch, ack_sequence=snap.sequence) if agent_epoch else {}
+        assert len(received) <= 3
+    waiter.join()
+    assert [r for r in received if r[1]] == [(1, 1), (2, 2)]
+    assert ledger.undelivered_steps == 0
 
 
 class LostAnswer(grpc.RpcError):

@@ -70,8 +70,9 @@ class WorkerConfig:
     verify_every: compare every N-th step with the dense reference (0 = never); a mismatch
     beyond the dtype's tolerance counts as a failed step.
     threads: torch intra-op threads (CPU; 0 = torch's default).
-    drain_seconds: after the last step, keep serving until the agent has pulled and
-    acknowledged the last window (or a pull without acknowledgements took it), at most this long.
+    drain_seconds: after the last step, keep serving until every counted step has been pulled
+    (one pull per counter window; a plan version change since the last pull leaves two) and, by
+    an agent, acknowledged (``CounterLedger.wait_delivered``), at most this long.
     capacity: per-slot capacity of every layer (None = none); its drops are reported in
     ``CounterSnapshot.dropped_tokens``.
     hf_model: a HuggingFace MoE checkpoint directory to serve instead of the synthetic model
@@ -334,9 +335,11 @@ def run_worker(config: WorkerConfig, stop: threading.Event | None = None,
                 coord.request_stop()
             if config.step_interval:
                 time.sleep(config.step_interval)
-        servicer.drained.clear()
-        if config.drain_seconds and (config.agent or servicer.pulled):
-            servicer.drained.wait(config.drain_seconds)
+        if config.drain_seconds and (config.agent or servicer.pulled) \
+                and not ledger.wait_delivered(config.drain_seconds):
+            log.warning("rank %d: the counts of %d steps were not delivered within %.1f s of "
+                        "stopping (--drain): lost unless the last pull's answer arrived",
+                        config.rank, ledger.undelivered_steps, config.drain_seconds)
     except BaseException as exc:
         coord.close(f"serving loop failed: {exc}")
         raise

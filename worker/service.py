@@ -8,6 +8,7 @@ failing RPC never stalls a step.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import threading
@@ -20,13 +21,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from expertplane.errors import FieldError
+from expertplane.errors import FieldError, NotFound
 from expertplane.kernels.hotswap import SwapCoordinator, SwapError
 from expertplane.kernels.moe import LayerPlacement, PlacementError
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.proto import expertplane_pb2_grpc as pb_grpc
 from expertplane.rpc.channels import bind_local, make_server
 from expertplane.rpc.security import SecurityConfig
+from expertplane.rpc.status import status_of
 from expertplane.rpc.tensors import int64_tensor, to_numpy
 
 __all__ = ["CounterLedger", "CounterWindow", "WorkerIdentity", "WorkerServicer",
@@ -67,12 +69,17 @@ class CounterLedger:
     counts these). A window without steps holds nothing to lose: it gets no sequence.
     ``epoch`` is random per ledger (per worker process), so sequences of a restarted worker
     never pass for its predecessor's.
+
+    A stopping worker waits in :meth:`wait_delivered` until every counted step has been pulled
+    (and acknowledged, by a puller that acknowledges): one pull returns one window, and a plan
+    version change since the last pull leaves two or more.
     """
 
     def __init__(self, num_layers: int, slots_per_rank: int, version: int,
                  max_windows: int = 16) -> None:
         self.shape = (num_layers, slots_per_rank)
         self._lock = threading.Lock()
+        self._pulled = threading.Condition(self._lock)
         self._closed: deque[CounterWindow] = deque()
         self._max = max_windows
         self.dropped_windows = 0
@@ -111,6 +118,23 @@ class CounterLedger:
         with self._lock:
             return self._pending is not None
 
+    @property
+    def undelivered_steps(self) -> int:
+        """Steps whose counts no puller has received for sure: those of the closed windows, of
+        the open window and of the window handed out but not acknowledged yet."""
+        with self._lock:
+            return self._undelivered()
+
+    def _undelivered(self) -> int:
+        return sum(w.steps for w in self._closed) + self._open.steps \
+            + (self._pending.steps if self._pending is not None else 0)
+
+    def wait_delivered(self, timeout: float) -> bool:
+        """Wait until ``undelivered_steps`` is 0 (pulls of the remaining windows, and the
+        acknowledgement of the last one handed out), at most ``timeout`` seconds; True if so."""
+        with self._pulled:
+            return self._pulled.wait_for(lambda: self._undelivered() == 0, timeout)
+
     def _close(self, now: int, version: int) -> None:
         self._open.end = now
         if len(self._closed) >= self._max:
@@ -144,6 +168,7 @@ class CounterLedger:
                 self._sequence += 1
                 window.sequence = self._sequence
                 self._pending, self._pending_agent = window, agent_epoch
+            self._pulled.notify_all()
             return window
 
 
@@ -161,25 +186,49 @@ class WorkerIdentity:
 
 
 def placements_from_plan(plan: pb.Plan, ident: WorkerIdentity) -> tuple[int, list[LayerPlacement]]:
-    """(version, one LayerPlacement per layer) from a ``Plan`` message; raises ValueError
-    (FieldError / PlacementError) naming the field."""
+    """(version, one LayerPlacement per layer) from a ``Plan`` message; raises ``FieldError``
+    naming the field of the message, e.g. ``plan.log2phy[1][3]`` for expert 3 of layer 1."""
     version = int(plan.summary.version)
     if version < 1:
-        raise ValueError("plan.summary.version: must be >= 1")
+        raise FieldError("plan.summary.version", "must be >= 1")
     if plan.summary.placement and plan.summary.placement != ident.placement:
-        raise ValueError(f"plan.summary.placement: this worker serves {ident.placement!r}, "
-                         f"got {plan.summary.placement!r}")
+        raise FieldError("plan.summary.placement", f"this worker serves {ident.placement!r}, "
+                                                   f"got {plan.summary.placement!r}")
     shape = (ident.num_layers, ident.num_slots)
     phy2log = to_numpy(plan.phy2log, "plan.phy2log", shape=shape)
-    if len(plan.log2phy.shape):
+    explicit = bool(len(plan.log2phy.shape))
+    if explicit:
         log2phy = to_numpy(plan.log2phy, "plan.log2phy",
                            shape=(ident.num_layers, ident.num_experts, None))
         logcnt = to_numpy(plan.logcnt, "plan.logcnt", shape=(ident.num_layers, ident.num_experts))
-        layers = [LayerPlacement(phy2log[l], log2phy[l], logcnt[l]) for l in range(shape[0])]
-    else:
-        layers = [LayerPlacement.from_phy2log(phy2log[l], ident.num_experts)
-                  for l in range(shape[0])]
+    layers = []
+    for l in range(shape[0]):
+        try:
+            layers.append(LayerPlacement(phy2log[l], log2phy[l], logcnt[l]) if explicit
+                          else LayerPlacement.from_phy2log(phy2log[l], ident.num_experts))
+        except PlacementError as exc:
+            raise exc.at(_layer_field(exc.field, l)) from None
     return version, layers
+
+
+def _layer_field(field: str, layer: int) -> str:
+    """The ``Plan`` field of one layer's placement field: ``log2phy[3]`` of layer 1 is
+    ``plan.log2phy[1][3]``."""
+    name, bracket, rest = field.partition("[")
+    return f"plan.{name}[{layer}]" + (bracket + rest if bracket else "")
+
+
+def _answers_field_errors(method):
+    """A handler whose ``FieldError`` (bad input, unknown placement) is answered with its status
+    code (``rpc.status.status_of``), as every servicer does."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except FieldError as exc:
+            context.abort(*status_of(exc, method.__name__))
+    return wrapper
 
 
 def _deadline(context, limit: float) -> float:
@@ -205,7 +254,6 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self._bias_sequence = 0
         self._bias_lock = threading.Lock()
         self.pulled = False  # PullCounters was called at least once
-        self.drained = threading.Event()  # set by a PullCounters that leaves nothing pending
 
     def info(self) -> pb.WorkerInfo:
         return pb.WorkerInfo(node=self.ident.node, rank=self.ident.rank,
@@ -217,10 +265,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         return pb.WorkerAck(ok=ok, message=message, worker=self.info(),
                             seconds=time.monotonic() - started)
 
-    def _check_placement(self, placement: str, context) -> None:
+    def _check_placement(self, placement: str) -> None:
         if placement and placement != self.ident.placement:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"placement: this worker serves {self.ident.placement!r}, not {placement!r}")
+            raise NotFound("placement", f"this worker serves {self.ident.placement!r}, "
+                                        f"not {placement!r}")
 
     # -- RPCs
 
@@ -228,8 +276,6 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self._on_pull()
         w = self.ledger.pull(request.agent_epoch, (request.ack_epoch, request.ack_sequence))
         self.pulled = True
-        if not self.ledger.pending:
-            self.drained.set()
         snap = pb.CounterSnapshot(rank=self.ident.rank, placement=self.ident.placement,
                                   plan_version=w.version, slot_counts=int64_tensor(w.counts),
                                   steps=w.steps, failed_steps=w.failed, epoch=self.ledger.epoch,
@@ -240,12 +286,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         snap.window_end.FromNanoseconds(w.end)
         return snap
 
+    @_answers_field_errors
     def Prepare(self, request: pb.PrepareRequest, context) -> pb.WorkerAck:
         started = time.monotonic()
-        try:
-            version, layers = placements_from_plan(request.plan, self.ident)
-        except (FieldError, PlacementError, ValueError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        version, layers = placements_from_plan(request.plan, self.ident)
         try:
             stats = self.coord.prepare(version, layers, _deadline(context, self.max_wait))
         except (SwapError, TimeoutError) as exc:
@@ -257,20 +301,22 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                                f"{stats.local_fills + stats.dup_fills} local copies, "
                                f"{stats.bytes_sent} B sent in {stats.seconds:.3f}s", started)
 
+    @_answers_field_errors
     def Commit(self, request: pb.VersionRequest, context) -> pb.WorkerAck:
         started = time.monotonic()
-        self._check_placement(request.placement, context)
+        self._check_placement(request.placement)
         if request.version < 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version: must be >= 1")
+            raise FieldError("version", "must be >= 1")
         try:
             self.coord.commit(request.version, _deadline(context, self.max_wait))
         except (SwapError, TimeoutError) as exc:
             return self._ack(False, str(exc), started)
         return self._ack(True, f"v{request.version} in force", started)
 
+    @_answers_field_errors
     def Abort(self, request: pb.VersionRequest, context) -> pb.WorkerAck:
         started = time.monotonic()
-        self._check_placement(request.placement, context)
+        self._check_placement(request.placement)
         try:
             dropped = self.coord.abort(request.version, _deadline(context, self.max_wait))
         except (SwapError, TimeoutError) as exc:
@@ -278,16 +324,13 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         return self._ack(True, f"v{request.version} " + ("dropped" if dropped else "was not staged"),
                          started)
 
+    @_answers_field_errors
     def SetBias(self, request: pb.RouterBias, context) -> pb.WorkerAck:
         started = time.monotonic()
-        self._check_placement(request.placement, context)
-        try:
-            bias = to_numpy(request.bias, "bias",
-                            shape=(self.ident.num_layers, self.ident.num_experts))
-        except FieldError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self._check_placement(request.placement)
+        bias = to_numpy(request.bias, "bias", shape=(self.ident.num_layers, self.ident.num_experts))
         if not np.isfinite(bias).all():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bias: must be finite")
+            raise FieldError("bias", "must be finite")
         with self._bias_lock:
             if request.sequence and request.sequence <= self._bias_sequence:
                 return self._ack(True, f"bias sequence {request.sequence} already applied", started)

@@ -1,7 +1,8 @@
 """Kubernetes operator for ExpertPlane (kopf): reconciles ExpertPlacement and PipelinePlan objects.
 
 It registers placements with the controller over gRPC (PlanService.ApplyPlacement), publishes the
-plan in force in a ConfigMap in SGLang's expert-location format, writes a summary and conditions
+plan in force in a ConfigMap (``physical_to_logical_map``; in SGLang's ``--init-expert-location``
+form with ``spec.engine: sglang``), writes a summary and conditions
 into each object's status, keeps them fresh with a timer, cleans up through a finalizer, and
 runs under a coordination.k8s.io Lease so that several replicas can be deployed.
 

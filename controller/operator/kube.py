@@ -13,13 +13,14 @@ import numpy as np
 from kubernetes.client.exceptions import ApiException
 
 from expertplane.controller.operator.crd import GROUP, PLAN_KEY, SpecError, Topology
-from expertplane.planner.io import sglang_document
+from expertplane.controller.operator.plan_form import PlanForm, parse_annotation
 from expertplane.proto import expertplane_pb2 as pb
 from expertplane.rpc.tensors import to_numpy
 
 VERSION_ANNOTATION = f"{GROUP}/plan-version"
 PLACEMENT_ANNOTATION = f"{GROUP}/placement"
 IDENTITY_ANNOTATION = f"{GROUP}/plan-identity"
+FORM_ANNOTATION = f"{GROUP}/plan-form"
 REQUEST_TIMEOUT = 30
 COMPONENT = "expertplane-operator"      # events' reporting component ("From" in kubectl describe)
 
@@ -48,23 +49,19 @@ def plan_identity(placement: pb.Placement, version: int) -> str:
 @dataclass(frozen=True)
 class Published:
     """What a plan ConfigMap holds: its ``plan_identity`` (``shape`` is the part after the
-    version), the plan ``version`` (0 if unreadable), the uid of the object owning it and the
-    raw ``expert_location.json`` text."""
+    version), the plan ``version`` (0 if unreadable), the uid of the object owning it, the raw
+    ``expert_location.json`` text and the ``form`` it was written in (None if unreadable)."""
 
     identity: str
     version: int
     shape: str
     owner_uid: str | None
     document: str
+    form: PlanForm | None
 
     def phy2log(self) -> np.ndarray | None:
-        """The published map [rows, slots] (None if unreadable)."""
-        try:
-            rows = json.loads(self.document)["physical_to_logical_map"]
-            out = np.asarray(rows, dtype=np.int64)
-        except (ValueError, KeyError, TypeError):
-            return None
-        return out if out.ndim == 2 else None
+        """The published plan [MoE layers, slots], dense rows dropped (None if unreadable)."""
+        return None if self.form is None else self.form.plan_rows(self.document)
 
 
 class NoWorkers(Exception):
@@ -128,13 +125,16 @@ class Kube:
         owners = [o.uid for o in cm.metadata.owner_references or [] if o.controller]
         return Published(identity, int(version) if version.isdigit() else 0,
                          identity.partition(" ")[2], owners[0] if owners else None,
-                         (cm.data or {}).get(PLAN_KEY, ""))
+                         (cm.data or {}).get(PLAN_KEY, ""),
+                         parse_annotation(annotations.get(FORM_ANNOTATION)))
 
     def publish_plan(self, namespace: str, name: str, owner: Owner, plan: pb.Plan,
-                     identity: str) -> None:
+                     identity: str, form: PlanForm, num_experts: int) -> None:
         """Create or replace ConfigMap ``name`` holding ``plan`` in SGLang's expert-location
-        format: key ``expert_location.json`` = {"physical_to_logical_map": [layers][slots]};
-        ``identity`` (see ``plan_identity``) is recorded to tell later whether it is current."""
+        format: key ``expert_location.json`` = {"physical_to_logical_map": [rows][slots]}, rows
+        as ``form`` says (MoE layers, or SGLang's hidden layers); ``identity`` (see
+        ``plan_identity``) and ``form`` are recorded to tell later whether it is current and how
+        to read it back."""
         phy2log = to_numpy(plan.phy2log, "phy2log", ndim=2)
         body = kubernetes.client.V1ConfigMap(
             metadata=kubernetes.client.V1ObjectMeta(
@@ -143,9 +143,10 @@ class Kube:
                         "app.kubernetes.io/part-of": "expertplane"},
                 annotations={VERSION_ANNOTATION: str(plan.summary.version),
                              PLACEMENT_ANNOTATION: plan.summary.placement,
-                             IDENTITY_ANNOTATION: identity},
+                             IDENTITY_ANNOTATION: identity,
+                             FORM_ANNOTATION: form.annotation()},
                 owner_references=[owner.reference()]),
-            data={PLAN_KEY: json.dumps(sglang_document(phy2log), separators=(",", ":"))})
+            data={PLAN_KEY: json.dumps(form.document(phy2log, num_experts), separators=(",", ":"))})
         try:
             self.core.create_namespaced_config_map(namespace, body, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as exc:

@@ -30,6 +30,7 @@ from expertplane.controller.operator.crd import (
     topology_from_spec,
 )
 from expertplane.controller.operator.kube import NoWorkers, Owner, plan_identity
+from expertplane.controller.operator.plan_form import PlanForm, plan_form_from_spec
 from expertplane.controller.operator.rebalance import (
     REBALANCE_ANNOTATION,
     ROLLING,
@@ -188,6 +189,7 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
                                       mode=_mode(spec, bool(status.get("stopped"))),
                                       load_field=inputs.load_field,
                                       initial_load_file=inputs.load_file)
+        form = plan_form_from_spec(spec)
     except SpecError as exc:
         rebalancing(False, "InvalidSpec", "no plan")
         return done(False, "InvalidSpec", str(exc))
@@ -205,7 +207,7 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
                                                    f"{placement.num_replicas} slots per layer on "
                                                    f"{status['numGPUs']} GPUs"))
         proposal = act(ctx, pname, spec, state, requests, changed, status, out)
-        regression = _publish(ctx, obj, cm_name, placement, state, old, status, out)
+        regression = _publish(ctx, obj, cm_name, placement, form, state, old, status, out)
         _history(ctx, pname, state, status)
     except Rejected as exc:
         details = exc.details.replace("initial_load_file: ", "spec.initialLoadFrom.file: ", 1)
@@ -242,7 +244,8 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
 def _restore(ctx: OperatorContext, obj: Mapping, cm_name: str, placement: pb.Placement) -> None:
     """The controller does not know the placement: if this object's ConfigMap holds a plan of
     the same shape, ask the controller to restore it (same version and map) should its store
-    have been lost, rather than plan anew (the controller ignores it when it has plans)."""
+    have been lost, rather than plan anew (the controller ignores it when it has plans). The
+    rows are read in the form the ConfigMap was written in (SGLang's: dense rows dropped)."""
     published = ctx.kube.published_plan(obj["metadata"]["namespace"], cm_name)
     if published is None or published.owner_uid != obj["metadata"]["uid"] or not published.version:
         return
@@ -256,9 +259,10 @@ def _restore(ctx: OperatorContext, obj: Mapping, cm_name: str, placement: pb.Pla
 
 
 def _publish(ctx: OperatorContext, obj: Mapping, cm_name: str, placement: pb.Placement,
-             state: pb.PlacementState, old: dict, status: dict,
+             form: PlanForm, state: pb.PlacementState, old: dict, status: dict,
              out: Outcome) -> tuple[str, str] | None:
-    """Publish the plan in force if the ConfigMap lacks it; fill the plan fields of ``status``.
+    """Publish the plan in force if the ConfigMap lacks it or holds it in another ``form``; fill
+    the plan fields of ``status``.
 
     A plan in force older than the one the ConfigMap holds for the same shape (the controller
     lost its store) is not published: returns the Degraded (reason, message) then, else None.
@@ -280,10 +284,11 @@ def _publish(ctx: OperatorContext, obj: Mapping, cm_name: str, placement: pb.Pla
                        f"holds v{published.version}: not overwritten with an older plan")
             regression = ("PlanRegression", message)
             version = published.version
-        elif published is None or published.identity != identity:
+        elif published is None or published.identity != identity or published.form != form:
             plan = ctx.client.get_plan(placement.name, version)
             owner = Owner(f"{GROUP}/{VERSION}", "ExpertPlacement", meta["name"], meta["uid"])
-            ctx.kube.publish_plan(namespace, cm_name, owner, plan, identity)
+            ctx.kube.publish_plan(namespace, cm_name, owner, plan, identity, form,
+                                  placement.model.num_experts)
             plan_balance = mean(plan.summary.predicted_balance)
             status.update(slotsMoved=int(plan.summary.slots_moved),
                           bytesMoved=int(plan.summary.bytes_moved), planBalance=plan_balance)

@@ -72,14 +72,18 @@ def _placements(phy2log, blocks: Sequence[MoEBlock], world: int) -> list[LayerPl
     need = f"[{len(blocks)}, R] (R a multiple of the world size {world}, values < {experts})"
     if plan.dim() != 2 or plan.shape[0] != len(blocks) or plan.shape[1] % world \
             or plan.shape[1] < experts:
-        raise PlacementError(f"phy2log shape {list(plan.shape)} does not match the model: "
-                             f"{len(blocks)} MoE layers of {experts} experts need {need}")
+        raise PlacementError("phy2log", f"shape {list(plan.shape)} does not match the model: "
+                                        f"{len(blocks)} MoE layers of {experts} experts need "
+                                        f"{need}")
     if any(b.num_experts != experts for b in blocks):
-        raise PlacementError("model: MoE layers with different expert counts are not supported")
-    try:
-        return [LayerPlacement.from_phy2log(row, experts) for row in plan]
-    except PlacementError as exc:
-        raise PlacementError(f"phy2log {list(plan.shape)}: {exc}") from None
+        raise PlacementError("model", "MoE layers with different expert counts are not supported")
+    layers = []
+    for layer, row in enumerate(plan):
+        try:
+            layers.append(LayerPlacement.from_phy2log(row, experts))
+        except PlacementError as exc:
+            raise exc.at(f"phy2log[{layer}]") from None
+    return layers
 
 
 def expert_parallel(model: nn.Module, phy2log, group: dist.ProcessGroup | None = None, *,
