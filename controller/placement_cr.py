@@ -9,7 +9,9 @@ a cluster. Differences, since no apiserver is there:
 * the placement is named ``metadata.name`` (the operator, which serves many namespaces, names it
   ``<namespace>-<name>``);
 * ``spec.topology.workerSelector`` and ``spec.initialLoadFrom`` need the cluster and are
-  refused naming the field; give ``nodes``/``gpusPerNode`` and ``initialLoad.values``.
+  refused naming the field; give ``nodes``/``gpusPerNode`` and ``initialLoad.values``;
+* ``spec.engine`` and the model's ``hiddenLayers``/``moeLayers`` say how the operator's plan
+  ConfigMap is written: checked as the operator checks them, no ConfigMap is written.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def placement_from_resource(doc: Mapping) -> pb.Placement:
     """
     from expertplane.controller.operator.crd import (initial_load_source, load_matrix,
                                                      placement_from_cr, topology_from_spec)
+    from expertplane.controller.operator.plan_form import plan_form_from_spec
 
     if doc.get("apiVersion") != API_VERSION:
         raise FieldError("apiVersion", f"must be {API_VERSION}, got {doc.get('apiVersion')!r}")
@@ -77,4 +80,6 @@ def placement_from_resource(doc: Mapping) -> pb.Placement:
                          "initialLoad.values")
     initial = load_matrix(source[1], source[0]) if source else None
     generation = int(doc["metadata"].get("generation", 0))
-    return placement_from_cr(str(name), spec, topology, generation, initial)
+    placement = placement_from_cr(str(name), spec, topology, generation, initial)
+    plan_form_from_spec(spec)
+    return placement

@@ -230,11 +230,26 @@ class SglangLoadSource:
         hidden = self._inbox.read(files)
         if hidden is None:
             return False
-        if not hidden.any():
+        try:
+            self._learn(hidden)
+        except FieldError as exc:
+            self._count("failed")
+            self._note(f"sglang: window not reported: {exc}")
+            return False
+        if self.layout is None or not hidden.any():
             self._count("idle")
             self._check_restarted()
             return False
         return self._report(hidden, start, end)
+
+    def _learn(self, hidden: np.ndarray) -> None:
+        """Know the layout from the first dump (``moe_layers`` given) or the first with traffic."""
+        if self.layout is None:
+            self.layout = learn_layout(hidden, self.config.moe_layers)
+            if self.layout is not None:
+                layers = self.layout.moe_layers
+                log.info("sglang: %d hidden layers, MoE layers %d..%d (%d)",
+                         self.layout.num_hidden_layers, layers[0], layers[-1], len(layers))
 
     def _check_restarted(self) -> None:
         """After a window without traffic: a server restarted since its recorder was started
@@ -250,13 +265,6 @@ class SglangLoadSource:
 
     def _report(self, hidden: np.ndarray, start_ns: int, end_ns: int) -> bool:
         try:
-            if self.layout is None:
-                self.layout = learn_layout(hidden, self.config.moe_layers)
-                if self.layout is not None:
-                    log.info("sglang: %d hidden layers, MoE layers %s", *self._describe())
-            if self.layout is None:
-                self._count("idle")
-                return False
             loads = moe_load(hidden, self.layout)
             self._sequence += 1
             msg = pb.EngineLoadReport(placement=self.config.placement, engine="sglang",
@@ -273,10 +281,6 @@ class SglangLoadSource:
             self._count("reported")
         self._last_error = ""
         return queued
-
-    def _describe(self) -> tuple[int, str]:
-        layers = self.layout.moe_layers
-        return self.layout.num_hidden_layers, f"{layers[0]}..{layers[-1]} ({len(layers)})"
 
     def _note(self, message: str) -> None:
         """Log ``message`` at WARNING the first time in a row, at DEBUG while it repeats."""

@@ -4,7 +4,7 @@
 applied server-side. ``operator_kubeconfig``: a kubeconfig holding a TokenRequest token of the
 ``expertplane-operator`` ServiceAccount, so the operator runs with exactly the RBAC the manifests
 grant. ``controller``: a real ``ControllerServer`` on loopback (SQLite in tmp). ``OperatorProcess``:
-``expertplane operator`` as a child process. ``RestartableController``: a controller the tests
+``expertplane operator`` as a child process. ``restartable_controller``: a controller the tests
 stop and start again (same store or an empty one).
 """
 
@@ -157,6 +157,15 @@ class RestartableController:
     def stop(self) -> None:
         self.server.stop(0.5)
         self.server = None
+
+
+@pytest.fixture(scope="module")
+def restartable_controller(tmp_path_factory):
+    """A ``RestartableController`` for the test module, stopped at its end."""
+    c = RestartableController(tmp_path_factory.mktemp("controller"))
+    yield c
+    if c.server is not None:
+        c.stop()
 
 
 class OperatorProcess:

@@ -20,10 +20,10 @@ from expertplane.rpc.channels import make_channel
 from expertplane.rpc.tensors import to_numpy
 
 from tests.k8s_fixture import (  # noqa: F401  (pytest fixtures)
-    RestartableController,
     apiserver,
     condition,
     operator_kubeconfig,
+    restartable_controller,
     start_operator,
     wait_for,
 )
@@ -33,24 +33,17 @@ NS = "default"
 
 
 @pytest.fixture(scope="module")
-def controller(tmp_path_factory):
-    c = RestartableController(tmp_path_factory.mktemp("controller"))
-    yield c
-    if c.server is not None:
-        c.stop()
-
-
-@pytest.fixture(scope="module")
-def operator(apiserver, operator_kubeconfig, controller, tmp_path_factory):
-    op = start_operator(tmp_path_factory.mktemp("operator"), controller.port, operator_kubeconfig,
-                        "op-life", "--rpc-timeout-seconds", "5", "--proposal-interval-seconds", "1")
+def operator(apiserver, operator_kubeconfig, restartable_controller, tmp_path_factory):
+    op = start_operator(tmp_path_factory.mktemp("operator"), restartable_controller.port,
+                        operator_kubeconfig, "op-life", "--rpc-timeout-seconds", "5",
+                        "--proposal-interval-seconds", "1")
     yield op
     assert op.stop() == 0, op.log()[-3000:]
 
 
 @pytest.fixture(scope="module")
-def channel(controller):
-    channel = make_channel(f"127.0.0.1:{controller.port}")
+def channel(restartable_controller):
+    channel = make_channel(f"127.0.0.1:{restartable_controller.port}")
     yield channel
     channel.close()
 
@@ -117,7 +110,7 @@ def test_mutually_exclusive_fields_get_a_readable_message_and_a_warning(apiserve
 
 
 def test_large_load_through_initial_load_from_and_the_inline_limit(apiserver, operator, plans,
-                                                                   controller):
+                                                                   restartable_controller):
     rng = np.random.default_rng(0)
     load = rng.gamma(0.5, 1000.0, size=(58, 256))          # a skewed DeepSeek-V3-sized load
     text = json.dumps({"load": load.tolist()})
@@ -148,7 +141,7 @@ def test_large_load_through_initial_load_from_and_the_inline_limit(apiserver, op
     apiserver.kubectl("delete", "expertplacement", "big", "--timeout=60s")
     assert apiserver.get("configmap", "big-expert-location", NS) is None
     # Or a file in the controller's load directory (its volume), which the controller reads.
-    np.save(controller.load_dir / "ds.npy", load)
+    np.save(restartable_controller.load_dir / "ds.npy", load)
     apiserver.apply(placement("big-file", model={"layers": 58, "experts": 256, "groups": 8},
                               topology={"nodes": 4, "gpusPerNode": 8}, replicas=288,
                               initialLoadFrom={"file": "ds.npy"}))
@@ -244,7 +237,8 @@ def configmap_map(cluster, name):
     return cm, np.array(json.loads(cm["data"]["expert_location.json"])["physical_to_logical_map"])
 
 
-def test_reshape_and_a_restart_on_an_empty_store_keep_versions(apiserver, operator, controller,
+def test_reshape_and_a_restart_on_an_empty_store_keep_versions(apiserver, operator,
+                                                                restartable_controller,
                                                                 plans):
     apiserver.apply(placement("kept"))
     wait_for(ready(apiserver, "kept", planVersion=1), what="kept v1")
@@ -256,7 +250,7 @@ def test_reshape_and_a_restart_on_an_empty_store_keep_versions(apiserver, operat
         e["message"] for e in events(apiserver, "kept") if e["reason"] == "Reshaped")
     cm, before = configmap_map(apiserver, "kept-expert-location")
     # The controller goes away: Degraded, shown by kubectl get and a Warning event.
-    controller.stop()
+    restartable_controller.stop()
     wait_for(lambda: (c := condition(apiserver.get("expertplacement", "kept", NS), "Degraded"))
              and c["status"] == "True" and c["reason"] == "ControllerUnavailable", timeout=60,
              what="Degraded")
@@ -264,7 +258,7 @@ def test_reshape_and_a_restart_on_an_empty_store_keep_versions(apiserver, operat
     assert row[6:8] == ["True", "True"], row                         # READY, DEGRADED
     wait_for(warning(apiserver, "kept", "ControllerUnavailable"), what="Warning event")
     # ... and comes back with an empty store: the operator restores v2 and its map.
-    controller.start(empty=True)
+    restartable_controller.start(empty=True)
     wait_for(lambda: (c := condition(apiserver.get("expertplacement", "kept", NS), "Degraded"))
              and c["status"] == "False", timeout=60, what="recovered")
     state = wait_for(lambda: next((p for p in plans.ListPlacements(

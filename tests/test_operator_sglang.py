@@ -21,10 +21,10 @@ from expertplane.rpc.tensors import to_numpy
 
 from tests.k8s_fixture import (  # noqa: F401  (pytest fixtures)
     REPO,
-    RestartableController,
     apiserver,
     condition,
     operator_kubeconfig,
+    restartable_controller,
     start_operator,
     wait_for,
 )
@@ -39,25 +39,17 @@ CM = f"{NAME}-expert-location"
 
 
 @pytest.fixture(scope="module")
-def controller(tmp_path_factory):
-    c = RestartableController(tmp_path_factory.mktemp("controller"))
-    yield c
-    if c.server is not None:
-        c.stop()
-
-
-@pytest.fixture(scope="module")
-def operator(apiserver, operator_kubeconfig, controller, tmp_path_factory):
-    op = start_operator(tmp_path_factory.mktemp("operator"), controller.port, operator_kubeconfig,
-                        "op-sglang", "--rpc-timeout-seconds", "5")
+def operator(apiserver, operator_kubeconfig, restartable_controller, tmp_path_factory):
+    op = start_operator(tmp_path_factory.mktemp("operator"), restartable_controller.port,
+                        operator_kubeconfig, "op-sglang", "--rpc-timeout-seconds", "5")
     yield op
     assert op.stop() == 0, op.log()[-3000:]
     assert f'File "{REPO / "controller" / "operator"}' not in op.log(), op.log()[-5000:]
 
 
 @pytest.fixture(scope="module")
-def plans(controller):
-    channel = make_channel(f"127.0.0.1:{controller.port}")
+def plans(restartable_controller):
+    channel = make_channel(f"127.0.0.1:{restartable_controller.port}")
     yield pb_grpc.PlanServiceStub(channel)
     channel.close()
 
@@ -115,7 +107,8 @@ def sglang_loads(document: str, tmp_path, spec: dict) -> np.ndarray:
         override.restore()
 
 
-def test_sample_configmap_is_sglangs_map_and_is_restored_from_it(apiserver, operator, controller,
+def test_sample_configmap_is_sglangs_map_and_is_restored_from_it(apiserver, operator,
+                                                                 restartable_controller,
                                                                  plans, tmp_path):
     spec = PLACEMENT["spec"]
     layers, hidden, experts = spec["model"]["layers"], spec["model"]["hiddenLayers"], spec["model"]["experts"]
@@ -140,8 +133,8 @@ def test_sample_configmap_is_sglangs_map_and_is_restored_from_it(apiserver, oper
 
     # The controller comes back on an empty store: the operator restores v1 from the SGLang form
     # (its MoE rows), and the ConfigMap stays as it was.
-    controller.stop()
-    controller.start(empty=True)
+    restartable_controller.stop()
+    restartable_controller.start(empty=True)
     state = wait_for(lambda: next((p for p in plans.ListPlacements(
         pb.ListPlacementsRequest(), timeout=10).placements if p.spec.name == pname), None),
         timeout=60, what="placement registered again")

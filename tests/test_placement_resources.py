@@ -86,6 +86,9 @@ def test_readme_placements_folder_and_kubernetes_samples_load():
     (("metadata: {name: m}", "metadata: {}"), "metadata.name: is required"),
     (("apiVersion: expertplane.io/v1alpha1", "apiVersion: v1"), "apiVersion: must be"),
     (("layers: 3", "layers: three"), "spec.model.layers: 'three' is not of type 'integer'"),
+    (("layers: 3,", "layers: 3, hiddenLayers: 4, moeLayers: [0, 2, 4],"),
+     "spec.model.moeLayers: must be increasing hidden-layer ids in [0, 4), got [0, 2, 4]"),
+    (("replicas: 24", "replicas: 24\n  engine: sglang"), "spec.model.hiddenLayers: required"),
 ])
 def test_bad_resources_name_the_field(tmp_path, change, field):
     (tmp_path / "p.yaml").write_text(RESOURCE.replace(*change))

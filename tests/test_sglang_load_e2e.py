@@ -14,6 +14,7 @@ appears in the agent's directory, an unreachable server, a server without a reco
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from expertplane.controller.server import ControllerServer
 from expertplane.engines.plan_file import read_plan_file
 from expertplane.engines.sglang import TESTED_VERSIONS, PlanSource
 from expertplane.engines.sglang_http import HttpPolicy, SglangHttp, SglangHttpError
+from expertplane.engines.sglang_layout import HiddenLayout
 from expertplane.engines.sglang_load import SglangLoadSource, SglangSourceConfig, check_server
 from expertplane.errors import FieldError
 from expertplane.proto import expertplane_pb2 as pb
@@ -75,8 +77,8 @@ def sglang(tmp_path_factory):
 
 def forward(url: str, topk_ids: dict[int, np.ndarray]) -> None:
     """One forward pass: physical expert ids ``[tokens, topk]`` per hidden MoE layer."""
-    body = ('{"topk_ids": {%s}}' % ", ".join(
-        f'"{layer}": {ids.tolist()}' for layer, ids in topk_ids.items())).encode()
+    body = json.dumps({"topk_ids": {str(layer): ids.tolist()
+                                    for layer, ids in topk_ids.items()}}).encode()
     urllib.request.urlopen(urllib.request.Request(f"{url}/forward", data=body, method="POST"),
                            timeout=60).read()
 
@@ -186,11 +188,12 @@ def test_a_restarted_server_is_recorded_again(sglang):
     url, recorder, _ = sglang
     reported = []
     source = SglangLoadSource(SglangSourceConfig(url=url, recorder_dir=str(recorder),
-                                                 placement=PLACEMENT, interval=0.1),
-                              TESTED_VERSIONS)
+                                                 placement=PLACEMENT, interval=0.1,
+                                                 moe_layers=tuple(MOE)), TESTED_VERSIONS)
     source.reporting_to(lambda msg: reported.append(msg) or True).start()
     try:
-        _wait(lambda: source.counts.dumped >= 1)
+        _wait(lambda: source.layout is not None)     # given MoE layers: known from a first,
+        assert source.layout == HiddenLayout(H, tuple(MOE)) and not reported   # idle dump
         urllib.request.urlopen(urllib.request.Request(f"{url}/restart", data=b"",
                                                       method="POST"), timeout=60).read()
         _wait(lambda: source.counts.started == 2)   # an idle window, a new startup_time

@@ -26,6 +26,7 @@ from expertplane.cli.agent import sglang_source_from_args, sidecars_from_args  #
 from expertplane.cli.main import build_parser  # noqa: E402
 from expertplane.controller.operator.crd import (  # noqa: E402
     PLAN_KEY,
+    approval_of,
     placement_from_cr,
     placement_name,
     plan_configmap_name,
@@ -84,6 +85,7 @@ def test_sglang_server_flags_match_the_placement_and_the_agent(monkeypatch):
     assert args.ep_num_redundant_experts == msg.num_replicas - msg.model.num_experts
     assert args.moe_a2a_backend == "deepep"             # static dispatch from the start-up map
     assert not args.enable_eplb and args.expert_distribution_recorder_mode == "stat"
+    assert approval_of(spec) == "Manual"       # plans apply at restart: approved, then restarted
     assert args.expert_distribution_recorder_buffer_size == -1     # a dump holds its whole window
     # --init-expert-location is the operator's ConfigMap key, mounted from its volume.
     [plan_volume] = [v for v in pod["volumes"]
