@@ -6,10 +6,11 @@ and ``make setup`` fill the cache). Compiling every kernel takes 40-300 s on 2 C
 that finds the cache empty or stale does not compile on the caller's time: ``use_compiled()``
 starts ``python -m expertplane.planner.warm`` in a separate process (it fills the cache; the
 process outlives this one if need be) and answers False until that process has finished. The
-algorithms then serve the call with their numpy path (``planner.numpy_paths``: same algorithm,
-same results), and switch to the compiled kernels, loaded from the cache, at the first call after
-the build. Work without a numpy path (``balanced``, movement-aware re-planning, the lower bound)
-calls ``wait_compiled``, which logs what it waits for and blocks until the build is done.
+algorithms then serve the call with their numpy paths (``planner.numpy_paths``,
+``planner.interpreted``: same algorithm, same results), and switch to the compiled kernels,
+loaded from the cache, at the first call after the build. Work without a numpy path
+(movement-aware re-planning of deepseek and balanced) calls ``wait_compiled``, which logs what
+it waits for and blocks until the build has cached what that work needs.
 
 ``$EXPERTPLANE_PLANNER_KERNELS`` chooses: ``auto`` (the default, above); ``numba``: always the
 compiled kernels, compiled in this process on first use if not cached; ``numpy``: the numpy
@@ -21,8 +22,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 import os
 import pkgutil
 import subprocess
@@ -30,6 +29,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 

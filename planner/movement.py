@@ -134,12 +134,12 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
     w = np.ascontiguousarray(weight, dtype=np.float64)
     prev = np.ascontiguousarray(previous, dtype=np.int64)
     r, g, n, p = int(num_replicas), int(num_groups), int(num_nodes), int(num_gpus)
-    wait_compiled("movement-aware re-planning", step_label(algorithm, is_hierarchical(g, n)))
     if fresh is None:
         fresh = fresh_placement(w, r, g, n, p, algorithm, **options)[0]
     fresh = np.ascontiguousarray(fresh, dtype=np.int64)
     if algorithm not in _REPAIRABLE:
         return align(fresh, prev, p, n, by_node=is_hierarchical(g, n) or algorithm == "topology")
+    wait_compiled("movement-aware re-planning", step_label(algorithm, is_hierarchical(g, n)))
     drifted, _ = drifted_layers(w, prev, fresh, p)
     out = prev.copy()
     if drifted.any():

@@ -1,8 +1,9 @@
 """numpy versions of the planner's compiled kernels, for a process whose kernels are still being
 built (``planner.compiled``). Each computes exactly what the kernel named in its docstring
-computes, in the same order of floating-point operations, vectorised over rows (layers, or
-layers x nodes) instead of looping over them; ``tests/test_numpy_paths.py`` checks them against
-the kernels.
+computes, in the same order of floating-point operations: vectorised over rows (layers, or
+layers x nodes) where the kernel loops over them, or, for the inner steps of ``balanced``'s
+per-row search (run by ``planner.interpreted``), over one row's items. ``tests/test_numpy_paths.py``
+checks them against the kernels.
 """
 
 from __future__ import annotations
