@@ -21,6 +21,10 @@ from expertplane.proto import expertplane_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+# final pulls at stop: a window per plan version since the last pull (rarely more than two),
+# then the round that acknowledges the last one
+FINAL_PULL_ROUNDS = 4
+
 
 class Collector:
     """Every ``config.interval`` seconds, calls PullCounters on each worker in parallel.
@@ -35,6 +39,9 @@ class Collector:
     per (placement, rank), so across a re-registration too), so a worker sends a snapshot again
     until it is known to have arrived (a lost answer loses nothing); a snapshot whose (epoch,
     sequence) was already counted is not reported again.
+
+    A worker answers one counter window per pull and may hold several (one per plan version
+    since the last pull), so the final pulls at ``stop`` go on while they bring new steps.
     """
 
     def __init__(self, config: AgentConfig, registry: WorkerRegistry, buffer: ReportBuffer,
@@ -76,14 +83,15 @@ class Collector:
             futures.append(self._pool.submit(self._pull, handle))
         return futures
 
-    def _pull(self, handle: WorkerHandle) -> None:
+    def _pull(self, handle: WorkerHandle) -> int:
         try:
-            self._pull_once(handle)
+            return self._pull_once(handle)
         finally:   # only now may the next pull of this worker start: its report is queued
             with handle.lock:
                 handle.pulling = False
 
-    def _pull_once(self, handle: WorkerHandle) -> None:
+    def _pull_once(self, handle: WorkerHandle) -> int:
+        """One pull of ``handle``; returns the steps of the snapshot it reported (0: none)."""
         started = time.time()
         t0 = time.monotonic()
         with self._seq_lock:
@@ -96,7 +104,7 @@ class Collector:
             self._metrics.pull_latency.observe(time.monotonic() - t0)
             self._metrics.pull_failures.inc()
             self._missed(handle, exc)
-            return
+            return 0
         self._metrics.pull_latency.observe(time.monotonic() - t0)
         handle.missed_pulls = 0
         previous, handle.last_pull = handle.last_pull, started
@@ -111,7 +119,7 @@ class Collector:
                 log.info("rank %d sent snapshot %d again: already counted, not reported twice",
                          info.rank, snapshot.sequence)
                 self._metrics.snapshots_duplicate.inc()
-                return
+                return 0
             self._counted[handle.key] = (snapshot.epoch, snapshot.sequence)  # the next pull's ack
             sequence = self._sequences.get(info.rank, 0) + 1
             try:
@@ -120,12 +128,13 @@ class Collector:
             except FieldError as exc:   # acknowledged all the same: sent again, still malformed
                 log.warning("rank %d sent a malformed counter snapshot, not reported: %s",
                             info.rank, exc)
-                return
+                return 0
             self._sequences[info.rank] = sequence
             dropped = self._buffer.put(report)
         if dropped:
             self._metrics.reports_dropped.inc(dropped)
         self._metrics.buffer_depth.set(len(self._buffer))
+        return snapshot.steps
 
     def enqueue(self, rank: int, build: Callable[[int], pb.LoadReport]) -> int:
         """Buffer ``build(sequence)`` under ``rank``'s next sequence (numbered and buffered under
@@ -152,12 +161,16 @@ class Collector:
             self._metrics.workers.set(len(self._registry))
 
     def stop(self, final_pull: bool = True) -> None:
-        """Stop the interval loop; with ``final_pull`` pull every worker once more and wait for it."""
+        """Stop the interval loop; with ``final_pull`` pull every worker again, one round after
+        another while a round reports new steps (each round also acknowledges the previous one's
+        windows), at most ``FINAL_PULL_ROUNDS`` rounds."""
         self._stopping.set()
         if self._thread is not None:
             self._thread.join()
-        if final_pull:
-            wait(self.collect(), timeout=self._config.deadlines.pull + 1.0)
+        for _ in range(FINAL_PULL_ROUNDS if final_pull else 0):
+            done, _ = wait(self.collect(), timeout=self._config.deadlines.pull + 1.0)
+            if not any(f.exception() is None and f.result() for f in done):
+                break
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -51,16 +51,20 @@ _PLANNER = textwrap.dedent("""
     drifted = w * np.exp(np.random.default_rng(1).normal(0.0, 0.3, w.shape))
     rebalance_experts(drifted, 288, 8, 4, 32, algorithm=sys.argv[1], previous=p.numpy())
     c = time.perf_counter()
+    from expertplane.planner.compiled import wait_compiled
+    wait_compiled("the benchmark")   # the build ends here, not during the next measurement
+    built = time.perf_counter() - a if built_apart else 0.0
     from numba.core.dispatcher import Dispatcher
     compiled = sum(sum(obj.stats.cache_misses.values())
                    for name, module in list(sys.modules.items()) if name.startswith("expertplane.")
                    for obj in vars(module).values() if isinstance(obj, Dispatcher))
     print(json.dumps({"import": t1 - t0, "first": b - a, "movement_first": c - b,
+                      "built": built,
                       "compiled": f"{compiled} here" + (", build apart" if built_apart else "")}))
 """)
 
 _CONTROLLER = textwrap.dedent("""
-    import json, subprocess, sys, time
+    import json, os, re, subprocess, sys, time
     import numpy as np
     from expertplane.controller.placement_files import read_placement_files
     from expertplane.proto import expertplane_pb2 as pb, expertplane_pb2_grpc as pb_grpc
@@ -114,7 +118,13 @@ _CONTROLLER = textwrap.dedent("""
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=60)
+    build = re.search(r"building them in the background \\(pid (\\d+)", err)
+    alive = lambda: build and os.path.exists(f"/proc/{build.group(1)}")
+    while alive() and time.perf_counter() - a < 1800:
+        time.sleep(1.0)   # the controller's build ends here, not during the next measurement
+    built = time.perf_counter() - a if build else 0.0
     print(json.dumps({"serving": serving, "first_rpc": b - a, "movement_first": c - b,
+                      "built": built,
                       "notice": "building them in the background" in err, "rpc_ms": rpc_ms}))
 """)
 
@@ -135,6 +145,7 @@ class Row:
     load_after: float
     compiled: int | str = "-"
     rpc_ms: dict | None = None
+    built: float = 0.0
 
 
 def add_arguments(parser) -> None:
@@ -169,10 +180,11 @@ def _measure(what: str, cache_label: str, cache: Path, tmp: Path) -> Row:
         r = _python(_CONTROLLER, [str(_free_port()), db,
                                   str(REPO / "examples" / "placements" / "deepseek-v3.yaml")], cache)
         return Row(what, cache_label, r["first_rpc"], r["movement_first"], r["serving"], before,
-                   os.getloadavg()[0], "build apart" if r["notice"] else "none", r["rpc_ms"])
+                   os.getloadavg()[0], "build apart" if r["notice"] else "none", r["rpc_ms"],
+                   r["built"])
     r = _python(_PLANNER, [what], cache)
     return Row(f"planner {what}", cache_label, r["first"], r["movement_first"], r["import"],
-               before, os.getloadavg()[0], r["compiled"])
+               before, os.getloadavg()[0], r["compiled"], built=r["built"])
 
 
 def _warm(cache: Path) -> float:
@@ -186,12 +198,14 @@ def _warm(cache: Path) -> float:
 def print_table(rows: list[Row], warm_seconds: float) -> None:
     """A markdown table (readable piped or pasted)."""
     print(f"| measured (fresh process) | cache | first call / first RPC | first movement-aware "
-          f"| import / start to serving | <= {TARGET_SECONDS:g} s? | kernels compiled | load avg |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"| import / start to serving | first <= {TARGET_SECONDS:g} s? | kernels compiled "
+          f"| background build done after | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        met = "yes" if max(r.first, r.second) <= TARGET_SECONDS else "no"
+        met = "yes" if r.first <= TARGET_SECONDS else "no"
+        built = f"{r.built:.0f} s" if r.built else "-"
         print(f"| {r.what} | {r.cache} | {r.first:.2f} s | {r.second:.2f} s | {r.setup:.2f} s "
-              f"| {met} | {r.compiled} | {r.load_before:.1f} → {r.load_after:.1f} |")
+              f"| {met} | {r.compiled} | {built} | {r.load_before:.1f} → {r.load_after:.1f} |")
     print(f"\n`expertplane warm` into an empty cache: {warm_seconds:.1f} s")
     for r in rows:
         if r.rpc_ms:

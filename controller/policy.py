@@ -47,6 +47,13 @@ class Decision:
     slots_moved: int
     bytes_moved: int
 
+    @classmethod
+    def about(cls, candidate: Candidate, rebalance: bool, reason: str) -> Decision:
+        """The decision ``rebalance`` (for ``reason``) with ``candidate``'s numbers."""
+        return cls(rebalance, reason, float(np.mean(candidate.current_balance)),
+                   float(np.mean(candidate.predicted_balance)), candidate.gain,
+                   candidate.slots_moved, candidate.bytes_moved)
+
 
 def required_gain(policy: PolicySpec, state: PolicyState) -> float:
     """The relative gain rule 4 asks now: the threshold, plus the hysteresis until re-armed."""
@@ -77,9 +84,7 @@ def decide(policy: PolicySpec, candidate: Candidate, state: PolicyState, now: fl
     gain = candidate.gain
 
     def out(rebalance: bool, reason: str) -> Decision:
-        return Decision(rebalance, reason, float(np.mean(candidate.current_balance)),
-                        float(np.mean(candidate.predicted_balance)), gain,
-                        candidate.slots_moved, candidate.bytes_moved)
+        return Decision.about(candidate, rebalance, reason)
 
     if force:
         return out(True, "forced")

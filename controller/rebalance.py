@@ -127,9 +127,7 @@ class Rebalancer:
             if not (plan.reason == "proposal" and plan.previous_version == current
                     and version > current):
                 plan = self._plans.add(state, cand, f"rollback to v{version}", current)
-            decision = Decision(True, plan.reason, float(np.mean(cand.current_balance)),
-                                float(np.mean(cand.predicted_balance)), cand.gain,
-                                cand.slots_moved, cand.bytes_moved)
+            decision = Decision.about(cand, True, plan.reason)
             log.info("placement %s: rolling out v%d (%s)", name, plan.version, plan.reason)
             rollout = self._start(state, plan, current)
             record(state.policy, decision, state.spec.policy, self._clock(), rolled_out=True)

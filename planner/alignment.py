@@ -13,6 +13,9 @@ import numpy as np
 from numba import njit
 from scipy.optimize import linear_sum_assignment
 
+from expertplane.planner.compiled import use_compiled
+from expertplane.planner.interpreted import interpreted
+
 __all__ = ["align", "keep_gpu_slots", "match_sets"]
 
 
@@ -44,7 +47,8 @@ def _overlap(new_sets, old_sets, num_experts):
 
 def _match(new_sets: np.ndarray, old_sets: np.ndarray, num_experts: int) -> np.ndarray:
     """[U] old unit taking each new unit, maximising kept replicas."""
-    rows, cols = linear_sum_assignment(_overlap(new_sets, old_sets, num_experts), maximize=True)
+    overlap = _overlap if use_compiled() else interpreted(_overlap)
+    rows, cols = linear_sum_assignment(overlap(new_sets, old_sets, num_experts), maximize=True)
     target = np.empty_like(rows)
     target[rows] = cols
     return target
@@ -81,13 +85,19 @@ def _keep_slots_all(new, old):
     return out
 
 
+def _kept(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """``_keep_slots_all``, compiled or (while the kernels build) interpreted."""
+    keep = _keep_slots_all if use_compiled() else interpreted(_keep_slots_all)
+    return keep(new, old)
+
+
 def match_sets(new_sets: np.ndarray, old_sets: np.ndarray, num_experts: int) -> np.ndarray:
     """``new_sets`` [U, s] (experts of U units: GPUs) given to the old units ``old_sets`` [U, s]
     that keep the most replicas, each unit's experts in the slots they had: [U, s]."""
     target = _match(new_sets, old_sets, num_experts)
     placed = np.empty_like(new_sets)
     placed[target] = new_sets
-    return _keep_slots_all(placed, old_sets)
+    return _kept(placed, old_sets)
 
 
 def align(fresh: np.ndarray, previous: np.ndarray, num_gpus: int, num_nodes: int,
@@ -117,7 +127,7 @@ def align(fresh: np.ndarray, previous: np.ndarray, num_gpus: int, num_nodes: int
             gpu_target = _match(new, old, experts)
         placed = np.empty_like(new)
         placed[gpu_target] = new
-        out[layer] = _keep_slots_all(placed, old).reshape(-1)
+        out[layer] = _kept(placed, old).reshape(-1)
     return out
 
 
@@ -131,4 +141,4 @@ def keep_gpu_slots(phy2log: np.ndarray, previous: np.ndarray, num_gpus: int) -> 
     old = np.ascontiguousarray(previous, dtype=np.int64)
     layers, replicas = new.shape
     rows = layers * int(num_gpus)
-    return _keep_slots_all(new.reshape(rows, -1), old.reshape(rows, -1)).reshape(layers, replicas)
+    return _kept(new.reshape(rows, -1), old.reshape(rows, -1)).reshape(layers, replicas)

@@ -6,10 +6,11 @@ and ``make setup`` fill the cache). Compiling every kernel takes 40-300 s on 2 C
 that finds the cache empty or stale does not compile on the caller's time: ``use_compiled()``
 starts ``python -m expertplane.planner.warm`` in a separate process (it fills the cache; the
 process outlives this one if need be) and answers False until that process has finished. The
-algorithms then serve the call with their numpy path (``planner.numpy_paths``: same algorithm,
-same results), and switch to the compiled kernels, loaded from the cache, at the first call after
-the build. Work without a numpy path (``balanced``, movement-aware re-planning, the lower bound)
-calls ``wait_compiled``, which logs what it waits for and blocks until the build is done.
+algorithms then serve the call with their numpy paths (``planner.numpy_paths``,
+``planner.interpreted``: same algorithm, same results), and switch to the compiled kernels,
+loaded from the cache, at the first call after the build. Work without a numpy path
+(movement-aware re-planning of deepseek and balanced) calls ``wait_compiled``, which logs what
+it waits for and blocks until the build has cached what that work needs.
 
 ``$EXPERTPLANE_PLANNER_KERNELS`` chooses: ``auto`` (the default, above); ``numba``: always the
 compiled kernels, compiled in this process on first use if not cached; ``numpy``: the numpy
@@ -21,22 +22,20 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 import os
+import pkgutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
 MODE_ENV = "EXPERTPLANE_PLANNER_KERNELS"
 MODES = ("auto", "numba", "numpy")
-# the planner modules holding placement kernels (the pipeline partitioner's are not needed here)
-KERNEL_MODULES = ("deepseek", "balanced", "bounds", "topology", "alignment", "movement",
-                  "slot_moves", "repair", "revert", "recount")
 
 
 _forced: str | None = None
@@ -67,15 +66,23 @@ def forced_mode(value: str) -> Iterator[None]:
         _forced = before
 
 
+def kernel_modules() -> list:
+    """The planner's modules (its subpackages excluded: the pipeline partitioner's kernels are
+    not placement kernels), imported."""
+    import expertplane.planner as package
+
+    return [importlib.import_module(f"{package.__name__}.{info.name}")
+            for info in pkgutil.iter_modules(package.__path__) if not info.ispkg]
+
+
 def kernels() -> list:
-    """Every cached numba dispatcher of ``KERNEL_MODULES`` (``inline="always"`` ones excluded:
-    numba inlines them into their callers and never compiles or caches them alone)."""
+    """Every cached numba dispatcher of ``kernel_modules()`` (``inline="always"`` ones
+    excluded: numba inlines them into their callers and never compiles or caches them alone)."""
     from numba.core.caching import NullCache
     from numba.core.dispatcher import Dispatcher
 
     found = {}
-    for name in KERNEL_MODULES:
-        module = importlib.import_module(f"expertplane.planner.{name}")
+    for module in kernel_modules():
         for obj in vars(module).values():
             if (isinstance(obj, Dispatcher) and not isinstance(obj._cache, NullCache)
                     and obj.targetoptions.get("inline", "never") != "always"):
@@ -118,30 +125,67 @@ class BackgroundBuild:
         poll the build process."""
         with self._lock:
             if self._state is None:
-                self._state = "ready" if all_cached() else self._start()
+                self._state = "ready" if self._cached() else self._start()
             elif self._state == "building":
                 self._poll()
             return self._state
 
-    def wait(self, what: str) -> None:
-        """Block until the build is over, logging ``what`` waits for it."""
-        if self.state() != "building":
+    def wait(self, what: str, step: str | None = None, every: float = 30.0) -> None:
+        """Block until the build is over, or has printed the line of ``step`` (its kernels are
+        then cached), logging that ``what`` waits, then every ``every`` seconds how far the
+        build got."""
+        if self.state() != "building" or self._step_done(step):
             return
         log.warning("%s needs the planner's compiled kernels: waiting for their build "
                     "(pid %d, running for %.0f s; one-off, later processes load them from "
                     "numba's cache)", what, self._proc.pid, time.monotonic() - self._started)
-        self._proc.wait()
+        waited = 0.0
+        while not self._step_done(step):
+            try:
+                self._proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                waited += 1.0
+            if waited >= every:
+                waited = 0.0
+                done = self._output().strip().splitlines()
+                log.warning("still building the planner's kernels: %.0f s so far, last step "
+                            "done: %s", time.monotonic() - self._started,
+                            done[-1] if done else "none yet")
         self.state()
+
+    def _step_done(self, step: str | None) -> bool:
+        return step is not None and any(line.partition(" ")[2].startswith(f"{step}:")
+                                        for line in self._output().splitlines())
+
+    def _output(self) -> str:
+        """What the build printed so far (read without moving the offset it writes at)."""
+        fd = self._log.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @staticmethod
+    def _cached() -> bool:
+        try:
+            return all_cached()
+        except Exception:   # numba's cache internals changed: fall back to compiling on use
+            log.exception("could not read numba's cache index; the planner's kernels compile "
+                          "on first use")
+            return True
+
     def _start(self) -> str:
         self._log = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=self._log,
-                                      start_new_session=True)
+        try:
+            self._proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                          stdout=self._log, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+        except OSError as exc:
+            log.warning("could not start the background build of the planner's kernels (%s); "
+                        "they compile on first use", exc)
+            return "failed"
         self._started = time.monotonic()
         log.warning("the planner's compiled kernels are not in numba's cache: building them "
                     "in the background (pid %d, 40-300 s of one CPU, once); until then plans "
@@ -157,8 +201,7 @@ class BackgroundBuild:
             log.info("planner kernels built in the background in %.0f s: using them", seconds)
             self._state = "ready"
             return
-        self._log.seek(0)
-        tail = self._log.read()[-2000:].decode(errors="replace")
+        tail = self._output()[-2000:]
         log.warning("the background build of the planner's kernels failed (exit %d after "
                     "%.0f s); they compile on first use instead:\n%s", code, seconds, tail)
         self._state = "failed"
@@ -176,8 +219,10 @@ def use_compiled() -> bool:
     return build.state() != "building"
 
 
-def wait_compiled(what: str) -> None:
+def wait_compiled(what: str, step: str | None = None) -> None:
     """Before work that has no numpy path: in ``auto`` mode, wait for a background build in
-    progress (logging ``what`` waits); otherwise return at once."""
+    progress (logging ``what`` waits) until it ends or has done ``step`` (a
+    ``planner.warm.step_label``: the kernels that work needs are then cached); otherwise
+    return at once."""
     if mode() == "auto":
-        build.wait(what)
+        build.wait(what, step)

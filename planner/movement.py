@@ -44,6 +44,7 @@ from expertplane.planner.repack import repack_worst
 from expertplane.planner.repair import repair_row
 from expertplane.planner.revert import revert_row
 from expertplane.planner.slot_moves import row_loads
+from expertplane.planner.warm import step_label
 
 TOLERANCE = 0.02  # allowed relative balance loss against a fresh plan
 # the repair counts GPU loads above (1 - slack) x target as excess; it runs once per slack
@@ -130,7 +131,6 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
     cost when few layers drifted). Arguments are validated by the caller
     (``rebalance_experts``); ``options`` go to the algorithm.
     """
-    wait_compiled("movement-aware re-planning")
     w = np.ascontiguousarray(weight, dtype=np.float64)
     prev = np.ascontiguousarray(previous, dtype=np.int64)
     r, g, n, p = int(num_replicas), int(num_groups), int(num_nodes), int(num_gpus)
@@ -139,6 +139,7 @@ def rebalance_with_previous(weight, num_replicas, num_groups, num_nodes, num_gpu
     fresh = np.ascontiguousarray(fresh, dtype=np.int64)
     if algorithm not in _REPAIRABLE:
         return align(fresh, prev, p, n, by_node=is_hierarchical(g, n) or algorithm == "topology")
+    wait_compiled("movement-aware re-planning", step_label(algorithm, is_hierarchical(g, n)))
     drifted, _ = drifted_layers(w, prev, fresh, p)
     out = prev.copy()
     if drifted.any():

@@ -1,11 +1,14 @@
 """numpy versions of the planner's compiled kernels, for a process whose kernels are still being
 built (``planner.compiled``). Each computes exactly what the kernel named in its docstring
-computes, in the same order of floating-point operations, vectorised over rows (layers, or
-layers x nodes) instead of looping over them; ``tests/test_numpy_paths.py`` checks them against
-the kernels.
+computes, in the same order of floating-point operations: vectorised over rows (layers, or
+layers x nodes) where the kernel loops over them, or, for the inner steps of ``balanced``'s
+per-row search (run by ``planner.interpreted``), over one row's items. ``tests/test_numpy_paths.py``
+checks them against the kernels.
 """
 
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 
@@ -181,10 +184,9 @@ def slot_bound(w: np.ndarray, counts: np.ndarray, slots: int, per_gpu: int) -> f
     m_star = max(0.0, float((w / counts).max()))
     if per_gpu == 1 or m_star == 0.0:
         return m_star
-    tops = np.ceil(w / m_star).astype(np.int64)
-    divisor = np.concatenate([np.ones(1, dtype=np.int64)] + [np.arange(1, t + 1) for t in tops])
-    load = np.concatenate([[m_star], np.repeat(w, tops)])
-    x = np.concatenate([[m_star], load[1:] / divisor[1:]])
+    tops = np.ceil(w / m_star).astype(np.int64)            # divisors 1..top of each load
+    divisor = np.arange(tops.sum()) - np.repeat(np.cumsum(tops) - tops, tops) + 1
+    x = np.concatenate([[m_star], np.repeat(w, tops) / divisor])
     x = x[x >= m_star]
     needed = np.maximum(1, np.ceil(w[None, :] / x[:, None] - 1e-9).astype(np.int64))   # [C, n]
     spare = slots - needed.sum(1)
@@ -227,18 +229,20 @@ def pack_items(item_load, num_gpus, per_gpu, members, gpu_load):
         members[:, 0], members[:, 1] = g, k - 1 - g
         gpu_load[:] = item_load[g] + item_load[k - 1 - g]
         return
+    heap = [(0.0, g) for g in range(num_gpus)]     # (load, GPU) of the GPUs with a free slot
     loads = [0.0] * num_gpus
-    fill = [0] * num_gpus
     placed = [[] for _ in range(num_gpus)]
     for i, x in enumerate(item_load.tolist()):
-        best = -1
-        for g in range(num_gpus):
-            if fill[g] < per_gpu and (best < 0 or loads[g] < loads[best]):
-                best = g
-        placed[best].append(i)
-        loads[best] += x
-        fill[best] += 1
+        load, g = heap[0]
+        load += x
+        loads[g] = load
+        placed[g].append(i)
+        if len(placed[g]) == per_gpu:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, (load, g))
     gpu_load[:] = loads
+    fill = [len(p) for p in placed]
     for g in range(num_gpus):
         members[g, :fill[g]] = placed[g]
     if per_gpu >= 3:

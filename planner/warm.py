@@ -22,14 +22,20 @@ import numpy as np
 ALGORITHMS = ("deepseek", "balanced", "topology")
 
 
+def step_label(algorithm: str, hierarchical: bool) -> str:
+    """The label of the step that compiles the kernels of ``algorithm`` under one policy (its
+    line in the build's output is ``i/n <label>: seconds``)."""
+    return f"planner {'hierarchical' if hierarchical else 'global'}-{algorithm}"
+
+
 def placement_cases() -> list[tuple[str, str, int]]:
     """(label, algorithm, nodes) of each small plan: 4 groups of 8 experts, 48 slots on 4 GPUs
     per node; 2 nodes give the hierarchical policy, 3 the global one (topology is hierarchical
     only)."""
-    return [(f"{policy}-{algorithm}", algorithm, nodes)
+    return [(step_label(algorithm, nodes == 2), algorithm, nodes)
             for algorithm in ALGORITHMS
-            for policy, nodes in (("hierarchical", 2), ("global", 3))
-            if (algorithm, policy) != ("topology", "global")]
+            for nodes in (2, 3)
+            if (algorithm, nodes) != ("topology", 3)]
 
 
 def plan_twice(algorithm: str, num_experts: int, num_replicas: int, num_groups: int,
@@ -53,12 +59,19 @@ def _sizing_and_bounds() -> None:
         recommend_redundancy(load, 4, nodes, 4 * nodes, 1.05, [redundant], "deepseek")
 
 
+def _transfers() -> None:
+    from expertplane.planner.transfers import plan_transfers
+
+    # 2 ranks of 2 slots: rank 0 copies expert 1 locally, rank 1 receives 0 once and dups it
+    plan_transfers(np.array([[0, 1, 2, 3]]), np.array([[1, 1, 0, 0]]), 2)
+
+
 def steps() -> list[tuple[str, Callable[[], None]]]:
     """(label, callable) of every step."""
     out: list[tuple[str, Callable[[], None]]] = [
-        (f"planner {label}", lambda a=algorithm, n=nodes: plan_twice(a, 32, 48, 4, n, 4 * n))
+        (label, lambda a=algorithm, n=nodes: plan_twice(a, 32, 48, 4, n, 4 * n))
         for label, algorithm, nodes in placement_cases()]
-    return out + [("sizing and bounds", _sizing_and_bounds)]
+    return out + [("sizing and bounds", _sizing_and_bounds), ("transfers", _transfers)]
 
 
 @contextmanager
@@ -81,17 +94,18 @@ def one_build_at_a_time() -> Iterator[None]:
 
 def run(report: Callable[[str], None] = lambda text: None) -> float:
     """Run every step with the compiled kernels (compiling what the cache lacks); ``report``
-    gets one line per step. Returns the seconds taken."""
+    gets one line per step (``i/n label: seconds``). Returns the seconds taken."""
     from expertplane.planner.compiled import forced_mode
 
     start = time.perf_counter()
     with one_build_at_a_time(), forced_mode("numba"):
-        for label, step in steps():
+        todo = steps()
+        for i, (label, step) in enumerate(todo, 1):
             t = time.perf_counter()
             step()
-            report(f"{label}: {time.perf_counter() - t:.1f} s")
+            report(f"{i}/{len(todo)} {label}: {time.perf_counter() - t:.1f} s")
     return time.perf_counter() - start
 
 
 if __name__ == "__main__":
-    run()
+    run(lambda line: print(line, flush=True))

@@ -1,6 +1,6 @@
 """planner.numpy_paths and planner.interpreted give what the compiled kernels give: kernel by
 kernel on loads full of ties (where the order of operations decides), and whole plans of every
-algorithm at DeepSeek-V3 scale."""
+algorithm at DeepSeek-V3 scale (topology also movement-aware)."""
 
 from __future__ import annotations
 
@@ -110,3 +110,17 @@ def test_whole_plans_match_at_deepseek_v3_scale(algorithm, nodes):
                                                                 algorithm=algorithm)]
     for got, want in zip(plans["numpy"], plans["numba"]):
         np.testing.assert_array_equal(got, want)
+
+
+def test_movement_aware_topology_matches_the_kernels():
+    # topology re-plans are aligned fresh plans: alignment's kernels run interpreted
+    w = np.random.default_rng(2).zipf(1.2, (12, 256)).astype(np.float64)
+    drifted = w * np.exp(np.random.default_rng(3).normal(0.0, 0.3, w.shape))
+    plans = {}
+    for mode in ("numpy", "numba"):
+        with forced_mode(mode):
+            first = rebalance_experts(w, 288, 8, 4, 32, algorithm="topology")[0].numpy()
+            plans[mode] = rebalance_experts(drifted, 288, 8, 4, 32, algorithm="topology",
+                                            previous=first)[0].numpy()
+    np.testing.assert_array_equal(plans["numpy"], plans["numba"])
+    assert (plans["numba"] != first).any()

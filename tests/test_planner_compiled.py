@@ -35,8 +35,8 @@ def test_mode_comes_from_the_environment_and_bad_values_name_the_variable(monkey
 def test_after_the_warm_steps_every_kernel_is_cached():
     found = kernels()
     names = {k.py_func.__name__ for k in found}
-    assert {"_pack_kernel", "_fill_layer", "_solve_rows", "repair_row", "water_fill",
-            "power_q"} <= names
+    assert {"_pack_kernel", "_fill_layer", "_solve_rows", "repair_row", "_previous_max",
+            "water_fill", "power_q"} <= names
     assert "_swap" not in names and "excess" not in names       # inlined, never cached alone
     warm.run()
     assert all_cached()
@@ -60,14 +60,27 @@ def _building(monkeypatch, command) -> BackgroundBuild:
 
 def test_a_missing_kernel_starts_the_build_and_numpy_serves_until_it_ends(monkeypatch, caplog):
     caplog.set_level(logging.INFO, "expertplane.planner.compiled")
-    build = _building(monkeypatch, "import time; time.sleep(1.0)")
+    build = _building(monkeypatch, "import time; print('1/2 step one: 0.1 s', flush=True); "
+                                   "time.sleep(1.5)")
     assert not use_compiled() and build.state() == "building"
     assert "building them in the background (pid" in caplog.text
-    wait_compiled("the test")
+    build.wait("the test", every=0.5)
+    assert "still building the planner's kernels" in caplog.text
+    assert "1/2 step one: 0.1 s" in caplog.text
     assert f"the test needs the planner's compiled kernels: waiting for their build (pid " \
            f"{build.pid}" in caplog.text
     assert use_compiled() and build.state() == "ready"
     assert "built in the background" in caplog.text
+
+
+def test_a_wait_for_one_step_ends_when_the_build_printed_it(monkeypatch):
+    build = _building(monkeypatch, "import time; print('1/2 planner global-deepseek: 0.2 s', "
+                                   "flush=True); time.sleep(30)")
+    assert not use_compiled()
+    wait_compiled("the test", step="planner global-deepseek")   # returns long before 30 s
+    assert build.state() == "building" and not use_compiled()
+    build._proc.kill()
+    build._proc.wait()
 
 
 def test_a_failed_build_is_logged_and_the_kernels_compile_on_first_use(monkeypatch, caplog):
@@ -76,6 +89,23 @@ def test_a_failed_build_is_logged_and_the_kernels_compile_on_first_use(monkeypat
     wait_compiled("the test")
     assert build.state() == "failed" and use_compiled()
     assert "failed (exit 1" in caplog.text and "no compiler here" in caplog.text
+
+
+def test_an_unreadable_cache_or_a_build_that_cannot_start_falls_back_to_compiling(
+        monkeypatch, tmp_path, caplog):
+    build = _building(monkeypatch, "pass")
+    build.command = [str(tmp_path / "no-such-python")]
+    assert use_compiled() and build.state() == "failed" and build.pid is None
+    assert "could not start the background build" in caplog.text
+
+    def unreadable():
+        raise KeyError("index layout")
+
+    build = BackgroundBuild([sys.executable, "-c", "raise SystemExit(3)"])
+    monkeypatch.setattr(compiled, "build", build)
+    monkeypatch.setattr(compiled, "all_cached", unreadable)
+    assert use_compiled() and build.pid is None
+    assert "could not read numba's cache index" in caplog.text
 
 
 def test_a_full_cache_starts_nothing(monkeypatch):

@@ -128,6 +128,37 @@ def test_a_stopping_worker_waits_for_every_window_of_a_plan_change(agent_epoch):
     assert ledger.undelivered_steps == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_stopping_agent_pulls_every_window_its_worker_holds(make_agent):
+    """Agent and worker stop together after a plan change the agent has not pulled yet: the
+    worker holds a v1 and a v2 window, and the agent's final pulls take both (one final pull
+    took only the v1 window) and acknowledge the last, so the worker's drain ends too."""
+    controller = e2e.TestController()
+    controller.start()
+    ledger = CounterLedger(LAYERS, SLOTS, version=1)
+    address = ["127.0.0.1:0"]
+    servicer = WorkerServicer(WorkerIdentity("node-a", 0, 1, "demo", LAYERS, 4, SLOTS),
+                              SimpleNamespace(version=1, prepared_version=0), ledger,
+                              address=lambda: address[0], on_bias=lambda bias: None)
+    server, address[0] = serve_worker_service(servicer, address[0], SecurityConfig())
+    try:
+        agent = make_agent(controller.port, interval=300.0)   # no pull before stop
+        with make_channel(agent.start()) as ch:
+            pb_grpc.AgentServiceStub(ch).Register(pb.RegisterRequest(worker=servicer.info()),
+                                                  timeout=5)
+        ledger.add(1, ones())
+        ledger.add(2, ones(2))
+        ledger.add(2, ones(3))
+        assert agent.stop(flush_timeout=10)
+        reports = controller.reports(0)
+        assert sorted((r.plan_version, sum(r.slot_counts.values)) for r in reports if r.steps) \
+            == [(1, LAYERS * SLOTS), (2, 5 * LAYERS * SLOTS)]
+        assert ledger.wait_delivered(0)
+    finally:
+        server.stop(0)
+        controller.stop()
+
+
 class LostAnswer(grpc.RpcError):
     """What the agent's stub raises when the test drops an answer the worker already sent."""
 
