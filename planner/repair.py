@@ -15,6 +15,7 @@ from expertplane.planner.slot_moves import (
     relabel_bound,
     relabel_max,
     row_loads,
+    shared_parts,
 )
 
 _REL = 1e-12
@@ -41,11 +42,13 @@ def repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack):
     g_experts = np.empty(per_gpu, dtype=np.int64)
     starts = np.zeros(w.shape[0] + 1, dtype=np.int64)
     slots = np.empty(replicas, dtype=np.int64)
-    on_gpu = np.zeros((num_gpus, w.shape[0]), dtype=np.int64)
+    on_gpu = np.zeros((num_gpus, w.shape[0]), dtype=np.int32)   # int32: fits the caches
     for i in range(replicas):
         on_gpu[i // per_gpu, row[i]] += 1
     lose_d, gain_d = np.zeros(w.shape[0]), np.zeros(w.shape[0])
     lose, gain_of = np.zeros(w.shape[0]), np.zeros(w.shape[0])
+    both = np.zeros((per_gpu, w.shape[0]))   # see shared_parts
+    seen = np.zeros(w.shape[0], dtype=np.bool_)
     spent = 0
     while spent < budget:
         g = np.argmax(gpu_load)
@@ -64,6 +67,8 @@ def repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack):
         expert_parts(w, counts, gpu_load, per_gpu, starts, slots, on_gpu, level, lose_d, gain_d,
                      lose, gain_of, mark)
         slack = 1e-9 * top  # the bound sums in another order: room for rounding
+        shared_parts(row, g_experts, n_g, per_gpu, gpu_load, on_gpu, level, lose_d, starts,
+                     slots, mark, seen, both, 1.0)
         # relabels: a slot on g to any expert, or any slot to an expert on g
         for j in range(replicas):
             f = row[j]
@@ -75,6 +80,20 @@ def repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack):
                 if e == f:
                     continue
                 if expert_node[e] >= 0 and expert_node[e] != slot_node[j]:
+                    continue
+                # O(1) bound first: the excess removed is at most e's own part (gain_of[e])
+                # plus what slot j's old load leaves on its GPU h, plus (e on g) f's part off
+                # the GPUs holding e; the new top is at least h's
+                h = j // per_gpu
+                quick = gain_of[e] + min(slot_load[j], excess(gpu_load[h], level))
+                if not j_on_g:
+                    quick += lose[f] + both[c, f]
+                    if on_gpu[h, e] == 0:
+                        quick += (excess(gpu_load[h] + on_gpu[h, f] * lose_d[f], level)
+                                  - excess(gpu_load[h], level))
+                if quick + slack <= top * _REL or quick + 1e-3 * (
+                        top - gpu_load[h] - on_gpu[h, e] * gain_d[e] + slot_load[j]) \
+                        + slack < best_score:
                     continue
                 removed, bound = relabel_bound(w, counts, gpu_load, per_gpu, starts, slots,
                                                on_gpu, level, lose_d, gain_d, lose, gain_of,
@@ -93,6 +112,8 @@ def repair_row(w, row, num_gpus, slot_node, expert_node, target, budget, slack):
                         best_score, best_kind, best_a, best_b = score, 1, j, e
                 for t in range(nt):
                     mark[touched[t]] = False
+        shared_parts(row, g_experts, n_g, per_gpu, gpu_load, on_gpu, level, lose_d, starts,
+                     slots, mark, seen, both, 0.0)
         # swaps: a slot on g with a slot on another GPU of the same node (cost 2)
         for a in range(g * per_gpu, (g + 1) * per_gpu):
             for b in range(replicas):

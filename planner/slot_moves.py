@@ -139,6 +139,34 @@ def relabel_bound(w, counts, gpu_load, per_gpu, starts, slots, on_gpu, level, lo
 
 
 @njit(cache=True)
+def shared_parts(row, g_experts, n_g, per_gpu, gpu_load, on_gpu, level, lose_d, starts, slots,
+                 mark, seen, both, scale):
+    """For the c-th expert e of ``g_experts[:n_g]`` and each expert x, ``both[c, x]`` = ``scale``
+    x the excess that x's part of ``expert_parts`` (x losing a replica) adds on the GPUs holding
+    both e and x: relabelling a slot of x to e changes the excess of such a GPU by at most e's
+    part, so this much of ``lose[x]`` may come back. ``scale`` 0 resets what ``scale`` 1 set.
+    ``seen`` [E] and ``mark`` [G] are all False before and after."""
+    for c in range(n_g):
+        e = g_experts[c]
+        for k in range(starts[e], starts[e + 1]):
+            q = slots[k] // per_gpu
+            if mark[q]:
+                continue
+            mark[q] = True
+            for i in range(q * per_gpu, (q + 1) * per_gpu):
+                x = row[i]
+                if x != e and not seen[x]:
+                    seen[x] = True
+                    both[c, x] = both[c, x] * scale + scale * (
+                        excess(gpu_load[q] + on_gpu[q, x] * lose_d[x], level)
+                        - excess(gpu_load[q], level))
+            for i in range(q * per_gpu, (q + 1) * per_gpu):
+                seen[row[i]] = False
+        for k in range(starts[e], starts[e + 1]):
+            mark[slots[k] // per_gpu] = False
+
+
+@njit(cache=True)
 def row_loads(w, row, num_gpus):
     """One layer's loads under plan ``row`` [R]: (replica counts [E], load of each slot [R] (its
     expert's load split evenly over its replicas), load of each GPU [num_gpus])."""

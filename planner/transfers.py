@@ -11,11 +11,15 @@ controller's move budget counts too (``planner.plan.migration``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
+from numba import njit
 from torch import Tensor
 
 from expertplane.errors import FieldError
+from expertplane.planner.compiled import use_compiled
+from expertplane.planner.interpreted import interpreted
 
 __all__ = ["DUP", "LOCAL", "REMOTE", "SlotFill", "TransferPlan", "plan_transfers"]
 
@@ -42,19 +46,32 @@ class SlotFill:
     src_slot: int
 
 
-@dataclass(frozen=True)
+# source codes of the columns of ``TransferPlan.table``
+_SOURCES = (LOCAL, REMOTE, DUP)
+
+
+@dataclass(frozen=True, eq=False)
 class TransferPlan:
     """All slot fills of one plan change, sorted by (layer, rank, slot).
 
     Slots whose expert is unchanged have no fill. Every rank computes the same plan from the
-    same inputs, so the order of point-to-point operations matches on both ends.
+    same inputs, so the order of point-to-point operations matches on both ends. ``table``:
+    int64 [F, 7], one row per fill: layer, rank, slot, expert, source (index into
+    ``(LOCAL, REMOTE, DUP)``), src_rank, src_slot; ``fills`` gives them as ``SlotFill``.
     """
 
     num_layers: int
     world_size: int
     slots_per_rank: int
     gpus_per_node: int
-    fills: tuple[SlotFill, ...]
+    table: np.ndarray
+
+    @cached_property
+    def fills(self) -> tuple[SlotFill, ...]:
+        """The fills as ``SlotFill``, in ``table``'s order."""
+        return tuple(SlotFill(layer, rank, slot, expert, _SOURCES[source], src_rank, src_slot)
+                     for layer, rank, slot, expert, source, src_rank, src_slot
+                     in self.table.tolist())
 
     def for_rank(self, rank: int) -> list[SlotFill]:
         """Fills whose destination is ``rank``."""
@@ -70,17 +87,16 @@ class TransferPlan:
 
     @property
     def remote_fills(self) -> int:
-        return sum(f.source == REMOTE for f in self.fills)
+        return int((self.table[:, 4] == _SOURCES.index(REMOTE)).sum())
 
     def received_bytes(self, expert_bytes: int) -> np.ndarray:
         """Bytes each rank receives from other ranks, int64 [2, L, P]: ``[0]`` from ranks of
         its own node, ``[1]`` from other nodes; one expert's weights (``expert_bytes``) per
         remote fill. Local and dup fills copy within the rank and move nothing."""
         out = np.zeros((2, self.num_layers, self.world_size), dtype=np.int64)
-        for f in self.fills:
-            if f.source == REMOTE:
-                cross = f.src_rank // self.gpus_per_node != f.rank // self.gpus_per_node
-                out[int(cross), f.layer, f.rank] += int(expert_bytes)
+        remote = self.table[self.table[:, 4] == _SOURCES.index(REMOTE)]
+        cross = remote[:, 5] // self.gpus_per_node != remote[:, 1] // self.gpus_per_node
+        np.add.at(out, (cross.astype(np.int64), remote[:, 0], remote[:, 1]), int(expert_bytes))
         return out
 
     def bytes_moved(self, expert_bytes: int) -> int:
@@ -95,6 +111,8 @@ def _as_plan_array(a, field: str) -> np.ndarray:
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
         raise FieldError(field, f"must be an integer [L, R] array, got shape "
                                     f"{list(arr.shape)} dtype {arr.dtype}")
+    if arr.size and arr.min() < 0:
+        raise FieldError(field, f"expert ids must be >= 0, got {arr.min()}")
     return arr.astype(np.int64)
 
 
@@ -119,34 +137,78 @@ def plan_transfers(old_phy2log, new_phy2log, world_size: int,
     gpn = gpus_per_node or world_size
     if gpn < 1 or world_size % gpn:
         raise FieldError("gpus_per_node", f"{gpn} must divide world_size={world_size}")
-    num_layers, num_slots = old.shape
-    spr = num_slots // world_size
+    spr = old.shape[1] // world_size
+    experts = int(max(old.max(initial=-1), new.max(initial=-1))) + 1
+    kernel = _fill_table if use_compiled() else interpreted(_fill_table)
+    table, missing = kernel(old, new, world_size, gpn, spr, max(experts, 1))
+    if missing[0] >= 0:
+        raise FieldError("new_phy2log", f"layer {missing[0]} expert {missing[1]} has no "
+                                        "replica in old_phy2log to copy from")
+    return TransferPlan(old.shape[0], world_size, spr, gpn, table)
+
+
+@njit(cache=True)
+def _fill_table(old, new, world_size, gpn, spr, experts):
+    """(int64 [F, 7] rows of ``TransferPlan.table``, [layer, expert] of the first new expert
+    without an old replica or [-1, -1]) for ``old`` / ``new`` [L, R]: per layer, rank and slot
+    in order, a local copy when the rank held the expert in the old plan (its first old slot
+    there), a dup when this rank already receives it (that new slot), else one receive from the
+    holder on the rank's own node if any (else any holder) with the fewest sends so far, then
+    the lowest rank (``sends`` counted over all layers)."""
+    layers, slots = old.shape
+    table = np.empty((layers * slots, 7), dtype=np.int64)
+    first = np.full((experts, world_size), -1, dtype=np.int64)   # first old local slot
+    holders = np.empty(slots, dtype=np.int64)                     # ranks per expert (CSR)
+    start = np.zeros(experts + 1, dtype=np.int64)
+    fetched = np.full(experts, -1, dtype=np.int64)                # new slot receiving it
     sends = np.zeros(world_size, dtype=np.int64)
-    fills: list[SlotFill] = []
-    for layer in range(num_layers):
-        holders: dict[int, dict[int, int]] = {}  # expert -> {rank: first old local slot}
-        for p, e in enumerate(old[layer].tolist()):
-            holders.setdefault(e, {}).setdefault(p // spr, p % spr)
+    missing = np.full(2, -1, dtype=np.int64)
+    n = 0
+    for layer in range(layers):
+        row_old, row_new = old[layer], new[layer]
+        start[:] = 0
+        for p in range(slots):
+            e, rank = row_old[p], p // spr
+            if first[e, rank] < 0:
+                first[e, rank] = p % spr
+                start[e + 1] += 1
+        for e in range(experts):
+            start[e + 1] += start[e]
+        fill = start[:-1].copy()
+        for p in range(slots):   # ascending slots: each expert's holders in ascending rank
+            e, rank = row_old[p], p // spr
+            if first[e, rank] == p % spr:
+                holders[fill[e]] = rank
+                fill[e] += 1
         for rank in range(world_size):
-            fetched: dict[int, int] = {}  # expert -> new slot that receives it on this rank
+            node = rank // gpn
             for slot in range(spr):
                 p = rank * spr + slot
-                e = int(new[layer, p])
-                if e == old[layer, p]:
+                e = row_new[p]
+                if e == row_old[p]:
                     continue
-                held = holders.get(e)
-                if not held:
-                    raise FieldError("new_phy2log", f"layer {layer} expert {e} has no "
-                                                        "replica in old_phy2log to copy from")
-                if rank in held:
-                    fills.append(SlotFill(layer, rank, slot, e, LOCAL, rank, held[rank]))
-                elif e in fetched:
-                    fills.append(SlotFill(layer, rank, slot, e, DUP, rank, fetched[e]))
+                if start[e] == start[e + 1]:
+                    missing[0], missing[1] = layer, e
+                    return table[:0], missing
+                table[n, 0], table[n, 1], table[n, 2], table[n, 3] = layer, rank, slot, e
+                if first[e, rank] >= 0:
+                    table[n, 4], table[n, 5], table[n, 6] = 0, rank, first[e, rank]
+                elif fetched[e] >= 0:
+                    table[n, 4], table[n, 5], table[n, 6] = 2, rank, fetched[e]
                 else:
-                    same_node = [r for r in held if r // gpn == rank // gpn]
-                    src = min(same_node or held, key=lambda r: (sends[r], r))
+                    src, local = -1, False
+                    for k in range(start[e], start[e + 1]):
+                        r = holders[k]
+                        near = r // gpn == node
+                        if src < 0 or (near and not local) or (near == local and (
+                                sends[r] < sends[src] or (sends[r] == sends[src] and r < src))):
+                            src, local = r, near
                     sends[src] += 1
                     fetched[e] = slot
-                    fills.append(SlotFill(layer, rank, slot, e, REMOTE, src, held[src]))
-    return TransferPlan(num_layers, world_size, spr, gpn, tuple(fills))
-
+                    table[n, 4], table[n, 5], table[n, 6] = 1, src, first[e, src]
+                n += 1
+            for slot in range(spr):
+                fetched[row_new[rank * spr + slot]] = -1
+        for p in range(slots):
+            first[row_old[p], p // spr] = -1
+    return table[:n].copy(), missing

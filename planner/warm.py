@@ -59,12 +59,19 @@ def _sizing_and_bounds() -> None:
         recommend_redundancy(load, 4, nodes, 4 * nodes, 1.05, [redundant], "deepseek")
 
 
+def _transfers() -> None:
+    from expertplane.planner.transfers import plan_transfers
+
+    # 2 ranks of 2 slots: rank 0 copies expert 1 locally, rank 1 receives 0 once and dups it
+    plan_transfers(np.array([[0, 1, 2, 3]]), np.array([[1, 1, 0, 0]]), 2)
+
+
 def steps() -> list[tuple[str, Callable[[], None]]]:
     """(label, callable) of every step."""
     out: list[tuple[str, Callable[[], None]]] = [
         (label, lambda a=algorithm, n=nodes: plan_twice(a, 32, 48, 4, n, 4 * n))
         for label, algorithm, nodes in placement_cases()]
-    return out + [("sizing and bounds", _sizing_and_bounds)]
+    return out + [("sizing and bounds", _sizing_and_bounds), ("transfers", _transfers)]
 
 
 @contextmanager
