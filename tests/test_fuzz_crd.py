@@ -381,3 +381,15 @@ def test_unparsable_worker_selector_is_a_spec_error(clients):
                         {"workerSelector": {"matchLabels": {"a": "b c"}}, "gpusPerNode": 8})
     verdict = judge(*clients, PLACEMENTS, mutation)
     assert verdict.outcome == "operator" and "spec.topology.workerSelector" in verdict.detail, verdict
+
+
+def test_indexed_schema_messages_name_the_field(clients):
+    """A set-typed list refuses a duplicate as ``spec.model.moeLayers[1]: Duplicate value``."""
+    verdict = judge(*clients, PLACEMENTS, Mutation("set", ("spec", "model", "moeLayers"), [0, 0]))
+    assert verdict.outcome == "schema" and "spec.model.moeLayers[1]: Duplicate value" in verdict.detail, verdict
+
+
+def test_engine_sglang_without_hidden_layers_is_a_spec_error(clients):
+    verdict = judge(*clients, PLACEMENTS, Mutation("set", ("spec", "engine"), "sglang"))
+    assert verdict.outcome == "operator" and verdict.detail.startswith(
+        "spec.model.hiddenLayers: required with engine sglang"), verdict

@@ -111,5 +111,8 @@ def test_sglang_server_flags_match_the_placement_and_the_agent(monkeypatch):
     assert agent_args.plan_file == agent_env[PLAN_FILE_ENV] == env[PLAN_FILE_ENV]
     for path in (env[RECORDER_ENV], env[PLAN_FILE_ENV]):
         assert _volume_of(path, server) == _volume_of(path, agent) is not None, path
+    # The recorder directory is an emptyDir's own directory (writable by all): the agent's user
+    # deletes the dumps SGLang writes as root, which a directory SGLang creates would not allow.
+    assert env[RECORDER_ENV] in _mounts(server) and env[RECORDER_ENV] in _mounts(agent)
     [shared] = [v for v in pod["volumes"] if v["name"] == _volume_of(env[RECORDER_ENV], server)]
     assert "emptyDir" in shared

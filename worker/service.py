@@ -218,15 +218,16 @@ def _layer_field(field: str, layer: int) -> str:
     return f"plan.{name}[{layer}]" + (bracket + rest if bracket else "")
 
 
-def _answers_field_errors(method):
-    """A handler whose ``FieldError`` (bad input, unknown placement) is answered with its status
-    code (``rpc.status.status_of``), as every servicer does."""
+def _answers_errors(method):
+    """A handler whose exceptions are answered with their status code (``rpc.status.status_of``,
+    as every servicer does): a ``FieldError`` (bad input, unknown placement) keeps its message,
+    anything else is INTERNAL and logged with its traceback. Handlers raise, never abort."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except FieldError as exc:
+        except Exception as exc:
             context.abort(*status_of(exc, method.__name__))
     return wrapper
 
@@ -272,6 +273,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     # -- RPCs
 
+    @_answers_errors
     def PullCounters(self, request: pb.PullCountersRequest, context) -> pb.CounterSnapshot:
         self._on_pull()
         w = self.ledger.pull(request.agent_epoch, (request.ack_epoch, request.ack_sequence))
@@ -286,7 +288,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         snap.window_end.FromNanoseconds(w.end)
         return snap
 
-    @_answers_field_errors
+    @_answers_errors
     def Prepare(self, request: pb.PrepareRequest, context) -> pb.WorkerAck:
         started = time.monotonic()
         version, layers = placements_from_plan(request.plan, self.ident)
@@ -301,7 +303,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                                f"{stats.local_fills + stats.dup_fills} local copies, "
                                f"{stats.bytes_sent} B sent in {stats.seconds:.3f}s", started)
 
-    @_answers_field_errors
+    @_answers_errors
     def Commit(self, request: pb.VersionRequest, context) -> pb.WorkerAck:
         started = time.monotonic()
         self._check_placement(request.placement)
@@ -313,7 +315,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             return self._ack(False, str(exc), started)
         return self._ack(True, f"v{request.version} in force", started)
 
-    @_answers_field_errors
+    @_answers_errors
     def Abort(self, request: pb.VersionRequest, context) -> pb.WorkerAck:
         started = time.monotonic()
         self._check_placement(request.placement)
@@ -324,7 +326,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         return self._ack(True, f"v{request.version} " + ("dropped" if dropped else "was not staged"),
                          started)
 
-    @_answers_field_errors
+    @_answers_errors
     def SetBias(self, request: pb.RouterBias, context) -> pb.WorkerAck:
         started = time.monotonic()
         self._check_placement(request.placement)
@@ -338,6 +340,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             self._on_bias(bias)
         return self._ack(True, f"bias {request.sequence} applied at the next step", started)
 
+    @_answers_errors
     def Status(self, request, context) -> pb.WorkerInfo:
         return self.info()
 

@@ -197,6 +197,10 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
                   replicas=placement.num_replicas)
     reshaped = state is not None and _shape(state.spec) != _shape(placement)
     changed = planning_changes(state.spec, placement) if state is not None and not reshaped else []
+    # a change the controller took in an earlier pass whose re-plan call failed is still owed:
+    # the registered spec no longer differs, so only the status remembers it
+    changed = sorted(set(changed) | set(old.get("replanOwed") or [])) if not reshaped else []
+    status["replanOwed"] = changed or None
     try:
         if state is None:
             _restore(ctx, obj, cm_name, placement)
@@ -207,6 +211,7 @@ def reconcile_placement(ctx: OperatorContext, obj: Mapping, *, apply: bool) -> O
                                                    f"{placement.num_replicas} slots per layer on "
                                                    f"{status['numGPUs']} GPUs"))
         proposal = act(ctx, pname, spec, state, requests, changed, status, out)
+        status["replanOwed"] = None
         regression = _publish(ctx, obj, cm_name, placement, form, state, old, status, out)
         _history(ctx, pname, state, status)
     except Rejected as exc:
