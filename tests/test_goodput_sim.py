@@ -293,3 +293,25 @@ def test_bench_replays_the_load_of_a_demo_run_from_what_the_demo_writes(tmp_path
     write_run_config(out, placement, workload, replace(opts, model="tiny-qwen"))
     with pytest.raises(FieldError, match="^demo-run: .*HuggingFace model 'tiny-qwen'"):
         demo_replay(out, steps_per_tick=50)
+
+
+def test_scenarios_in_parallel_processes_give_the_same_rows_in_the_same_order(tmp_path, capsys):
+    import json
+
+    from expertplane.cli.main import main
+
+    common = ["bench", "goodput", "--clusters", "hier-32", "--steps", "300", "--steps-per-tick",
+              "50", "--profile-steps", "100", "--policies", "static", "sglang", "oracle",
+              "--oracle-window", "100", "--out", str(tmp_path / "png")]
+    rows = {}
+    for jobs in (1, 2):
+        assert main([*common, "--jobs", str(jobs), "--json", str(tmp_path / f"{jobs}.json")]) == 0
+        rows[jobs] = json.loads((tmp_path / f"{jobs}.json").read_text())
+        text = capsys.readouterr().out
+        assert text.index("### hier-32/drift") < text.index("### hier-32/shift")
+    drop = ("seconds",)          # wall-clock fields differ between runs
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows[1]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows[2]]
+    assert [r["scenario"] for r in rows[2]] == ["hier-32/drift"] * 3 + ["hier-32/shift"] * 3
+    assert main([*common, "--jobs", "0"]) == 2
+    assert "jobs: must be >= 1, got 0" in capsys.readouterr().err

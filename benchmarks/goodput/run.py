@@ -11,8 +11,13 @@ rebalances), ``--json`` rows and one PNG timeline per scenario in ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -68,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also replay the per-step load of an `expertplane demo` run (its "
                              "output directory: config.json, timeline.json) on a cluster of "
                              "the demo's shape")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="scenarios simulated at once, one process each (default: the CPUs "
+                             "this process may use); the results do not depend on it")
     parser.add_argument("--out", type=Path, default=Path("goodput-out"),
                         help="directory for the PNG timelines")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -239,6 +247,14 @@ def run_and_report(cluster: Cluster, kind: str, trace: Trace, args) -> list[dict
     return scenario_rows
 
 
+def _report_captured(job) -> tuple[str, list[dict]]:
+    """``run_and_report(*job)`` in a worker process: (what it printed, its rows)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        scenario_rows = run_and_report(*job)
+    return out.getvalue(), scenario_rows
+
+
 def run(args) -> int:
     all_rows = []
     start = time.perf_counter()
@@ -248,8 +264,23 @@ def run(args) -> int:
     if getattr(args, "demo_run", None):
         cluster, trace = demo_replay(args.demo_run, args.steps_per_tick)
         scenarios.append((cluster, args.demo_run.resolve().name, trace))
-    for cluster, kind, trace in scenarios:
-        all_rows += run_and_report(cluster, kind, trace, args)
+    if args.jobs < 1:
+        raise FieldError("jobs", f"must be >= 1, got {args.jobs}")
+    jobs = [(cluster, kind, trace, args) for cluster, kind, trace in scenarios]
+    if args.jobs == 1 or len(jobs) == 1:
+        for job in jobs:
+            all_rows += run_and_report(*job)
+    else:
+        # largest clusters first, so the processes end together; printed in scenario order
+        order = sorted(range(len(jobs)), key=lambda i: -jobs[i][0].num_gpus * jobs[i][2].num_steps)
+        # spawned, not forked: the parent may already run OpenMP threads (torch, numba)
+        with ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {i: pool.submit(_report_captured, jobs[i]) for i in order}
+            for i in range(len(jobs)):
+                text, scenario_rows = futures[i].result()
+                print(text, end="", flush=True)
+                all_rows += scenario_rows
     print(f"total {time.perf_counter() - start:.1f} s")
     if args.json:
         args.json.write_text(json.dumps(all_rows, indent=1))
