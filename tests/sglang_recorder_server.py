@@ -31,14 +31,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from engine_env import allow_torchvision_import
+from engine_env import allow_torchvision_import, deepseek_v3_dir
 
 
 def location(model_dir: str, redundant: int):
@@ -146,6 +148,28 @@ def main(model_dir: str, redundant: str, archive: str) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     print(server.server_address[1], flush=True)
     server.serve_forever()
+
+
+@contextmanager
+def running(root: Path, hidden: int, experts: int, dense: int, redundant: int):
+    """This stand-in in a subprocess for a small DeepSeek-V3 model (``deepseek_v3_dir``) under
+    ``root``: yields (its URL, its recorder directory, the archive of its dumps); killed after."""
+    recorder, archive = root / "recorder", root / "archive"
+    root.mkdir(parents=True, exist_ok=True)
+    recorder.mkdir()
+    archive.mkdir()
+    model = deepseek_v3_dir(root / "model", hidden, experts, dense)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, model, str(redundant), str(archive)],
+        stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": str(recorder)})
+    try:
+        port = proc.stdout.readline().strip()
+        assert port.isdigit(), f"the SGLang stand-in did not start (exit {proc.poll()})"
+        yield f"http://127.0.0.1:{port}", recorder, archive
+    finally:
+        proc.kill()
+        proc.wait(30)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ and the next window the agent reports shows the better balance in the controller
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +38,7 @@ from expertplane.rpc.channels import make_channel
 from expertplane.rpc.tensors import to_numpy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_env import deepseek_v3_dir  # noqa: E402
+import sglang_recorder_server  # noqa: E402
 from reliability_support import free_port  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
@@ -110,15 +108,16 @@ def _wait(predicate, timeout=180.0, what="condition"):
         time.sleep(0.05)
 
 
-def test_skew_through_sglang_leads_to_a_plan_moved_weights_and_better_balance(tmp_path):
-    recorder, archive = tmp_path / "recorder", tmp_path / "archive"
-    recorder.mkdir()
-    archive.mkdir()
-    model = deepseek_v3_dir(tmp_path / "model", H, E, DENSE)
-    stand_in = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("sglang_recorder_server.py")), model,
-         str(RED), str(archive)], stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": str(recorder)})
+@pytest.fixture
+def sglang(tmp_path):
+    """The SGLang stand-in (``sglang_recorder_server.py``): (url, recorder dir, dump archive)."""
+    with sglang_recorder_server.running(tmp_path / "sglang", H, E, DENSE, RED) as served:
+        yield served
+
+
+def test_skew_through_sglang_leads_to_a_plan_moved_weights_and_better_balance(tmp_path, sglang):
+    url, recorder, _ = sglang
+    model = str(tmp_path / "sglang" / "model")
     server = ControllerServer(ControllerConfig(
         listen="127.0.0.1:0", db_url=f"sqlite:///{tmp_path / 'c.db'}", tick_seconds=0.02,
         policy_interval_seconds=0.2))
@@ -126,9 +125,6 @@ def test_skew_through_sglang_leads_to_a_plan_moved_weights_and_better_balance(tm
     plan_path, out = tmp_path / "shared" / "plan.json", tmp_path / "rank"
     ranks = []
     try:
-        port = stand_in.stdout.readline().strip()
-        assert port.isdigit(), f"the SGLang stand-in did not start (exit {stand_in.poll()})"
-        url = f"http://127.0.0.1:{port}"
         controller = server.start()
         channel = make_channel(f"127.0.0.1:{controller}")
         plans = pb_grpc.PlanServiceStub(channel)
@@ -181,8 +177,6 @@ def test_skew_through_sglang_leads_to_a_plan_moved_weights_and_better_balance(tm
         if channel is not None:
             channel.close()
         server.stop(0.5)
-        stand_in.kill()
-        stand_in.wait(30)
 
     results = [json.loads(Path(f"{out}{r}").read_text()) for r in range(WORLD)]
     assert all(r["in_effect"] for r in results), "the plugin's hook is not in effect"

@@ -15,8 +15,6 @@ appears in the agent's directory, an unreachable server, a server without a reco
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -44,7 +42,7 @@ from expertplane.rpc.channels import make_channel
 from expertplane.rpc.tensors import to_numpy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_env import deepseek_v3_dir  # noqa: E402
+import sglang_recorder_server  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 H, DENSE, E, RED = 4, 1, 8, 2            # hidden layers (the first dense), experts, redundant
@@ -56,23 +54,9 @@ PLACEMENT = "sgl"
 @pytest.fixture(scope="module")
 def sglang(tmp_path_factory):
     """The stand-in server: (url, its recorder directory, the archive of its dumps)."""
-    root = tmp_path_factory.mktemp("sglang")
-    recorder, archive = root / "recorder", root / "archive"
-    recorder.mkdir()
-    archive.mkdir()
-    model = deepseek_v3_dir(root / "model", H, E, DENSE)
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("sglang_recorder_server.py")), model,
-         str(RED), str(archive)],
-        stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR": str(recorder)})
-    try:
-        port = proc.stdout.readline().strip()
-        assert port.isdigit(), f"the SGLang stand-in did not start (exit {proc.poll()})"
-        yield f"http://127.0.0.1:{port}", recorder, archive
-    finally:
-        proc.kill()
-        proc.wait(30)
+    with sglang_recorder_server.running(tmp_path_factory.mktemp("sglang"), H, E, DENSE,
+                                        RED) as served:
+        yield served
 
 
 def forward(url: str, topk_ids: dict[int, np.ndarray]) -> None:
